@@ -1,0 +1,98 @@
+"""LeNet-5 and LeNet-5-half, the MNIST teacher/student pair of DAFL (Chen et al. 2019).
+
+Layout (full / half widths)::
+
+    conv 5x5 -> 6 / 3 maps, ReLU, max-pool 2
+    conv 5x5 -> 16 / 8 maps, ReLU, max-pool 2
+    C5: 120 / 60 units, ReLU
+    fc  84 / 42 units, ReLU
+    fc  num_classes
+
+DAFL feeds 32x32 images, for which C5 is a 5x5 conv over the 16x5x5 map. To
+serve 16x16 digits, 28x28 MNIST and 32x32 inputs alike, this implementation
+is *size-adaptive*:
+
+* ``conv1`` uses ``padding=2`` when the input is smaller than 32, so a 28x28
+  image yields the same 28x28 -> 14x14 -> 10x10 -> 5x5 maps as the classic
+  LeNet-5 on a zero-padded 32x32 image (LeCun et al. 1998 also pad MNIST to
+  32x32);
+* C5 is a dense layer over the flattened final feature map. For a 32x32 (or
+  28x28) input that map is 16x5x5, and a dense layer over it is exactly the
+  classic 5x5 conv producing a 1x1 output -- same parameters, same function.
+  For a 16x16 input the map is 16x2x2 and C5 simply has fewer inputs.
+
+Because C5's input size is fixed at construction, a model built for one
+``image_size`` only accepts inputs of that size. Any size of at least 12
+(with padding) works; 1 or 3 input channels (or any other number) are fine.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dfkd_bench.errors import ConfigError
+from dfkd_bench.models.registry import register_model
+
+
+class LeNet5(nn.Module):
+    """Size-adaptive LeNet-5; ``width`` = (conv1, conv2, C5, F6) channels/units."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 1,
+        image_size: int = 32,
+        width: tuple[int, int, int, int] = (6, 16, 120, 84),
+    ) -> None:
+        super().__init__()
+        c1, c2, c5, f6 = width
+        padding = 2 if image_size < 32 else 0
+        side = image_size + 2 * padding - 4  # conv1, 5x5
+        side //= 2  # pool
+        side -= 4  # conv2, 5x5
+        side //= 2  # pool
+        if side < 1:
+            raise ConfigError(
+                f"LeNet-5 needs image_size >= 12, got {image_size} "
+                f"(two 5x5 convs and two 2x2 pools leave no pixels)"
+            )
+        self.image_size = image_size
+        self.conv1 = nn.Conv2d(in_channels, c1, 5, padding=padding)
+        self.conv2 = nn.Conv2d(c1, c2, 5)
+        self.c5 = nn.Linear(c2 * side * side, c5)
+        self.fc6 = nn.Linear(c5, f6)
+        self.fc7 = nn.Linear(f6, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"this LeNet-5 was built for {self.image_size}x{self.image_size} inputs, "
+                f"got {tuple(x.shape[-2:])}"
+            )
+        out = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        out = F.max_pool2d(F.relu(self.conv2(out)), 2)
+        out = F.relu(self.c5(torch.flatten(out, 1)))
+        out = F.relu(self.fc6(out))
+        return self.fc7(out)
+
+
+@register_model(
+    "lenet5",
+    family="lenet",
+    default_image_size=32,
+    description="LeNet-5 as in DAFL (6/16/120/84), size-adaptive for 16/28/32 px",
+)
+def lenet5(num_classes: int, in_channels: int = 1, image_size: int = 32) -> nn.Module:
+    return LeNet5(num_classes, in_channels, image_size, width=(6, 16, 120, 84))
+
+
+@register_model(
+    "lenet5_half",
+    family="lenet",
+    default_image_size=32,
+    description="LeNet-5-half as in DAFL (3/8/60/42), size-adaptive for 16/28/32 px",
+)
+def lenet5_half(num_classes: int, in_channels: int = 1, image_size: int = 32) -> nn.Module:
+    return LeNet5(num_classes, in_channels, image_size, width=(3, 8, 60, 42))
