@@ -1,0 +1,269 @@
+"""The ``dfkd-bench`` command line.
+
+Every user error (a wrong method name, a missing data folder, a corrupt
+checkpoint ...) is a :class:`~dfkd_bench.errors.DfkdError` and is printed as
+one ``error:`` line with exit status 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+from dfkd_bench.errors import DfkdError
+
+DEFAULT_RESULTS_DIR = "results/runs"
+
+
+def _csv(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _int_csv(text: str) -> list[int]:
+    try:
+        return [int(item) for item in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {text!r}") from None
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-root", default=os.environ.get("DFKD_BENCH_DATA"),
+                        help="folder holding the dataset (default: $DFKD_BENCH_DATA); not needed for digits")
+    parser.add_argument("--download", action="store_true",
+                        help="let torchvision download the dataset into --data-root (needs internet; never used in tests)")
+
+
+def _add_teacher_args(parser: argparse.ArgumentParser, arch_required: bool = False) -> None:
+    parser.add_argument("--teacher-arch", required=arch_required, help="teacher architecture (default: the preset's)")
+    parser.add_argument("--teacher-checkpoint", metavar="PATH",
+                        help="external teacher weights: a state_dict or a dict with 'state_dict'/'model' "
+                             "(a 'module.' prefix is stripped); loaded with weights_only=True")
+    parser.add_argument("--teacher-mean", metavar="M1,M2,M3",
+                        help="input mean the external teacher was trained with (default: the dataset's)")
+    parser.add_argument("--teacher-std", metavar="S1,S2,S3",
+                        help="input std the external teacher was trained with (default: the dataset's)")
+    parser.add_argument("--teacher-cache", metavar="DIR",
+                        help="teacher cache folder (default: $DFKD_BENCH_TEACHERS or ~/.cache/dfkd-bench/teachers)")
+
+
+def _add_launch_args(parser: argparse.ArgumentParser) -> None:
+    from dfkd_bench.launch import add_launcher_arguments
+
+    add_launcher_arguments(parser)
+
+
+# -------------------------------------------------------------------- run ---
+
+def _request_from_args(args) -> "RunRequest":
+    from dfkd_bench.config import parse_overrides
+    from dfkd_bench.experiment import RunRequest, TeacherOptions
+    from dfkd_bench.teachers import parse_floats
+
+    return RunRequest(
+        methods=_csv(args.methods), dataset=args.dataset, seeds=args.seeds, teacher_arch=args.teacher_arch,
+        student_arch=args.student_arch, budget=args.budget, overrides=parse_overrides(args.set or []),
+        teacher=TeacherOptions(checkpoint=args.teacher_checkpoint, mean=parse_floats(args.teacher_mean, "--teacher-mean"),
+                               std=parse_floats(args.teacher_std, "--teacher-std"), cache_dir=args.teacher_cache),
+        data_root=args.data_root, image_size=args.image_size,
+    )
+
+
+def print_summary(summaries: list[dict]) -> None:
+    """A per-run table and a per-method mean +- std table."""
+    if not summaries:
+        return
+    print()
+    print(f"{'run':58s} {'final acc':>9s} {'best acc*':>9s} {'minutes':>8s}")
+    for s in summaries:
+        print(f"{s['run']:58s} {s['final_accuracy']:9.2f} {s['best_accuracy']:9.2f} {s['wall_time'] / 60:8.1f}")
+    print()
+    print(f"{'method':8s} {'dataset':10s} {'runs':>4s} {'final acc (mean ± std)':>24s} {'best acc* (mean ± std)':>24s}")
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for s in summaries:
+        groups.setdefault((s["method"], s["dataset"]), []).append(s)
+
+    def fmt(values: list[float]) -> str:
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.2f} ± {std:.2f}"
+
+    for (method, dataset), runs in groups.items():
+        print(f"{method:8s} {dataset:10s} {len(runs):4d} {fmt([r['final_accuracy'] for r in runs]):>24s} "
+              f"{fmt([r['best_accuracy'] for r in runs]):>24s}")
+    teacher = summaries[0].get("teacher_accuracy")
+    if teacher is not None:
+        print(f"teacher test accuracy: {teacher:.2f}")
+    print("* best accuracy is selected on the test set (an optimistic number); final accuracy is the honest one")
+
+
+def cmd_run(args) -> int:
+    from dfkd_bench.experiment import build_run_configs
+    from dfkd_bench.launch import launch
+
+    configs = build_run_configs(_request_from_args(args))
+    summaries = launch(configs, args.results_dir, args)
+    print_summary(summaries)
+    return 0
+
+
+# ---------------------------------------------------------------- teacher ---
+
+def cmd_teacher_train(args) -> int:
+    from dfkd_bench.teachers import train_teacher
+
+    result = train_teacher(args.dataset, args.arch, data_root=args.data_root, cache_dir=args.teacher_cache,
+                           epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                           device=args.device, workers=args.workers, download=args.download)
+    print(f"teacher {args.dataset}/{args.arch}: test accuracy {result['test_accuracy']:.2f} % "
+          f"after {result['train_seconds']:.0f} s; saved to {result['path']}")
+    return 0
+
+
+def cmd_teacher_eval(args) -> int:
+    from torch.utils.data import DataLoader
+
+    from dfkd_bench.data import build_dataset, get_dataset_info
+    from dfkd_bench.engine import resolve_device
+    from dfkd_bench.presets import get_preset
+    from dfkd_bench.teachers import build_teacher, evaluate_classifier, parse_floats, resolve_teacher
+
+    info = get_dataset_info(args.dataset)
+    arch = args.teacher_arch or get_preset(args.dataset).teacher_arch
+    spec = resolve_teacher(args.dataset, arch, checkpoint=args.teacher_checkpoint,
+                           mean=parse_floats(args.teacher_mean, "--teacher-mean"),
+                           std=parse_floats(args.teacher_std, "--teacher-std"), cache_dir=args.teacher_cache,
+                           data_root=args.data_root)
+    device = resolve_device(args.device)
+    image_size = args.image_size or get_preset(args.dataset).image_size
+    teacher = build_teacher(spec, info.num_classes, info.channels, image_size, device)
+    test_set = build_dataset(args.dataset, args.data_root, "test", image_size=image_size, download=args.download)
+    loader = DataLoader(test_set, batch_size=256, num_workers=args.workers or 0)
+    metrics = evaluate_classifier(teacher, loader, device, progress=True, desc=f"teacher {args.dataset}")
+    print(f"teacher {arch} ({spec.path}) on the {args.dataset} test split: accuracy {metrics['accuracy']:.2f} %, "
+          f"cross-entropy {metrics['cross_entropy']:.4f}, {metrics['samples']} images")
+    return 0
+
+
+# ------------------------------------------------------------------- list ---
+
+def cmd_list(args) -> int:
+    from dfkd_bench.config import TrainConfig
+    from dfkd_bench.data import list_datasets
+    from dfkd_bench.method_api import list_methods, param_fields
+    from dfkd_bench.models import list_generators, list_models
+    from dfkd_bench.presets import PRESETS
+
+    print("methods:")
+    for name, method in list_methods().items():
+        print(f"  {name:12s} {method.summary}")
+    print("\ndatasets (preset teacher -> student):")
+    for info in list_datasets():
+        preset = PRESETS.get(info.name)
+        pair = f"{preset.teacher_arch} -> {preset.student_arch}" if preset else ""
+        print(f"  {info.name:13s} {info.num_classes:5d} classes  {info.channels}x{info.image_size}x{info.image_size}"
+              f"  {pair}")
+    print("\nmodels (also timm:<name> and torchvision:<name>):")
+    for info in list_models():
+        print(f"  {info.name:13s} {info.family:14s} {info.description}")
+    print("\ngenerators:")
+    for info in list_generators():
+        print(f"  {info.name:13s} {info.description}")
+    if args.settings:
+        print("\nengine settings (--set key=value; paper symbol in brackets):")
+        for f in dataclasses.fields(TrainConfig):
+            paper = f" [{f.metadata['paper']}]" if f.metadata.get("paper") else ""
+            print(f"  {f.name:22s} {f.metadata.get('doc', '')}{paper}")
+        for name, method in list_methods().items():
+            print(f"\n{name} settings:")
+            defaults = method.Params()
+            for field_name, f in param_fields(method).items():
+                paper = f" [{f.metadata['paper']}]" if f.metadata.get("paper") else ""
+                print(f"  {field_name:22s} = {getattr(defaults, field_name)!s:8s} {f.metadata.get('doc', '')}{paper}")
+    return 0
+
+
+# ------------------------------------------------------------------ parser ---
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dfkd-bench",
+        description="Benchmark data-free knowledge distillation methods (ABM, DFKD-Mem, MAD, ...) "
+                    "under identical settings.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="distil: run every (method, seed) under the same settings",
+                         description="Run every (method, seed) on a dataset under identical settings, "
+                                     "skipping runs already done, and print a summary table.")
+    run.add_argument("--methods", default="abm,mem,mad", help="comma-separated method names (default: abm,mem,mad)")
+    run.add_argument("--dataset", default="digits", help="dataset name (default: digits, the embedded offline set)")
+    run.add_argument("--student-arch", help="student architecture (default: the preset's)")
+    run.add_argument("--seeds", type=_int_csv, default=[0], help="comma-separated seeds (default: 0)")
+    run.add_argument("--budget", choices=["smoke", "default", "paper"], default="default",
+                     help="smoke: a few steps (tests); default: the preset's budget; paper: the paper's ep x spe")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="override a setting, e.g. --set student_steps=30 --set alpha=0.99 "
+                          "(paper symbols like lambda3, n_S, alpha work; `dfkd-bench list --settings` lists all)")
+    run.add_argument("--results-dir", default=DEFAULT_RESULTS_DIR, help=f"where run folders go (default: {DEFAULT_RESULTS_DIR})")
+    run.add_argument("--image-size", type=int, help="override the preset's image size")
+    _add_data_args(run)
+    _add_teacher_args(run)
+    _add_launch_args(run)
+    run.set_defaults(func=cmd_run)
+
+    teacher = sub.add_parser("teacher", help="train or evaluate teachers")
+    teacher_sub = teacher.add_subparsers(dest="teacher_command", metavar="ACTION")
+    train = teacher_sub.add_parser("train", help="train a teacher with the preset's recipe (Table 4) into the cache")
+    train.add_argument("--dataset", required=True, help="dataset name")
+    train.add_argument("--arch", required=True, help="teacher architecture, e.g. lenet5, wrn40_2, resnet34")
+    train.add_argument("--epochs", type=int, help="override the recipe's epochs (milestones scale along)")
+    train.add_argument("--batch-size", type=int, help="override the recipe's batch size")
+    train.add_argument("--lr", type=float, help="override the recipe's learning rate")
+    train.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    train.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
+    train.add_argument("--workers", type=int, help="data-loading processes (default: cores - 1, at most 8)")
+    train.add_argument("--teacher-cache", metavar="DIR", help="teacher cache folder")
+    _add_data_args(train)
+    train.set_defaults(func=cmd_teacher_train)
+    evaluate = teacher_sub.add_parser("eval", help="print a teacher's test accuracy (cached or --teacher-checkpoint)")
+    evaluate.add_argument("--dataset", required=True, help="dataset name")
+    evaluate.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto)")
+    evaluate.add_argument("--workers", type=int, default=0, help="data-loading processes (default: 0)")
+    evaluate.add_argument("--image-size", type=int, help="override the preset's image size")
+    _add_teacher_args(evaluate)
+    _add_data_args(evaluate)
+    evaluate.set_defaults(func=cmd_teacher_eval)
+    teacher.set_defaults(func=lambda args: (teacher.print_help(), 2)[1])
+
+    listing = sub.add_parser("list", help="print the registered methods, datasets, models and generators")
+    listing.add_argument("--settings", action="store_true", help="also list every setting with its default")
+    listing.set_defaults(func=cmd_list)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except DfkdError as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

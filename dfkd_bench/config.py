@@ -1,0 +1,266 @@
+"""Typed run configuration, overrides, budgets and the run id.
+
+A run is fully described by a :class:`RunConfig`: the method and its
+hyper-parameters, the dataset and architectures, the teacher (by content
+hash), the engine settings (:class:`TrainConfig`) and the seed. Its
+``run_id`` is a hash of everything that can change the result, so the same
+experiment always lands in the same folder and a finished run is never
+repeated, while a different one never collides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from dfkd_bench.errors import ConfigError
+from dfkd_bench.method_api import PerfOptions, get_method, param_fields
+
+
+def setting(default: Any, doc: str, paper: str | None = None, *, in_hash: bool = True):
+    """An engine setting with its meaning, paper symbol, and whether it belongs in the run id."""
+    metadata = {"doc": doc, "paper": paper, "in_hash": in_hash}
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class TrainConfig:
+    """What the engine does, identically for every method (Tables 5-6 of the paper)."""
+
+    epochs: int = setting(300, "number of epochs", "ep")
+    steps_per_epoch: int = setting(50, "iterations per epoch; one iteration = one generator stage + one student stage", "spe")
+    generator_steps: int = setting(3, "generator steps per stage", "n_G")
+    student_steps: int = setting(60, "student steps per stage", "n_S")
+    batch_size: int = setting(256, "synthetic images per source per step (global, over all ranks)", "bs")
+    student_optimizer: str = setting("sgd", "student optimiser: sgd or adam", "opt_S")
+    student_lr: float = setting(1e-2, "student learning rate", "lr_S")
+    student_weight_decay: float = setting(5e-4, "student weight decay", "wd_S")
+    student_momentum: float = setting(0.9, "student SGD momentum (ignored by adam)", "mo_S")
+    lr_decay: float = setting(0.1, "factor applied to the student learning rate at each milestone", "ld")
+    lr_milestones: list[int] = setting([100, 200], "epochs at which the student learning rate is decayed", "ldep")
+    eval_every: int = setting(50, "evaluate the student on the real test split every this many iterations (and at the end)")
+    eval_batch_size: int = setting(1000, "batch size of evaluation", in_hash=False)
+    drift_every: int = setting(500, "measure JS drift (Sec. 5.2.3) every this many iterations; 0 disables it")
+    drift_tau: int = setting(50, "drift lag tau: the student S_{t-tau} is compared with the teacher on samples of G_t")
+    drift_samples: int = setting(1024, "fresh synthetic samples per source for each drift measurement")
+    sample_every: int = setting(0, "save a sample grid of every source every this many iterations; 0: only at the end", in_hash=False)
+    sample_count: int = setting(64, "images per sample grid", in_hash=False)
+    checkpoint_every: int = setting(50, "checkpoint every this many iterations", in_hash=False)
+    checkpoint_minutes: float = setting(10.0, "also checkpoint when this many minutes passed since the last one", in_hash=False)
+    log_every: int = setting(10, "refresh the progress bar's losses every this many iterations", in_hash=False)
+    fused_forward: bool = setting(True, "fast path: one concatenated teacher/student forward over all sources")
+    amp: str = setting("none", "autocast dtype for forwards: none or bf16 (auto picks bf16 on CUDA)")
+    channels_last: bool = setting(False, "channels-last memory format for models and batches")
+    compile: bool = setting(False, "torch.compile the student and the teacher")
+    stage_buffer: bool = setting(False, "sample a whole student stage of G (and EMA G) in one pass into a buffer")
+    deterministic: bool = setting(True, "ask torch for deterministic algorithms (exact resume on CPU)", in_hash=False)
+
+    @property
+    def total_iterations(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def perf(self) -> PerfOptions:
+        return PerfOptions(fused_forward=self.fused_forward, amp=self.amp, channels_last=self.channels_last,
+                           compile=self.compile, stage_buffer=self.stage_buffer)
+
+    def validate(self) -> None:
+        positive = ("epochs", "steps_per_epoch", "student_steps", "batch_size", "eval_batch_size", "checkpoint_every")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("generator_steps", "eval_every", "drift_every", "drift_tau", "sample_every", "log_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.student_optimizer not in ("sgd", "adam"):
+            raise ConfigError(f"student_optimizer={self.student_optimizer!r} is not one of sgd, adam")
+        if self.amp not in ("none", "bf16"):
+            raise ConfigError(f"amp={self.amp!r} is not one of none, bf16")
+        if self.drift_every and self.drift_tau >= self.drift_every * 10**9:
+            raise ConfigError("drift_tau is too large")
+
+
+@dataclass
+class TeacherSpec:
+    """Which teacher, by content: ``sha256`` of its weights is what the run id uses."""
+
+    arch: str
+    path: str
+    sha256: str
+    mean: list[float]
+    std: list[float]
+    test_accuracy: float | None = None
+
+
+@dataclass
+class RunConfig:
+    method: str
+    dataset: str
+    seed: int
+    teacher: TeacherSpec
+    student_arch: str
+    image_size: int
+    num_classes: int
+    channels: int
+    student_mean: list[float]
+    student_std: list[float]
+    train: TrainConfig
+    params: dict[str, Any]
+    preset: str = ""
+    budget: str = "default"
+    data_root: str | None = None
+
+    # ------------------------------------------------------------ identity ---
+    def hashed_dict(self) -> dict[str, Any]:
+        """Everything that can change the result (not paths, not logging cadence)."""
+        train = {f.name: getattr(self.train, f.name) for f in fields(TrainConfig) if f.metadata.get("in_hash", True)}
+        teacher = {k: v for k, v in asdict(self.teacher).items() if k not in ("path", "test_accuracy")}
+        return {
+            "method": self.method, "dataset": self.dataset, "seed": self.seed, "teacher": teacher,
+            "student_arch": self.student_arch, "image_size": self.image_size, "num_classes": self.num_classes,
+            "channels": self.channels, "student_mean": self.student_mean, "student_std": self.student_std,
+            "train": train, "params": self.params,
+        }
+
+    @property
+    def run_id(self) -> str:
+        canonical = json.dumps(self.hashed_dict(), sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+    @property
+    def run_name(self) -> str:
+        """Folder name: readable prefix plus the configuration hash."""
+        return f"{self.method}-{self.dataset}-{self.student_arch.replace(':', '_')}-s{self.seed}-{self.run_id}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        data = dict(data)
+        data["teacher"] = TeacherSpec(**data["teacher"])
+        train_fields = {f.name for f in fields(TrainConfig)}
+        data["train"] = TrainConfig(**{k: v for k, v in data["train"].items() if k in train_fields})
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def method_params(self):
+        """The method's ``Params`` dataclass instance built from ``self.params``."""
+        method = get_method(self.method)
+        return method.Params(**self.params)
+
+
+# ---------------------------------------------------------------- overrides ---
+
+def _paper_aliases() -> dict[str, str]:
+    """Paper symbols (``lambda3``, ``n_S``, ``alpha`` ...) -> setting names."""
+    from dfkd_bench.method_api import list_methods
+
+    aliases = {}
+    for f in fields(TrainConfig):
+        if f.metadata.get("paper"):
+            aliases[f.metadata["paper"]] = f.name
+    for method in list_methods().values():
+        for f in dataclasses.fields(method.Params):
+            if f.metadata.get("paper"):
+                aliases[f.metadata["paper"]] = f.name
+    return aliases
+
+
+def parse_value(text: str) -> Any:
+    """``--set`` values: JSON when it parses (numbers, true/false, lists), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        lowered = text.lower()
+        if lowered in ("true", "false"):
+            return lowered == "true"
+        return text
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["a=1", "lambda3=0.1"]`` -> ``{"a": 1, "nll_weight": 0.1}`` (paper symbols resolved)."""
+    aliases = _paper_aliases()
+    overrides: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        overrides[aliases.get(key, key)] = parse_value(value.strip())
+    return overrides
+
+
+def coerce(value: Any, example: Any, key: str) -> Any:
+    """Convert an override to the type of the setting it replaces."""
+    if isinstance(example, bool):
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} expects true or false, got {value!r}")
+    if isinstance(example, int) and not isinstance(example, bool):
+        if isinstance(value, (int, float)) and float(value).is_integer():
+            return int(value)
+        raise ConfigError(f"{key} expects an integer, got {value!r}")
+    if isinstance(example, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} expects a number, got {value!r}")
+    if isinstance(example, list):
+        if isinstance(value, (int, float)):
+            return [value]
+        if isinstance(value, str):
+            return [parse_value(v) for v in value.split(",") if v]
+        if isinstance(value, list):
+            return value
+        raise ConfigError(f"{key} expects a list, got {value!r}")
+    if isinstance(example, str):
+        return str(value)
+    return value
+
+
+def apply_train_overrides(train: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    changes = {k: coerce(v, getattr(train, k), k) for k, v in overrides.items() if k in names}
+    return dataclasses.replace(train, **changes)
+
+
+def resolve_method_params(method_name: str, shared: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The method's parameters: paper defaults < preset values < user overrides.
+
+    Only parameters the method declares are kept, so e.g. an ABM run is the
+    same run (same id) whatever alpha a sweep gives MAD.
+    """
+    method = get_method(method_name)
+    declared = param_fields(method)
+    defaults = asdict(method.Params())
+    values = dict(defaults)
+    for source in (shared, overrides):
+        for key, value in source.items():
+            if key in declared:
+                values[key] = coerce(value, defaults[key], key)
+    params = method.Params(**values)
+    params.validate()
+    return asdict(params)
+
+
+def check_override_keys(method_names: list[str], overrides: dict[str, Any]) -> None:
+    """Every ``--set`` key must mean something to the engine or to one of the methods."""
+    engine_keys = {f.name for f in fields(TrainConfig)}
+    method_keys: set[str] = set()
+    for name in method_names:
+        method_keys |= set(param_fields(get_method(name)))
+    for key in overrides:
+        if key not in engine_keys and key not in method_keys:
+            import difflib
+
+            close = difflib.get_close_matches(key, sorted(engine_keys | method_keys | set(_paper_aliases())), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(
+                f"unknown setting {key!r} for methods {', '.join(method_names)}{hint} "
+                f"(`dfkd-bench list --settings` prints all settings)"
+            )

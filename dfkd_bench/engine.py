@@ -1,0 +1,567 @@
+"""THE training loop shared by every method. It never names a method.
+
+One iteration (the paper's "step"; ``epochs x steps_per_epoch`` of them) is::
+
+    n_G x method.generator_step()          # the generator stage
+    method.end_generator_stage()            # e.g. MAD's EMA update (Eq. 5)
+    n_S x [method.student_loss() -> backward -> student optimiser step]
+
+Around it the engine owns what must be identical for all methods: seeds,
+the student, its optimiser and learning-rate schedule, evaluation on the real
+test split, the drift measurement of Sec. 5.2.3, sample grids, records,
+checkpoints and exact resume, and data parallelism. Measurements use their
+own random streams and never change what is trained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from dfkd_bench import __version__
+from dfkd_bench.batchnorm import synchronise_batchnorm
+from dfkd_bench.config import RunConfig
+from dfkd_bench.data import build_dataset, load_as_tensors
+from dfkd_bench.errors import DfkdError
+from dfkd_bench.losses import js_divergence_per_sample
+from dfkd_bench.method_api import DistributedInfo, MethodContext, get_method
+from dfkd_bench.models import build_model
+from dfkd_bench.store import RunStore
+from dfkd_bench.teachers import NormalizedModel, build_teacher
+
+# ------------------------------------------------------------------ helpers ---
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DfkdError(f"--device {name} was asked for but CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def derived_seed(seed: int, stream: str, step: int = 0) -> int:
+    """Independent, reproducible seeds for the separate random streams of a run."""
+    offsets = {"method": 1, "drift": 2, "samples": 3}
+    return (seed * 1_000_003 + offsets[stream] * 7_919 + step * 104_729) % (2**63 - 1)
+
+
+def rng_state(method_rng: torch.Generator) -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "method": method_rng.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], method_rng: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    method_rng.set_state(state["method"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+        if out.returncode != 0:
+            return "unknown"
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment_info(device: torch.device, distributed: DistributedInfo) -> dict[str, Any]:
+    import importlib.metadata as md
+
+    versions = {}
+    for package in ("torch", "torchvision", "timm", "numpy", "submitit"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            versions[package] = None
+    info = {
+        "dfkd_bench": __version__, "git_commit": git_commit(), "python": sys.version.split()[0],
+        "platform": platform.platform(), "hostname": platform.node(), "versions": versions,
+        "device": str(device), "world_size": distributed.world_size, "torch_threads": torch.get_num_threads(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+class StopRequest:
+    """Set by a signal (Ctrl-C, SIGTERM, SLURM's preemption signal); honoured between iterations."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.reason = ""
+
+    def request(self, reason: str) -> None:
+        self.requested = True
+        self.reason = reason
+
+
+class RunInterrupted(Exception):
+    """The run stopped at an iteration boundary after a stop request; its checkpoint is saved."""
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: StopRequest, signals=(signal.SIGINT, signal.SIGTERM)):
+    """First signal: finish the iteration, checkpoint, stop. Second SIGINT: stop at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+
+    def handler(signum, frame):
+        if stop.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.request(signal.Signals(signum).name)
+
+    for sig in signals:
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+# --------------------------------------------------------------- evaluation ---
+
+
+class TestSet:
+    """The real test split, preloaded as uint8 tensors when small, else streamed."""
+
+    def __init__(self, config: RunConfig, device: torch.device, batch_size: int, workers: int = 0):
+        dataset = build_dataset(config.dataset, config.data_root, "test", image_size=config.image_size)
+        self.device = device
+        self.batch_size = batch_size
+        self.images: Tensor | None = None
+        if config.image_size <= 64:
+            images, labels = load_as_tensors(dataset, num_workers=workers)
+            self.images, self.labels = images.to(device), labels.to(device)
+            self.size = len(labels)
+        else:
+            from torch.utils.data import DataLoader
+
+            self.loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+            self.size = len(dataset)
+
+    def batches(self):
+        if self.images is not None:
+            for start in range(0, self.size, self.batch_size):
+                yield (self.images[start:start + self.batch_size].float() / 255,
+                       self.labels[start:start + self.batch_size])
+        else:
+            for images, labels in self.loader:
+                yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+    @torch.no_grad()
+    def predictions(self, model: nn.Module) -> tuple[Tensor, Tensor]:
+        """Logits of ``model`` (in eval mode) over the whole test split, and the labels."""
+        was_training = model.training
+        model.eval()
+        logits, labels = [], []
+        for images, target in self.batches():
+            logits.append(model(images).float())
+            labels.append(target)
+        model.train(was_training)
+        return torch.cat(logits), torch.cat(labels)
+
+
+# ------------------------------------------------------------------- engine ---
+
+
+class Trainer:
+    """Builds everything a run needs and runs the loop."""
+
+    def __init__(self, config: RunConfig, results_dir: str | os.PathLike, *, device: str = "auto",
+                 progress: bool = True, distributed: DistributedInfo | None = None,
+                 stop: StopRequest | None = None, workers: int = 0):
+        self.config = config
+        self.train_cfg = config.train
+        self.store = RunStore(results_dir, config.run_name)
+        self.device = resolve_device(device)
+        self.distributed = distributed or DistributedInfo()
+        self.progress = progress and self.distributed.is_main
+        self.stop = stop or StopRequest()
+        self.workers = workers
+        self.notes: list[str] = []
+
+    # ------------------------------------------------------------- setup ---
+    def note(self, message: str) -> None:
+        if message not in self.notes:
+            self.notes.append(message)
+            if self.distributed.is_main:
+                tqdm.write(f"[{self.config.run_name}] note: {message}")
+
+    def _wrap_distributed(self, module: nn.Module) -> nn.Module:
+        if self.distributed.world_size == 1:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        synchronise_batchnorm(module, self.distributed.process_group)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=device_ids, process_group=self.distributed.process_group,
+                                       broadcast_buffers=False)
+
+    def setup(self) -> None:
+        cfg, train = self.config, self.train_cfg
+        train.validate()
+        if train.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        world = self.distributed.world_size
+        if train.batch_size % world:
+            raise DfkdError(f"batch_size {train.batch_size} is not divisible by the {world} processes")
+        self.local_batch = train.batch_size // world
+        # Same seed => same student and generator initialisation for every method.
+        seed_everything(cfg.seed)
+        student_net = build_model(cfg.student_arch, cfg.num_classes, cfg.channels, cfg.image_size)
+        self.student_module = NormalizedModel(student_net, cfg.student_mean, cfg.student_std).to(self.device)
+        self.teacher = build_teacher(cfg.teacher, cfg.num_classes, cfg.channels, cfg.image_size, self.device)
+        perf = train.perf
+        if perf.amp == "bf16" and self.device.type == "cpu":
+            self.note("bf16 autocast on CPU is slow; it is meant for GPUs")
+        if perf.channels_last:
+            self.student_module = self.student_module.to(memory_format=torch.channels_last)
+            self.teacher = self.teacher.to(memory_format=torch.channels_last)
+        self.student = self._wrap_distributed(self.student_module)
+        if perf.compile:
+            self.student = torch.compile(self.student)
+            self.teacher = torch.compile(self.teacher)
+        self.method_rng = torch.Generator(device=self.device).manual_seed(derived_seed(cfg.seed, "method"))
+        ctx = MethodContext(
+            teacher=self.teacher, student=self.student, student_module=self.student_module,
+            num_classes=cfg.num_classes, image_shape=(cfg.channels, cfg.image_size, cfg.image_size),
+            batch_size=self.local_batch, student_steps=train.student_steps, device=self.device,
+            rng=self.method_rng, perf=perf, distributed=self.distributed, note=self.note,
+            wrap_distributed=self._wrap_distributed,
+        )
+        self.method = get_method(cfg.method)(cfg.method_params(), ctx)
+        if train.student_optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(self.student_module.parameters(), lr=train.student_lr,
+                                             momentum=train.student_momentum, weight_decay=train.student_weight_decay)
+        else:
+            self.optimizer = torch.optim.Adam(self.student_module.parameters(), lr=train.student_lr,
+                                              weight_decay=train.student_weight_decay)
+        self.snapshot_student = copy.deepcopy(self.student_module).eval()
+        for parameter in self.snapshot_student.parameters():
+            parameter.requires_grad_(False)
+        if self.distributed.is_main:
+            self.test_set = TestSet(cfg, self.device, train.eval_batch_size, self.workers)
+            teacher_logits, labels = self.test_set.predictions(self.teacher)
+            self.teacher_predictions = teacher_logits.argmax(1)
+            self.teacher_test_accuracy = 100.0 * (self.teacher_predictions == labels).float().mean().item()
+        # Running state (all of it goes into checkpoints).
+        self.iteration = 0
+        self.records: list[dict[str, Any]] = []
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.drift_snapshots: dict[int, dict[str, Tensor]] = {}
+        self.elapsed_before = 0.0
+        self.best_accuracy = -1.0
+
+    def learning_rate(self, iteration: int) -> float:
+        """Step decay at the milestone epochs (derived from the iteration, so resume needs no scheduler state)."""
+        epoch = iteration // self.train_cfg.steps_per_epoch
+        decays = sum(1 for milestone in self.train_cfg.lr_milestones if epoch >= milestone)
+        return self.train_cfg.student_lr * self.train_cfg.lr_decay ** decays
+
+    # ------------------------------------------------------- accounting ---
+    def accumulate(self, terms: dict[str, Tensor]) -> None:
+        for name, value in terms.items():
+            value = value.detach().float()
+            if name in self.sums:
+                self.sums[name] += value
+            else:
+                self.sums[name] = value.clone()
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def running_means(self, reset: bool) -> dict[str, float]:
+        means = {name: (self.sums[name] / self.counts[name]).item() for name in self.sums}
+        if reset:
+            self.sums, self.counts = {}, {}
+        return means
+
+    def wall_time(self) -> float:
+        return self.elapsed_before + (time.time() - self.start_time)
+
+    def record(self, record: dict[str, Any]) -> None:
+        if not self.distributed.is_main:
+            return
+        record = {"run": self.config.run_name, "method": self.config.method, "seed": self.config.seed, **record}
+        self.records.append(record)
+        self.store.append_record(record)
+        self.store.touch_heartbeat()
+
+    # ------------------------------------------------------ measurements ---
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        logits, labels = self.test_set.predictions(self.student_module)
+        predictions = logits.argmax(1)
+        return {
+            "test_accuracy": 100.0 * (predictions == labels).float().mean().item(),
+            "test_cross_entropy": F.cross_entropy(logits, labels).item(),
+            "teacher_agreement": 100.0 * (predictions == self.teacher_predictions).float().mean().item(),
+        }
+
+    def eval_record(self) -> dict[str, Any]:
+        metrics = self.evaluate()
+        self.best_accuracy = max(self.best_accuracy, metrics["test_accuracy"])
+        losses = self.running_means(reset=True) if self.sums else {}
+        record = {
+            "kind": "eval", "step": self.iteration, "epoch": self.iteration / self.train_cfg.steps_per_epoch,
+            "wall_time": self.wall_time(), "lr": self.learning_rate(max(self.iteration - 1, 0)),
+            **metrics, **{f"loss/{name}": value for name, value in losses.items()},
+        }
+        self.record(record)
+        return record
+
+    def _measurement_batches(self, count: int, rng: torch.Generator) -> dict[str, Tensor]:
+        """``count`` fresh samples per source, drawn in training-sized batches (same BN statistics)."""
+        chunks: dict[str, list[Tensor]] = {}
+        remaining = count
+        while remaining > 0:
+            size = min(self.local_batch, remaining) if remaining >= self.local_batch else self.local_batch
+            for name, images in self.method.measurement_sources(size, rng).items():
+                chunks.setdefault(name, []).append(images)
+            remaining -= size
+        return {name: torch.cat(parts)[:count] for name, parts in chunks.items()}
+
+    @torch.no_grad()
+    def measure_drift(self, snapshot: dict[str, Tensor]) -> dict[str, float]:
+        """Sec. 5.2.3: mean JS(S_{t-tau}, T) on fresh samples of each source at step t."""
+        self.snapshot_student.load_state_dict(snapshot)
+        rng = torch.Generator(device=self.device).manual_seed(derived_seed(self.config.seed, "drift", self.iteration))
+        sources = self._measurement_batches(self.train_cfg.drift_samples, rng)
+        result = {}
+        for name, images in sources.items():
+            p_teacher = F.softmax(self.teacher(images).float(), dim=1)
+            p_student = F.softmax(self.snapshot_student(images).float(), dim=1)
+            result[f"js_{name}"] = js_divergence_per_sample(p_teacher, p_student).mean().item()
+        return result
+
+    def save_samples(self) -> None:
+        from torchvision.utils import save_image
+
+        rng = torch.Generator(device=self.device).manual_seed(derived_seed(self.config.seed, "samples", self.iteration))
+        sources = self._measurement_batches(self.train_cfg.sample_count, rng)
+        self.store.samples_dir.mkdir(parents=True, exist_ok=True)
+        files = {}
+        for name, images in sources.items():
+            path = self.store.samples_dir / f"step{self.iteration:07d}_{name}.png"
+            save_image(images.float().cpu(), path, nrow=int(math.ceil(math.sqrt(images.shape[0]))), padding=1)
+            files[name] = str(path.relative_to(self.store.path))
+        self.record({"kind": "samples", "step": self.iteration, "files": files})
+
+    def after_iteration(self) -> None:
+        """Snapshots, drift, evaluation and samples due at the end of this iteration."""
+        train, t = self.train_cfg, self.iteration
+        if train.drift_every and self.distributed.is_main:
+            if (t + train.drift_tau) % train.drift_every == 0 and t + train.drift_tau <= train.total_iterations:
+                self.drift_snapshots[t + train.drift_tau] = {
+                    k: v.detach().clone() for k, v in self.student_module.state_dict().items()
+                }
+            if t in self.drift_snapshots:
+                drift = self.measure_drift(self.drift_snapshots.pop(t))
+                self.record({"kind": "drift", "step": t, "tau": train.drift_tau, **drift})
+        if self.distributed.is_main:
+            last = t == train.total_iterations
+            if (train.eval_every and t % train.eval_every == 0) or last:
+                self.eval_record()
+            if train.sample_every and t % train.sample_every == 0 and not last:
+                self.save_samples()
+
+    # -------------------------------------------------------- checkpoint ---
+    def checkpoint_state(self) -> dict[str, Any]:
+        state = {
+            "iteration": self.iteration,
+            "run_id": self.config.run_id,
+            "student": self.student_module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "method": self.method.state_dict(),
+            "rng": rng_state(self.method_rng),
+            "elapsed": self.wall_time(),
+        }
+        if self.distributed.is_main:
+            state.update({
+                "records": self.records,
+                "sums": {k: v.cpu() for k, v in self.sums.items()}, "counts": self.counts,
+                "drift_snapshots": {k: {n: t.cpu() for n, t in v.items()} for k, v in self.drift_snapshots.items()},
+                "best_accuracy": self.best_accuracy,
+            })
+        return state
+
+    def save_checkpoint(self) -> None:
+        self.store.save_checkpoint_shard(self.checkpoint_state(), self.iteration, self.distributed.rank)
+        self._barrier()
+        if self.distributed.is_main:
+            self.store.commit_checkpoint(self.iteration, self.distributed.world_size)
+        self._barrier()
+        self.last_checkpoint_time = time.time()
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if state.get("run_id") != self.config.run_id:
+            raise DfkdError(f"checkpoint of {self.store.path} belongs to another configuration; delete the folder")
+        self.iteration = state["iteration"]
+        self.student_module.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.method.load_state_dict(state["method"])
+        restore_rng_state(state["rng"], self.method_rng)
+        self.elapsed_before = state["elapsed"]
+        if self.distributed.is_main:
+            self.records = state["records"]
+            self.sums = {k: v.to(self.device) for k, v in state["sums"].items()}
+            self.counts = dict(state["counts"])
+            self.drift_snapshots = {int(k): {n: t.to(self.device) for n, t in v.items()}
+                                    for k, v in state["drift_snapshots"].items()}
+            self.best_accuracy = state["best_accuracy"]
+            # Records after the checkpoint came from iterations that will run again.
+            self.store.rewrite_records(self.records)
+
+    def _barrier(self) -> None:
+        if self.distributed.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier(group=self.distributed.process_group)
+
+    # -------------------------------------------------------------- loop ---
+    def train(self) -> dict[str, Any]:
+        cfg, train = self.config, self.train_cfg
+        self.setup()
+        self.start_time = time.time()
+        self.last_checkpoint_time = time.time()
+        state = self.store.load_checkpoint(self.distributed.rank, self.distributed.world_size)
+        resumed = state is not None
+        if resumed:
+            self.restore(state)
+            self.note(f"resumed from iteration {self.iteration}")
+        else:
+            self.method.pretrain()
+            if self.distributed.is_main:
+                self.eval_record()
+        if self.distributed.is_main:
+            resolved = {**cfg.to_dict(), "run_id": cfg.run_id, "run_name": cfg.run_name,
+                        "environment": environment_info(self.device, self.distributed),
+                        "teacher_test_accuracy_here": self.teacher_test_accuracy, "notes": self.notes}
+            self.store.write_config(resolved)
+        total = train.total_iterations
+        bar = tqdm(total=total, initial=self.iteration, disable=not self.progress, dynamic_ncols=True,
+                   desc=f"{cfg.method} {cfg.dataset} s{cfg.seed}", unit="it")
+        last_accuracy = self.records[-1]["test_accuracy"] if self.records else float("nan")
+        while self.iteration < total:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.learning_rate(self.iteration)
+            for _ in range(train.generator_steps):
+                self.accumulate(self.method.generator_step())
+            self.method.end_generator_stage()
+            for _ in range(train.student_steps):
+                loss, terms = self.method.student_loss()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                self.accumulate(terms)
+            self.iteration += 1
+            bar.update(1)
+            records_before = len(self.records)
+            self.after_iteration()
+            if len(self.records) > records_before:
+                evals = [r for r in self.records[records_before:] if r["kind"] == "eval"]
+                if evals:
+                    last_accuracy = evals[-1]["test_accuracy"]
+            if self.progress and train.log_every and self.iteration % train.log_every == 0:
+                current = {k: (self.sums[k] / self.counts[k]).item() for k in ("student_loss", "gen_loss") if k in self.sums}
+                bar.set_postfix(loss=f"{current.get('student_loss', float('nan')):.4f}", acc=f"{last_accuracy:.2f}")
+                self.store.touch_heartbeat()
+            if self.iteration < total:
+                due = (self.iteration % train.checkpoint_every == 0
+                       or time.time() - self.last_checkpoint_time > 60 * train.checkpoint_minutes)
+                if due or self.stop.requested:
+                    self.save_checkpoint()
+                if self.stop.requested:
+                    bar.close()
+                    raise RunInterrupted(f"stopped by {self.stop.reason} at iteration {self.iteration}; "
+                                         "run the same command again to resume")
+        bar.close()
+        return self.finish()
+
+    def finish(self) -> dict[str, Any]:
+        if not self.distributed.is_main:
+            self._barrier()
+            return {}
+        self.save_samples()
+        torch.save(self.student_module.model.state_dict(), self.store.student_path)
+        evals = [r for r in self.records if r["kind"] == "eval"]
+        final = evals[-1]
+        summary = {
+            "run": self.config.run_name, "run_id": self.config.run_id, "method": self.config.method,
+            "dataset": self.config.dataset, "seed": self.config.seed, "iterations": self.iteration,
+            "final_accuracy": final["test_accuracy"], "best_accuracy": max(r["test_accuracy"] for r in evals),
+            "final_cross_entropy": final["test_cross_entropy"], "teacher_agreement": final["teacher_agreement"],
+            "teacher_accuracy": self.teacher_test_accuracy, "wall_time": self.wall_time(), "notes": self.notes,
+        }
+        self.store.mark_done(summary)
+        self._barrier()
+        return summary
+
+
+def train_run(config: RunConfig, results_dir: str | os.PathLike, *, device: str = "auto", progress: bool = True,
+              distributed: DistributedInfo | None = None, stop: StopRequest | None = None,
+              workers: int = 0) -> dict[str, Any]:
+    """Train one run to completion (or resume it); return its summary. Done runs return at once."""
+    store = RunStore(results_dir, config.run_name)
+    if store.is_done():
+        return store.summary()
+    distributed = distributed or DistributedInfo()
+    lock = store.lock() if distributed.is_main else contextlib.nullcontext()
+    with lock:
+        try:
+            trainer = Trainer(config, results_dir, device=device, progress=progress, distributed=distributed,
+                              stop=stop, workers=workers)
+            return trainer.train()
+        except RunInterrupted:
+            raise
+        except BaseException as error:
+            if distributed.is_main and not isinstance(error, (KeyboardInterrupt, SystemExit)):
+                message = f"{type(error).__name__}: {error}" if isinstance(error, DfkdError) else traceback.format_exc()
+                store.mark_failed(message)
+            raise

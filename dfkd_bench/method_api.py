@@ -1,0 +1,228 @@
+"""The one interface every DFKD method implements, and the method registry.
+
+The engine (``dfkd_bench/engine.py``) owns everything that must be identical
+across methods -- the student, its optimiser and schedule, the budget, the
+alternation of stages, evaluation, seeds, records and checkpoints -- and never
+names a method. A method owns what differs:
+
+* its own hyper-parameters, declared as a dataclass ``Params`` whose defaults
+  are the paper's;
+* how it synthesises data and trains its generator (``generator_step``);
+* what happens between the generator stage and the student stage
+  (``end_generator_stage``: e.g. MAD's EMA update);
+* the loss the student minimises at one student step (``student_loss``);
+* which synthetic sources to measure drift on and draw sample grids from
+  (``measurement_sources``);
+* its state for exact resume (``state_dict`` / ``load_state_dict``).
+
+Adding a method is one new file in ``methods/`` that subclasses
+:class:`Method` (or ``methods.common.AdversarialMethod``) and decorates it
+with :func:`register_method`; the engine does not change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import pkgutil
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from dfkd_bench.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class PerfOptions:
+    """Speed switches. None of them changes the mathematics (see tests/test_fast_path.py)."""
+
+    fused_forward: bool = True
+    """Run the student batches of all sources (G, EMA G, memory) through the
+    teacher and the student as ONE concatenated forward, with per-source
+    BatchNorm statistics. Off: one forward per source (the reference path)."""
+
+    amp: str = "none"
+    """``none`` or ``bf16``: autocast of teacher/student/generator forwards."""
+
+    channels_last: bool = False
+    """Convert models and synthetic batches to the channels-last memory format."""
+
+    compile: bool = False
+    """``torch.compile`` the student and teacher."""
+
+    stage_buffer: bool = False
+    """Sample G (and EMA G) for a whole student stage in one pass into a buffer
+    (the paper's own suggestion in its Limitations) instead of once per step.
+    The generator does not change during a student stage, and each batch is
+    normalised with its own BatchNorm statistics, so the images are the same."""
+
+    def autocast(self, device: torch.device):
+        enabled = self.amp == "bf16"
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+@dataclass(frozen=True)
+class DistributedInfo:
+    """Where this process sits in a data-parallel job (world_size 1 when alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+    process_group: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class MethodContext:
+    """Everything the engine hands to a method. Images are always in [0, 1]:
+    ``teacher`` and ``student`` apply their own input normalisation."""
+
+    teacher: nn.Module
+    student: nn.Module
+    student_module: nn.Module
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    batch_size: int
+    student_steps: int
+    device: torch.device
+    rng: torch.Generator
+    perf: PerfOptions = field(default_factory=PerfOptions)
+    distributed: DistributedInfo = field(default_factory=DistributedInfo)
+    note: Callable[[str], None] = print
+    wrap_distributed: Callable[[nn.Module], nn.Module] = lambda module: module
+
+    # ---- randomness that is identical for 1 process and N data-parallel ranks ----
+    def randn(self, rows: int, cols: int, rng: torch.Generator | None = None) -> Tensor:
+        """Standard-normal rows for this rank's share of a global batch.
+
+        Every rank draws the global batch from the same generator and keeps
+        its slice, so N ranks see exactly the noise one process would.
+        """
+        world, rank = self.distributed.world_size, self.distributed.rank
+        draws = torch.randn(rows * world, cols, generator=rng or self.rng, device=self.device)
+        return draws[rank * rows:(rank + 1) * rows]
+
+    def randint(self, high: int, rows: int, rng: torch.Generator | None = None) -> Tensor:
+        world, rank = self.distributed.world_size, self.distributed.rank
+        draws = torch.randint(high, (rows * world,), generator=rng or self.rng, device=self.device)
+        return draws[rank * rows:(rank + 1) * rows]
+
+
+class Method(ABC):
+    """Base class of a DFKD method. See the module docstring for the contract."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    Params: ClassVar[type] = type(None)
+
+    def __init__(self, params: Any, ctx: MethodContext):
+        self.params = params
+        self.ctx = ctx
+
+    def pretrain(self) -> None:
+        """Called once before the first iteration (e.g. generator pre-training)."""
+
+    @abstractmethod
+    def generator_step(self) -> dict[str, Tensor]:
+        """One optimisation step of the method's synthesiser. Returns detached loss terms."""
+
+    def end_generator_stage(self) -> None:
+        """Called after the n_G generator steps of a stage, before the student stage."""
+
+    @abstractmethod
+    def student_loss(self) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss of one student step (the engine does backward and the optimiser step)."""
+
+    @abstractmethod
+    def measurement_sources(self, num_samples: int, rng: torch.Generator) -> dict[str, Tensor]:
+        """Fresh samples per synthetic source, e.g. ``{"gen": ..., "gen_ema": ...}``.
+
+        Used for the drift measurement (Sec. 5.2.3) and sample grids (Fig. 5).
+        Must not change the method's state (no optimiser steps, no buffers).
+        """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+# ---------------------------------------------------------------- registry ---
+
+_METHODS: dict[str, type[Method]] = {}
+_DISCOVERED = False
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` available as ``--methods cls.name``."""
+    if not cls.name:
+        raise TypeError(f"{cls.__qualname__} must set a class attribute `name`")
+    if not dataclasses.is_dataclass(cls.Params):
+        raise TypeError(f"{cls.__qualname__}.Params must be a dataclass of hyper-parameters")
+    existing = _METHODS.get(cls.name)
+    if existing is not None and existing.__qualname__ != cls.__qualname__:
+        raise TypeError(f"method name {cls.name!r} is registered twice ({existing.__qualname__}, {cls.__qualname__})")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def _discover() -> None:
+    """Import every module of ``dfkd_bench.methods`` (the repo's ``methods/``) and
+    of the ``dfkd_bench.methods`` entry-point group, so that their decorators run."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    package = importlib.import_module("dfkd_bench.methods")
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"dfkd_bench.methods.{info.name}")
+    try:
+        from importlib.metadata import entry_points
+
+        for entry in entry_points(group="dfkd_bench.methods"):
+            entry.load()
+    except Exception as error:  # a broken third-party plugin must not break the suite
+        print(f"warning: could not load a dfkd_bench.methods entry point: {error}")
+
+
+def get_method(name: str) -> type[Method]:
+    _discover()
+    if name not in _METHODS:
+        close = difflib.get_close_matches(name, list(_METHODS), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(
+            f"unknown method {name!r}; registered methods: {', '.join(sorted(_METHODS))}.{hint} "
+            f"(`dfkd-bench list` prints them)"
+        )
+    return _METHODS[name]
+
+
+def list_methods() -> dict[str, type[Method]]:
+    _discover()
+    return dict(sorted(_METHODS.items()))
+
+
+def param_fields(method: type[Method]) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(method.Params)}
+
+
+def param_doc(field_: dataclasses.Field) -> str:
+    return field_.metadata.get("doc", "")
+
+
+def hparam(default: Any, doc: str, paper: str | None = None):
+    """A hyper-parameter field with its paper default, its meaning and its paper symbol."""
+    kwargs: dict[str, Any] = {"metadata": {"doc": doc, "paper": paper}}
+    if isinstance(default, (list, dict, set)):
+        kwargs["default_factory"] = lambda: type(default)(default)
+    else:
+        kwargs["default"] = default
+    return field(**kwargs)

@@ -1,0 +1,330 @@
+"""What ABM, DFKD-Mem and MAD share: the adversarial generator and the student's KD.
+
+The paper trains the three methods "using exactly the same settings", so the
+generator objective (Eq. 6 / Eq. 11: -KD, NLL, NormReg, BNmm and the logit
+bounds), the class-conditional generator of Sec. 3.2 with its conditioning
+modes, generator pre-training, and the student loss of Eq. 10 are written once
+here. Each method file only adds what makes it different: ``abm.py`` nothing,
+``mem.py`` a memory bank, ``mad.py`` an EMA generator.
+
+Choices where the paper is silent (also in the README):
+
+* Generators always normalise with batch statistics (train-mode BatchNorm),
+  as in the DFKD reference implementations; their running buffers never
+  affect a sample.
+* During a generator step the student runs in training mode, exactly as in
+  its own steps, but only the generator (and class embeddings) receive
+  gradients (``backward(inputs=...)``), so no work is spent on student weight
+  gradients that would be discarded.
+* Class embeddings ``E`` live outside the generator and are shared by G and
+  the EMA generator (the paper's Fig. 1 feeds the same E to both); they are
+  initialised from N(0, I), i.e. inside the NormReg radius ``gamma*sqrt(d_e)``.
+* For ``uncond`` generators there are no labels, so the NLL (lambda3) and
+  NormReg (lambda4) terms must be 0 (the paper's Fig. 9 note); asking for
+  them is a configuration error, not silently ignored.
+* The noise of a whole student stage is drawn at the start of the stage, so
+  sampling per step and sampling the stage into one buffer see the same
+  numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from dfkd_bench import losses
+from dfkd_bench.batchnorm import (
+    BatchNormStatistics,
+    batchnorm_groups,
+    frozen_batchnorm_buffers,
+    has_batchnorm,
+    make_groupable,
+)
+from dfkd_bench.errors import ConfigError
+from dfkd_bench.method_api import Method, MethodContext, hparam
+from dfkd_bench.models import build_generator, generator_for_image_size
+
+
+@dataclass
+class AdversarialParams:
+    """Hyper-parameters shared by ABM, DFKD-Mem and MAD (paper defaults: CIFAR, Tables 5-7)."""
+
+    generator: str = hparam("auto", "generator architecture: gen_small, gen32, gen64, gen256 (Table 8), or auto by image size")
+    noise_dim: int = hparam(256, "dimension of the noise z and of the class embeddings", "d_z")
+    conditioning: str = hparam("uncond", "first-layer conditioning of G (App. B.3): uncond, cat or sum (G(z + e_y))", "cg")
+    generator_lr: float = hparam(1e-3, "Adam learning rate of the generator and class embeddings", "lr_G")
+    generator_weight_decay: float = hparam(5e-4, "Adam weight decay of the generator", "wd_G")
+    generator_beta1: float = hparam(0.9, "Adam beta1 of the generator (the paper uses Adam's defaults)")
+    generator_beta2: float = hparam(0.999, "Adam beta2 of the generator")
+    kd_weight: float = hparam(1.0, "weight of the student's KD on fresh samples of G (Eq. 4/10)", "lambda0")
+    generator_kd_weight: float = hparam(1.0, "weight of -KD in the generator loss (Eq. 6/11)", "lambda2")
+    nll_weight: float = hparam(0.0, "weight of the teacher NLL of the sampled class (Eq. 7) in the generator loss", "lambda3")
+    normreg_weight: float = hparam(0.0, "weight of the class-embedding norm regulariser (Eq. 8)", "lambda4")
+    bnmm_weight: float = hparam(1.0, "weight of teacher BatchNorm moment matching (Eq. 9); skipped if the teacher has no BN", "lambda5")
+    student_bound_weight: float = hparam(0.01, "weight of the student logit bound max(|S(x)|-delta, 0) (Eq. 10)", "zeta0")
+    teacher_bound_weight: float = hparam(0.1, "weight of the teacher logit bound max(|T(x)|-delta, 0) (Eq. 11)", "zeta1")
+    pixel_bound_weight: float = hparam(0.1, "weight of the generator-logit bound max(|u|-nu, 0) (Eq. 11)", "zeta2")
+    logit_bound: float = hparam(20.0, "bound delta on teacher and student logits (Eqs. 10-11)", "delta")
+    pixel_logit_bound: float = hparam(20.0, "bound nu on the generator's pre-sigmoid outputs (Eq. 11)", "nu")
+    normreg_gamma: float = hparam(1.1, "scale gamma of the NormReg radius gamma*sqrt(d_e) (Eq. 8)", "gamma")
+    pretrain_steps: int = hparam(0, "generator steps with the KD weight at 0 before distillation (Sec. 5.1)", "pgs")
+
+    def validate(self) -> None:
+        if self.conditioning not in ("uncond", "cat", "sum"):
+            raise ConfigError(f"conditioning={self.conditioning!r} is not one of uncond, cat, sum")
+        if self.conditioning == "uncond" and (self.nll_weight or self.normreg_weight):
+            raise ConfigError(
+                "nll_weight (lambda3) and normreg_weight (lambda4) need class labels; with conditioning=uncond "
+                "set them to 0, or use --set conditioning=sum"
+            )
+        for name in ("kd_weight", "generator_kd_weight", "nll_weight", "normreg_weight", "bnmm_weight",
+                     "student_bound_weight", "teacher_bound_weight", "pixel_bound_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.normreg_gamma < 1:
+            raise ConfigError(f"normreg_gamma (gamma) must be >= 1 (Eq. 8), got {self.normreg_gamma}")
+
+
+class Source(NamedTuple):
+    """One synthetic source of a student step: its images and the weight of its KD term."""
+
+    name: str
+    images: Tensor
+    weight: float
+
+
+class ConditionalGenerator(nn.Module):
+    """G plus the class embeddings E: ``u = G(z, e_y)`` (pre-sigmoid logits)."""
+
+    def __init__(self, generator: nn.Module, class_embedding: nn.Embedding | None):
+        super().__init__()
+        self.generator = generator
+        self.class_embedding = class_embedding
+
+    def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
+        embedding = self.class_embedding(labels) if self.class_embedding is not None else None
+        return self.generator(z, embedding)
+
+
+class AdversarialMethod(Method):
+    """ABM's adversarial game (Eqs. 1-3) with the full generator objective of Eq. 11.
+
+    Subclasses change what the student trains on by overriding
+    :meth:`student_sources`, and may hook :meth:`end_generator_stage`.
+    """
+
+    Params = AdversarialParams
+
+    def __init__(self, params: AdversarialParams, ctx: MethodContext):
+        super().__init__(params, ctx)
+        params.validate()
+        channels, height, _ = ctx.image_shape
+        arch = params.generator if params.generator != "auto" else generator_for_image_size(height)
+        generator = build_generator(
+            arch, params.noise_dim, channels, height, conditioning=params.conditioning,
+            num_classes=ctx.num_classes, output_logits=True,
+        )
+        embedding = None
+        if params.conditioning != "uncond":
+            embedding = nn.Embedding(ctx.num_classes, params.noise_dim)
+            nn.init.normal_(embedding.weight, 0.0, 1.0)
+        self.net = ConditionalGenerator(generator, embedding).to(ctx.device)
+        make_groupable(self.net)
+        if ctx.perf.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.net_parallel = ctx.wrap_distributed(self.net)
+        self.optimizer = torch.optim.Adam(
+            self.net.parameters(), lr=params.generator_lr, weight_decay=params.generator_weight_decay,
+            betas=(params.generator_beta1, params.generator_beta2),
+        )
+        self.teacher_bn: BatchNormStatistics | None = None
+        if params.bnmm_weight > 0:
+            if has_batchnorm(ctx.teacher):
+                self.teacher_bn = BatchNormStatistics(ctx.teacher)
+            else:
+                ctx.note("the teacher has no BatchNorm layers: the BNmm term (Eq. 9) is skipped")
+        self.student_groupable = make_groupable(ctx.student_module)
+        if ctx.perf.fused_forward and not self.student_groupable:
+            ctx.note("the student has BatchNorm layers that cannot be grouped per source: one forward per source")
+        self._stage_noise: list[tuple[Tensor, Tensor | None]] = []
+        self._stage_images: dict[str, list[Tensor]] = {}
+        self._step_in_stage = 0
+
+    # ------------------------------------------------------------- sampling ---
+    @property
+    def conditional(self) -> bool:
+        return self.net.class_embedding is not None
+
+    def draw_noise(self, rows: int, rng: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
+        z = self.ctx.randn(rows, self.params.noise_dim, rng)
+        labels = self.ctx.randint(self.ctx.num_classes, rows, rng) if self.conditional else None
+        return z, labels
+
+    def generator_modules(self) -> dict[str, nn.Module]:
+        """The generators this method samples student batches from (name -> module taking (z, e))."""
+        return {"gen": self.net.generator}
+
+    @torch.no_grad()
+    def synthesize(self, generator: nn.Module, noise: tuple[Tensor, Tensor | None],
+                   groups: int = 1) -> Tensor:
+        """Images in [0, 1] from ``generator`` (G or a copy of it) with the shared embeddings."""
+        z, labels = noise
+        embedding = self.net.class_embedding(labels) if labels is not None else None
+        with self.ctx.perf.autocast(self.ctx.device):
+            if groups > 1:
+                with batchnorm_groups(generator, [z.shape[0] // groups] * groups):
+                    logits = generator(z, embedding)
+            else:
+                logits = generator(z, embedding)
+        return torch.sigmoid(logits.float())
+
+    def measurement_sources(self, num_samples: int, rng: torch.Generator) -> dict[str, Tensor]:
+        images = {}
+        for name, generator in self.generator_modules().items():
+            with frozen_batchnorm_buffers(generator):
+                images[name] = self.synthesize(generator, self.draw_noise(num_samples, rng))
+        return images
+
+    def _begin_student_stage(self) -> None:
+        steps, batch = self.ctx.student_steps, self.ctx.batch_size
+        self._stage_noise = [self.draw_noise(batch) for _ in range(steps)]
+        self._stage_images = {}
+        if self.ctx.perf.stage_buffer:
+            z = torch.cat([n[0] for n in self._stage_noise])
+            labels = torch.cat([n[1] for n in self._stage_noise]) if self.conditional else None
+            for name, generator in self.generator_modules().items():
+                images = self.synthesize(generator, (z, labels), groups=steps)
+                self._stage_images[name] = list(images.split(batch))
+        self._step_in_stage = 0
+
+    def stage_samples(self, name: str) -> Tensor:
+        """This student step's fresh batch from the generator called ``name``."""
+        if self._stage_images:
+            return self._stage_images[name][self._step_in_stage]
+        return self.synthesize(self.generator_modules()[name], self._stage_noise[self._step_in_stage])
+
+    # ------------------------------------------------------- generator side ---
+    def pretrain(self) -> None:
+        for _ in range(self.params.pretrain_steps):
+            self.generator_step(kd_weight=0.0)
+
+    def generator_step(self, kd_weight: float | None = None) -> dict[str, Tensor]:
+        """One Adam step on G and E minimising Eq. 11 (``kd_weight`` 0: pre-training)."""
+        p, ctx = self.params, self.ctx
+        kd_weight = p.generator_kd_weight if kd_weight is None else kd_weight
+        z, labels = self.draw_noise(ctx.batch_size)
+        terms: dict[str, Tensor] = {}
+        with ctx.perf.autocast(ctx.device):
+            logits = self.net_parallel(z, labels)
+            images = torch.sigmoid(logits.float())
+            if ctx.perf.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            if self.teacher_bn is not None:
+                with self.teacher_bn.recording():
+                    teacher_logits = ctx.teacher(images)
+            else:
+                teacher_logits = ctx.teacher(images)
+            student_logits = ctx.student_module(images) if kd_weight > 0 else None
+
+        loss = logits.new_zeros((), dtype=torch.float32)
+        if student_logits is not None:
+            terms["gen_kd"] = losses.kl_divergence(teacher_logits, student_logits)
+            loss = loss - kd_weight * terms["gen_kd"]
+        if p.nll_weight > 0:
+            terms["gen_nll"] = losses.nll_loss(teacher_logits, labels)
+            loss = loss + p.nll_weight * terms["gen_nll"]
+        if p.normreg_weight > 0:
+            terms["gen_normreg"] = losses.norm_regulariser(self.net.class_embedding(labels), p.normreg_gamma)
+            loss = loss + p.normreg_weight * terms["gen_normreg"]
+        if self.teacher_bn is not None:
+            terms["gen_bnmm"] = losses.batchnorm_moment_loss(
+                self.teacher_bn.means, self.teacher_bn.vars,
+                self.teacher_bn.running_means, self.teacher_bn.running_vars,
+            )
+            loss = loss + p.bnmm_weight * terms["gen_bnmm"]
+        if p.teacher_bound_weight > 0:
+            terms["gen_bound_teacher"] = losses.bound_penalty(teacher_logits, p.logit_bound)
+            loss = loss + p.teacher_bound_weight * terms["gen_bound_teacher"]
+        if p.pixel_bound_weight > 0:
+            terms["gen_bound_pixels"] = losses.bound_penalty(logits, p.pixel_logit_bound)
+            loss = loss + p.pixel_bound_weight * terms["gen_bound_pixels"]
+        terms["gen_loss"] = loss
+
+        self.optimizer.zero_grad(set_to_none=True)
+        # Only G and E need gradients: pruning the student's weight gradients
+        # saves about a third of the student's backward.
+        loss.backward(inputs=list(self.net.parameters()))
+        self.optimizer.step()
+        return {name: value.detach() for name, value in terms.items()}
+
+    def end_generator_stage(self) -> None:
+        self._begin_student_stage()
+
+    # --------------------------------------------------------- student side ---
+    def student_sources(self) -> list[Source]:
+        """What the student trains on at this step. ABM: fresh samples of G."""
+        return [Source("gen", self.stage_samples("gen"), self.params.kd_weight)]
+
+    def student_loss(self) -> tuple[Tensor, dict[str, Tensor]]:
+        sources = [s for s in self.student_sources() if s.images.shape[0] > 0]
+        loss, terms = self.distill(sources)
+        self.after_student_step(sources)
+        self._step_in_stage += 1
+        return loss, terms
+
+    def after_student_step(self, sources: list[Source]) -> None:
+        """Hook for methods that keep what the student saw (DFKD-Mem's memory)."""
+
+    def distill(self, sources: list[Source]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Eq. 10: sum over sources of weight * (KD + zeta0 * student logit bound)."""
+        ctx, p = self.ctx, self.params
+        if ctx.perf.fused_forward and self.student_groupable and len(sources) > 1:
+            images = torch.cat([s.images for s in sources])
+            if ctx.perf.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            sizes = [s.images.shape[0] for s in sources]
+            with ctx.perf.autocast(ctx.device):
+                with torch.inference_mode():
+                    teacher_all = ctx.teacher(images)
+                with batchnorm_groups(ctx.student_module, sizes):
+                    student_all = ctx.student(images)
+            pairs = zip(teacher_all.split(sizes), student_all.split(sizes))
+            teacher_student = [(t.clone(), s) for t, s in pairs]
+        else:
+            teacher_student = []
+            for source in sources:
+                images = source.images
+                if ctx.perf.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with ctx.perf.autocast(ctx.device):
+                    with torch.inference_mode():
+                        teacher_logits = ctx.teacher(images)
+                    teacher_student.append((teacher_logits.clone(), ctx.student(images)))
+
+        loss = sources[0].images.new_zeros((), dtype=torch.float32)
+        terms: dict[str, Tensor] = {}
+        bound_total = loss.detach().clone()
+        for source, (teacher_logits, student_logits) in zip(sources, teacher_student):
+            kd = losses.kl_divergence(teacher_logits, student_logits)
+            bound = losses.bound_penalty(student_logits, p.logit_bound) if p.student_bound_weight > 0 else None
+            term = kd if bound is None else kd + p.student_bound_weight * bound
+            loss = loss + source.weight * term
+            terms[f"kd_{source.name}"] = kd.detach()
+            if bound is not None:
+                bound_total = bound_total + bound.detach()
+        terms["student_bound"] = bound_total
+        terms["student_loss"] = loss.detach()
+        return loss, terms
+
+    # ---------------------------------------------------------------- state ---
+    def state_dict(self) -> dict[str, Any]:
+        # Checkpoints are taken between iterations, so no stage is ever half-way:
+        # the next stage draws its noise afresh from the (checkpointed) RNG.
+        return {"generator": self.net.state_dict(), "generator_optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["generator"])
+        self.optimizer.load_state_dict(state["generator_optimizer"])

@@ -1,0 +1,100 @@
+"""MAD: Momentum Adversarial Distillation (Do et al., NeurIPS 2022), Sec. 3.
+
+ABM plus an exponential-moving-average copy G~ of the generator (Eq. 5),
+updated once per stage after the n_G generator steps. The student trains on
+fresh samples of both G and G~ (Eq. 4 / Eq. 10, weights lambda0 and lambda1).
+
+What happens to G~'s BatchNorm buffers (the paper does not say): its floating
+buffers (running mean and variance) follow the same EMA as its parameters and
+``num_batches_tracked`` is copied from G. Like G, G~ normalises with batch
+statistics when sampling, so the buffers never change a sample; sampling from
+G~ never modifies them (momentum 0), so G~ stays exactly the EMA of Eq. 5.
+G~ never receives gradients (its parameters have ``requires_grad=False``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dfkd_bench.errors import ConfigError
+from dfkd_bench.method_api import MethodContext, hparam, register_method
+from dfkd_bench.methods.common import AdversarialMethod, AdversarialParams, Source
+
+
+@dataclass
+class MADParams(AdversarialParams):
+    ema_momentum: float = hparam(0.95, "momentum alpha of the EMA generator (Eq. 5)", "alpha")
+    ema_kd_weight: float = hparam(1.0, "weight of the student's KD on samples of the EMA generator (Eq. 4/10)", "lambda1")
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.ema_momentum <= 1.0:
+            raise ConfigError(f"ema_momentum (alpha) must be in [0, 1], got {self.ema_momentum}")
+        if self.ema_kd_weight < 0:
+            raise ConfigError(f"ema_kd_weight (lambda1) must be >= 0, got {self.ema_kd_weight}")
+
+
+def make_ema_copy(generator: nn.Module) -> nn.Module:
+    """A frozen copy of ``generator`` whose sampling leaves its buffers unchanged."""
+    ema = copy.deepcopy(generator)
+    for parameter in ema.parameters():
+        parameter.requires_grad_(False)
+    for module in ema.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = 0.0  # batch-statistics forwards must not move the EMA'd buffers
+    return ema
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, momentum: float) -> None:
+    """Eq. 5: ``theta_ema <- alpha * theta_ema + (1 - alpha) * theta`` for parameters and float buffers."""
+    ema_params = list(ema.parameters())
+    model_params = list(model.parameters())
+    torch._foreach_mul_(ema_params, momentum)
+    torch._foreach_add_(ema_params, model_params, alpha=1.0 - momentum)
+    for (name, ema_buffer), model_buffer in zip(ema.named_buffers(), model.buffers(), strict=True):
+        if ema_buffer.dtype.is_floating_point:
+            ema_buffer.mul_(momentum).add_(model_buffer, alpha=1.0 - momentum)
+        else:  # num_batches_tracked
+            ema_buffer.copy_(model_buffer)
+
+
+@register_method
+class MAD(AdversarialMethod):
+    name = "mad"
+    summary = "Momentum Adversarial Distillation: the student also trains on samples of an EMA generator"
+    Params = MADParams
+
+    def __init__(self, params: MADParams, ctx: MethodContext):
+        super().__init__(params, ctx)
+        self.ema_generator = make_ema_copy(self.net.generator)
+
+    def pretrain(self) -> None:
+        super().pretrain()
+        # G~ starts from the (pre-trained) G, so the EMA averages only distillation-time generators.
+        self.ema_generator.load_state_dict(self.net.generator.state_dict())
+
+    def generator_modules(self) -> dict[str, nn.Module]:
+        return {"gen": self.net.generator, "gen_ema": self.ema_generator}
+
+    def end_generator_stage(self) -> None:
+        ema_update(self.ema_generator, self.net.generator, self.params.ema_momentum)
+        super().end_generator_stage()
+
+    def student_sources(self) -> list[Source]:
+        return [
+            Source("gen", self.stage_samples("gen"), self.params.kd_weight),
+            Source("gen_ema", self.stage_samples("gen_ema"), self.params.ema_kd_weight),
+        ]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "ema_generator": self.ema_generator.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.ema_generator.load_state_dict(state["ema_generator"])
