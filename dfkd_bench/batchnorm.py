@@ -33,6 +33,24 @@ def _all_reduce_sum(tensor: Tensor, group) -> Tensor:
     return dist_fn.all_reduce(tensor, group=group)
 
 
+_SYNC_SUSPENDED = False
+
+
+@contextlib.contextmanager
+def no_batchnorm_sync() -> Iterator[None]:
+    """Inside the block, synchronised BatchNorm layers use local statistics.
+
+    For measurements that only rank 0 makes (drift, sample grids): a
+    collective call there would wait forever for the other ranks.
+    """
+    global _SYNC_SUSPENDED
+    previous, _SYNC_SUSPENDED = _SYNC_SUSPENDED, True
+    try:
+        yield
+    finally:
+        _SYNC_SUSPENDED = previous
+
+
 class _GroupedBatchNormMixin:
     """Forward that normalises groups of rows separately and/or across ranks."""
 
@@ -42,7 +60,8 @@ class _GroupedBatchNormMixin:
     _sync = False
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        if not self.training or (self._group_sizes is None and not self._sync):
+        sync = self._sync and not _SYNC_SUSPENDED
+        if not self.training or (self._group_sizes is None and not sync):
             return super().forward(x)  # type: ignore[misc]
         self._check_input_dim(x)  # type: ignore[attr-defined]
         sizes = self._group_sizes or (x.shape[0],)
@@ -57,14 +76,15 @@ class _GroupedBatchNormMixin:
 
     def _normalise_group(self, part: Tensor, dims: list[int], shape: list[int]) -> Tensor:
         count = torch.tensor(float(part.numel() // part.shape[1]), device=part.device)
+        sync = self._sync and not _SYNC_SUSPENDED
         total = part.sum(dim=dims)
-        if self._sync:
+        if sync:
             total = _all_reduce_sum(total, self._process_group)
             count = _all_reduce_sum(count, self._process_group)
         mean = total / count
         centred = part - mean.reshape(shape)
         squares = centred.pow(2).sum(dim=dims)
-        if self._sync:
+        if sync:
             squares = _all_reduce_sum(squares, self._process_group)
         var = squares / count  # biased: what BatchNorm normalises with
         if self.track_running_stats:  # type: ignore[attr-defined]
@@ -184,7 +204,9 @@ class BatchNormStatistics:
     student stage.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, synchronise: bool = False, process_group=None):
+        self.synchronise = synchronise  # data parallel: statistics of the global batch
+        self.process_group = process_group
         self.layers = [
             m for m in model.modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
@@ -199,8 +221,16 @@ class BatchNormStatistics:
             return
         x = inputs[0].float()
         dims = [0] + list(range(2, x.dim()))
-        self.means.append(x.mean(dim=dims))
-        self.vars.append(x.var(dim=dims, unbiased=False))
+        if not self.synchronise:
+            self.means.append(x.mean(dim=dims))
+            self.vars.append(x.var(dim=dims, unbiased=False))
+            return
+        count = _all_reduce_sum(torch.tensor(float(x.numel() // x.shape[1]), device=x.device), self.process_group)
+        mean = _all_reduce_sum(x.sum(dim=dims), self.process_group) / count
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        squares = _all_reduce_sum((x - mean.reshape(shape)).pow(2).sum(dim=dims), self.process_group)
+        self.means.append(mean)
+        self.vars.append(squares / count)
 
     @contextlib.contextmanager
     def recording(self) -> Iterator["BatchNormStatistics"]:

@@ -143,13 +143,14 @@ class AdversarialMethod(Method):
         self.teacher_bn: BatchNormStatistics | None = None
         if params.bnmm_weight > 0:
             if has_batchnorm(ctx.teacher):
-                self.teacher_bn = BatchNormStatistics(ctx.teacher)
+                self.teacher_bn = BatchNormStatistics(ctx.teacher, synchronise=ctx.distributed.world_size > 1,
+                                                      process_group=ctx.distributed.process_group)
             else:
                 ctx.note("the teacher has no BatchNorm layers: the BNmm term (Eq. 9) is skipped")
         self.student_groupable = make_groupable(ctx.student_module)
         if ctx.perf.fused_forward and not self.student_groupable:
             ctx.note("the student has BatchNorm layers that cannot be grouped per source: one forward per source")
-        self._stage_noise: list[tuple[Tensor, Tensor | None]] = []
+        self._stage_noise: dict[str, list[tuple[Tensor, Tensor | None]]] = {}
         self._stage_images: dict[str, list[Tensor]] = {}
         self._step_in_stage = 0
 
@@ -189,13 +190,15 @@ class AdversarialMethod(Method):
         return images
 
     def _begin_student_stage(self) -> None:
+        """Draw the noise of the whole stage: independent z for each generator (z and z' of Eq. 4)."""
         steps, batch = self.ctx.student_steps, self.ctx.batch_size
-        self._stage_noise = [self.draw_noise(batch) for _ in range(steps)]
+        self._stage_noise = {name: [self.draw_noise(batch) for _ in range(steps)] for name in self.generator_modules()}
         self._stage_images = {}
         if self.ctx.perf.stage_buffer:
-            z = torch.cat([n[0] for n in self._stage_noise])
-            labels = torch.cat([n[1] for n in self._stage_noise]) if self.conditional else None
             for name, generator in self.generator_modules().items():
+                noise = self._stage_noise[name]
+                z = torch.cat([n[0] for n in noise])
+                labels = torch.cat([n[1] for n in noise]) if self.conditional else None
                 images = self.synthesize(generator, (z, labels), groups=steps)
                 self._stage_images[name] = list(images.split(batch))
         self._step_in_stage = 0
@@ -204,7 +207,7 @@ class AdversarialMethod(Method):
         """This student step's fresh batch from the generator called ``name``."""
         if self._stage_images:
             return self._stage_images[name][self._step_in_stage]
-        return self.synthesize(self.generator_modules()[name], self._stage_noise[self._step_in_stage])
+        return self.synthesize(self.generator_modules()[name], self._stage_noise[name][self._step_in_stage])
 
     # ------------------------------------------------------- generator side ---
     def pretrain(self) -> None:
