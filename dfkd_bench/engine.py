@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dfkd_bench import __version__
-from dfkd_bench.batchnorm import synchronise_batchnorm
+from dfkd_bench.batchnorm import no_batchnorm_sync, synchronise_batchnorm
 from dfkd_bench.config import RunConfig
 from dfkd_bench.data import build_dataset, load_as_tensors
 from dfkd_bench.errors import DfkdError
@@ -124,6 +124,14 @@ def environment_info(device: torch.device, distributed: DistributedInfo) -> dict
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def fault_point(name: str, iteration: int) -> None:
+    """Fault injection for the resume tests: ``DFKD_BENCH_FAULT=name@iteration`` SIGKILLs
+    this process at that point, so tests can kill a run at precise, nasty moments
+    (between writing a checkpoint and committing it, mid-stage, right after a record)."""
+    if os.environ.get("DFKD_BENCH_FAULT") == f"{name}@{iteration}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class StopRequest:
@@ -225,6 +233,14 @@ class Trainer:
         self.stop = stop or StopRequest()
         self.workers = workers
         self.notes: list[str] = []
+        # Running state (all of it goes into checkpoints).
+        self.iteration = 0
+        self.records: list[dict[str, Any]] = []
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.drift_snapshots: dict[int, dict[str, Tensor]] = {}
+        self.elapsed_before = 0.0
+        self.best_accuracy = -1.0
 
     # ------------------------------------------------------------- setup ---
     def note(self, message: str) -> None:
@@ -243,7 +259,8 @@ class Trainer:
         return DistributedDataParallel(module, device_ids=device_ids, process_group=self.distributed.process_group,
                                        broadcast_buffers=False)
 
-    def setup(self) -> None:
+    def build(self) -> None:
+        """Teacher, student, method and optimiser: everything an iteration needs (no data)."""
         cfg, train = self.config, self.train_cfg
         train.validate()
         if train.deterministic:
@@ -283,6 +300,11 @@ class Trainer:
         else:
             self.optimizer = torch.optim.Adam(self.student_module.parameters(), lr=train.student_lr,
                                               weight_decay=train.student_weight_decay)
+
+    def setup(self) -> None:
+        """:meth:`build`, plus the test split, the drift snapshot model and the running state."""
+        cfg, train = self.config, self.train_cfg
+        self.build()
         self.snapshot_student = copy.deepcopy(self.student_module).eval()
         for parameter in self.snapshot_student.parameters():
             parameter.requires_grad_(False)
@@ -291,20 +313,25 @@ class Trainer:
             teacher_logits, labels = self.test_set.predictions(self.teacher)
             self.teacher_predictions = teacher_logits.argmax(1)
             self.teacher_test_accuracy = 100.0 * (self.teacher_predictions == labels).float().mean().item()
-        # Running state (all of it goes into checkpoints).
-        self.iteration = 0
-        self.records: list[dict[str, Any]] = []
-        self.sums: dict[str, Tensor] = {}
-        self.counts: dict[str, int] = {}
-        self.drift_snapshots: dict[int, dict[str, Tensor]] = {}
-        self.elapsed_before = 0.0
-        self.best_accuracy = -1.0
 
     def learning_rate(self, iteration: int) -> float:
         """Step decay at the milestone epochs (derived from the iteration, so resume needs no scheduler state)."""
         epoch = iteration // self.train_cfg.steps_per_epoch
         decays = sum(1 for milestone in self.train_cfg.lr_milestones if epoch >= milestone)
         return self.train_cfg.student_lr * self.train_cfg.lr_decay ** decays
+
+    def run_iteration(self) -> None:
+        """One iteration: the generator stage, then the student stage. The benchmark times exactly this."""
+        for _ in range(self.train_cfg.generator_steps):
+            self.accumulate(self.method.generator_step())
+        self.method.end_generator_stage()
+        for _ in range(self.train_cfg.student_steps):
+            loss, terms = self.method.student_loss()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            fault_point("mid_stage", self.iteration)
+            self.optimizer.step()
+            self.accumulate(terms)
 
     # ------------------------------------------------------- accounting ---
     def accumulate(self, terms: dict[str, Tensor]) -> None:
@@ -315,6 +342,16 @@ class Trainer:
             else:
                 self.sums[name] = value.clone()
             self.counts[name] = self.counts.get(name, 0) + 1
+
+    def synchronise_sums(self) -> None:
+        """Data parallel: average the running loss sums over ranks (every rank must call it)."""
+        if self.distributed.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        for name in sorted(self.sums):
+            dist.all_reduce(self.sums[name], group=self.distributed.process_group)
+            self.sums[name] /= self.distributed.world_size
 
     def running_means(self, reset: bool) -> dict[str, float]:
         means = {name: (self.sums[name] / self.counts[name]).item() for name in self.sums}
@@ -331,6 +368,7 @@ class Trainer:
         record = {"run": self.config.run_name, "method": self.config.method, "seed": self.config.seed, **record}
         self.records.append(record)
         self.store.append_record(record)
+        fault_point("after_record", self.iteration)
         self.store.touch_heartbeat()
 
     # ------------------------------------------------------ measurements ---
@@ -361,10 +399,11 @@ class Trainer:
         chunks: dict[str, list[Tensor]] = {}
         remaining = count
         while remaining > 0:
-            size = min(self.local_batch, remaining) if remaining >= self.local_batch else self.local_batch
-            for name, images in self.method.measurement_sources(size, rng).items():
+            with no_batchnorm_sync():  # only rank 0 measures
+                sources = self.method.measurement_sources(self.local_batch, rng)
+            for name, images in sources.items():
                 chunks.setdefault(name, []).append(images)
-            remaining -= size
+            remaining -= self.local_batch
         return {name: torch.cat(parts)[:count] for name, parts in chunks.items()}
 
     @torch.no_grad()
@@ -404,10 +443,14 @@ class Trainer:
             if t in self.drift_snapshots:
                 drift = self.measure_drift(self.drift_snapshots.pop(t))
                 self.record({"kind": "drift", "step": t, "tau": train.drift_tau, **drift})
-        if self.distributed.is_main:
-            last = t == train.total_iterations
-            if (train.eval_every and t % train.eval_every == 0) or last:
+        last = t == train.total_iterations
+        if (train.eval_every and t % train.eval_every == 0) or last:
+            self.synchronise_sums()
+            if self.distributed.is_main:
                 self.eval_record()
+            else:
+                self.sums, self.counts = {}, {}
+        if self.distributed.is_main:
             if train.sample_every and t % train.sample_every == 0 and not last:
                 self.save_samples()
 
@@ -433,6 +476,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         self.store.save_checkpoint_shard(self.checkpoint_state(), self.iteration, self.distributed.rank)
+        fault_point("before_commit", self.iteration)
         self._barrier()
         if self.distributed.is_main:
             self.store.commit_checkpoint(self.iteration, self.distributed.world_size)
@@ -491,15 +535,7 @@ class Trainer:
         while self.iteration < total:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.learning_rate(self.iteration)
-            for _ in range(train.generator_steps):
-                self.accumulate(self.method.generator_step())
-            self.method.end_generator_stage()
-            for _ in range(train.student_steps):
-                loss, terms = self.method.student_loss()
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                self.accumulate(terms)
+            self.run_iteration()
             self.iteration += 1
             bar.update(1)
             records_before = len(self.records)

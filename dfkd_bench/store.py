@@ -36,11 +36,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dfkd_bench.errors import CheckpointError, DfkdError
 
 HEARTBEAT_STALE_SECONDS = 15 * 60
+DEFAULT_RESULTS_DIR = "results/runs"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -209,6 +208,8 @@ class RunStore:
         return self.checkpoint_dir / f"it{iteration:08d}.rank{rank}.pt"
 
     def save_checkpoint_shard(self, state: dict[str, Any], iteration: int, rank: int) -> None:
+        import torch
+
         buffer = io.BytesIO()
         torch.save(state, buffer)
         atomic_write_bytes(self._checkpoint_file(iteration, rank), buffer.getvalue())
@@ -236,6 +237,8 @@ class RunStore:
                 f"run {self.name} was checkpointed with {pointer.get('world_size')} processes, now {world_size}; "
                 "resume it with the same number of processes"
             )
+        import torch
+
         path = self._checkpoint_file(iteration, rank)
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
