@@ -1,0 +1,320 @@
+"""``dfkd_bench.report`` on a results folder written by the test itself (no training).
+
+The fake folder mimics what the engine writes (see dfkd_bench/store.py):
+two datasets, ABM / DFKD-Mem / MAD with two seeds each and known final and
+best accuracies, plus a one-seed extra method, an ``ema_momentum`` sweep, a
+joint (lambda0, lambda1) sweep and a memory-size sweep, one incomplete run,
+one torn records line, one duplicated run folder and a ``_submitit`` folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dfkd_bench.config import resolve_method_params
+from dfkd_bench.errors import DfkdError
+from dfkd_bench.presets import get_preset
+from dfkd_bench.report import add_report_command, load_records, load_runs, sweep_points, write_report
+
+TEACHER_ACCURACY = {"digits": 98.5, "mnist": 99.25}
+PAIR = "lenet5→lenet5_half"
+
+
+def make_config(method: str, dataset: str, seed: int, params: dict | None = None, budget: str = "default",
+                teacher: str = "") -> dict:
+    """A resolved config as the engine writes it: the preset's settings plus ``params`` overrides."""
+    preset = get_preset(dataset)
+    train = dataclasses.asdict(preset.train_config(preset.teacher_arch, preset.student_arch))
+    if method in ("abm", "mem", "mad"):
+        resolved = resolve_method_params(method, preset.params, {})
+    else:  # a method this install does not know: its preset defaults cannot be known either
+        resolved = {"kd_weight": 1.0}
+    resolved.update(params or {})
+    identity = json.dumps([method, dataset, seed, resolved, budget, teacher], sort_keys=True)
+    run_id = hashlib.sha256(identity.encode()).hexdigest()[:12]
+    return {
+        "method": method, "dataset": dataset, "seed": seed, "student_arch": preset.student_arch,
+        "image_size": preset.image_size, "num_classes": 10, "channels": 1, "preset": dataset, "budget": budget,
+        "teacher": {"arch": preset.teacher_arch, "path": "/x/t.pt", "sha256": teacher or f"sha-{dataset}", "mean": [0.3],
+                    "std": [0.3], "test_accuracy": TEACHER_ACCURACY[dataset] - 0.01},
+        "teacher_test_accuracy_here": TEACHER_ACCURACY[dataset], "train": train, "params": resolved,
+        "run_id": run_id, "run_name": f"{method}-{dataset}-{preset.student_arch}-s{seed}-{run_id}",
+        "environment": {"device": "cpu"},
+    }
+
+
+def write_run(root: Path, method: str, dataset: str, seed: int, final: float, best: float, *,
+              params: dict | None = None, done: bool = True, samples: bool = False, torn: bool = False,
+              **identity) -> Path:
+    """Records at steps 0, 10, 20: accuracy 10, then ``best``, then ``final`` (the last evaluation)."""
+    config = make_config(method, dataset, seed, params, **identity)
+    folder = root / config["run_name"]
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    base = {"run": config["run_name"], "method": method, "seed": seed}
+    steps = [(0, 10.0), (10, best), (20, final)] if done else [(0, 10.0), (10, final)]
+    lines = []
+    for index, (step, accuracy) in enumerate(steps):
+        record = {**base, "kind": "eval", "step": step, "epoch": step / 20, "wall_time": 5.0 * step, "lr": 0.05,
+                  "test_accuracy": accuracy, "test_cross_entropy": 2.3 - accuracy / 50,
+                  "teacher_agreement": accuracy + 1}
+        if step:
+            record.update({"loss/student_loss": 1.0 / index + seed * 0.05, "loss/kd_gen": 0.8 / index + seed * 0.02,
+                           "loss/gen_loss": -0.7 / index, "loss/gen_kd": 0.7 / index, "loss/student_bound": 0.0})
+            if method == "mad":
+                record["loss/kd_gen_ema"] = 0.5 / index + seed * 0.03
+            if method == "mem":
+                record["loss/kd_memory"] = 0.3 / index + (params or {}).get("memory_size", 8192) / 1e5
+        lines.append(record)
+        if step:
+            drift = {**base, "kind": "drift", "step": step, "tau": 5, "js_gen": 0.1 + 0.01 * index + 0.005 * seed}
+            if method == "mad":
+                drift["js_gen_ema"] = 0.08 + 0.01 * index
+            lines.append(drift)
+    if samples:
+        (folder / "samples").mkdir()
+        files = {}
+        sources = ["gen", "gen_ema"] if method == "mad" else ["gen"]
+        rng = np.random.default_rng(seed)
+        from matplotlib.image import imsave
+
+        for source in sources:
+            relative = f"samples/step0000020_{source}.png"
+            imsave(folder / relative, rng.random((40, 40)), cmap="gray")
+            files[source] = relative
+        lines.append({**base, "kind": "samples", "step": 20, "files": files})
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in lines)
+    if torn:  # a kill in the middle of an append
+        text += '{"kind": "eval", "step": 30, "test_acc'
+    (folder / "records.jsonl").write_text(text)
+    if done:
+        (folder / "done").write_text(json.dumps({"final_accuracy": final, "best_accuracy": best, "wall_time": 100.0,
+                                                 "iterations": 20, "run": config["run_name"]}))
+    return folder
+
+
+FINALS = {  # (dataset, method) -> [(final, best) per seed]
+    ("digits", "abm"): [(90.0, 93.0), (92.0, 95.0)],
+    ("digits", "mem"): [(85.0, 88.0), (86.0, 89.0)],
+    ("digits", "mad"): [(92.0, 96.0), (94.0, 94.0)],
+    ("mnist", "abm"): [(97.0, 97.5), (98.0, 98.0)],
+    ("mnist", "mem"): [(96.0, 97.0), (96.5, 97.5)],
+    ("mnist", "mad"): [(98.0, 99.0), (98.5, 99.0)],
+}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("results") / "runs"
+    for (dataset, method), values in FINALS.items():
+        group = root / "grid" / dataset  # runs may sit at any depth
+        for seed, (final, best) in enumerate(values):
+            write_run(group, method, dataset, seed, final, best, samples=seed == 0 and dataset == "digits",
+                      torn=(dataset, method, seed) == ("digits", "abm", 0))
+    write_run(root / "extra", "dafl", "digits", 0, 70.0, 75.0)
+    # Fig. 6 middle: MAD's momentum alpha, 3 values x 2 seeds (0.95 is the preset default).
+    for alpha, finals in ((0.9, (80.0, 82.0)), (0.99, (88.0, 90.0))):
+        for seed, final in enumerate(finals):
+            write_run(root / "sweeps" / "alpha", "mad", "digits", seed, final, final + 1, params={"ema_momentum": alpha})
+    # Fig. 6 right: (lambda0, lambda1) pairs vary jointly.
+    for kd, ema in ((0.0, 1.0), (1.0, 0.0), (0.5, 0.5)):
+        write_run(root / "sweeps" / "lambda", "mad", "mnist", 0, 90.0 + kd, 91.0,
+                  params={"kd_weight": kd, "ema_kd_weight": ema})
+    # Fig. 7: DFKD-Mem memory size.
+    write_run(root / "sweeps" / "memory", "mem", "mnist", 0, 95.0, 96.0, params={"memory_size": 1024})
+    # A smoke test with another teacher is not part of the comparison (nor a sweep).
+    write_run(root / "smoke", "abm", "digits", 0, 11.0, 12.0, budget="smoke", teacher="sha-other")
+    # An unfinished run: it must be listed and never averaged in (its 10 % would drag MAD down).
+    write_run(root / "grid" / "digits", "mad", "digits", 2, 10.0, 10.0, done=False)
+    # A copy of a finished run (same run id) counts once; _submitit logs are skipped.
+    original = next((root / "grid" / "mnist").glob("abm-*-s0-*"))
+    shutil.copytree(original, root / "copied" / original.name)
+    (root / "_submitit" / "x").mkdir(parents=True)
+    (root / "_submitit" / "x" / "config.json").write_text(json.dumps({"method": "abm", "dataset": "digits", "seed": 9}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(results, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    # PNG only here to keep the test fast; the CLI test below checks PDFs too.
+    return out, write_report(results, out, formats=("png",), command="dfkd-bench report --test")
+
+
+def test_load_runs(results):
+    runs = load_runs(results)
+    assert len(runs) == 6 * 2 + 1 + 4 + 3 + 1 + 1 + 1  # the copy and the _submitit config are not runs
+    assert any("found twice" in note for note in runs.attrs["notes"])
+    assert (runs["pair"] == PAIR).all()
+    assert runs["status"].value_counts().to_dict() == {"done": 22, "incomplete": 1}
+    abm = runs[(runs["method"] == "abm") & (runs["dataset"] == "digits") & (runs["budget"] == "default")]
+    abm = abm.set_index("seed")
+    assert abm.loc[0, "final_accuracy"] == 90.0 and abm.loc[0, "best_accuracy"] == 93.0
+    assert abm.loc[1, "teacher_accuracy"] == 98.5 and abm.loc[1, "teacher_arch"] == "lenet5"
+    assert {"train.student_steps", "params.kd_weight", "params.ema_momentum"} <= set(runs.columns)
+    pending = runs[runs["status"] == "incomplete"].iloc[0]
+    assert pending["seed"] == 2 and pending["last_step"] == 10 and pending["planned_iterations"] == 800
+    # Runs differing only by seed share a configuration id; the sweep points do not.
+    mad = runs[(runs["method"] == "mad") & (runs["dataset"] == "digits") & (runs["status"] == "done")]
+    assert mad.groupby("params.ema_momentum")["config_id"].nunique().tolist() == [1, 1, 1]
+    assert mad["config_id"].nunique() == 3
+
+
+def test_load_records_ignores_torn_line_and_joins_run_columns(results):
+    records = load_records(results)
+    torn = records[(records["method"] == "abm") & (records["dataset"] == "digits") & (records["seed"] == 0)
+                   & (records["budget"] == "default")]
+    assert len(torn) == 3 + 2 + 1  # 3 evals, 2 drifts, 1 samples; the torn step-30 line is dropped
+    assert sorted(torn.loc[torn["kind"] == "eval", "step"]) == [0, 10, 20]
+    assert {"pair", "status", "run_wall_time", "wall_time", "params.kd_weight"} <= set(records.columns)
+    assert set(records["kind"]) == {"eval", "drift", "samples"}
+
+
+def test_final_table_values(report):
+    out, result = report
+    table = pd.read_csv(out / "table_final.csv")
+    assert list(dict.fromkeys(table["row"])) == ["teacher", "abm", "mem", "mad", "dafl"]
+    cell = table.set_index(["row", "dataset"])
+    assert cell.loc[("abm", "digits"), "mean"] == 91.0
+    assert cell.loc[("abm", "digits"), "std"] == pytest.approx(math.sqrt(2), abs=1e-12)
+    assert cell.loc[("abm", "digits"), "n"] == 2
+    assert cell.loc[("abm", "digits"), "cell"] == "91.00 ± 1.41"
+    assert cell.loc[("mem", "mnist"), "cell"] == "96.25 ± 0.35"
+    # MAD's table cell uses the preset-default momentum (0.95), not the sweep, and not the incomplete seed 2.
+    assert cell.loc[("mad", "digits"), "cell"] == "93.00 ± 1.41"
+    assert "preset defaults" in cell.loc[("mad", "digits"), "selection"]
+    assert cell.loc[("mad", "mnist"), "cell"] == "98.25 ± 0.35"
+    assert cell.loc[("mem", "mnist"), "n"] == 2  # memory_size 1024 is a sweep point, not a third seed
+    assert cell.loc[("abm", "mnist"), "n"] == 2  # the copied folder counts once
+    assert cell.loc[("dafl", "digits"), "cell"] == "70.00†" and cell.loc[("dafl", "digits"), "n"] == 1
+    assert ("dafl", "mnist") not in cell.index
+    assert cell.loc[("teacher", "digits"), "mean"] == 98.5 and cell.loc[("teacher", "mnist"), "cell"] == "99.25"
+
+    markdown = (out / "table_final.md").read_text()
+    assert "| ABM | 91.00 ± 1.41 | 97.50 ± 0.71 |" in markdown
+    assert "| MAD | **93.00 ± 1.41** | **98.25 ± 0.35** |" in markdown
+    assert "| dafl | 70.00† | — |" in markdown
+    assert markdown.index("| Teacher |") < markdown.index("| ABM |") < markdown.index("| DFKD-Mem |") \
+        < markdown.index("| MAD |") < markdown.index("| dafl |")
+    assert "n=1" in markdown
+    latex = (out / "table_final.tex").read_text()
+    assert r"91.00 $\pm$ 1.41" in latex and r"\textbf{93.00 $\pm$ 1.41}" in latex
+    assert r"lenet5$\rightarrow$lenet5\_half" in latex and "70.00$^\\dagger$" in latex
+    assert "±" not in latex and "†" not in latex
+
+
+def test_best_table_is_separate_and_labelled(report):
+    out, _ = report
+    best = pd.read_csv(out / "table_best.csv").set_index(["row", "dataset"])
+    assert best.loc[("abm", "digits"), "cell"] == "94.00 ± 1.41"
+    assert best.loc[("mad", "digits"), "mean"] == 95.0
+    markdown = (out / "table_best.md").read_text()
+    assert "selected on the test set" in markdown and "optimistic" in markdown
+
+
+def test_incomplete_runs_listed_not_mixed_in(report, results):
+    out, result = report
+    pending = [name for name in load_runs(results)["run_name"] if name.startswith("mad-digits") and "-s2-" in name]
+    assert len(result["incomplete_runs"]) == 1
+    assert result["incomplete_runs"][0].startswith(f"{pending[0]} (incomplete, step 10 of 800")
+    listing = (out / "incomplete.md").read_text()
+    assert pending[0] in listing and "10 / 800" in listing
+    report_md = (out / "report.md").read_text()
+    assert pending[0] in report_md and "dfkd-bench report --test" in report_md
+    assert "91.00 ± 1.41" in report_md and "optimistic" in report_md
+    assert "(accuracy_curves.png)" in report_md and "min–max over seeds" in report_md
+    assert "preset defaults" in report_md
+    # The smoke run with another teacher is named as left out, not averaged in (ABM stays 91.00).
+    runs = load_runs(results)
+    smoke = runs.loc[runs["budget"] == "smoke", "run_name"].item()
+    assert smoke in report_md
+    assert any("left out of the tables" in note and smoke in note for note in result["notes"])
+
+
+def test_sweep_points(results):
+    points = sweep_points(load_runs(results))
+    alpha = points[points["sweep"] == "ema_momentum"]
+    assert list(alpha["value"]) == [0.9, 0.95, 0.99]
+    assert list(alpha["mean"]) == [81.0, 93.0, 89.0]
+    assert alpha["std"].tolist() == pytest.approx([math.sqrt(2)] * 3)
+    assert list(alpha["n"]) == [2, 2, 2] and list(alpha["is_table_config"]) == [False, True, False]
+    assert set(alpha["method"]) == {"mad"} and set(alpha["dataset"]) == {"digits"}
+    # kd_weight and ema_kd_weight change together in one configuration: one joint, categorical sweep.
+    joint = points[points["sweep"] == "ema_kd_weight+kd_weight"]
+    assert list(joint["label"]) == ["(0, 1)", "(0.5, 0.5)", "(1, 0)", "(1, 1)"]
+    assert list(joint["mean"]) == [91.0, 90.5, 90.0, 98.25]
+    assert joint["std"].isna().tolist() == [True, True, True, False]
+    memory = points[points["sweep"] == "memory_size"]
+    assert list(memory["value"]) == [1024, 8192] and list(memory["mean"]) == [95.0, 96.25]
+    assert set(points["sweep"]) == {"ema_momentum", "ema_kd_weight+kd_weight", "memory_size"}
+
+
+def _assert_image(path: Path) -> None:
+    from matplotlib.image import imread
+
+    assert path.exists(), path
+    assert path.stat().st_size > 10_000, path
+    image = imread(path)
+    assert image.std() > 0.02, f"{path} looks blank"
+
+
+def test_figures_written(report):
+    out, result = report
+    stems = ["accuracy_curves", "loss_curves", "generator_losses", "drift_curves", "samples_digits_abm",
+             "samples_digits_mem", "samples_digits_mad", "sweep_ema_momentum", "sweep_ema_kd_weight+kd_weight",
+             "sweep_memory_size"]
+    for stem in stems:
+        _assert_image(out / f"{stem}.png")
+    assert sorted(Path(p).name for p in result["figures"]) == sorted(f"{s}.png" for s in stems)
+    assert {Path(p).name for p in result["tables"]} == {f"table_{k}.{e}" for k in ("final", "best")
+                                                         for e in ("csv", "md", "tex")}
+
+
+def test_cli_end_to_end(results, tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="dfkd-bench")
+    sub = parser.add_subparsers(dest="command")
+    add_report_command(sub)
+    defaults = parser.parse_args(["report"])
+    assert (defaults.results_dir, defaults.out, defaults.formats) == ("results/runs", "results/report", ("png", "pdf"))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["report", "--formats", "png,nope"])
+
+    small = tmp_path / "runs"
+    for seed, final in enumerate((90.0, 92.0)):
+        write_run(small, "abm", "digits", seed, final, final + 1)
+    write_run(small, "mad", "digits", 0, 50.0, 50.0, done=False)
+    damaged = write_run(small, "mem", "digits", 0, 88.0, 89.0)
+    lines = (damaged / "records.jsonl").read_text().splitlines()
+    lines[1] = lines[1][:20]  # a damaged line in the middle is not a torn last line: the run is unreadable
+    (damaged / "records.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "report"
+    args = parser.parse_args(["report", "--results-dir", str(small), "--out", str(out), "--formats", "png,pdf"])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert "91.00 ± 1.41" in printed and "Teacher" in printed
+    assert "2 incomplete run(s)" in printed and "mad-digits-lenet5_half-s2" not in printed
+    assert "mad-digits-lenet5_half-s0" in printed and str(out) in printed
+    assert f"{damaged.name} (damaged" in printed and "not valid JSON" in printed
+    assert "DFKD-Mem" not in (out / "table_final.md").read_text()
+    _assert_image(out / "accuracy_curves.png")
+    assert (out / "accuracy_curves.pdf").read_bytes().startswith(b"%PDF") and not (out / "loss_curves.svg").exists()
+    assert "--results-dir" in (out / "report.md").read_text() and "--formats png,pdf" in (out / "report.md").read_text()
+
+    for missing in (tmp_path / "nowhere", tmp_path / "empty"):
+        if missing.name == "empty":
+            missing.mkdir()
+        args = parser.parse_args(["report", "--results-dir", str(missing), "--out", str(tmp_path / "r2")])
+        with pytest.raises(DfkdError) as error:
+            args.func(args)
+        assert "\n" not in str(error.value) and str(missing) in str(error.value)
+    assert "no runs found under" in str(error.value)
