@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dfkd_bench.errors import DfkdError
 
-DEFAULT_RESULTS_DIR = "results/runs"
+from dfkd_bench.store import DEFAULT_RESULTS_DIR
 
 
 def _csv(text: str) -> list[str]:
@@ -243,6 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("list", help="print the registered methods, datasets, models and generators")
     listing.add_argument("--settings", action="store_true", help="also list every setting with its default")
     listing.set_defaults(func=cmd_list)
+
+    from dfkd_bench.bench import add_bench_command
+    from dfkd_bench.report import add_report_command
+    from dfkd_bench.sweep import add_status_command, add_sweep_command
+
+    add_sweep_command(sub)
+    add_status_command(sub)
+    add_report_command(sub)
+    add_bench_command(sub)
 
     return parser
 

@@ -14,12 +14,13 @@ from typing import Any
 
 from dfkd_bench.config import (
     RunConfig,
+    TeacherSpec,
     apply_train_overrides,
     check_override_keys,
     resolve_method_params,
 )
 from dfkd_bench.data import get_dataset_info
-from dfkd_bench.errors import ConfigError
+from dfkd_bench.errors import CheckpointError, ConfigError
 from dfkd_bench.method_api import get_method
 from dfkd_bench.presets import budget_param_overrides, budget_train_overrides, get_preset
 from dfkd_bench.teachers import resolve_teacher
@@ -49,7 +50,16 @@ class RunRequest:
     image_size: int | None = None
 
 
-def build_run_configs(request: RunRequest) -> list[RunConfig]:
+MISSING_TEACHER = "missing"
+
+
+def build_run_configs(request: RunRequest, allow_missing_teacher: bool = False) -> list[RunConfig]:
+    """One RunConfig per (method, seed).
+
+    ``allow_missing_teacher`` (for ``--dry-run`` listings only): when the
+    teacher does not exist yet, use a placeholder whose ``sha256`` is
+    ``"missing"`` instead of failing; such configs cannot be trained.
+    """
     if not request.methods:
         raise ConfigError("no methods given; pass e.g. --methods abm,mem,mad")
     if not request.seeds:
@@ -69,8 +79,14 @@ def build_run_configs(request: RunRequest) -> list[RunConfig]:
     train.validate()
 
     options = request.teacher
-    teacher = resolve_teacher(request.dataset, teacher_arch, checkpoint=options.checkpoint, mean=options.mean,
-                              std=options.std, cache_dir=options.cache_dir, data_root=request.data_root)
+    try:
+        teacher = resolve_teacher(request.dataset, teacher_arch, checkpoint=options.checkpoint, mean=options.mean,
+                                  std=options.std, cache_dir=options.cache_dir, data_root=request.data_root)
+    except CheckpointError as error:
+        if not allow_missing_teacher:
+            raise
+        teacher = TeacherSpec(arch=teacher_arch, path=str(error), sha256=MISSING_TEACHER,
+                              mean=list(options.mean or info.mean), std=list(options.std or info.std))
     configs = []
     for method in request.methods:
         params = resolve_method_params(method, preset.params, {})

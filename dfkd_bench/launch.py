@@ -28,11 +28,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dfkd_bench.config import RunConfig
-from dfkd_bench.engine import RunInterrupted, StopRequest, stop_on_signals, train_run
+from typing import TYPE_CHECKING
+
 from dfkd_bench.errors import DfkdError
-from dfkd_bench.method_api import DistributedInfo
 from dfkd_bench.store import RunStore
+
+if TYPE_CHECKING:  # the engine pulls in torch and torchvision: import it only when a run starts
+    from dfkd_bench.config import RunConfig
+    from dfkd_bench.method_api import DistributedInfo
 
 
 def add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,11 +92,13 @@ def launch_options(args: argparse.Namespace | None, file_options: dict[str, Any]
 
 # ----------------------------------------------------------------- the job ---
 
-def _distributed_from_submitit() -> DistributedInfo:
+def _distributed_from_submitit() -> "DistributedInfo":
     """One process per GPU under SLURM: initialise torch.distributed from submitit's environment."""
     import submitit
     import torch
     import torch.distributed as dist
+
+    from dfkd_bench.method_api import DistributedInfo
 
     env = submitit.JobEnvironment()
     if env.num_tasks <= 1:
@@ -118,6 +123,10 @@ class RunJob:
 
     def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
         import torch
+
+        from dfkd_bench.config import RunConfig
+        from dfkd_bench.engine import RunInterrupted, StopRequest, train_run
+        from dfkd_bench.method_api import DistributedInfo
 
         if self.threads:
             torch.set_num_threads(self.threads)
@@ -153,7 +162,7 @@ class RunJob:
 
 # --------------------------------------------------------------- launching ---
 
-def pending_configs(configs: list[RunConfig], results_dir: str | os.PathLike) -> list[RunConfig]:
+def pending_configs(configs: list["RunConfig"], results_dir: str | os.PathLike) -> list[RunConfig]:
     seen, pending = set(), []
     for config in configs:
         if config.run_name in seen:
@@ -164,7 +173,7 @@ def pending_configs(configs: list[RunConfig], results_dir: str | os.PathLike) ->
     return pending
 
 
-def collect_summaries(configs: list[RunConfig], results_dir: str | os.PathLike) -> list[dict[str, Any]]:
+def collect_summaries(configs: list["RunConfig"], results_dir: str | os.PathLike) -> list[dict[str, Any]]:
     summaries, seen = [], set()
     for config in configs:
         store = RunStore(results_dir, config.run_name)
@@ -202,7 +211,7 @@ def make_executor(options: dict[str, Any], folder: Path, cluster: str):
     return executor
 
 
-def _wait(jobs, configs: list[RunConfig], results_dir: str | os.PathLike, poll: float = 2.0) -> None:
+def _wait(jobs, configs: list["RunConfig"], results_dir: str | os.PathLike, poll: float = 2.0) -> None:
     """Wait for every run to be done or failed, printing state changes (requeues included)."""
     last: dict[str, str] = {}
     while True:
@@ -218,9 +227,11 @@ def _wait(jobs, configs: list[RunConfig], results_dir: str | os.PathLike, poll: 
             if last.get(name) != state:
                 print(f"  {datetime.datetime.now():%H:%M:%S} {name}: {state}", flush=True)
         last = states
+        # COMPLETED without a `done` marker: the job ended but its run did not finish (e.g. the run
+        # folder was removed meanwhile); without it in this list the wait would never end.
         finished = all(
             s == "done" or s in ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
-                                 "DEADLINE", "FINISHED", "INTERRUPTED")
+                                 "DEADLINE", "FINISHED", "INTERRUPTED", "COMPLETED")
             or s.startswith("CANCELLED")
             for s in states.values()
         )
@@ -229,9 +240,11 @@ def _wait(jobs, configs: list[RunConfig], results_dir: str | os.PathLike, poll: 
         time.sleep(poll)
 
 
-def launch(configs: list[RunConfig], results_dir: str | os.PathLike, args: argparse.Namespace | None = None,
+def launch(configs: list["RunConfig"], results_dir: str | os.PathLike, args: argparse.Namespace | None = None,
            file_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Run (or submit) every configuration not yet done; return the summaries of done runs."""
+    from dfkd_bench.engine import RunInterrupted, StopRequest, stop_on_signals, train_run
+
     options = launch_options(args, file_options)
     results_dir = Path(results_dir)
     todo = pending_configs(configs, results_dir)
@@ -263,7 +276,11 @@ def launch(configs: list[RunConfig], results_dir: str | os.PathLike, args: argpa
     payloads = [config.to_dict() for config in todo]
     if cluster == "slurm":
         jobs = executor.map_array(job, payloads)
-        print(f"submitted job array {jobs[0].job_id.split('_')[0]} with {len(jobs)} tasks; logs in {folder}", flush=True)
+        if len(jobs) == 1:  # submitit submits a one-element map as a plain job, not an array
+            print(f"submitted job {jobs[0].job_id}; logs in {folder}", flush=True)
+        else:
+            print(f"submitted job array {jobs[0].job_id.split('_')[0]} with {len(jobs)} tasks; logs in {folder}",
+                  flush=True)
     else:
         parallel = int(options["array_parallelism"] or 1)
         jobs = _run_local(executor, job, payloads, parallel)
@@ -275,6 +292,9 @@ def launch(configs: list[RunConfig], results_dir: str | os.PathLike, args: argpa
     if failed:
         lines = [f"{name}: {RunStore(results_dir, name).last_error_line() or 'no error recorded'}" for name in failed]
         print("failed runs:\n  " + "\n  ".join(lines), file=sys.stderr)
+        # A launch with failed runs must not exit 0: scripts and CI would take it for a success.
+        raise DfkdError(f"{len(failed)} of {total} runs did not finish (errors above; job logs in {folder}); "
+                        f"fix the cause and run the same command again: done runs are skipped")
     return collect_summaries(configs, results_dir)
 
 
