@@ -1,0 +1,267 @@
+"""``dfkd-bench bench``: how fast is one iteration of ABM, DFKD-Mem and MAD?
+
+In ONE process and one run, the benchmark builds each method twice -- the
+fast path and the plain reference path (fp32, eager, one forward per source,
+float32 memory bank) -- on the same configuration, and interleaves timed
+iterations of all of them round-robin after a warm-up, so that a slow
+moment of the machine hits every variant alike. An iteration is exactly what
+the engine runs (:meth:`dfkd_bench.engine.Trainer.run_iteration`): one
+generator stage and one student stage.
+
+No data and no trained teacher are needed: speed does not depend on the
+teacher's weights, so a randomly initialised teacher of the right architecture
+is used.
+
+Per variant it prints the median iteration time and its spread (interquartile
+range), the student training images per second (all images the student trains
+on in a stage: from G, the EMA G and memory), the peak memory (CUDA: peak
+allocated; CPU: the process's peak resident set during that variant's
+iterations, read from /proc after resetting the high-water mark) and the
+ratios the issue asks for. The last line is one JSON object for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# Dense bf16 peaks from the vendors' datasheets, for "achieved vs peak".
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
+
+CONFIGS = {
+    # CPU: digits-sized problem (LeNet-5 -> LeNet-5-half, 16x16, small generator)
+    "cpu": dict(dataset="digits", teacher_arch="lenet5", student_arch="lenet5_half",
+                overrides=dict(batch_size=64, student_steps=5, generator_steps=1)),
+    # GPU: the paper's CIFAR WRN-40-2 -> WRN-16-2 setting
+    "gpu": dict(dataset="cifar10", teacher_arch="wrn40_2", student_arch="wrn16_2",
+                overrides=dict(batch_size=256, student_steps=60, generator_steps=3)),
+}
+FAST = {"cpu": dict(fused_forward=True, amp="none", channels_last=False),
+        "gpu": dict(fused_forward=True, amp="bf16", channels_last=True)}
+REFERENCE = dict(fused_forward=False, amp="none", channels_last=False, compile=False, stage_buffer=False)
+METHODS = ("abm", "mem", "mad")
+
+
+def _peak_rss_reset() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _random_teacher(arch: str, dataset: str, folder: Path) -> str:
+    import torch
+
+    from dfkd_bench.data import get_dataset_info
+    from dfkd_bench.models import build_model
+    from dfkd_bench.presets import get_preset
+
+    info = get_dataset_info(dataset)
+    torch.manual_seed(0)
+    model = build_model(arch, info.num_classes, info.channels, get_preset(dataset).image_size)
+    path = folder / f"random-{arch}.pt"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def _student_images_per_iteration(trainer) -> int:
+    """Images the student trains on per iteration: every source of every student step."""
+    method, steps = trainer.method, trainer.train_cfg.student_steps
+    batch = trainer.local_batch
+    per_step = batch * len(method.generator_modules())
+    extra = getattr(method, "memory_batch", 0)
+    return steps * (per_step + extra)
+
+
+def build_variants(kind: str, device: str, methods, fast_overrides: dict[str, Any], extra: dict[str, Any], folder: Path):
+    from dfkd_bench.engine import Trainer
+    from dfkd_bench.experiment import RunRequest, TeacherOptions, build_run_configs
+
+    spec = CONFIGS[kind]
+    teacher = _random_teacher(spec["teacher_arch"], spec["dataset"], folder)
+    variants = {}
+    for mode, perf in (("fast", fast_overrides), ("reference", REFERENCE)):
+        for method in methods:
+            overrides = {**spec["overrides"], **extra, **perf, "drift_every": 0, "eval_every": 0}
+            if method == "mem":
+                overrides["memory_dtype"] = "uint8" if mode == "fast" else "float32"
+            request = RunRequest(methods=[method], dataset=spec["dataset"], seeds=[0], teacher_arch=spec["teacher_arch"],
+                                 student_arch=spec["student_arch"], overrides=overrides,
+                                 teacher=TeacherOptions(checkpoint=teacher))
+            trainer = Trainer(build_run_configs(request)[0], folder / "runs", device=device, progress=False)
+            trainer.build()
+            variants[(method, mode)] = trainer
+    return variants
+
+
+def _flops_per_iteration(trainer) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        trainer.run_iteration()
+    return float(counter.get_total_flops())
+
+
+def run_benchmark(kind: str = "auto", device: str = "auto", iterations: int = 10, warmup: int = 2,
+                  methods=METHODS, compile: bool = False, stage_buffer: bool = False,
+                  extra: dict[str, Any] | None = None, out=sys.stdout) -> dict[str, Any]:
+    import torch
+
+    from dfkd_bench.engine import resolve_device
+    from dfkd_bench.methods.mem import MemoryBank
+
+    dev = resolve_device(device)
+    kind = ("gpu" if dev.type == "cuda" else "cpu") if kind == "auto" else kind
+    fast = {**FAST[kind], "compile": compile, "stage_buffer": stage_buffer}
+    with tempfile.TemporaryDirectory() as tmp:
+        variants = build_variants(kind, str(dev), methods, fast, dict(extra or {}), Path(tmp))
+
+        def sync():
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+
+        for trainer in variants.values():  # warm-up (and compilation)
+            for _ in range(warmup):
+                trainer.run_iteration()
+        sync()
+        times: dict[tuple[str, str], list[float]] = {key: [] for key in variants}
+        peaks: dict[tuple[str, str], float] = {key: 0.0 for key in variants}
+        for _ in range(iterations):
+            for key, trainer in variants.items():
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                else:
+                    _peak_rss_reset()
+                sync()
+                start = time.perf_counter()
+                trainer.run_iteration()
+                sync()
+                times[key].append(time.perf_counter() - start)
+                peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _peak_rss_mb()
+                peaks[key] = max(peaks[key], peak)
+        flops = {}
+        if dev.type == "cuda":
+            for method in methods:
+                flops[method] = _flops_per_iteration(variants[(method, "fast")])
+
+    results: dict[str, Any] = {"device": str(dev), "kind": kind, "iterations": iterations, "warmup": warmup,
+                               "config": {**CONFIGS[kind], "fast": fast, "reference": REFERENCE}, "methods": {}}
+    if dev.type == "cuda":
+        results["gpu"] = torch.cuda.get_device_name(dev)
+    for (method, mode), samples in times.items():
+        trainer = variants[(method, mode)]
+        images = _student_images_per_iteration(trainer)
+        median = statistics.median(samples)
+        q = statistics.quantiles(samples, n=4) if len(samples) >= 2 else [median, median, median]
+        entry = {"iter_s_median": median, "iter_s_iqr": q[2] - q[0], "iter_s_min": min(samples),
+                 "iter_s_max": max(samples), "student_images_per_iter": images, "images_per_s": images / median,
+                 "s_per_image": median / images, "peak_mem_mb": peaks[(method, mode)]}
+        if mode == "fast" and method in flops:
+            entry["tflops"] = flops[method] / median / 1e12
+        results["methods"].setdefault(method, {})[mode] = entry
+
+    def ratio(a: str, b: str, key: str, mode: str = "fast") -> float:
+        if a not in results["methods"] or b not in results["methods"]:
+            return float("nan")
+        return results["methods"][a][mode][key] / results["methods"][b][mode][key]
+
+    results["ratios"] = {
+        "mad_over_abm_per_image": ratio("mad", "abm", "s_per_image"),
+        "mad_over_abm_per_iter": ratio("mad", "abm", "iter_s_median"),
+        "mem_over_abm_per_iter": ratio("mem", "abm", "iter_s_median"),
+        "mem_over_abm_per_image": ratio("mem", "abm", "s_per_image"),
+        "reference_mad_over_abm_per_iter": ratio("mad", "abm", "iter_s_median", "reference"),
+    }
+    for method in results["methods"]:
+        entry = results["methods"][method]
+        entry["fast_speedup_images_per_s"] = entry["fast"]["images_per_s"] / entry["reference"]["images_per_s"]
+    bank = MemoryBank(8192, (3, 32, 32), "uint8", torch.device("cpu"))
+    results["memory_bank_8192_cifar_mb"] = bank.nbytes / 1e6
+    if "gpu" in results:
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in results["gpu"]), None)
+        results["peak_bf16_tflops"] = peak
+    _print_table(results, out)
+    return results
+
+
+def _print_table(results: dict[str, Any], out) -> None:
+    config = results["config"]
+    print(f"device: {results.get('gpu', results['device'])}; config: {config['dataset']} {config['teacher_arch']} -> "
+          f"{config['student_arch']}, {config['overrides']}; {results['iterations']} timed iterations per variant "
+          f"after {results['warmup']} warm-up, interleaved", file=out)
+    print(f"fast path: {config['fast']}; reference: {config['reference']}", file=out)
+    header = (f"{'method':6s} {'mode':10s} {'iter median s':>13s} {'IQR s':>8s} {'imgs/iter':>9s} {'images/s':>9s} "
+              f"{'peak MB':>8s} {'TFLOP/s':>8s}")
+    print(header, file=out)
+    for method, modes in results["methods"].items():
+        for mode in ("fast", "reference"):
+            e = modes[mode]
+            tflops = f"{e['tflops']:8.1f}" if "tflops" in e else f"{'-':>8s}"
+            print(f"{method:6s} {mode:10s} {e['iter_s_median']:13.4f} {e['iter_s_iqr']:8.4f} "
+                  f"{e['student_images_per_iter']:9d} {e['images_per_s']:9.0f} {e['peak_mem_mb']:8.0f} {tflops}",
+                  file=out)
+    for method, modes in results["methods"].items():
+        print(f"{method}: fast path = {modes['fast_speedup_images_per_s']:.2f}x the images/s of the reference path",
+              file=out)
+    r = results["ratios"]
+    print(f"MAD/ABM time per student training image: {r['mad_over_abm_per_image']:.3f} (target <= 1.10)", file=out)
+    print(f"MAD/ABM time per iteration: {r['mad_over_abm_per_iter']:.3f} (the paper reports ~1.40 for its "
+          f"implementation); DFKD-Mem/ABM per iteration: {r['mem_over_abm_per_iter']:.3f}", file=out)
+    print(f"DFKD-Mem bank of 8,192 CIFAR images (uint8): {results['memory_bank_8192_cifar_mb']:.1f} MB "
+          "(target <= 30 MB)", file=out)
+    if results.get("peak_bf16_tflops"):
+        best = max(m["fast"].get("tflops", 0.0) for m in results["methods"].values())
+        print(f"achieved {best:.1f} TFLOP/s vs {results['peak_bf16_tflops']:.0f} TFLOP/s dense bf16 peak "
+              f"({100 * best / results['peak_bf16_tflops']:.1f} %)", file=out)
+    summary = {m: {k: v["fast"][k] for k in ("iter_s_median", "images_per_s", "peak_mem_mb")}
+               for m, v in results["methods"].items()}
+    summary.update({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in results["ratios"].items()})
+    summary["device"] = results.get("gpu", results["device"])
+    print(json.dumps(summary, sort_keys=True), file=out)
+
+
+def add_bench_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="time ABM, DFKD-Mem and MAD iterations (fast vs reference path) in one process",
+        description=__doc__.split("\n\n")[1] if __doc__ else None)
+    parser.add_argument("--device", default="auto", help="cpu or cuda (default: auto)")
+    parser.add_argument("--config", choices=["auto", "cpu", "gpu"], default="auto",
+                        help="cpu: small digits-sized problem; gpu: CIFAR WRN-40-2 -> WRN-16-2, bs 256, n_S 60, n_G 3")
+    parser.add_argument("--iterations", type=int, default=10, help="timed iterations per variant (default: 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="warm-up iterations per variant (default: 2)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="methods to time (default: abm,mem,mad)")
+    parser.add_argument("--compile", action="store_true", help="also torch.compile student and teacher on the fast path")
+    parser.add_argument("--stage-buffer", action="store_true", help="fast path samples a whole student stage at once")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting of the configuration")
+    parser.add_argument("--json-out", metavar="PATH", help="also write the full results as JSON")
+    parser.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args) -> int:
+    from dfkd_bench.config import parse_overrides
+
+    results = run_benchmark(kind=args.config, device=args.device, iterations=args.iterations, warmup=args.warmup,
+                            methods=[m for m in args.methods.split(",") if m], compile=args.compile,
+                            stage_buffer=args.stage_buffer, extra=parse_overrides(args.set or []))
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    return 0
