@@ -22,7 +22,6 @@ ratios the issue asks for. The last line is one JSON object for scripts.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+from typing import TYPE_CHECKING
 import os
 import statistics
 import sys
-from pathlib import Path
 
 from dfkd_bench.errors import DfkdError
 
 from dfkd_bench.store import DEFAULT_RESULTS_DIR
+
+if TYPE_CHECKING:
+    from dfkd_bench.experiment import RunRequest
 
 
 def _csv(text: str) -> list[str]:

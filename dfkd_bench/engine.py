@@ -27,7 +27,6 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -590,6 +589,10 @@ def train_run(config: RunConfig, results_dir: str | os.PathLike, *, device: str 
     distributed = distributed or DistributedInfo()
     lock = store.lock() if distributed.is_main else contextlib.nullcontext()
     with lock:
+        if distributed.is_main and not store.config_path.exists():
+            # Written again with the environment once set up; this copy lets `status` and
+            # `report` see what a run is even if it fails during setup.
+            store.write_config({**config.to_dict(), "run_id": config.run_id, "run_name": config.run_name})
         try:
             trainer = Trainer(config, results_dir, device=device, progress=progress, distributed=distributed,
                               stop=stop, workers=workers)

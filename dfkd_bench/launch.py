@@ -45,6 +45,9 @@ def add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
                             "slurm: one SLURM job array through submitit")
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
     group.add_argument("--workers", type=int, default=None, help="data-loading processes for evaluation (default: 0)")
+    group.add_argument("--threads", type=int, default=None,
+                       help="inline: torch CPU threads (default: torch's); local/slurm jobs use --cpus-per-task. "
+                            "CPU results are bit-identical only for the same thread count")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
     group.add_argument("--no-wait", action="store_true",
                        help="local/slurm: submit and return; check with `dfkd-bench status`")
@@ -71,6 +74,7 @@ LAUNCH_DEFAULTS = {
     "launcher": "inline", "device": "auto", "workers": 0, "time": 240, "gpus_per_node": 0, "cpus_per_task": 2,
     "mem_gb": 8.0, "array_parallelism": None, "partition": None, "account": None, "qos": None, "constraint": None,
     "slurm_extra": None, "slurm_setup": None, "submitit_dir": None, "no_wait": False, "no_progress": False,
+    "threads": None,
 }
 
 
@@ -162,14 +166,42 @@ class RunJob:
 
 # --------------------------------------------------------------- launching ---
 
-def pending_configs(configs: list["RunConfig"], results_dir: str | os.PathLike) -> list[RunConfig]:
+def _active_slurm_job(store: RunStore) -> str | None:
+    """The id of a SLURM job submitted for this run that is still queued or running, if any."""
+    import json
+    import shutil
+    import subprocess
+
+    path = store.path / "submitted.json"
+    if not path.exists() or not shutil.which("squeue"):
+        return None
+    try:
+        job_id = json.loads(path.read_text())["job_id"]
+        out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True,
+                             timeout=20)
+    except (OSError, ValueError, KeyError, subprocess.SubprocessError):
+        return None
+    return str(job_id) if out.returncode == 0 and out.stdout.strip() else None
+
+
+def pending_configs(configs: list["RunConfig"], results_dir: str | os.PathLike) -> list["RunConfig"]:
+    """The runs to launch: not done, not being trained elsewhere, not queued in SLURM already."""
     seen, pending = set(), []
     for config in configs:
         if config.run_name in seen:
             continue
         seen.add(config.run_name)
-        if not RunStore(results_dir, config.run_name).is_done():
-            pending.append(config)
+        store = RunStore(results_dir, config.run_name)
+        if store.is_done():
+            continue
+        if store.status() == "running":
+            print(f"  {config.run_name}: being trained by another process; not launched again")
+            continue
+        job = _active_slurm_job(store)
+        if job:
+            print(f"  {config.run_name}: SLURM job {job} is still queued or running; not launched again")
+            continue
+        pending.append(config)
     return pending
 
 
@@ -252,6 +284,10 @@ def launch(configs: list["RunConfig"], results_dir: str | os.PathLike, args: arg
     print(f"{total} runs: {total - len(todo)} already done (skipped), {len(todo)} to run "
           f"[{options['launcher']} launcher] -> {results_dir}", flush=True)
     if options["launcher"] == "inline":
+        if options["threads"]:
+            import torch
+
+            torch.set_num_threads(int(options["threads"]))
         for config in todo:
             stop = StopRequest()
             try:
@@ -260,7 +296,12 @@ def launch(configs: list["RunConfig"], results_dir: str | os.PathLike, args: arg
                               stop=stop, workers=int(options["workers"] or 0))
             except RunInterrupted as stopped:
                 print(f"{config.run_name}: {stopped}", file=sys.stderr)
-                raise DfkdError(f"interrupted; checkpoint saved. Run the same command again to resume") from None
+                raise DfkdError("interrupted; checkpoint saved. Run the same command again to resume") from None
+            except Exception as error:  # recorded in the run's error.txt; go on with the other runs
+                detail = str(error).splitlines()[0] if str(error) else ""
+                print(f"{config.run_name} failed: {type(error).__name__}: {detail} "
+                      f"(details in {RunStore(results_dir, config.run_name).error_path})", file=sys.stderr)
+        _raise_if_failed(todo, results_dir, total, where="the errors above")
         return collect_summaries(configs, results_dir)
 
     if not todo:
@@ -276,6 +317,8 @@ def launch(configs: list["RunConfig"], results_dir: str | os.PathLike, args: arg
     payloads = [config.to_dict() for config in todo]
     if cluster == "slurm":
         jobs = executor.map_array(job, payloads)
+        for submitted, config in zip(jobs, todo):  # lets a relaunch see the run is already queued
+            RunStore(results_dir, config.run_name).mark_submitted(submitted.job_id, cluster)
         if len(jobs) == 1:  # submitit submits a one-element map as a plain job, not an array
             print(f"submitted job {jobs[0].job_id}; logs in {folder}", flush=True)
         else:
@@ -288,14 +331,19 @@ def launch(configs: list["RunConfig"], results_dir: str | os.PathLike, args: arg
         print(f"not waiting; follow with: dfkd-bench status --results-dir {results_dir}")
         return []
     _wait(jobs, todo, results_dir)
-    failed = [c.run_name for c in todo if not RunStore(results_dir, c.run_name).is_done()]
-    if failed:
-        lines = [f"{name}: {RunStore(results_dir, name).last_error_line() or 'no error recorded'}" for name in failed]
-        print("failed runs:\n  " + "\n  ".join(lines), file=sys.stderr)
-        # A launch with failed runs must not exit 0: scripts and CI would take it for a success.
-        raise DfkdError(f"{len(failed)} of {total} runs did not finish (errors above; job logs in {folder}); "
-                        f"fix the cause and run the same command again: done runs are skipped")
+    _raise_if_failed(todo, results_dir, total, where=f"the errors above; job logs in {folder}")
     return collect_summaries(configs, results_dir)
+
+
+def _raise_if_failed(todo: list["RunConfig"], results_dir: Path, total: int, where: str) -> None:
+    """A launch with failed runs must not exit 0: scripts and CI would take it for a success."""
+    failed = [c.run_name for c in todo if not RunStore(results_dir, c.run_name).is_done()]
+    if not failed:
+        return
+    lines = [f"{name}: {RunStore(results_dir, name).last_error_line() or 'no error recorded'}" for name in failed]
+    print("failed runs:\n  " + "\n  ".join(lines), file=sys.stderr)
+    raise DfkdError(f"{len(failed)} of {total} runs did not finish ({where}); "
+                    "fix the cause and run the same command again: done runs are skipped")
 
 
 def _run_local(executor, job: RunJob, payloads: list[dict[str, Any]], parallel: int):

@@ -250,6 +250,10 @@ class RunStore:
                 f"delete {self.pointer_path} to restart the run from scratch"
             ) from None
 
+    def mark_submitted(self, job_id: str, launcher: str) -> None:
+        atomic_write_json(self.path / "submitted.json", {"job_id": str(job_id), "launcher": launcher,
+                                                         "time": time.time()})
+
     # -------------------------------------------------------------- end ------
     def mark_failed(self, message: str) -> None:
         atomic_write_bytes(self.error_path, (message.rstrip() + "\n").encode())

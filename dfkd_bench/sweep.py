@@ -25,7 +25,6 @@ import math
 import os
 import re
 import statistics
-import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -795,29 +794,3 @@ def add_status_command(subparsers) -> argparse.ArgumentParser:
     parser.set_defaults(func=cmd_status)
     return parser
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m dfkd_bench.sweep {sweep,status} ...``: the two commands on their own."""
-    parser = argparse.ArgumentParser(prog="dfkd-bench")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    add_sweep_command(sub)
-    add_status_command(sub)
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    try:
-        return int(args.func(args) or 0)
-    except DfkdError as error:
-        if args.debug:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,6 +13,7 @@ versions), readable with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -59,6 +60,13 @@ def cached_teacher_path(dataset: str, arch: str, cache_dir: str | os.PathLike | 
 
 
 def file_sha256(path: str | os.PathLike) -> str:
+    """Content hash of a file; cached per (path, size, mtime) because sweeps ask for it per grid point."""
+    stat = os.stat(path)
+    return _sha256_cached(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -153,10 +161,20 @@ def resolve_teacher(dataset: str, arch: str, *, checkpoint: str | None = None, m
             f"no cached {arch} teacher for {dataset} in {path.parent}; make one with: "
             f"dfkd-bench teacher train --dataset {dataset} --arch {arch}{root}{cache}"
         )
-    meta = read_checkpoint(path).get("meta", {})
+    meta = _cached_meta(str(path), *_stat_key(path))
     return TeacherSpec(arch=arch, path=str(path), sha256=file_sha256(path),
                        mean=list(meta.get("mean", info.mean)), std=list(meta.get("std", info.std)),
                        test_accuracy=meta.get("test_accuracy"))
+
+
+def _stat_key(path: Path) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_meta(path: str, size: int, mtime_ns: int) -> dict[str, Any]:
+    return read_checkpoint(path).get("meta", {})
 
 
 # ------------------------------------------------------------------ evaluate ---

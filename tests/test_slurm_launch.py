@@ -19,7 +19,6 @@ Skipped when no cluster answers. Run with::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -74,15 +73,7 @@ def dfkd(*args, timeout: float = 300, expect: int = 0) -> subprocess.CompletedPr
 
 
 def status_command(results: Path) -> list[str]:
-    """`dfkd-bench status`, or the same command from dfkd_bench.sweep while cli.py does not register it yet."""
-    from dfkd_bench.cli import build_parser
-
-    subcommands = set()
-    for action in build_parser()._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            subcommands |= set(action.choices)
-    module = "dfkd_bench.cli" if "status" in subcommands else "dfkd_bench.sweep"
-    return [sys.executable, "-m", module, "status", "--results-dir", str(results)]
+    return [sys.executable, "-m", "dfkd_bench.cli", "status", "--results-dir", str(results)]
 
 
 def status_rows(results: Path) -> tuple[dict[str, str], str]:

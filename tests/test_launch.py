@@ -1,0 +1,38 @@
+"""The inline launcher: failures are recorded, the other runs go on, and the launch fails at the end."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from dfkd_bench.errors import DfkdError
+from dfkd_bench.experiment import RunRequest, TeacherOptions, build_run_configs
+from dfkd_bench.launch import launch, pending_configs
+from dfkd_bench.store import RunStore
+
+
+def test_a_failing_run_does_not_stop_the_others(teacher_cache, tmp_path):
+    copy = tmp_path / "teacher.pt"
+    shutil.copy(teacher_cache / "digits-lenet5.pt", copy)
+    failing = build_run_configs(RunRequest(methods=["abm"], dataset="digits", seeds=[0], budget="smoke",
+                                           teacher=TeacherOptions(checkpoint=str(copy))))
+    working = build_run_configs(RunRequest(methods=["abm"], dataset="digits", seeds=[1], budget="smoke",
+                                           teacher=TeacherOptions(cache_dir=str(teacher_cache))))
+    copy.unlink()  # the first run's teacher disappears before it starts
+    results = tmp_path / "runs"
+    with pytest.raises(DfkdError, match="1 of 2 runs did not finish"):
+        launch(failing + working, results)
+    failed, done = RunStore(results, failing[0].run_name), RunStore(results, working[0].run_name)
+    assert failed.status() == "failed" and "does not exist" in failed.last_error_line()
+    assert done.status() == "done"
+    assert failed.read_config()["run_name"] == failing[0].run_name  # config is written even for early failures
+    assert [c.run_name for c in pending_configs(failing + working, results)] == [failing[0].run_name]
+
+
+def test_a_run_being_trained_elsewhere_is_not_launched_again(digits_request, tmp_path):
+    config = build_run_configs(digits_request(["abm"]))[0]
+    store = RunStore(tmp_path, config.run_name)
+    with store.lock():
+        assert pending_configs([config], tmp_path) == []
+    assert pending_configs([config], tmp_path) == [config]
