@@ -54,7 +54,7 @@ def test_registry_lists_every_required_model():
     assert {i.name for i in infos} == EXPECTED_MODELS
     with pytest.raises(AttributeError):  # frozen
         infos[0].name = "x"  # type: ignore[misc]
-    assert {i.name for i in list_generators()} == {"gen32", "gen64", "gen256", "gen_small"}
+    assert {i.name for i in list_generators()} == {"gen32", "gen64", "gen256", "gen_small", "gen_tiny"}
 
 
 @pytest.mark.parametrize("info", list_models(), ids=lambda i: i.name)
@@ -196,6 +196,8 @@ GENERATOR_CASES = [
     ("gen_small", 16, 1),
     ("gen_small", 28, 1),
     ("gen_small", 32, 3),
+    ("gen_tiny", 16, 1),
+    ("gen_tiny", 28, 1),
 ]
 NOISE_DIM = 16
 
