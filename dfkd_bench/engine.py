@@ -501,6 +501,17 @@ class Trainer:
             # Records after the checkpoint came from iterations that will run again.
             self.store.rewrite_records(self.records)
 
+    def _agree(self, *flags: bool) -> tuple[bool, ...]:
+        """Data parallel: every rank takes the same checkpoint/stop decision (a signal or a
+        clock may reach one rank only, and a checkpoint is collective)."""
+        if self.distributed.world_size == 1:
+            return flags
+        import torch.distributed as dist
+
+        values = torch.tensor([float(f) for f in flags], device=self.device)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.distributed.process_group)
+        return tuple(bool(v) for v in values.tolist())
+
     def _barrier(self) -> None:
         if self.distributed.world_size > 1:
             import torch.distributed as dist
@@ -543,16 +554,25 @@ class Trainer:
                 evals = [r for r in self.records[records_before:] if r["kind"] == "eval"]
                 if evals:
                     last_accuracy = evals[-1]["test_accuracy"]
-            if self.progress and train.log_every and self.iteration % train.log_every == 0:
-                current = {k: (self.sums[k] / self.counts[k]).item() for k in ("student_loss", "gen_loss") if k in self.sums}
-                bar.set_postfix(loss=f"{current.get('student_loss', float('nan')):.4f}", acc=f"{last_accuracy:.2f}")
+            if train.log_every and self.iteration % train.log_every == 0 and self.distributed.is_main:
                 self.store.touch_heartbeat()
+                if self.progress:  # the only host synchronisation between evaluations
+                    loss = (self.sums["student_loss"] / self.counts["student_loss"]).item() \
+                        if "student_loss" in self.sums else float("nan")
+                    bar.set_postfix(loss=f"{loss:.4f}", acc=f"{last_accuracy:.2f}")
             if self.iteration < total:
                 due = (self.iteration % train.checkpoint_every == 0
                        or time.time() - self.last_checkpoint_time > 60 * train.checkpoint_minutes)
-                if due or self.stop.requested:
+                stop = self.stop.requested
+                if self.distributed.world_size > 1:
+                    # Ranks agree only at logging steps and counted checkpoints: no per-iteration sync.
+                    if self.iteration % train.checkpoint_every == 0 or self.iteration % max(train.log_every, 1) == 0:
+                        due, stop = self._agree(due, stop)
+                    else:
+                        due = stop = False
+                if due or stop:
                     self.save_checkpoint()
-                if self.stop.requested:
+                if stop:
                     bar.close()
                     raise RunInterrupted(f"stopped by {self.stop.reason} at iteration {self.iteration}; "
                                          "run the same command again to resume")
