@@ -35,14 +35,14 @@ from typing import Any
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
 
 CONFIGS = {
-    # CPU: digits-sized problem (LeNet-5 -> LeNet-5-half, 16x16, small generator)
+    # CPU: the digits preset (LeNet-5 -> LeNet-5-half, 16x16, gen_tiny, batch 128, n_S 5, n_G 1)
     "cpu": dict(dataset="digits", teacher_arch="lenet5", student_arch="lenet5_half",
-                overrides=dict(batch_size=64, student_steps=5, generator_steps=1)),
+                overrides=dict(batch_size=128, student_steps=5, generator_steps=1)),
     # GPU: the paper's CIFAR WRN-40-2 -> WRN-16-2 setting
     "gpu": dict(dataset="cifar10", teacher_arch="wrn40_2", student_arch="wrn16_2",
                 overrides=dict(batch_size=256, student_steps=60, generator_steps=3)),
 }
-FAST = {"cpu": dict(fused_forward=True, amp="none", channels_last=False),
+FAST = {"cpu": dict(fused_forward=True, amp="none", channels_last=True),
         "gpu": dict(fused_forward=True, amp="bf16", channels_last=True)}
 REFERENCE = dict(fused_forward=False, amp="none", channels_last=False, compile=False, stage_buffer=False)
 METHODS = ("abm", "mem", "mad")
