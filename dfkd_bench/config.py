@@ -54,7 +54,7 @@ class TrainConfig:
     checkpoint_minutes: float = setting(10.0, "also checkpoint when this many minutes passed since the last one", in_hash=False)
     log_every: int = setting(10, "refresh the progress bar's losses every this many iterations", in_hash=False)
     fused_forward: bool = setting(True, "fast path: one concatenated teacher/student forward over all sources")
-    amp: str = setting("none", "autocast dtype for forwards: none or bf16 (auto picks bf16 on CUDA)")
+    amp: str = setting("none", "autocast dtype for forwards: none or bf16 (for GPUs; bf16 on CPU is slow)")
     channels_last: bool = setting(False, "channels-last memory format for models and batches")
     compile: bool = setting(False, "torch.compile the student and the teacher")
     stage_buffer: bool = setting(False, "sample a whole student stage of G (and EMA G) in one pass into a buffer")
@@ -81,8 +81,10 @@ class TrainConfig:
             raise ConfigError(f"student_optimizer={self.student_optimizer!r} is not one of sgd, adam")
         if self.amp not in ("none", "bf16"):
             raise ConfigError(f"amp={self.amp!r} is not one of none, bf16")
-        if self.drift_every and self.drift_tau >= self.drift_every * 10**9:
-            raise ConfigError("drift_tau is too large")
+        if self.drift_every and not 1 <= self.drift_tau:
+            raise ConfigError(f"drift_tau must be >= 1 (Sec. 5.2.3: 0 < tau < t), got {self.drift_tau}")
+        if self.drift_every and self.drift_samples < 1:
+            raise ConfigError(f"drift_samples must be positive, got {self.drift_samples}")
 
 
 @dataclass
