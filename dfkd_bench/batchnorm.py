@@ -75,6 +75,8 @@ class _GroupedBatchNormMixin:
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
 
     def _normalise_group(self, part: Tensor, dims: list[int], shape: list[int]) -> Tensor:
+        out_dtype = part.dtype
+        part = part.float()  # statistics in float32, as native BatchNorm does under autocast
         count = torch.tensor(float(part.numel() // part.shape[1]), device=part.device)
         sync = self._sync and not _SYNC_SUSPENDED
         total = part.sum(dim=dims)
@@ -92,7 +94,7 @@ class _GroupedBatchNormMixin:
         out = centred * torch.rsqrt(var + self.eps).reshape(shape)  # type: ignore[attr-defined]
         if self.affine:  # type: ignore[attr-defined]
             out = out * self.weight.reshape(shape) + self.bias.reshape(shape)  # type: ignore[attr-defined]
-        return out
+        return out.to(out_dtype)
 
     @torch.no_grad()
     def _update_running_stats(self, mean: Tensor, unbiased_var: Tensor) -> None:

@@ -52,24 +52,46 @@ def test_grouped_batchnorm_equals_separate_forwards():
 
 @pytest.mark.parametrize("method", ["mad", "mem"])
 def test_fused_forward_equals_one_forward_per_source(method, teacher_cache, tmp_path):
+    # Compared in float64: PyTorch's native fp32 BatchNorm on CPU is itself only
+    # accurate to ~5e-3 (relative, on these gradients) against a float64 reference,
+    # while the grouped path is accurate to ~1e-6; in float64 the two paths agree
+    # to ~1e-7, which is what "the same function" means.
     extra = {"memory_dtype": "float32"} if method == "mem" else {}
-    fused = trainer_for(teacher_cache, tmp_path / "f", method, fused_forward=True, **extra)
-    reference = trainer_for(teacher_cache, tmp_path / "r", method, fused_forward=False, **extra)
+    fused = trainer_for(teacher_cache, tmp_path / "f", method, fused_forward=True, channels_last=False, **extra)
+    reference = trainer_for(teacher_cache, tmp_path / "r", method, fused_forward=False, channels_last=False, **extra)
     reference.student_module.load_state_dict(fused.student_module.state_dict())
+    for trainer in (fused, reference):
+        trainer.student_module.double()
+        trainer.teacher.double()
     torch.manual_seed(1)
-    sources = [Source("gen", torch.rand(16, 1, 16, 16), 1.0), Source("gen_ema", torch.rand(16, 1, 16, 16), 0.7),
-               Source("memory", torch.rand(8, 1, 16, 16), 1.3)]
+    sources = [Source("gen", torch.rand(16, 1, 16, 16, dtype=torch.float64), 1.0),
+               Source("gen_ema", torch.rand(16, 1, 16, 16, dtype=torch.float64), 0.7),
+               Source("memory", torch.rand(8, 1, 16, 16, dtype=torch.float64), 1.3)]
     losses = []
     for trainer in (fused, reference):
         loss, terms = trainer.method.distill(sources)
         loss.backward()
         losses.append((loss, terms))
-    torch.testing.assert_close(losses[0][0], losses[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses[0][0], losses[1][0], rtol=1e-6, atol=1e-7)
     for key in losses[0][1]:
-        torch.testing.assert_close(losses[0][1][key], losses[1][1][key], rtol=1e-5, atol=1e-6)
-    assert_same_gradients(fused.student_module, reference.student_module)
+        torch.testing.assert_close(losses[0][1][key], losses[1][1][key], rtol=1e-6, atol=1e-7)
+    assert_same_gradients(fused.student_module, reference.student_module, tolerance=1e-6)
     for p, q in zip(fused.student_module.buffers(), reference.student_module.buffers()):
-        torch.testing.assert_close(p.float(), q.float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p.double(), q.double(), rtol=1e-6, atol=1e-7)
+
+
+def test_fused_forward_in_float32_is_within_native_batchnorm_accuracy(teacher_cache, tmp_path):
+    fused = trainer_for(teacher_cache, tmp_path / "f", "mad", fused_forward=True)
+    reference = trainer_for(teacher_cache, tmp_path / "r", "mad", fused_forward=False)
+    reference.student_module.load_state_dict(fused.student_module.state_dict())
+    sources = [Source("gen", torch.rand(16, 1, 16, 16), 1.0), Source("gen_ema", torch.rand(16, 1, 16, 16), 1.0)]
+    results = []
+    for trainer in (fused, reference):
+        loss, _ = trainer.method.distill(sources)
+        loss.backward()
+        results.append(loss)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+    assert_same_gradients(fused.student_module, reference.student_module, tolerance=2e-2)
 
 
 def test_stage_buffer_gives_the_same_images_as_per_step_sampling(teacher_cache, tmp_path):
