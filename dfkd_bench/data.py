@@ -864,7 +864,7 @@ def _to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def load_as_tensors(
-    dataset: Dataset, max_items: int | None = None, num_workers: int = 0
+    dataset: Dataset, max_items: int | None = None, num_workers: int = 0, progress: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Load a small-image dataset into memory as ``(uint8 N x C x H x W, int64 N)``.
 
@@ -876,7 +876,7 @@ def load_as_tensors(
     float (``digits``) are quantised to the nearest 1/255.
 
     ``max_items`` keeps the first ``max_items`` items (in dataset order). A
-    progress bar is shown for more than 5,000 items.
+    progress bar is shown for more than 5,000 items unless ``progress`` is false.
     """
     from tqdm.auto import tqdm
 
@@ -888,7 +888,8 @@ def load_as_tensors(
         dataset = Subset(dataset, range(n))
     loader = DataLoader(dataset, batch_size=512, shuffle=False, num_workers=num_workers)
     images, labels = [], []
-    with tqdm(total=n, unit="img", desc="loading", disable=n <= _PROGRESS_MIN_ITEMS, leave=False) as bar:
+    with tqdm(total=n, unit="img", desc="loading", disable=not progress or n <= _PROGRESS_MIN_ITEMS,
+              leave=False) as bar:
         for x, y in loader:
             images.append(_to_uint8(x))
             labels.append(torch.as_tensor(y, dtype=torch.int64))

@@ -177,13 +177,14 @@ def stop_on_signals(stop: StopRequest, signals=(signal.SIGINT, signal.SIGTERM)):
 class TestSet:
     """The real test split, preloaded as uint8 tensors when small, else streamed."""
 
-    def __init__(self, config: RunConfig, device: torch.device, batch_size: int, workers: int = 0):
+    def __init__(self, config: RunConfig, device: torch.device, batch_size: int, workers: int = 0,
+                 progress: bool = True):
         dataset = build_dataset(config.dataset, config.data_root, "test", image_size=config.image_size)
         self.device = device
         self.batch_size = batch_size
         self.images: Tensor | None = None
         if config.image_size <= 64:
-            images, labels = load_as_tensors(dataset, num_workers=workers)
+            images, labels = load_as_tensors(dataset, num_workers=workers, progress=progress)
             self.images, self.labels = images.to(device), labels.to(device)
             self.size = len(labels)
         else:
@@ -308,7 +309,7 @@ class Trainer:
         for parameter in self.snapshot_student.parameters():
             parameter.requires_grad_(False)
         if self.distributed.is_main:
-            self.test_set = TestSet(cfg, self.device, train.eval_batch_size, self.workers)
+            self.test_set = TestSet(cfg, self.device, train.eval_batch_size, self.workers, self.progress)
             teacher_logits, labels = self.test_set.predictions(self.teacher)
             self.teacher_predictions = teacher_logits.argmax(1)
             self.teacher_test_accuracy = 100.0 * (self.teacher_predictions == labels).float().mean().item()

@@ -298,6 +298,8 @@ def launch(configs: list["RunConfig"], results_dir: str | os.PathLike, args: arg
                 print(f"{config.run_name}: {stopped}", file=sys.stderr)
                 raise DfkdError("interrupted; checkpoint saved. Run the same command again to resume") from None
             except Exception as error:  # recorded in the run's error.txt; go on with the other runs
+                if len(todo) == 1:  # _raise_if_failed reports it as the one error line
+                    continue
                 detail = str(error).splitlines()[0] if str(error) else ""
                 print(f"{config.run_name} failed: {type(error).__name__}: {detail} "
                       f"(details in {RunStore(results_dir, config.run_name).error_path})", file=sys.stderr)
@@ -340,6 +342,10 @@ def _raise_if_failed(todo: list["RunConfig"], results_dir: Path, total: int, whe
     failed = [c.run_name for c in todo if not RunStore(results_dir, c.run_name).is_done()]
     if not failed:
         return
+    if len(todo) == 1:  # one run: its own error is the message, on one line
+        store = RunStore(results_dir, failed[0])
+        reason = store.last_error_line() or "no error recorded"
+        raise DfkdError(f"{reason} [run {failed[0]}; details in {store.error_path}]")
     lines = [f"{name}: {RunStore(results_dir, name).last_error_line() or 'no error recorded'}" for name in failed]
     print("failed runs:\n  " + "\n  ".join(lines), file=sys.stderr)
     raise DfkdError(f"{len(failed)} of {total} runs did not finish ({where}); "

@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 
 from dfkd_bench.errors import DfkdError
-from dfkd_bench.store import DEFAULT_RESULTS_DIR, HEARTBEAT_STALE_SECONDS, read_jsonl
+from dfkd_bench.store import DEFAULT_RESULTS_DIR, RunStore, heartbeat_age, read_jsonl
 
 # ------------------------------------------------------------------ constants ---
 
@@ -250,13 +250,20 @@ def _run_state(path: Path) -> str:
     if error.exists():
         lines = [line for line in error.read_text(errors="replace").splitlines() if line.strip()]
         return f"failed: {lines[-1][:160]}" if lines else "failed"
+    if RunStore(path.parent, path.name).is_locked():
+        return "running on this host"
+    age = heartbeat_age(path)
+    if age is not None:
+        return f"probably running on another host (heartbeat {age / 60:.0f} min ago)"
     heartbeat = path / "heartbeat"
     if heartbeat.exists():
         age = time.time() - heartbeat.stat().st_mtime
-        if age < HEARTBEAT_STALE_SECONDS:
-            return f"probably running (heartbeat {age / 60:.0f} min ago)"
-        return f"stopped (last heartbeat {age / 3600:.1f} h ago); rerun the same command to resume"
+        return f"stopped (last heartbeat {_age_text(age)} ago); rerun the same command to resume"
     return "stopped; rerun the same command to resume"
+
+
+def _age_text(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
 
 
 def _read_run(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:

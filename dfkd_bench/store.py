@@ -42,6 +42,28 @@ HEARTBEAT_STALE_SECONDS = 15 * 60
 DEFAULT_RESULTS_DIR = "results/runs"
 
 
+def heartbeat_age(run_dir: Path) -> float | None:
+    """Seconds since another host's trainer last showed progress on this run; None if it is not alive.
+
+    On the host that wrote the heartbeat the run's ``flock`` says for certain
+    whether a trainer is alive (a SIGKILLed one leaves a fresh heartbeat but no
+    lock), so the heartbeat is only evidence for a trainer on another host,
+    whose lock ``flock`` cannot see on every shared file system. It is stale
+    after ``HEARTBEAT_STALE_SECONDS`` or once the run has written an error.
+    """
+    heartbeat = Path(run_dir) / "heartbeat"
+    try:
+        age = time.time() - heartbeat.stat().st_mtime
+        writer = heartbeat.read_text().strip()
+    except (FileNotFoundError, OSError):
+        return None
+    if writer.split(":")[0] == socket.gethostname() or not writer:
+        return None
+    if age >= HEARTBEAT_STALE_SECONDS or (Path(run_dir) / "error.txt").exists():
+        return None
+    return age
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -118,7 +140,7 @@ class RunStore:
         """done, running, failed, incomplete or pending."""
         if self.done_path.exists():
             return "done"
-        if self.is_locked() or self._heartbeat_fresh():
+        if self.is_locked() or heartbeat_age(self.path) is not None:
             return "running"
         if self.error_path.exists():
             return "failed"
@@ -126,22 +148,22 @@ class RunStore:
             return "incomplete"
         return "pending"
 
-    def _heartbeat_fresh(self) -> bool:
-        try:
-            age = time.time() - self.heartbeat_path.stat().st_mtime
-        except FileNotFoundError:
-            return False
-        # A lock on another host is invisible to flock; a recent heartbeat is the evidence.
-        return age < HEARTBEAT_STALE_SECONDS and not self.error_path.exists()
-
     def last_error_line(self) -> str:
         if not self.error_path.exists():
             return ""
         lines = [line for line in self.error_path.read_text().splitlines() if line.strip()]
         return lines[-1] if lines else ""
 
+    def write_heartbeat(self) -> None:
+        """Name this host and process as the run's trainer (see ``heartbeat_age``)."""
+        atomic_write_bytes(self.heartbeat_path, f"{socket.gethostname()}:{os.getpid()}\n".encode())
+
     def touch_heartbeat(self) -> None:
-        self.heartbeat_path.touch()
+        """Mark progress."""
+        if self.heartbeat_path.exists():
+            os.utime(self.heartbeat_path)
+        else:
+            self.write_heartbeat()
 
     # ---------------------------------------------------------- lock ---------
     def is_locked(self) -> bool:
@@ -173,6 +195,7 @@ class RunStore:
         handle.truncate()
         handle.write(f"{socket.gethostname()}:{os.getpid()}\n")
         handle.flush()
+        self.write_heartbeat()
         try:
             yield
         finally:

@@ -36,3 +36,17 @@ def test_a_run_being_trained_elsewhere_is_not_launched_again(digits_request, tmp
     with store.lock():
         assert pending_configs([config], tmp_path) == []
     assert pending_configs([config], tmp_path) == [config]
+
+
+def test_a_killed_run_is_relaunched_but_a_live_one_on_another_host_is_not(digits_request, tmp_path):
+    config = build_run_configs(digits_request(["abm"]))[0]
+    store = RunStore(tmp_path, config.run_name)
+    with store.lock():  # a trainer on this host writes the heartbeat, then is SIGKILLed (the lock goes with it)
+        (store.path / "records.jsonl").write_text("")
+    assert store.heartbeat_path.exists() and store.status() == "incomplete"
+    assert pending_configs([config], tmp_path) == [config]
+    # A trainer on another node of a shared file system: flock cannot see it, its fresh heartbeat can.
+    store.heartbeat_path.write_text("some-other-node:4242\n")
+    assert store.status() == "running" and pending_configs([config], tmp_path) == []
+    store.error_path.write_text("RuntimeError: out of memory\n")  # it died with an error: not alive any more
+    assert store.status() == "failed"

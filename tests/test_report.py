@@ -30,6 +30,14 @@ TEACHER_ACCURACY = {"digits": 98.5, "mnist": 99.25}
 PAIR = "lenet5→lenet5_half"
 
 
+def _planned_iterations(dataset: str) -> int:
+    train = get_preset(dataset).train_config("lenet5", "lenet5_half")
+    return train.epochs * train.steps_per_epoch
+
+
+PLANNED = {dataset: _planned_iterations(dataset) for dataset in TEACHER_ACCURACY}
+
+
 def make_config(method: str, dataset: str, seed: int, params: dict | None = None, budget: str = "default",
                 teacher: str = "") -> dict:
     """A resolved config as the engine writes it: the preset's settings plus ``params`` overrides."""
@@ -163,7 +171,7 @@ def test_load_runs(results):
     assert abm.loc[1, "teacher_accuracy"] == 98.5 and abm.loc[1, "teacher_arch"] == "lenet5"
     assert {"train.student_steps", "params.kd_weight", "params.ema_momentum"} <= set(runs.columns)
     pending = runs[runs["status"] == "incomplete"].iloc[0]
-    assert pending["seed"] == 2 and pending["last_step"] == 10 and pending["planned_iterations"] == 800
+    assert pending["seed"] == 2 and pending["last_step"] == 10 and pending["planned_iterations"] == PLANNED["digits"]
     # Runs differing only by seed share a configuration id; the sweep points do not.
     mad = runs[(runs["method"] == "mad") & (runs["dataset"] == "digits") & (runs["status"] == "done")]
     assert mad.groupby("params.ema_momentum")["config_id"].nunique().tolist() == [1, 1, 1]
@@ -226,9 +234,10 @@ def test_incomplete_runs_listed_not_mixed_in(report, results):
     out, result = report
     pending = [name for name in load_runs(results)["run_name"] if name.startswith("mad-digits") and "-s2-" in name]
     assert len(result["incomplete_runs"]) == 1
-    assert result["incomplete_runs"][0].startswith(f"{pending[0]} (incomplete, step 10 of 800")
+    planned = PLANNED["digits"]
+    assert result["incomplete_runs"][0].startswith(f"{pending[0]} (incomplete, step 10 of {planned}")
     listing = (out / "incomplete.md").read_text()
-    assert pending[0] in listing and "10 / 800" in listing
+    assert pending[0] in listing and f"10 / {planned}" in listing
     report_md = (out / "report.md").read_text()
     assert pending[0] in report_md and "dfkd-bench report --test" in report_md
     assert "91.00 ± 1.41" in report_md and "optimistic" in report_md
