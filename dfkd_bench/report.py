@@ -309,6 +309,9 @@ def _read_run(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         "teacher_arch": teacher_arch, "student_arch": student_arch, "pair": f"{teacher_arch}→{student_arch}",
         "teacher_sha256": str(teacher.get("sha256") or ""), "teacher_accuracy": teacher_accuracy,
         "image_size": config.get("image_size"),
+        "device": (config.get("environment") or {}).get("device"),
+        "torch_threads": (config.get("environment") or {}).get("torch_threads"),
+        "world_size": (config.get("environment") or {}).get("world_size"),
         "final_accuracy": final, "best_accuracy": best, "wall_time": wall,
         "iterations": (summary or {}).get("iterations", max(steps) if steps else 0),
         "last_step": max(steps) if steps else 0,
@@ -818,6 +821,49 @@ def _write_tables(table: pd.DataFrame, out_dir: Path, stem: str, title: str, bes
     return paths, markdown
 
 
+def cost_table(table: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Wall time of the runs behind each cell of an accuracy table, with where they ran.
+
+    One row per (method, dataset, pair): mean and sample std of the wall time
+    in minutes over the cell's runs, their number, and the distinct devices,
+    torch CPU thread counts and world sizes they ran with (wall times are only
+    comparable between rows with the same hardware and load).
+    """
+    by_name = runs.drop_duplicates("run_name").set_index("run_name")
+    rows = []
+    for row in table[table["row"] != "teacher"].itertuples():
+        names = [n for n in str(row.runs).split(";") if n in by_name.index]
+        chosen = by_name.loc[names]
+        minutes = pd.to_numeric(chosen["wall_time"], errors="coerce").dropna() / 60.0
+
+        def kinds(column: str) -> str:
+            values = chosen[column].dropna() if column in chosen else []
+            return ",".join(sorted({str(v) for v in values})) or "?"
+
+        rows.append({"row": row.row, "label": row.label, "dataset": row.dataset, "pair": row.pair,
+                     "minutes_mean": minutes.mean() if len(minutes) else float("nan"),
+                     "minutes_std": minutes.std(ddof=1) if len(minutes) > 1 else float("nan"), "n": len(minutes),
+                     "device": kinds("device"), "torch_threads": kinds("torch_threads"),
+                     "world_size": kinds("world_size")})
+    return pd.DataFrame(rows, columns=["row", "label", "dataset", "pair", "minutes_mean", "minutes_std", "n",
+                                       "device", "torch_threads", "world_size"])
+
+
+def _cost_markdown(costs: pd.DataFrame) -> str:
+    if costs.empty:
+        return "(no finished run yet)\n"
+    lines = ["| method | dataset (pair) | wall time per run (min) | runs | device | CPU threads | processes |",
+             "|:--|:--|--:|--:|:--|:--|:--|"]
+    for row in costs.itertuples():
+        time_text = "—" if _missing(row.minutes_mean) else (
+            f"{row.minutes_mean:.1f}" + ("" if _missing(row.minutes_std) else f" ± {row.minutes_std:.1f}"))
+        lines.append(f"| {row.label} | {row.dataset} ({row.pair}) | {time_text} | {row.n} | {row.device} | "
+                     f"{row.torch_threads} | {row.world_size} |")
+    return "\n".join(lines) + "\n\n- Wall time from start to `done`, evaluations included (mean ± sample std " \
+        "over the runs of the final-accuracy table). It depends on the machine and on what else ran on it; " \
+        "compare methods with `dfkd-bench bench`, which interleaves them in one process.\n"
+
+
 def _plain_table(table: pd.DataFrame) -> str:
     if table.empty:
         return "(no finished run yet)"
@@ -1242,6 +1288,9 @@ def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         paths, markdown = _write_tables(table, out, stem, title, best, config_notes)
         tables += paths
         sections[stem] = (markdown, table)
+    costs = cost_table(sections["table_final"][1], runs)
+    costs.to_csv(out / "table_cost.csv", index=False)
+    tables.append(out / "table_cost.csv")
 
     figures: list[Path] = []
     if not done.empty:
@@ -1264,7 +1313,7 @@ def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     # The configuration notes are printed under the tables already.
     other_notes = [note for note in notes if note not in config_notes]
     report_path.write_text(_report_markdown(results_dir, runs, sections, figures, other_notes, incomplete_text,
-                                            command, formats))
+                                            command, formats, _cost_markdown(costs)))
     text = (f"{FINAL_TITLE} (%):\n{_plain_table(sections['table_final'][1])}\n"
             f"(mean ± sample std over seeds; {SINGLE_RUN_MARK} = one seed)")
     if notes:
@@ -1288,7 +1337,7 @@ FIGURE_CAPTIONS = {
 
 
 def _report_markdown(results_dir, runs: pd.DataFrame, sections: dict, figures: list[Path], notes: list[str],
-                     incomplete_text: str, command: str, formats: Sequence[str]) -> str:
+                     incomplete_text: str, command: str, formats: Sequence[str], cost_text: str) -> str:
     """report.md: what was run, both tables, every figure with its caption, the notes and unfinished runs."""
     counts = runs["status"].value_counts()
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -1302,6 +1351,7 @@ def _report_markdown(results_dir, runs: pd.DataFrame, sections: dict, figures: l
         "## Best test accuracy over training — selected on the test set (optimistic)", "",
         sections["table_best"][0],
         "Files: [CSV](table_best.csv), [LaTeX](table_best.tex).", "",
+        "## Compute", "", cost_text, "Files: [CSV](table_cost.csv).", "",
         "## Figures", "",
         f"Curves: {BAND_TEXT} (legend: n = number of seeds). Losses are running means over the iterations "
         "between two evaluations.", "",

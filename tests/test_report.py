@@ -286,7 +286,7 @@ def test_figures_written(report):
         _assert_image(out / f"{stem}.png")
     assert sorted(Path(p).name for p in result["figures"]) == sorted(f"{s}.png" for s in stems)
     assert {Path(p).name for p in result["tables"]} == {f"table_{k}.{e}" for k in ("final", "best")
-                                                         for e in ("csv", "md", "tex")}
+                                                         for e in ("csv", "md", "tex")} | {"table_cost.csv"}
 
 
 def test_cli_end_to_end(results, tmp_path, capsys):
@@ -327,3 +327,13 @@ def test_cli_end_to_end(results, tmp_path, capsys):
             args.func(args)
         assert "\n" not in str(error.value) and str(missing) in str(error.value)
     assert "no runs found under" in str(error.value)
+
+
+def test_cost_table_gives_wall_time_and_where_it_ran(report):
+    out, _ = report
+    costs = pd.read_csv(out / "table_cost.csv").set_index(["row", "dataset"])
+    # every finished grid run's done file says 100 s; the incomplete MAD seed 2 is not counted
+    assert costs.loc[("mad", "digits"), "minutes_mean"] == pytest.approx(100 / 60)
+    assert costs.loc[("mad", "digits"), "n"] == 2 and costs.loc[("mad", "digits"), "device"] == "cpu"
+    assert "teacher" not in costs.index.get_level_values("row")
+    assert "| MAD | digits (lenet5→lenet5_half) | 1.7 ± 0.0 | 2 | cpu |" in (out / "report.md").read_text()
