@@ -119,7 +119,8 @@ def cmd_teacher_train(args) -> int:
 
     result = train_teacher(args.dataset, args.arch, data_root=args.data_root, cache_dir=args.teacher_cache,
                            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                           device=args.device, workers=args.workers, download=args.download)
+                           device=args.device, workers=args.workers, download=args.download,
+                           progress=not args.no_progress)
     print(f"teacher {args.dataset}/{args.arch}: test accuracy {result['test_accuracy']:.2f} % "
           f"after {result['train_seconds']:.0f} s; saved to {result['path']}")
     return 0
@@ -144,7 +145,8 @@ def cmd_teacher_eval(args) -> int:
     teacher = build_teacher(spec, info.num_classes, info.channels, image_size, device)
     test_set = build_dataset(args.dataset, args.data_root, "test", image_size=image_size, download=args.download)
     loader = DataLoader(test_set, batch_size=256, num_workers=args.workers or 0)
-    metrics = evaluate_classifier(teacher, loader, device, progress=True, desc=f"teacher {args.dataset}")
+    metrics = evaluate_classifier(teacher, loader, device, progress=not args.no_progress,
+                                  desc=f"teacher {args.dataset}")
     print(f"teacher {arch} ({spec.path}) on the {args.dataset} test split: accuracy {metrics['accuracy']:.2f} %, "
           f"cross-entropy {metrics['cross_entropy']:.4f}, {metrics['samples']} images")
     return 0
@@ -230,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
     train.add_argument("--workers", type=int, help="data-loading processes (default: cores - 1, at most 8)")
     train.add_argument("--teacher-cache", metavar="DIR", help="teacher cache folder")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     _add_data_args(train)
     train.set_defaults(func=cmd_teacher_train)
     evaluate = teacher_sub.add_parser("eval", help="print a teacher's test accuracy (cached or --teacher-checkpoint)")
@@ -237,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto)")
     evaluate.add_argument("--workers", type=int, default=0, help="data-loading processes (default: 0)")
     evaluate.add_argument("--image-size", type=int, help="override the preset's image size")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     _add_teacher_args(evaluate)
     _add_data_args(evaluate)
     evaluate.set_defaults(func=cmd_teacher_eval)
