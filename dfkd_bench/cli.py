@@ -89,9 +89,10 @@ def print_summary(summaries: list[dict]) -> None:
     for s in summaries:
         groups.setdefault((s["method"], s["dataset"]), []).append(s)
 
-    def fmt(values: list[float]) -> str:
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.2f} ± {std:.2f}"
+    def fmt(values: list[float]) -> str:  # one run has no spread: show its value alone, not "± 0.00"
+        if len(values) == 1:
+            return f"{values[0]:.2f}"
+        return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
     for (method, dataset), runs in groups.items():
         print(f"{method:8s} {dataset:10s} {len(runs):4d} {fmt([r['final_accuracy'] for r in runs]):>24s} "

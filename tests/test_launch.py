@@ -50,3 +50,16 @@ def test_a_killed_run_is_relaunched_but_a_live_one_on_another_host_is_not(digits
     assert store.status() == "running" and pending_configs([config], tmp_path) == []
     store.error_path.write_text("RuntimeError: out of memory\n")  # it died with an error: not alive any more
     assert store.status() == "failed"
+
+
+def test_run_summary_shows_spread_only_over_several_seeds(capsys):
+    from dfkd_bench.cli import print_summary
+
+    def summary(method, seed, final):
+        return {"run": f"{method}-digits-s{seed}", "method": method, "dataset": "digits", "final_accuracy": final,
+                "best_accuracy": final + 1, "wall_time": 60.0, "teacher_accuracy": 99.0}
+
+    print_summary([summary("abm", 0, 95.0), summary("mad", 0, 96.0), summary("mad", 1, 98.0)])
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.split()[:1] in (["abm"], ["mad"])}
+    assert lines["abm"].split()[2:] == ["1", "95.00", "96.00"]
+    assert lines["mad"].split()[2:] == ["2", "97.00", "±", "1.41", "98.00", "±", "1.41"]
