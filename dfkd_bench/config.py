@@ -89,7 +89,7 @@ class TrainConfig:
 
 @dataclass
 class TeacherSpec:
-    """Which teacher, by content: ``sha256`` of its weights is what the run id uses."""
+    """Which teacher, by content: ``sha256`` of its weights (``teachers.teacher_sha256``) is what the run id uses."""
 
     arch: str
     path: str

@@ -74,6 +74,37 @@ def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
+def teacher_sha256(path: str | os.PathLike) -> str:
+    """The teacher's identity in run ids: a hash of its weights, not of the file.
+
+    Training a teacher is deterministic (same weights on every retraining on
+    the same machine and thread count), but its file also stores the training
+    time; hashing the file would give every retrained or re-saved teacher a
+    new identity, so finished runs would no longer be recognised as done and
+    the report would split identical teachers into separate columns. The hash
+    covers the state_dict as the loader sees it (``module.`` stripped), key by
+    key in sorted order: name, dtype, shape and raw bytes. A file that holds
+    no state_dict falls back to the file's hash (building the teacher then
+    reports what is wrong with it).
+    """
+    stat = os.stat(path)
+    return _teacher_sha256_cached(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _teacher_sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    try:
+        state = extract_state_dict(read_checkpoint(path), path)
+    except CheckpointError:
+        return _sha256_cached(path, size, mtime_ns)
+    digest = hashlib.sha256(b"dfkd-bench teacher weights v1")
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def parse_floats(text: str | None, what: str) -> list[float] | None:
     if text is None:
         return None
@@ -151,7 +182,7 @@ def resolve_teacher(dataset: str, arch: str, *, checkpoint: str | None = None, m
         path = Path(checkpoint).resolve()
         if not path.is_file():
             raise CheckpointError(f"--teacher-checkpoint {checkpoint} does not exist")
-        return TeacherSpec(arch=arch, path=str(path), sha256=file_sha256(path),
+        return TeacherSpec(arch=arch, path=str(path), sha256=teacher_sha256(path),
                            mean=list(mean or info.mean), std=list(std or info.std))
     path = cached_teacher_path(dataset, arch, cache_dir)
     if not path.is_file():
@@ -162,7 +193,7 @@ def resolve_teacher(dataset: str, arch: str, *, checkpoint: str | None = None, m
             f"dfkd-bench teacher train --dataset {dataset} --arch {arch}{root}{cache}"
         )
     meta = _cached_meta(str(path), *_stat_key(path))
-    return TeacherSpec(arch=arch, path=str(path), sha256=file_sha256(path),
+    return TeacherSpec(arch=arch, path=str(path), sha256=teacher_sha256(path),
                        mean=list(meta.get("mean", info.mean)), std=list(meta.get("std", info.std)),
                        test_accuracy=meta.get("test_accuracy"))
 

@@ -127,3 +127,24 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys):
     assert main(["teacher", "eval", "--dataset", "cifar10", "--data-root", str(tmp_path / "missing"),
                  "--teacher-checkpoint", __file__, "--teacher-arch", "wrn40_2"]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_teacher_identity_is_its_weights_not_its_file(lenet_state, tmp_path):
+    """A retrained (same weights, other training time) or re-saved teacher keeps its run ids."""
+    forms = {
+        "cache": {"state_dict": lenet_state, "meta": {"train_seconds": 25.1}},
+        "retrained": {"state_dict": lenet_state, "meta": {"train_seconds": 31.7}},
+        "raw": dict(lenet_state),
+        "ddp": {"model": {f"module.{k}": v for k, v in lenet_state.items()}},
+    }
+    ids = set()
+    for name, payload in forms.items():
+        torch.save(payload, tmp_path / f"{name}.pt")
+        ids.add(resolve_teacher("digits", "lenet5", checkpoint=str(tmp_path / f"{name}.pt")).sha256)
+    assert len(ids) == 1 and len(ids.pop()) == 64
+    changed = {k: v.clone() for k, v in lenet_state.items()}
+    first = next(k for k, v in changed.items() if v.is_floating_point())
+    changed[first].view(-1)[0] += 1e-6
+    torch.save(changed, tmp_path / "changed.pt")
+    assert resolve_teacher("digits", "lenet5", checkpoint=str(tmp_path / "changed.pt")).sha256 != \
+        resolve_teacher("digits", "lenet5", checkpoint=str(tmp_path / "raw.pt")).sha256
