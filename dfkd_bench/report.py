@@ -282,6 +282,7 @@ def _read_run(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     evals = [r for r in records if r.get("kind") == "eval" and r.get("test_accuracy") is not None]
     teacher = config.get("teacher") or {}
     train = config.get("train") or {}
+    environment = config.get("environment") or {}
     teacher_accuracy = config.get("teacher_test_accuracy_here")
     if teacher_accuracy is None:
         teacher_accuracy = teacher.get("test_accuracy")
@@ -309,9 +310,7 @@ def _read_run(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         "teacher_arch": teacher_arch, "student_arch": student_arch, "pair": f"{teacher_arch}→{student_arch}",
         "teacher_sha256": str(teacher.get("sha256") or ""), "teacher_accuracy": teacher_accuracy,
         "image_size": config.get("image_size"),
-        "device": (config.get("environment") or {}).get("device"),
-        "torch_threads": (config.get("environment") or {}).get("torch_threads"),
-        "world_size": (config.get("environment") or {}).get("world_size"),
+        **{key: environment.get(key) for key in ("device", "torch_threads", "world_size")},
         "final_accuracy": final, "best_accuracy": best, "wall_time": wall,
         "iterations": (summary or {}).get("iterations", max(steps) if steps else 0),
         "last_step": max(steps) if steps else 0,

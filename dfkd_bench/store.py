@@ -55,7 +55,7 @@ def heartbeat_age(run_dir: Path) -> float | None:
     try:
         age = time.time() - heartbeat.stat().st_mtime
         writer = heartbeat.read_text().strip()
-    except (FileNotFoundError, OSError):
+    except OSError:  # no heartbeat (yet), or unreadable
         return None
     if writer.split(":")[0] == socket.gethostname() or not writer:
         return None

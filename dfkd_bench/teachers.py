@@ -59,14 +59,8 @@ def cached_teacher_path(dataset: str, arch: str, cache_dir: str | os.PathLike | 
     return Path(cache_dir or teacher_cache_dir()) / f"{dataset}-{safe_arch}.pt"
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Content hash of a file; cached per (path, size, mtime) because sweeps ask for it per grid point."""
-    stat = os.stat(path)
-    return _sha256_cached(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=64)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+def _file_bytes_sha256(path: str) -> str:
+    """Hash of a file's bytes (the identity of a teacher file that holds no state_dict)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -96,7 +90,7 @@ def _teacher_sha256_cached(path: str, size: int, mtime_ns: int) -> str:
     try:
         state = extract_state_dict(read_checkpoint(path), path)
     except CheckpointError:
-        return _sha256_cached(path, size, mtime_ns)
+        return _file_bytes_sha256(path)
     digest = hashlib.sha256(b"dfkd-bench teacher weights v1")
     for key in sorted(state):
         tensor = state[key].detach().cpu().contiguous()
