@@ -533,6 +533,9 @@ class Trainer:
         else:
             self.method.pretrain()
             if self.distributed.is_main:
+                # A start killed before its first checkpoint may have left records behind;
+                # this start produces them all again.
+                self.store.rewrite_records([])
                 self.eval_record()
         if self.distributed.is_main:
             resolved = {**cfg.to_dict(), "run_id": cfg.run_id, "run_name": cfg.run_name,

@@ -78,6 +78,17 @@ def test_sigkill_at_a_precise_point_then_resume_is_exact(method, fault, referenc
     assert_same(outcome(tmp_path), reference[method])
 
 
+def test_killed_before_the_first_checkpoint_restarts_cleanly(reference, teacher_cache, tmp_path):
+    """Killed right after the step-0 evaluation record, with no checkpoint yet: the next
+    start begins afresh and must not keep the orphaned record (it did, once, in CI)."""
+    killed = cli(run_args("mad", tmp_path), teacher_cache, {"DFKD_BENCH_FAULT": "after_record@0"}, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    (records,) = list(tmp_path.glob("*/records.jsonl"))
+    assert len(records.read_text().splitlines()) == 1
+    cli(run_args("mad", tmp_path), teacher_cache)
+    assert_same(outcome(tmp_path), reference["mad"])
+
+
 def test_sigkill_at_random_moments_then_resume_is_exact(reference, teacher_cache, tmp_path):
     """Kill the process from outside, at whatever moment it is in, twice."""
     env = {**os.environ, "DFKD_BENCH_TEACHERS": str(teacher_cache), "OMP_NUM_THREADS": "1"}
