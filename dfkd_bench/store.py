@@ -17,7 +17,8 @@ Every file that is replaced is written to a temporary file, fsynced and
 renamed, so a kill at any moment leaves either the old or the new version.
 Records are appended one whole line per ``write`` and fsynced; a checkpoint
 holds the records written so far, and resuming rewrites ``records.jsonl``
-from it, so records are never duplicated or torn. Each run holds an
+from it (a start without a checkpoint empties it), so records are never
+duplicated or torn. Each run holds an
 exclusive ``flock`` on ``lock`` while it trains, so two jobs can never train
 the same run at once; distinct runs never share a file.
 """
