@@ -8,7 +8,9 @@ semantics dfkd-bench defines for every method -- is one forward per source.
 :class:`GroupedBatchNorm` lets the fast path run ONE forward over the
 concatenated batch while normalising each source's rows with that source's
 own statistics and updating the running buffers exactly as the sequence of
-per-source forwards would. Performance switches therefore never change the
+per-source forwards would: one native batch-norm call (cuDNN on a GPU) per
+source, on a view of its rows, so convolutions and everything else run once
+over the whole batch. Performance switches therefore never change the
 mathematics, and ``tests/test_fast_path.py`` checks it.
 
 The same layer synchronises statistics across data-parallel ranks (with a
@@ -24,6 +26,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -67,6 +70,8 @@ class _GroupedBatchNormMixin:
         sizes = self._group_sizes or (x.shape[0],)
         if sum(sizes) != x.shape[0]:
             raise ValueError(f"BatchNorm groups {sizes} do not add up to the batch of {x.shape[0]}")
+        if not sync:
+            return self._native_groups(x, sizes)
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
         outputs = []
@@ -74,10 +79,29 @@ class _GroupedBatchNormMixin:
             outputs.append(self._normalise_group(part, dims, shape))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
 
+    def _native_groups(self, x: Tensor, sizes: Sequence[int]) -> Tensor:
+        """One native (cuDNN / ATen) batch-norm call per group: exactly the calls that one
+        forward per source would make, on the same rows, in the same order, so running
+        buffers move as they would. No host synchronisation (unless momentum is None,
+        where PyTorch's own BatchNorm also reads the batch counter on the host)."""
+        track = self.training and self.track_running_stats  # type: ignore[attr-defined]
+        outputs = []
+        for part in torch.split(x, list(sizes), dim=0):
+            momentum = self.momentum  # type: ignore[attr-defined]
+            if track:
+                self.num_batches_tracked.add_(1)  # type: ignore[attr-defined]
+                if momentum is None:
+                    momentum = 1.0 / float(self.num_batches_tracked)  # type: ignore[attr-defined]
+            outputs.append(F.batch_norm(
+                part, self.running_mean, self.running_var, self.weight, self.bias,  # type: ignore[attr-defined]
+                True, momentum if momentum is not None else 0.0, self.eps))  # type: ignore[attr-defined]
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+
     def _normalise_group(self, part: Tensor, dims: list[int], shape: list[int]) -> Tensor:
         out_dtype = part.dtype
         part = part.float()  # statistics in float32, as native BatchNorm does under autocast
-        count = torch.tensor(float(part.numel() // part.shape[1]), device=part.device)
+        # A fill on the device, not a host tensor copied over (no host-device synchronisation).
+        count = torch.full((), float(part.numel() // part.shape[1]), device=part.device)
         sync = self._sync and not _SYNC_SUSPENDED
         total = part.sum(dim=dims)
         if sync:
@@ -224,10 +248,11 @@ class BatchNormStatistics:
         x = inputs[0].float()
         dims = [0] + list(range(2, x.dim()))
         if not self.synchronise:
-            self.means.append(x.mean(dim=dims))
-            self.vars.append(x.var(dim=dims, unbiased=False))
+            var, mean = torch.var_mean(x, dim=dims, unbiased=False)  # one reduction, not two
+            self.means.append(mean)
+            self.vars.append(var)
             return
-        count = _all_reduce_sum(torch.tensor(float(x.numel() // x.shape[1]), device=x.device), self.process_group)
+        count = _all_reduce_sum(torch.full((), float(x.numel() // x.shape[1]), device=x.device), self.process_group)
         mean = _all_reduce_sum(x.sum(dim=dims), self.process_group) / count
         shape = [1, -1] + [1] * (x.dim() - 2)
         squares = _all_reduce_sum((x - mean.reshape(shape)).pow(2).sum(dim=dims), self.process_group)

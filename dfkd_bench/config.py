@@ -14,10 +14,13 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from dfkd_bench.errors import ConfigError
 from dfkd_bench.method_api import PerfOptions, get_method, param_fields
+
+if TYPE_CHECKING:
+    import torch
 
 
 def setting(default: Any, doc: str, paper: str | None = None, *, in_hash: bool = True):
@@ -54,11 +57,43 @@ class TrainConfig:
     checkpoint_minutes: float = setting(10.0, "also checkpoint when this many minutes passed since the last one", in_hash=False)
     log_every: int = setting(10, "refresh the progress bar's losses every this many iterations", in_hash=False)
     fused_forward: bool = setting(True, "fast path: one concatenated teacher/student forward over all sources")
-    amp: str = setting("none", "autocast dtype for forwards: none or bf16 (for GPUs; bf16 on CPU is slow)")
-    channels_last: bool = setting(False, "channels-last memory format for models and batches")
+    amp: str = setting("auto", "autocast dtype for forwards: auto (bf16 on CUDA, none elsewhere), none or bf16")
+    channels_last: str | bool = setting("auto", "channels-last memory format for models and batches: auto (on for "
+                                                "CUDA), true or false")
     compile: bool = setting(False, "torch.compile the student and the teacher")
     stage_buffer: bool = setting(False, "sample a whole student stage of G (and EMA G) in one pass into a buffer")
-    deterministic: bool = setting(True, "ask torch for deterministic algorithms (exact resume on CPU)", in_hash=False)
+    deterministic: str | bool = setting("auto", "deterministic algorithms: auto (on for CPU, where resume is "
+                                                "bit-exact; off for CUDA, where they are slow), true or false",
+                                        in_hash=False)
+    fused_optimizer: str | bool = setting("auto", "fused optimiser kernels (no host synchronisation): auto (on for "
+                                                  "CUDA), true or false", in_hash=False)
+    on_nonfinite: str = setting("fail", "a non-finite loss or weight: fail (stop, mark the run failed, keep the last "
+                                        "good checkpoint) or continue (keep training, for study)", in_hash=False)
+
+    # Settings whose value "auto" is resolved per device when a run starts (resolved_perf).
+    AUTO_SETTINGS: ClassVar[tuple[str, ...]] = ("amp", "channels_last", "deterministic", "fused_optimizer")
+    # CHOSEN: in the run id "auto" stands for the value these settings had by default before
+    # "auto" existed (the plain CPU path), so run folders made earlier keep their names. The
+    # device is not in the run id either; config.json records what a run actually used.
+    _HASH_AS: ClassVar[dict[str, Any]] = {"amp": "none", "channels_last": False}
+
+    def __post_init__(self) -> None:
+        for name in ("channels_last", "deterministic", "fused_optimizer"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                setattr(self, name, value.lower() == "true")
+
+    def hashed_value(self, name: str) -> Any:
+        value = getattr(self, name)
+        return self._HASH_AS.get(name, value) if value == "auto" else value
+
+    def resolved(self, device: "torch.device | str") -> "TrainConfig":
+        """This configuration with every ``auto`` setting decided for ``device``."""
+        cuda = str(device).startswith("cuda")
+        choices = {"amp": "bf16" if cuda else "none", "channels_last": cuda, "deterministic": not cuda,
+                   "fused_optimizer": cuda}
+        changes = {name: choices[name] for name in self.AUTO_SETTINGS if getattr(self, name) == "auto"}
+        return dataclasses.replace(self, **changes)
 
     @property
     def total_iterations(self) -> int:
@@ -66,8 +101,10 @@ class TrainConfig:
 
     @property
     def perf(self) -> PerfOptions:
-        return PerfOptions(fused_forward=self.fused_forward, amp=self.amp, channels_last=self.channels_last,
-                           compile=self.compile, stage_buffer=self.stage_buffer)
+        """The speed switches; call on a :meth:`resolved` configuration (``auto`` reads as off)."""
+        return PerfOptions(fused_forward=self.fused_forward, amp="bf16" if self.amp == "bf16" else "none",
+                           channels_last=self.channels_last is True, compile=self.compile,
+                           stage_buffer=self.stage_buffer, fused_optimizer=self.fused_optimizer is True)
 
     def validate(self) -> None:
         positive = ("epochs", "steps_per_epoch", "student_steps", "batch_size", "eval_batch_size", "checkpoint_every")
@@ -79,8 +116,13 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.student_optimizer not in ("sgd", "adam"):
             raise ConfigError(f"student_optimizer={self.student_optimizer!r} is not one of sgd, adam")
-        if self.amp not in ("none", "bf16"):
-            raise ConfigError(f"amp={self.amp!r} is not one of none, bf16")
+        if self.amp not in ("auto", "none", "bf16"):
+            raise ConfigError(f"amp={self.amp!r} is not one of auto, none, bf16")
+        for name in ("channels_last", "deterministic", "fused_optimizer"):
+            if getattr(self, name) not in ("auto", True, False):
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of auto, true, false")
+        if self.on_nonfinite not in ("fail", "continue"):
+            raise ConfigError(f"on_nonfinite={self.on_nonfinite!r} is not one of fail, continue")
         if self.drift_every and not 1 <= self.drift_tau:
             raise ConfigError(f"drift_tau must be >= 1 (Sec. 5.2.3: 0 < tau < t), got {self.drift_tau}")
         if self.drift_every and self.drift_samples < 1:
@@ -120,7 +162,7 @@ class RunConfig:
     # ------------------------------------------------------------ identity ---
     def hashed_dict(self) -> dict[str, Any]:
         """Everything that can change the result (not paths, not logging cadence)."""
-        train = {f.name: getattr(self.train, f.name) for f in fields(TrainConfig) if f.metadata.get("in_hash", True)}
+        train = {f.name: self.train.hashed_value(f.name) for f in fields(TrainConfig) if f.metadata.get("in_hash", True)}
         teacher = {k: v for k, v in asdict(self.teacher).items() if k not in ("path", "test_accuracy")}
         return {
             "method": self.method, "dataset": self.dataset, "seed": self.seed, "teacher": teacher,
@@ -227,7 +269,10 @@ def coerce(value: Any, example: Any, key: str) -> Any:
 
 def apply_train_overrides(train: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
     names = {f.name for f in fields(TrainConfig)}
-    changes = {k: coerce(v, getattr(train, k), k) for k, v in overrides.items() if k in names}
+    defaults = TrainConfig()
+    # "auto" settings take auto, true or false whatever a preset set them to.
+    changes = {k: coerce(v, getattr(defaults if k in TrainConfig.AUTO_SETTINGS else train, k), k)
+               for k, v in overrides.items() if k in names}
     return dataclasses.replace(train, **changes)
 
 

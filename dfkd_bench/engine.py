@@ -42,7 +42,7 @@ from dfkd_bench.config import RunConfig
 from dfkd_bench.data import build_dataset, load_as_tensors
 from dfkd_bench.errors import DfkdError
 from dfkd_bench.losses import js_divergence_per_sample
-from dfkd_bench.method_api import DistributedInfo, MethodContext, get_method
+from dfkd_bench.method_api import DistributedInfo, MethodContext, get_method, make_optimizer
 from dfkd_bench.models import build_model
 from dfkd_bench.store import RunStore
 from dfkd_bench.teachers import NormalizedModel, build_teacher
@@ -149,6 +149,11 @@ class RunInterrupted(Exception):
     """The run stopped at an iteration boundary after a stop request; its checkpoint is saved."""
 
 
+class RunDiverged(DfkdError):
+    """A loss or a student weight became NaN or infinite (``on_nonfinite=fail``): the run stops
+    without writing a checkpoint, so its last checkpoint is the last good state."""
+
+
 @contextlib.contextmanager
 def stop_on_signals(stop: StopRequest, signals=(signal.SIGINT, signal.SIGTERM)):
     """First signal: finish the iteration, checkpoint, stop. Second SIGINT: stop at once."""
@@ -225,9 +230,10 @@ class Trainer:
                  progress: bool = True, distributed: DistributedInfo | None = None,
                  stop: StopRequest | None = None, workers: int = 0):
         self.config = config
-        self.train_cfg = config.train
         self.store = RunStore(results_dir, config.run_name)
         self.device = resolve_device(device)
+        # Every "auto" setting decided for this device (recorded in config.json as resolved_perf).
+        self.train_cfg = config.train.resolved(self.device)
         self.distributed = distributed or DistributedInfo()
         self.progress = progress and self.distributed.is_main
         self.stop = stop or StopRequest()
@@ -241,12 +247,15 @@ class Trainer:
         self.drift_snapshots: dict[int, dict[str, Tensor]] = {}
         self.elapsed_before = 0.0
         self.best_accuracy = -1.0
+        self._last_finite: Tensor | None = None  # last iteration whose loss sums were all finite (on device)
 
     # ------------------------------------------------------------- setup ---
-    def note(self, message: str) -> None:
+    def note(self, message: str, show: bool = True) -> None:
+        """Keep ``message`` in the run's config.json; print it too unless ``show`` is False
+        (for facts a user cannot act on, e.g. a term skipped because the teacher lacks BN)."""
         if message not in self.notes:
             self.notes.append(message)
-            if self.distributed.is_main:
+            if show and self.distributed.is_main:
                 tqdm.write(f"[{self.config.run_name}] note: {message}")
 
     def _wrap_distributed(self, module: nn.Module) -> nn.Module:
@@ -266,6 +275,10 @@ class Trainer:
         if train.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
+        else:
+            torch.use_deterministic_algorithms(False)
+            if self.device.type == "cuda":
+                torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
         world = self.distributed.world_size
         if train.batch_size % world:
             raise DfkdError(f"batch_size {train.batch_size} is not divisible by the {world} processes")
@@ -295,11 +308,11 @@ class Trainer:
         )
         self.method = get_method(cfg.method)(cfg.method_params(), ctx)
         if train.student_optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(self.student_module.parameters(), lr=train.student_lr,
-                                             momentum=train.student_momentum, weight_decay=train.student_weight_decay)
+            self.optimizer = make_optimizer("sgd", self.student_module.parameters(), perf, lr=train.student_lr,
+                                            momentum=train.student_momentum, weight_decay=train.student_weight_decay)
         else:
-            self.optimizer = torch.optim.Adam(self.student_module.parameters(), lr=train.student_lr,
-                                              weight_decay=train.student_weight_decay)
+            self.optimizer = make_optimizer("adam", self.student_module.parameters(), perf, lr=train.student_lr,
+                                            weight_decay=train.student_weight_decay)
 
     def setup(self) -> None:
         """:meth:`build`, plus the test split, the drift snapshot model and the running state."""
@@ -321,27 +334,76 @@ class Trainer:
         return self.train_cfg.student_lr * self.train_cfg.lr_decay ** decays
 
     def run_iteration(self) -> None:
-        """One iteration: the generator stage, then the student stage. The benchmark times exactly this."""
+        """One iteration: the generator stage, then the student stage. The benchmark times exactly this.
+
+        Nothing in here synchronises the host with the device (no ``.item()``, no host
+        tensors copied over): tests/test_host_sync.py fails if something does.
+        """
+        self.generator_stage()
+        self.student_stage()
+
+    def generator_stage(self) -> None:
         for _ in range(self.train_cfg.generator_steps):
             self.accumulate(self.method.generator_step())
         self.method.end_generator_stage()
+
+    def student_stage(self) -> None:
         for _ in range(self.train_cfg.student_steps):
-            loss, terms = self.method.student_loss()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            fault_point("mid_stage", self.iteration)
-            self.optimizer.step()
-            self.accumulate(terms)
+            self.student_step()
+
+    def student_step(self) -> None:
+        loss, terms = self.method.student_loss()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        fault_point("mid_stage", self.iteration)
+        self.optimizer.step()
+        self.accumulate(terms)
 
     # ------------------------------------------------------- accounting ---
     def accumulate(self, terms: dict[str, Tensor]) -> None:
+        """Add this step's loss terms to the running sums: one fused kernel, no host sync."""
+        old = [name for name in terms if name in self.sums]
+        if old:
+            torch._foreach_add_([self.sums[name] for name in old], [terms[name].detach().float() for name in old])
         for name, value in terms.items():
-            value = value.detach().float()
-            if name in self.sums:
-                self.sums[name] += value
-            else:
-                self.sums[name] = value.clone()
+            if name not in self.sums:
+                self.sums[name] = value.detach().float().clone()
             self.counts[name] = self.counts.get(name, 0) + 1
+
+    def track_finiteness(self) -> None:
+        """Once per iteration, on the device: remember the last iteration at which every running
+        loss sum was finite, so that a divergence found later names the iteration it began."""
+        if not self.sums or self.train_cfg.on_nonfinite != "fail":
+            return
+        if self._last_finite is None:
+            self._last_finite = torch.full((), self.iteration - 1, dtype=torch.long, device=self.device)
+        finite = torch.stack(list(self.sums.values())).isfinite().all()
+        self._last_finite.masked_fill_(finite, self.iteration)
+
+    def check_finite(self) -> None:
+        """At logging, evaluation and checkpoint steps (one host sync): stop a diverged run."""
+        if self.train_cfg.on_nonfinite != "fail":
+            return
+        bad_terms = [name for name, value in self.sums.items() if not torch.isfinite(value).all()]
+        weights = [p for p in self.student_module.parameters()]
+        weights_finite = bool(torch.stack(torch._foreach_norm(weights)).isfinite().all()) if weights else True
+        if not bad_terms and weights_finite:
+            return
+        first = int(self._last_finite) + 1 if self._last_finite is not None else self.iteration
+        first = max(1, min(first, self.iteration))
+        if bad_terms:
+            name = "student_loss" if "student_loss" in bad_terms else bad_terms[0]
+            value = self.sums[name]
+            kind = "NaN" if torch.isnan(value).any() else "infinite"
+            what = f"{name} is {kind}" + (f" (also {', '.join(n for n in bad_terms if n != name)})"
+                                          if len(bad_terms) > 1 else "")
+        else:
+            what, first = "a student weight is NaN or infinite", self.iteration
+        raise RunDiverged(
+            f"diverged: {what} at iteration {first}; lower lr_S (now {self.train_cfg.student_lr:g}) or the "
+            f"generator's learning rate, or --set on_nonfinite=continue to keep training for study; "
+            f"the last checkpoint before it is kept"
+        )
 
     def synchronise_sums(self) -> None:
         """Data parallel: average the running loss sums over ranks (every rank must call it)."""
@@ -475,6 +537,7 @@ class Trainer:
         return state
 
     def save_checkpoint(self) -> None:
+        self.check_finite()  # never checkpoint a diverged state
         self.store.save_checkpoint_shard(self.checkpoint_state(), self.iteration, self.distributed.rank)
         fault_point("before_commit", self.iteration)
         self._barrier()
@@ -539,6 +602,7 @@ class Trainer:
                 self.eval_record()
         if self.distributed.is_main:
             resolved = {**cfg.to_dict(), "run_id": cfg.run_id, "run_name": cfg.run_name,
+                        "resolved_perf": {name: getattr(train, name) for name in train.AUTO_SETTINGS},
                         "environment": environment_info(self.device, self.distributed),
                         "teacher_test_accuracy_here": self.teacher_test_accuracy, "notes": self.notes}
             self.store.write_config(resolved)
@@ -552,17 +616,22 @@ class Trainer:
             self.run_iteration()
             self.iteration += 1
             bar.update(1)
+            self.track_finiteness()
+            logging_step = bool(train.log_every) and self.iteration % train.log_every == 0
+            if logging_step or self.iteration == total or (train.eval_every and self.iteration % train.eval_every == 0):
+                self.check_finite()  # the host synchronisations between evaluations happen here
+            loss = None
+            if logging_step and "student_loss" in self.sums:  # read before an evaluation resets the sums
+                loss = (self.sums["student_loss"] / self.counts["student_loss"]).item()
             records_before = len(self.records)
             self.after_iteration()
             if len(self.records) > records_before:
                 evals = [r for r in self.records[records_before:] if r["kind"] == "eval"]
                 if evals:
                     last_accuracy = evals[-1]["test_accuracy"]
-            if train.log_every and self.iteration % train.log_every == 0 and self.distributed.is_main:
+            if logging_step and self.distributed.is_main:
                 self.store.touch_heartbeat()
-                if self.progress:  # the only host synchronisation between evaluations
-                    loss = (self.sums["student_loss"] / self.counts["student_loss"]).item() \
-                        if "student_loss" in self.sums else float("nan")
+                if self.progress and loss is not None:
                     bar.set_postfix(loss=f"{loss:.4f}", acc=f"{last_accuracy:.2f}")
             if self.iteration < total:
                 due = (self.iteration % train.checkpoint_every == 0
@@ -625,6 +694,6 @@ def train_run(config: RunConfig, results_dir: str | os.PathLike, *, device: str 
             raise
         except BaseException as error:
             if distributed.is_main and not isinstance(error, (KeyboardInterrupt, SystemExit)):
-                message = f"{type(error).__name__}: {error}" if isinstance(error, DfkdError) else traceback.format_exc()
+                message = str(error) if isinstance(error, DfkdError) else traceback.format_exc()
                 store.mark_failed(message)
             raise

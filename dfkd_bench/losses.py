@@ -87,7 +87,12 @@ def batchnorm_moment_loss(
     """
     if not batch_means:
         raise ValueError("batchnorm_moment_loss needs at least one BatchNorm layer")
-    total = batch_means[0].new_zeros((), dtype=torch.float32)
-    for mean, var, run_mean, run_var in zip(batch_means, batch_vars, running_means, running_vars, strict=True):
-        total = total + (mean.float() - run_mean.float()).pow(2).sum() + (var.float() - run_var.float()).pow(2).sum()
-    return total
+    if not (len(batch_means) == len(batch_vars) == len(running_means) == len(running_vars)):
+        raise ValueError("batchnorm_moment_loss needs one mean, variance and running pair per layer")
+    # The sum over layers of squared norms is the squared norm of the concatenation:
+    # a handful of kernels for the whole network instead of ~8 per layer.
+    mean_gap = torch.cat([m.float().flatten() for m in batch_means]) - torch.cat(
+        [m.float().flatten() for m in running_means])
+    var_gap = torch.cat([v.float().flatten() for v in batch_vars]) - torch.cat(
+        [v.float().flatten() for v in running_vars])
+    return mean_gap.pow(2).sum() + var_gap.pow(2).sum()

@@ -61,9 +61,26 @@ class PerfOptions:
     The generator does not change during a student stage, and each batch is
     normalised with its own BatchNorm statistics, so the images are the same."""
 
+    fused_optimizer: bool = False
+    """Fused optimiser kernels: one kernel for all parameters and no host-side step
+    counters (Adam's default implementation reads its step count on the host)."""
+
     def autocast(self, device: torch.device):
         enabled = self.amp == "bf16"
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def make_optimizer(name: str, params, perf: PerfOptions, **kwargs) -> torch.optim.Optimizer:
+    """``sgd`` or ``adam`` over ``params``, with fused kernels when ``perf.fused_optimizer``
+    (one kernel per step, and Adam keeps its step count on the device instead of the host)."""
+    cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[name]
+    params = list(params)
+    if perf.fused_optimizer:
+        try:
+            return cls(params, fused=True, **kwargs)
+        except (RuntimeError, TypeError):  # an older torch without fused kernels for this device
+            pass
+    return cls(params, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -95,7 +112,8 @@ class MethodContext:
     rng: torch.Generator
     perf: PerfOptions = field(default_factory=PerfOptions)
     distributed: DistributedInfo = field(default_factory=DistributedInfo)
-    note: Callable[[str], None] = print
+    note: Callable[..., None] = lambda message, show=True: print(message) if show else None
+    """``note(message, show=True)``: kept in the run's config.json, printed unless ``show`` is False."""
     wrap_distributed: Callable[[nn.Module], nn.Module] = lambda module: module
 
     # ---- randomness that is identical for 1 process and N data-parallel ranks ----

@@ -44,7 +44,7 @@ from dfkd_bench.batchnorm import (
     make_groupable,
 )
 from dfkd_bench.errors import ConfigError
-from dfkd_bench.method_api import Method, MethodContext, hparam
+from dfkd_bench.method_api import Method, MethodContext, hparam, make_optimizer
 from dfkd_bench.models import build_generator, generator_for_image_size
 
 
@@ -96,6 +96,28 @@ class Source(NamedTuple):
     weight: float
 
 
+class _EmbeddingRows(torch.autograd.Function):
+    """``weight[labels]`` whose backward is a one-hot matmul.
+
+    The forward is an exact row gather. PyTorch's own embedding backward is an
+    index_put / index_add, which under deterministic algorithms on a GPU is a
+    sort-based kernel that cost ~58 ms per iteration on an H200; the matmul
+    ``one_hot(labels)^T @ grad`` computes the same sums deterministically.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, labels: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(labels)
+        ctx.rows = weight.shape[0]
+        return weight.index_select(0, labels)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (labels,) = ctx.saved_tensors
+        one_hot = (labels.unsqueeze(1) == torch.arange(ctx.rows, device=labels.device)).to(grad.dtype)
+        return one_hot.t() @ grad, None
+
+
 class ConditionalGenerator(nn.Module):
     """G plus the class embeddings E: ``u = G(z, e_y)`` (pre-sigmoid logits)."""
 
@@ -104,8 +126,12 @@ class ConditionalGenerator(nn.Module):
         self.generator = generator
         self.class_embedding = class_embedding
 
+    def embed(self, labels: Tensor) -> Tensor:
+        """The class embeddings ``e_y`` of ``labels`` (rows of E, exactly)."""
+        return _EmbeddingRows.apply(self.class_embedding.weight, labels)
+
     def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
-        embedding = self.class_embedding(labels) if self.class_embedding is not None else None
+        embedding = self.embed(labels) if self.class_embedding is not None else None
         return self.generator(z, embedding)
 
 
@@ -136,9 +162,9 @@ class AdversarialMethod(Method):
         if ctx.perf.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.net_parallel = ctx.wrap_distributed(self.net)
-        self.optimizer = torch.optim.Adam(
-            self.net.parameters(), lr=params.generator_lr, weight_decay=params.generator_weight_decay,
-            betas=(params.generator_beta1, params.generator_beta2),
+        self.optimizer = make_optimizer(
+            "adam", self.net.parameters(), ctx.perf, lr=params.generator_lr,
+            weight_decay=params.generator_weight_decay, betas=(params.generator_beta1, params.generator_beta2),
         )
         self.teacher_bn: BatchNormStatistics | None = None
         if params.bnmm_weight > 0:
@@ -146,7 +172,7 @@ class AdversarialMethod(Method):
                 self.teacher_bn = BatchNormStatistics(ctx.teacher, synchronise=ctx.distributed.world_size > 1,
                                                       process_group=ctx.distributed.process_group)
             else:
-                ctx.note("the teacher has no BatchNorm layers: the BNmm term (Eq. 9) is skipped")
+                ctx.note("the teacher has no BatchNorm layers: the BNmm term (Eq. 9) is skipped", show=False)
         self.student_groupable = make_groupable(ctx.student_module)
         if ctx.perf.fused_forward and not self.student_groupable:
             ctx.note("the student has BatchNorm layers that cannot be grouped per source: one forward per source")
@@ -173,7 +199,7 @@ class AdversarialMethod(Method):
                    groups: int = 1) -> Tensor:
         """Images in [0, 1] from ``generator`` (G or a copy of it) with the shared embeddings."""
         z, labels = noise
-        embedding = self.net.class_embedding(labels) if labels is not None else None
+        embedding = self.net.embed(labels) if labels is not None else None
         with self.ctx.perf.autocast(self.ctx.device):
             if groups > 1:
                 with batchnorm_groups(generator, [z.shape[0] // groups] * groups):
@@ -240,7 +266,7 @@ class AdversarialMethod(Method):
             terms["gen_nll"] = losses.nll_loss(teacher_logits, labels)
             loss = loss + p.nll_weight * terms["gen_nll"]
         if p.normreg_weight > 0:
-            terms["gen_normreg"] = losses.norm_regulariser(self.net.class_embedding(labels), p.normreg_gamma)
+            terms["gen_normreg"] = losses.norm_regulariser(self.net.embed(labels), p.normreg_gamma)
             loss = loss + p.normreg_weight * terms["gen_normreg"]
         if self.teacher_bn is not None:
             terms["gen_bnmm"] = losses.batchnorm_moment_loss(

@@ -57,10 +57,13 @@ def ema_update(ema: nn.Module, model: nn.Module, momentum: float) -> None:
     model_params = list(model.parameters())
     torch._foreach_mul_(ema_params, momentum)
     torch._foreach_add_(ema_params, model_params, alpha=1.0 - momentum)
-    for (name, ema_buffer), model_buffer in zip(ema.named_buffers(), model.buffers(), strict=True):
-        if ema_buffer.dtype.is_floating_point:
-            ema_buffer.mul_(momentum).add_(model_buffer, alpha=1.0 - momentum)
-        else:  # num_batches_tracked
+    pairs = list(zip(ema.buffers(), model.buffers(), strict=True))
+    floats = [(e, m) for e, m in pairs if e.dtype.is_floating_point]
+    if floats:
+        torch._foreach_mul_([e for e, _ in floats], momentum)
+        torch._foreach_add_([e for e, _ in floats], [m for _, m in floats], alpha=1.0 - momentum)
+    for ema_buffer, model_buffer in pairs:
+        if not ema_buffer.dtype.is_floating_point:  # num_batches_tracked
             ema_buffer.copy_(model_buffer)
 
 
