@@ -248,9 +248,10 @@ class BatchNormStatistics:
         x = inputs[0].float()
         dims = [0] + list(range(2, x.dim()))
         if not self.synchronise:
-            var, mean = torch.var_mean(x, dim=dims, unbiased=False)  # one reduction, not two
-            self.means.append(mean)
-            self.vars.append(var)
+            # One reduction, not two; keepdim + flatten: its backward is one view, not three unsqueezes.
+            var, mean = torch.var_mean(x, dim=dims, unbiased=False, keepdim=True)
+            self.means.append(mean.flatten())
+            self.vars.append(var.flatten())
             return
         count = _all_reduce_sum(torch.full((), float(x.numel() // x.shape[1]), device=x.device), self.process_group)
         mean = _all_reduce_sum(x.sum(dim=dims), self.process_group) / count

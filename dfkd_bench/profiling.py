@@ -104,9 +104,9 @@ class HostSyncGuard(TorchDispatchMode):
                 return __original(tensor, *args, **kwargs)
 
             setattr(torch.Tensor, name, wrapper)
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and self.raise_on_sync:  # counting mode: count, do not fail
             self._cuda_mode = torch.cuda.get_sync_debug_mode()
-            torch.cuda.set_sync_debug_mode("error" if self.raise_on_sync else "warn")
+            torch.cuda.set_sync_debug_mode("error")
         return super().__enter__()
 
     def __exit__(self, *exc):
