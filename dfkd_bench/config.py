@@ -67,18 +67,22 @@ class TrainConfig:
                                         in_hash=False)
     fused_optimizer: str | bool = setting("auto", "fused optimiser kernels (no host synchronisation): auto (on for "
                                                   "CUDA), true or false", in_hash=False)
+    cuda_graphs: str | bool = setting("auto", "replay student steps from CUDA graphs: auto (on for CUDA with one "
+                                              "process and an SGD student), true (on a CPU: the same static-input "
+                                              "path without graphs) or false", in_hash=False)
     on_nonfinite: str = setting("fail", "a non-finite loss or weight: fail (stop, mark the run failed, keep the last "
                                         "good checkpoint) or continue (keep training, for study)", in_hash=False)
 
     # Settings whose value "auto" is resolved per device when a run starts (resolved_perf).
-    AUTO_SETTINGS: ClassVar[tuple[str, ...]] = ("amp", "channels_last", "deterministic", "fused_optimizer")
+    AUTO_SETTINGS: ClassVar[tuple[str, ...]] = ("amp", "channels_last", "deterministic", "fused_optimizer",
+                                                "cuda_graphs")
     # CHOSEN: in the run id "auto" stands for the value these settings had by default before
     # "auto" existed (the plain CPU path), so run folders made earlier keep their names. The
     # device is not in the run id either; config.json records what a run actually used.
     _HASH_AS: ClassVar[dict[str, Any]] = {"amp": "none", "channels_last": False}
 
     def __post_init__(self) -> None:
-        for name in ("channels_last", "deterministic", "fused_optimizer"):
+        for name in ("channels_last", "deterministic", "fused_optimizer", "cuda_graphs"):
             value = getattr(self, name)
             if isinstance(value, str) and value.lower() in ("true", "false"):
                 setattr(self, name, value.lower() == "true")
@@ -91,7 +95,7 @@ class TrainConfig:
         """This configuration with every ``auto`` setting decided for ``device``."""
         cuda = str(device).startswith("cuda")
         choices = {"amp": "bf16" if cuda else "none", "channels_last": cuda, "deterministic": not cuda,
-                   "fused_optimizer": cuda}
+                   "fused_optimizer": cuda, "cuda_graphs": cuda and self.student_optimizer == "sgd"}
         changes = {name: choices[name] for name in self.AUTO_SETTINGS if getattr(self, name) == "auto"}
         return dataclasses.replace(self, **changes)
 
@@ -104,7 +108,8 @@ class TrainConfig:
         """The speed switches; call on a :meth:`resolved` configuration (``auto`` reads as off)."""
         return PerfOptions(fused_forward=self.fused_forward, amp="bf16" if self.amp == "bf16" else "none",
                            channels_last=self.channels_last is True, compile=self.compile,
-                           stage_buffer=self.stage_buffer, fused_optimizer=self.fused_optimizer is True)
+                           stage_buffer=self.stage_buffer, fused_optimizer=self.fused_optimizer is True,
+                           cuda_graphs=self.cuda_graphs is True)
 
     def validate(self) -> None:
         positive = ("epochs", "steps_per_epoch", "student_steps", "batch_size", "eval_batch_size", "checkpoint_every")
@@ -118,7 +123,7 @@ class TrainConfig:
             raise ConfigError(f"student_optimizer={self.student_optimizer!r} is not one of sgd, adam")
         if self.amp not in ("auto", "none", "bf16"):
             raise ConfigError(f"amp={self.amp!r} is not one of auto, none, bf16")
-        for name in ("channels_last", "deterministic", "fused_optimizer"):
+        for name in ("channels_last", "deterministic", "fused_optimizer", "cuda_graphs"):
             if getattr(self, name) not in ("auto", True, False):
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of auto, true, false")
         if self.on_nonfinite not in ("fail", "continue"):

@@ -41,6 +41,7 @@ from dfkd_bench.batchnorm import no_batchnorm_sync, synchronise_batchnorm
 from dfkd_bench.config import RunConfig
 from dfkd_bench.data import build_dataset, load_as_tensors
 from dfkd_bench.errors import DfkdError
+from dfkd_bench.graphs import StaticStep
 from dfkd_bench.losses import js_divergence_per_sample
 from dfkd_bench.method_api import DistributedInfo, MethodContext, get_method, make_optimizer
 from dfkd_bench.models import build_model
@@ -307,6 +308,7 @@ class Trainer:
             wrap_distributed=self._wrap_distributed,
         )
         self.method = get_method(cfg.method)(cfg.method_params(), ctx)
+        self.static_step = self._static_student_step(perf)
         if train.student_optimizer == "sgd":
             self.optimizer = make_optimizer("sgd", self.student_module.parameters(), perf, lr=train.student_lr,
                                             momentum=train.student_momentum, weight_decay=train.student_weight_decay)
@@ -351,7 +353,36 @@ class Trainer:
         for _ in range(self.train_cfg.student_steps):
             self.student_step()
 
+    def _static_student_step(self, perf) -> StaticStep | None:
+        """The student step as a replayable graph, when the switch, the method and the set-up allow it."""
+        if not perf.cuda_graphs:
+            return None
+        if not vars(type(self.method)).get("static_student_step", False):
+            self.note(f"method {self.config.method} has no static student step: CUDA graphs are not used")
+            return None
+        if self.distributed.world_size > 1 or perf.compile:
+            self.note("CUDA graphs are not used with data parallelism or torch.compile")
+            return None
+        if self.train_cfg.student_optimizer != "sgd":
+            self.note("CUDA graphs need the SGD student optimiser (Adam's step counter is not capturable here)")
+            return None
+
+        def step(batch: dict[str, Tensor]):
+            loss, terms, keep = self.method.student_loss_from(batch)
+            loss.backward()
+            self.optimizer.step()
+            return terms, keep
+
+        return StaticStep(step, lambda: self.optimizer.zero_grad(set_to_none=True), self.device, note=self.note)
+
     def student_step(self) -> None:
+        if self.static_step is not None:
+            self.static_step.invalidate_if_changed(tuple(group["lr"] for group in self.optimizer.param_groups))
+            terms, keep = self.static_step(self.method.student_batch())
+            fault_point("mid_stage", self.iteration)
+            self.method.finish_student_step(keep)
+            self.accumulate(terms)
+            return
         loss, terms = self.method.student_loss()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

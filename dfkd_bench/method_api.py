@@ -61,13 +61,18 @@ class PerfOptions:
     The generator does not change during a student stage, and each batch is
     normalised with its own BatchNorm statistics, so the images are the same."""
 
+    cuda_graphs: bool = False
+    """Replay student steps from CUDA graphs (dfkd_bench/graphs.py) for methods whose class
+    sets ``static_student_step``; on a CPU the same static-input code path runs without graphs."""
+
     fused_optimizer: bool = False
     """Fused optimiser kernels: one kernel for all parameters and no host-side step
     counters (Adam's default implementation reads its step count on the host)."""
 
     def autocast(self, device: torch.device):
         enabled = self.amp == "bf16"
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+        # No weight-cast cache: each weight is cast once per forward anyway, and CUDA graphs need it off.
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
 
 
 def make_optimizer(name: str, params, perf: PerfOptions, **kwargs) -> torch.optim.Optimizer:
@@ -157,6 +162,26 @@ class Method(ABC):
     @abstractmethod
     def student_loss(self) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss of one student step (the engine does backward and the optimiser step)."""
+
+    # ---- the static form of a student step (optional; lets the engine replay it from a CUDA graph) ----
+    static_student_step: ClassVar[bool] = False
+    """Set to True IN THE CLASS BODY of a method (it is not inherited: the engine reads the
+    concrete class's own attribute) to promise that ``student_loss()`` is exactly
+    ``student_loss_from(student_batch())`` followed by ``finish_student_step(keep)``, and
+    that ``student_loss_from`` is a pure device function of ``batch`` and of module state
+    updated in place: no random draws, no host reads, no Python state that differs between
+    steps. The engine may then capture it once and replay it."""
+
+    def student_batch(self) -> dict[str, Tensor]:
+        """Host side of a student step: this step's input tensors (noise, stored images, ...)."""
+        raise NotImplementedError(f"{type(self).__name__} has no static student step")
+
+    def student_loss_from(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], Any]:
+        """Device side: ``(loss, detached terms, keep)``; ``keep`` goes to :meth:`finish_student_step`."""
+        raise NotImplementedError(f"{type(self).__name__} has no static student step")
+
+    def finish_student_step(self, keep: Any) -> None:
+        """Host side after the step ran (eagerly or replayed), e.g. pushing images into a memory."""
 
     @abstractmethod
     def measurement_sources(self, num_samples: int, rng: torch.Generator) -> dict[str, Tensor]:

@@ -15,3 +15,4 @@ class ABM(AdversarialMethod):
     name = "abm"
     summary = "Adversarial Belief Matching: the student trains on fresh samples of G only"
     Params = AdversarialParams
+    static_student_step = True

@@ -179,6 +179,7 @@ class AdversarialMethod(Method):
         self._stage_noise: dict[str, list[tuple[Tensor, Tensor | None]]] = {}
         self._stage_images: dict[str, list[Tensor]] = {}
         self._step_in_stage = 0
+        self._batch: dict[str, Tensor] | None = None  # the inputs of the student step being computed
 
     # ------------------------------------------------------------- sampling ---
     @property
@@ -231,6 +232,11 @@ class AdversarialMethod(Method):
 
     def stage_samples(self, name: str) -> Tensor:
         """This student step's fresh batch from the generator called ``name``."""
+        if self._batch is not None:
+            if name in self._batch:  # sampled for the whole stage beforehand
+                return self._batch[name]
+            return self.synthesize(self.generator_modules()[name], (self._batch[f"{name}.z"],
+                                                                    self._batch.get(f"{name}.y")))
         if self._stage_images:
             return self._stage_images[name][self._step_in_stage]
         return self.synthesize(self.generator_modules()[name], self._stage_noise[name][self._step_in_stage])
@@ -297,11 +303,45 @@ class AdversarialMethod(Method):
         """What the student trains on at this step. ABM: fresh samples of G."""
         return [Source("gen", self.stage_samples("gen"), self.params.kd_weight)]
 
-    def student_loss(self) -> tuple[Tensor, dict[str, Tensor]]:
-        sources = [s for s in self.student_sources() if s.images.shape[0] > 0]
+    def step_input(self, name: str) -> Tensor:
+        """An input of the student step being computed (see :meth:`extra_student_inputs`)."""
+        assert self._batch is not None, "step_input() is for use inside student_sources()"
+        return self._batch[name]
+
+    def extra_student_inputs(self) -> dict[str, Tensor]:
+        """Further inputs of a student step chosen on the host side (e.g. memory samples)."""
+        return {}
+
+    def student_batch(self) -> dict[str, Tensor]:
+        """This step's noise of every generator (or its stage-buffer images) and extra inputs."""
+        batch: dict[str, Tensor] = {}
+        for name in self.generator_modules():
+            if self._stage_images:
+                batch[name] = self._stage_images[name][self._step_in_stage]
+            else:
+                z, labels = self._stage_noise[name][self._step_in_stage]
+                batch[f"{name}.z"] = z
+                if labels is not None:
+                    batch[f"{name}.y"] = labels
+        batch.update(self.extra_student_inputs())
+        return batch
+
+    def student_loss_from(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], Any]:
+        self._batch = batch
+        try:
+            sources = [s for s in self.student_sources() if s.images.shape[0] > 0]
+        finally:
+            self._batch = None
         loss, terms = self.distill(sources)
-        self.after_student_step(sources)
+        return loss, terms, sources
+
+    def finish_student_step(self, keep: Any) -> None:
+        self.after_student_step(keep)
         self._step_in_stage += 1
+
+    def student_loss(self) -> tuple[Tensor, dict[str, Tensor]]:
+        loss, terms, sources = self.student_loss_from(self.student_batch())
+        self.finish_student_step(sources)
         return loss, terms
 
     def after_student_step(self, sources: list[Source]) -> None:

@@ -72,6 +72,7 @@ class MAD(AdversarialMethod):
     name = "mad"
     summary = "Momentum Adversarial Distillation: the student also trains on samples of an EMA generator"
     Params = MADParams
+    static_student_step = True
 
     def __init__(self, params: MADParams, ctx: MethodContext):
         super().__init__(params, ctx)

@@ -112,6 +112,7 @@ class DFKDMem(AdversarialMethod):
     name = "mem"
     summary = "DFKD-Mem: the student also trains on a FIFO memory bank of past samples of G"
     Params = MemParams
+    static_student_step = True
 
     def __init__(self, params: MemParams, ctx: MethodContext):
         super().__init__(params, ctx)
@@ -127,8 +128,12 @@ class DFKDMem(AdversarialMethod):
     def student_sources(self) -> list[Source]:
         return [
             Source("gen", self.stage_samples("gen"), self.params.kd_weight),
-            Source("memory", self.memory.sample(self.memory_batch, self.ctx.rng), self.params.memory_kd_weight),
+            Source("memory", self.step_input("memory"), self.params.memory_kd_weight),
         ]
+
+    def extra_student_inputs(self) -> dict[str, torch.Tensor]:
+        # Drawn on the host side of the step (a random draw cannot be replayed from a graph).
+        return {"memory": self.memory.sample(self.memory_batch, self.ctx.rng)}
 
     def after_student_step(self, sources: list[Source]) -> None:
         wanted = self.push_per_stage - self._pushed_this_stage

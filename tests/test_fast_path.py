@@ -126,3 +126,38 @@ def test_uint8_memory_matches_float32_memory_within_quantisation(teacher_cache, 
     exact.method.memory.push(images)
     difference = (compact.method.memory.ordered() - exact.method.memory.ordered()).abs().max()
     assert difference <= 0.5 / 255 + 1e-6
+
+
+@pytest.mark.parametrize("method", ["abm", "mem", "mad"])
+def test_static_student_step_computes_exactly_the_eager_step(method, teacher_cache, tmp_path):
+    """cuda_graphs=true on a CPU runs the step a CUDA graph would capture (static inputs, the
+    pure step function, learning-rate changes recaptured) without a graph: same numbers."""
+    extra = dict(student_steps=3, epochs=2, steps_per_epoch=2, lr_milestones=[1])
+    static = trainer_for(teacher_cache, tmp_path / "s", method, cuda_graphs=True, fused_optimizer=True, **extra)
+    eager = trainer_for(teacher_cache, tmp_path / "e", method, cuda_graphs=False, fused_optimizer=True, **extra)
+    assert static.static_step is not None and eager.static_step is None
+    for trainer in (static, eager):
+        for iteration in range(4):  # crosses the learning-rate milestone (epoch 1 = iteration 2)
+            for group in trainer.optimizer.param_groups:
+                group["lr"] = trainer.learning_rate(iteration)
+            trainer.run_iteration()
+            trainer.iteration += 1
+    assert static.static_step.calls == 12 and static.static_step.captures == 2  # before and after the milestone
+    for a, b in zip(static.student_module.state_dict().values(), eager.student_module.state_dict().values()):
+        assert torch.equal(a, b)
+    for name in static.sums:
+        assert torch.equal(static.sums[name], eager.sums[name]), name
+    if method == "mem":
+        assert torch.equal(static.method.memory.ordered(), eager.method.memory.ordered())
+
+
+def test_a_method_must_opt_in_to_the_static_step_in_its_own_class(teacher_cache, tmp_path):
+    from dfkd_bench.methods.abm import ABM
+
+    class Derived(ABM):  # inherits ABM's student_loss_from but may change student_loss: no graphs
+        name = "derived-abm-test"
+
+    trainer = trainer_for(teacher_cache, tmp_path, "abm", cuda_graphs=True)
+    trainer.method.__class__ = Derived
+    assert trainer._static_student_step(trainer.train_cfg.perf) is None
+    assert any("no static student step" in note for note in trainer.notes)

@@ -19,7 +19,7 @@ from dfkd_bench.models import build_model
 from dfkd_bench.profiling import HostSyncError, HostSyncGuard, OpCounter, no_host_sync
 
 # The switches a CUDA device gets from "auto" (config.TrainConfig.resolved), on the CPU.
-GPU_SWITCHES = dict(amp="bf16", channels_last=True, fused_optimizer=True, fused_forward=True)
+GPU_SWITCHES = dict(amp="bf16", channels_last=True, fused_optimizer=True, fused_forward=True, cuda_graphs=True)
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +77,10 @@ def test_the_guard_lets_device_side_work_through():
 def test_an_iteration_of_the_fast_path_never_synchronises(method, extra, bn_teacher, tmp_path):
     trainer = make_trainer(tmp_path, bn_teacher, method, **GPU_SWITCHES, **extra)
     assert trainer.method.teacher_bn is not None  # the BNmm hooks are part of what is checked
-    trainer.run_iteration()  # first steps create optimiser state
-    trainer.iteration += 1
+    for _ in range(2):  # first steps create optimiser state, then the static step is captured
+        trainer.run_iteration()
+        trainer.iteration += 1
+    assert trainer.static_step is not None and trainer.static_step.captures == 1
     with HostSyncGuard(raise_on_sync=False) as guard:
         for _ in range(2):
             trainer.run_iteration()
@@ -90,14 +92,14 @@ def test_an_iteration_of_the_fast_path_never_synchronises(method, extra, bn_teac
 def test_the_check_finds_a_synchronisation_smuggled_into_a_step(bn_teacher, tmp_path, monkeypatch):
     """The property above can fail: a loss term read on the host inside a step is caught."""
     trainer = make_trainer(tmp_path, bn_teacher, "abm", **GPU_SWITCHES)
-    original = trainer.method.student_loss
+    original = trainer.method.student_loss_from
 
-    def leaky():
-        loss, terms = original()
+    def leaky(batch):
+        loss, terms, keep = original(batch)
         terms["leak"] = torch.tensor(loss.item())
-        return loss, terms
+        return loss, terms, keep
 
-    monkeypatch.setattr(trainer.method, "student_loss", leaky)
+    monkeypatch.setattr(trainer.method, "student_loss_from", leaky)
     with HostSyncGuard(raise_on_sync=False) as guard:
         trainer.run_iteration()
     assert any("_local_scalar_dense" in s for s in guard.syncs)
