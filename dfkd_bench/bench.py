@@ -86,12 +86,12 @@ def _random_teacher(arch: str, dataset: str, folder: Path) -> str:
 
 
 def _student_images_per_iteration(trainer) -> int:
-    """Images the student trains on per iteration: every source of every student step."""
-    method, steps = trainer.method, trainer.train_cfg.student_steps
-    batch = trainer.local_batch
-    per_step = batch * len(method.generator_modules())
-    extra = getattr(method, "memory_batch", 0)
-    return steps * (per_step + extra)
+    """Images the student trains on per iteration (every source of every student step),
+    counted by the engine over one student stage."""
+    trainer.generator_stage()
+    before = trainer.counters["student_images"]
+    trainer.student_stage()
+    return int(trainer.counters["student_images"] - before)
 
 
 def build_variants(kind: str, device: str, methods, fast_overrides: dict[str, Any], extra: dict[str, Any], folder: Path):
@@ -154,8 +154,9 @@ def count_step_work(trainer) -> dict[str, float]:
     with HostSyncGuard(raise_on_sync=False) as guard:
         trainer.run_iteration()
     steps = trainer.train_cfg.student_steps
-    return {"aten_ops_per_student_step": ops.total / steps,
-            "aten_ops_per_student_image": ops.total / _student_images_per_iteration(trainer),
+    images = _student_images_per_iteration(trainer)
+    return {"aten_ops_per_student_step": ops.total / steps, "student_images_per_iter": images,
+            "aten_ops_per_student_image": ops.total / images,
             "host_syncs_per_iteration": len(guard.syncs),
             "host_sync_kinds": sorted({s.split(" (")[0] for s in guard.syncs})}
 
@@ -217,7 +218,7 @@ def run_benchmark(kind: str = "auto", device: str = "auto", iterations: int = 10
         results["gpu"] = torch.cuda.get_device_name(dev)
     for (method, mode), samples in times.items():
         trainer = variants[(method, mode)]
-        images = _student_images_per_iteration(trainer)
+        images = work[(method, mode)]["student_images_per_iter"]
         median = statistics.median(samples)
         q = statistics.quantiles(samples, n=4) if len(samples) >= 2 else [median, median, median]
         entry = {"iter_s_median": median, "iter_s_iqr": q[2] - q[0], "iter_s_min": min(samples),

@@ -40,6 +40,9 @@ class TrainConfig:
     generator_steps: int = setting(3, "generator steps per stage", "n_G")
     student_steps: int = setting(60, "student steps per stage", "n_S")
     batch_size: int = setting(256, "synthetic images per source per step (global, over all ranks)", "bs")
+    student_images_per_step: int = setting(0, "0: each method's own number of student images per step (ABM one batch, "
+                                              "MAD and DFKD-Mem two); N: every method's student trains on N per step, "
+                                              "split evenly over its sources (equal-images control: 2 x bs)")
     student_optimizer: str = setting("sgd", "student optimiser: sgd or adam", "opt_S")
     student_lr: float = setting(1e-2, "student learning rate", "lr_S")
     student_weight_decay: float = setting(5e-4, "student weight decay", "wd_S")
@@ -80,6 +83,8 @@ class TrainConfig:
     # "auto" existed (the plain CPU path), so run folders made earlier keep their names. The
     # device is not in the run id either; config.json records what a run actually used.
     _HASH_AS: ClassVar[dict[str, Any]] = {"amp": "none", "channels_last": False}
+    # Settings added after runs were stored: left out of the run id while at their default.
+    _HASH_OMIT_DEFAULT: ClassVar[dict[str, Any]] = {"student_images_per_step": 0}
 
     def __post_init__(self) -> None:
         for name in ("channels_last", "deterministic", "fused_optimizer", "cuda_graphs"):
@@ -116,7 +121,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("generator_steps", "eval_every", "drift_every", "drift_tau", "sample_every", "log_every"):
+        for name in ("generator_steps", "eval_every", "drift_every", "drift_tau", "sample_every", "log_every",
+                     "student_images_per_step"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.student_optimizer not in ("sgd", "adam"):
@@ -167,7 +173,9 @@ class RunConfig:
     # ------------------------------------------------------------ identity ---
     def hashed_dict(self) -> dict[str, Any]:
         """Everything that can change the result (not paths, not logging cadence)."""
-        train = {f.name: self.train.hashed_value(f.name) for f in fields(TrainConfig) if f.metadata.get("in_hash", True)}
+        train = {f.name: self.train.hashed_value(f.name) for f in fields(TrainConfig) if f.metadata.get("in_hash", True)
+                 and not (f.name in TrainConfig._HASH_OMIT_DEFAULT
+                          and getattr(self.train, f.name) == TrainConfig._HASH_OMIT_DEFAULT[f.name])}
         teacher = {k: v for k, v in asdict(self.teacher).items() if k not in ("path", "test_accuracy")}
         return {
             "method": self.method, "dataset": self.dataset, "seed": self.seed, "teacher": teacher,

@@ -134,6 +134,24 @@ def fault_point(name: str, iteration: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+# Record fields that differ between two runs of the same configuration (timing and memory).
+# Everything else in a record is reproduced exactly by a resumed run (tests/test_resume.py).
+NONDETERMINISTIC_RECORD_KEYS = frozenset({"wall_time", "time/synthesis", "time/student", "peak_memory_mb"})
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: allocated by torch on a GPU, the process's resident peak on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 class StopRequest:
     """Set by a signal (Ctrl-C, SIGTERM, SLURM's preemption signal); honoured between iterations."""
 
@@ -249,6 +267,12 @@ class Trainer:
         self.elapsed_before = 0.0
         self.best_accuracy = -1.0
         self._last_finite: Tensor | None = None  # last iteration whose loss sums were all finite (on device)
+        # Cumulative budget counters (issue "budgets that are fair"): images through the student in its
+        # training steps and through the teacher in training, and seconds per stage.
+        self.counters: dict[str, float] = {"student_images": 0, "teacher_images": 0, "time/synthesis": 0.0,
+                                           "time/student": 0.0}
+        self._phase: str | None = None  # "synthesis" or "student" while a stage runs
+        self._stage_marks: list[tuple[str, Any, Any]] = []  # CUDA events of stages not yet added up
 
     # ------------------------------------------------------------- setup ---
     def note(self, message: str, show: bool = True) -> None:
@@ -283,6 +307,9 @@ class Trainer:
         world = self.distributed.world_size
         if train.batch_size % world:
             raise DfkdError(f"batch_size {train.batch_size} is not divisible by the {world} processes")
+        if train.student_images_per_step % world:
+            raise DfkdError(f"student_images_per_step {train.student_images_per_step} is not divisible by the "
+                            f"{world} processes")
         self.local_batch = train.batch_size // world
         # Same seed => same student and generator initialisation for every method.
         seed_everything(cfg.seed)
@@ -306,8 +333,11 @@ class Trainer:
             batch_size=self.local_batch, student_steps=train.student_steps, device=self.device,
             rng=self.method_rng, perf=perf, distributed=self.distributed, note=self.note,
             wrap_distributed=self._wrap_distributed,
+            student_images_per_step=train.student_images_per_step // world,
         )
         self.method = get_method(cfg.method)(cfg.method_params(), ctx)
+        self._count_rows(self.teacher, "teacher_images", ("synthesis", "student"))
+        self._count_rows(self.student_module, "student_images", ("student",))
         self.static_step = self._static_student_step(perf)
         if train.student_optimizer == "sgd":
             self.optimizer = make_optimizer("sgd", self.student_module.parameters(), perf, lr=train.student_lr,
@@ -345,13 +375,58 @@ class Trainer:
         self.student_stage()
 
     def generator_stage(self) -> None:
-        for _ in range(self.train_cfg.generator_steps):
-            self.accumulate(self.method.generator_step())
-        self.method.end_generator_stage()
+        with self._stage("synthesis"):
+            for _ in range(self.train_cfg.generator_steps):
+                self.accumulate(self.method.generator_step())
+            self.method.end_generator_stage()
 
     def student_stage(self) -> None:
-        for _ in range(self.train_cfg.student_steps):
-            self.student_step()
+        with self._stage("student"):
+            for _ in range(self.train_cfg.student_steps):
+                self.student_step()
+
+    # ------------------------------------------------------ budget counters ---
+    def _count_rows(self, module: nn.Module, counter: str, phases: tuple[str, ...]) -> None:
+        """Count the images through ``module`` during the given stages (a host-side hook: no sync)."""
+        def hook(_module, inputs):
+            if self._phase in phases and inputs and isinstance(inputs[0], Tensor):
+                self.counters[counter] += inputs[0].shape[0]
+
+        module.register_forward_pre_hook(hook)
+
+    @contextlib.contextmanager
+    def _stage(self, phase: str):
+        """Time a stage without synchronising: CUDA events on a GPU, read at the next sync point."""
+        self._phase = phase
+        if self.device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                self._stage_marks.append((phase, start, end))
+                self._phase = None
+        else:
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.counters[f"time/{phase}"] += time.perf_counter() - start
+                self._phase = None
+
+    def budget_counters(self) -> dict[str, Any]:
+        """The cumulative counters for a record (adds up pending CUDA events: a sync point)."""
+        if self._stage_marks:
+            self._stage_marks[-1][2].synchronize()
+            for phase, start, end in self._stage_marks:
+                self.counters[f"time/{phase}"] += start.elapsed_time(end) / 1000.0
+            self._stage_marks = []
+        method_counts = {k: v for k, v in getattr(self.method, "counters", {}).items()}
+        return {**self.counters, **method_counts,
+                "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+                "peak_memory_mb": peak_memory_mb(self.device)}
 
     def _static_student_step(self, perf) -> StaticStep | None:
         """The student step as a replayable graph, when the switch, the method and the set-up allow it."""
@@ -373,7 +448,8 @@ class Trainer:
             self.optimizer.step()
             return terms, keep
 
-        return StaticStep(step, lambda: self.optimizer.zero_grad(set_to_none=True), self.device, note=self.note)
+        return StaticStep(step, lambda: self.optimizer.zero_grad(set_to_none=True), self.device, note=self.note,
+                          counters=self.counters)
 
     def student_step(self) -> None:
         if self.static_step is not None:
@@ -483,6 +559,7 @@ class Trainer:
             "kind": "eval", "step": self.iteration, "epoch": self.iteration / self.train_cfg.steps_per_epoch,
             "wall_time": self.wall_time(), "lr": self.learning_rate(max(self.iteration - 1, 0)),
             **metrics, **{f"loss/{name}": value for name, value in losses.items()},
+            **self.budget_counters(),
         }
         self.record(record)
         return record
@@ -565,6 +642,8 @@ class Trainer:
                 "drift_snapshots": {k: {n: t.cpu() for n, t in v.items()} for k, v in self.drift_snapshots.items()},
                 "best_accuracy": self.best_accuracy,
             })
+        self.budget_counters()  # adds up pending stage times
+        state["counters"] = dict(self.counters)
         return state
 
     def save_checkpoint(self) -> None:
@@ -593,6 +672,8 @@ class Trainer:
             self.drift_snapshots = {int(k): {n: t.to(self.device) for n, t in v.items()}
                                     for k, v in state["drift_snapshots"].items()}
             self.best_accuracy = state["best_accuracy"]
+        for name in self.counters:
+            self.counters[name] = state.get("counters", {}).get(name, self.counters[name])
             # Records after the checkpoint came from iterations that will run again.
             self.store.rewrite_records(self.records)
 
@@ -625,7 +706,8 @@ class Trainer:
             self.restore(state)
             self.note(f"resumed from iteration {self.iteration}")
         else:
-            self.method.pretrain()
+            with self._stage("synthesis"):
+                self.method.pretrain()
             if self.distributed.is_main:
                 # A start killed before its first checkpoint may have left records behind;
                 # this start produces them all again.

@@ -37,6 +37,7 @@ class _Captured:
     inputs: dict[str, Tensor]
     outputs: Any
     graph: Any = None  # torch.cuda.CUDAGraph on a GPU, None for the CPU form
+    counted: dict[str, float] | None = None  # what the captured call added to the counters
 
 
 def _key(batch: dict[str, Tensor]) -> tuple:
@@ -52,7 +53,8 @@ class StaticStep:
     """
 
     def __init__(self, fn: Callable[[dict[str, Tensor]], Any], zero_grad: Callable[[], None],
-                 device: torch.device, warmup: int = 3, note: Callable[[str], None] = print):
+                 device: torch.device, warmup: int = 3, note: Callable[[str], None] = print,
+                 counters: dict[str, float] | None = None):
         self.fn = fn
         self.zero_grad = zero_grad
         self.device = device
@@ -65,6 +67,9 @@ class StaticStep:
         self._graphs: dict[tuple, _Captured] = {}
         self._baked: Any = None
         self._side_stream = torch.cuda.Stream(device) if self.cuda else None
+        # Host-side counters that Python hooks inside ``fn`` move (e.g. images per step): a replay
+        # runs no Python, so it adds what the captured call added.
+        self.counters = counters if counters is not None else {}
 
     def invalidate_if_changed(self, baked: Any) -> None:
         """Drop the captures when a value they baked in (e.g. the learning rates) changed."""
@@ -100,8 +105,11 @@ class StaticStep:
         key = _key(batch)
         captured = self._graphs.get(key)
         if captured is None:
+            before = dict(self.counters)
             try:
                 captured = self._capture(batch)
+                captured.counted = {k: v - before.get(k, 0) for k, v in self.counters.items()
+                                    if v != before.get(k, 0) and not k.startswith("time/")}
             except RuntimeError as error:
                 if not self.cuda:
                     raise
@@ -116,6 +124,8 @@ class StaticStep:
             captured.inputs[name].copy_(tensor)
         if captured.graph is not None:
             captured.graph.replay()
+            for name, added in (captured.counted or {}).items():
+                self.counters[name] += added
         else:
             self.zero_grad()
             captured.outputs = self.fn(captured.inputs)

@@ -120,6 +120,8 @@ class MethodContext:
     note: Callable[..., None] = lambda message, show=True: print(message) if show else None
     """``note(message, show=True)``: kept in the run's config.json, printed unless ``show`` is False."""
     wrap_distributed: Callable[[nn.Module], nn.Module] = lambda module: module
+    student_images_per_step: int = 0
+    """This rank's share of ``TrainConfig.student_images_per_step`` (0: the method's own number)."""
 
     # ---- randomness that is identical for 1 process and N data-parallel ranks ----
     def randn(self, rows: int, cols: int, rng: torch.Generator | None = None) -> Tensor:

@@ -180,6 +180,7 @@ class AdversarialMethod(Method):
         self._stage_images: dict[str, list[Tensor]] = {}
         self._step_in_stage = 0
         self._batch: dict[str, Tensor] | None = None  # the inputs of the student step being computed
+        self.counters = {"synthetic_images": 0}  # images G and its copies produced for training
 
     # ------------------------------------------------------------- sampling ---
     @property
@@ -216,9 +217,25 @@ class AdversarialMethod(Method):
                 images[name] = self.synthesize(generator, self.draw_noise(num_samples, rng))
         return images
 
+    def num_student_sources(self) -> int:
+        """How many sources a student step draws from (for the equal-images control)."""
+        return len(self.generator_modules())
+
+    def source_batch(self) -> int:
+        """Images per source and student step: one batch, or under the equal-images control
+        (``student_images_per_step`` N) N split evenly over the sources -- e.g. N = 2 x bs
+        doubles ABM's batch and leaves MAD's and DFKD-Mem's two batches as they are."""
+        total = self.ctx.student_images_per_step
+        if not total:
+            return self.ctx.batch_size
+        if total < self.num_student_sources():
+            raise ConfigError(f"student_images_per_step={total} is fewer than the {self.num_student_sources()} "
+                              f"sources of {self.name}")
+        return total // self.num_student_sources()
+
     def _begin_student_stage(self) -> None:
         """Draw the noise of the whole stage: independent z for each generator (z and z' of Eq. 4)."""
-        steps, batch = self.ctx.student_steps, self.ctx.batch_size
+        steps, batch = self.ctx.student_steps, self.source_batch()
         self._stage_noise = {name: [self.draw_noise(batch) for _ in range(steps)] for name in self.generator_modules()}
         self._stage_images = {}
         if self.ctx.perf.stage_buffer:
@@ -251,6 +268,7 @@ class AdversarialMethod(Method):
         p, ctx = self.params, self.ctx
         kd_weight = p.generator_kd_weight if kd_weight is None else kd_weight
         z, labels = self.draw_noise(ctx.batch_size)
+        self.counters["synthetic_images"] += z.shape[0]
         terms: dict[str, Tensor] = {}
         with ctx.perf.autocast(ctx.device):
             logits = self.net_parallel(z, labels)
@@ -336,6 +354,8 @@ class AdversarialMethod(Method):
         return loss, terms, sources
 
     def finish_student_step(self, keep: Any) -> None:
+        generated = self.generator_modules()
+        self.counters["synthetic_images"] += sum(s.images.shape[0] for s in keep if s.name in generated)
         self.after_student_step(keep)
         self._step_in_stage += 1
 
@@ -392,8 +412,10 @@ class AdversarialMethod(Method):
     def state_dict(self) -> dict[str, Any]:
         # Checkpoints are taken between iterations, so no stage is ever half-way:
         # the next stage draws its noise afresh from the (checkpointed) RNG.
-        return {"generator": self.net.state_dict(), "generator_optimizer": self.optimizer.state_dict()}
+        return {"generator": self.net.state_dict(), "generator_optimizer": self.optimizer.state_dict(),
+                "counters": dict(self.counters)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["generator"])
         self.optimizer.load_state_dict(state["generator_optimizer"])
+        self.counters.update(state.get("counters", {}))

@@ -117,9 +117,12 @@ class DFKDMem(AdversarialMethod):
     def __init__(self, params: MemParams, ctx: MethodContext):
         super().__init__(params, ctx)
         self.memory = MemoryBank(params.memory_size, ctx.image_shape, params.memory_dtype, ctx.device)
-        self.push_per_stage = params.memory_push_per_stage or ctx.batch_size
-        self.memory_batch = params.memory_batch_size or ctx.batch_size
+        self.push_per_stage = params.memory_push_per_stage or self.source_batch()
+        self.memory_batch = params.memory_batch_size or self.source_batch()
         self._pushed_this_stage = 0
+
+    def num_student_sources(self) -> int:
+        return 2  # fresh samples of G and the memory
 
     def end_generator_stage(self) -> None:
         super().end_generator_stage()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dfkd_bench.engine import train_run
+from dfkd_bench.engine import NONDETERMINISTIC_RECORD_KEYS, train_run
 from dfkd_bench.experiment import build_run_configs
 from dfkd_bench.store import RunStore
 
@@ -38,7 +38,7 @@ def outcome(results: Path) -> tuple[list[dict], dict]:
     (run,) = [p for p in results.iterdir() if (p / "config.json").exists()]
     store = RunStore(results, run.name)
     assert store.is_done(), f"{run} is not done"
-    records = [{k: v for k, v in r.items() if k != "wall_time"} for r in store.read_records()]
+    records = [{k: v for k, v in r.items() if k not in NONDETERMINISTIC_RECORD_KEYS} for r in store.read_records()]
     return records, torch.load(store.student_path, weights_only=True)
 
 

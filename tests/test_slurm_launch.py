@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from dfkd_bench.engine import NONDETERMINISTIC_RECORD_KEYS
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -145,7 +147,7 @@ def last_step(run: Path) -> int:
 
 
 def records_without_times(run: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "wall_time"}
+    return [{k: v for k, v in json.loads(line).items() if k not in NONDETERMINISTIC_RECORD_KEYS}
             for line in (run / "records.jsonl").read_text().splitlines() if line.strip()]
 
 

@@ -1,0 +1,44 @@
+"""Budgets that can be compared both ways: per iteration and per image (cumulative counters)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dfkd_bench.engine import train_run
+from dfkd_bench.experiment import build_run_configs
+from dfkd_bench.store import RunStore
+
+
+def final_eval(tmp_path, config) -> dict:
+    train_run(config, tmp_path, device="cpu", progress=False)
+    return [r for r in RunStore(tmp_path, config.run_name).read_records() if r["kind"] == "eval"][-1]
+
+
+def test_eval_records_carry_cumulative_counters(digits_request, tmp_path):
+    abm, mad = build_run_configs(digits_request(["abm", "mad"]))
+    a, m = final_eval(tmp_path, abm), final_eval(tmp_path, mad)
+    train = abm.train
+    iterations, bs = train.total_iterations, train.batch_size
+    pretrain = abm.params["pretrain_steps"]
+    assert a["student_images"] == iterations * train.student_steps * bs
+    assert m["student_images"] == 2 * a["student_images"]  # G and the EMA G: the paper's budget is per iteration
+    # the teacher sees every generator-step batch and every student image
+    assert a["teacher_images"] == (pretrain + iterations * train.generator_steps) * bs + a["student_images"]
+    assert a["synthetic_images"] == (pretrain + iterations * train.generator_steps) * bs + a["student_images"]
+    for record in (a, m):
+        assert record["time/synthesis"] > 0 and record["time/student"] > 0
+        assert record["device"] == "cpu" and record["peak_memory_mb"] > 0
+
+
+@pytest.mark.parametrize("method", ["abm", "mem", "mad"])
+def test_the_equal_images_control_gives_every_student_the_same_images_per_step(method, digits_request, tmp_path):
+    bs = build_run_configs(digits_request([method]))[0].train.batch_size
+    default = build_run_configs(digits_request([method]))[0]
+    equal = build_run_configs(digits_request([method], overrides={"student_images_per_step": 2 * bs}))[0]
+    assert equal.run_id != default.run_id
+    record = final_eval(tmp_path, equal)
+    steps = equal.train.total_iterations * equal.train.student_steps
+    if method == "mem":  # the memory is empty at the very first step, which trains on fresh samples only
+        assert record["student_images"] == 2 * bs * steps - bs
+    else:
+        assert record["student_images"] == 2 * bs * steps
