@@ -1,0 +1,54 @@
+"""Tables and figures from the run records: ``dfkd-bench report``.
+
+Everything here reads only what the engine wrote (``config.json``,
+``records.jsonl``, ``done`` and the sample PNGs of each run folder, see
+:mod:`dfkd_bench.store`) and never trains, so a report can be rebuilt at any
+time, also while runs are still going.
+
+Rules that keep the numbers honest:
+
+* Only finished runs (with a ``done`` file) enter tables and figures.
+  Unfinished or unreadable runs are listed (``incomplete.md``), never mixed in.
+* The main number is the FINAL test accuracy (last evaluation). The best
+  accuracy over training is reported separately and labelled as selected on
+  the test set, because picking the maximum over evaluations on the test split
+  is an optimistic, test-set-selected number.
+* Runs that differ only in their seed are aggregated: mean and sample standard
+  deviation (``ddof=1``) over seeds. Runs that differ in a setting (a sweep)
+  are never averaged together: per (method, dataset, pair) the table uses the
+  configuration equal to the preset defaults if there is one, otherwise the
+  most common one, and the other configurations go to the sweep plots.
+* A run found twice (same run id, e.g. a copied results folder) or the same
+  seed of the same configuration twice counts once.
+
+Figures are drawn with matplotlib's Agg canvas (no display, no global pyplot
+state) and saved in every requested format.
+
+The package is split so that each part can be read alone:
+
+* :mod:`~dfkd_bench.report.common`: constants, labels, orderings, value helpers;
+* :mod:`~dfkd_bench.report.load`: run folders and records -> ``load_runs`` / ``load_records``;
+* :mod:`~dfkd_bench.report.configs`: which configuration each table cell uses, sweeps;
+* :mod:`~dfkd_bench.report.tables`: accuracy and compute tables;
+* :mod:`~dfkd_bench.report.figures`: curves, sample grids, sweep plots;
+* :mod:`~dfkd_bench.report.writer`: ``write_report`` and the ``dfkd-bench report`` command.
+"""
+
+from dfkd_bench.report.common import (DEFAULT_FORMATS, DEFAULT_REPORT_DIR, METHOD_LABELS, METHOD_ORDER, METRICS,
+                                      method_label, setting_columns, setting_name)
+from dfkd_bench.report.configs import (CellConfigs, analyse_configs, preset_default_settings, select_table_runs,
+                                       sweep_points)
+from dfkd_bench.report.figures import (band, plot_accuracy_curves, plot_drift_curves, plot_generator_losses,
+                                       plot_loss_curves, plot_samples, plot_sweeps)
+from dfkd_bench.report.load import find_run_dirs, load_records, load_runs
+from dfkd_bench.report.tables import accuracy_table, cost_table, format_cell, latex_escape
+from dfkd_bench.report.writer import add_report_command, cmd_report, write_report
+
+__all__ = [
+    "DEFAULT_FORMATS", "DEFAULT_REPORT_DIR", "METHOD_LABELS", "METHOD_ORDER", "METRICS", "CellConfigs",
+    "accuracy_table", "add_report_command", "analyse_configs", "band", "cmd_report", "cost_table", "find_run_dirs",
+    "format_cell", "latex_escape", "load_records", "load_runs", "method_label", "plot_accuracy_curves",
+    "plot_drift_curves", "plot_generator_losses", "plot_loss_curves", "plot_samples", "plot_sweeps",
+    "preset_default_settings", "select_table_runs", "setting_columns", "setting_name", "sweep_points",
+    "write_report",
+]

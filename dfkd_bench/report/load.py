@@ -1,0 +1,230 @@
+"""Reading results folders: run folders, their configuration, status and records.
+
+Nothing here draws or aggregates; :func:`load_runs` gives one row per run and
+:func:`load_records` every record, for the tables, the figures and for users'
+own analyses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from dfkd_bench.errors import DfkdError
+from dfkd_bench.report.common import (SKIP_DIRS, _missing, _norm, dataset_sort_key, method_label, method_sort_key,
+                                      setting_columns)
+from dfkd_bench.store import RunStore, heartbeat_age, read_jsonl
+
+# ------------------------------------------------------------------ loading ---
+
+@dataclass
+class _Scan:
+    """What one pass over a results folder found."""
+
+    runs: pd.DataFrame
+    records: dict[str, list[dict[str, Any]]]  # run_name -> records
+    notes: list[str] = field(default_factory=list)
+
+
+def find_run_dirs(results_dir: str | os.PathLike) -> list[Path]:
+    """Run folders (holding a run's ``config.json``) at any depth, skipping ``_submitit`` logs."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise DfkdError(f"results directory {root} does not exist; run `dfkd-bench run` first or pass --results-dir")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
+        if "config.json" in filenames:
+            try:
+                config = json.loads((Path(dirpath) / "config.json").read_text())
+            except (OSError, json.JSONDecodeError):
+                config = None
+            if isinstance(config, dict) and {"method", "dataset", "seed"} <= set(config):
+                found.append(Path(dirpath))
+                dirnames[:] = []  # a run folder holds no other runs
+    return found
+
+
+def _flatten(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
+    return {f"{prefix}.{key}": _norm(value) for key, value in sorted(values.items())}
+
+
+def _config_id(settings: dict[str, Any]) -> str:
+    canonical = json.dumps({k: v for k, v in settings.items() if not _missing(v)}, sort_keys=True, default=str)
+    return hashlib.sha1(canonical.encode()).hexdigest()[:10]
+
+
+def _run_state(path: Path) -> str:
+    """Why an unfinished run is unfinished, as far as the files tell."""
+    error = path / "error.txt"
+    if error.exists():
+        lines = [line for line in error.read_text(errors="replace").splitlines() if line.strip()]
+        return f"failed: {lines[-1][:160]}" if lines else "failed"
+    if RunStore(path.parent, path.name).is_locked():
+        return "running on this host"
+    age = heartbeat_age(path)
+    if age is not None:
+        return f"probably running on another host (heartbeat {age / 60:.0f} min ago)"
+    heartbeat = path / "heartbeat"
+    if heartbeat.exists():
+        age = time.time() - heartbeat.stat().st_mtime
+        return f"stopped (last heartbeat {_age_text(age)} ago); rerun the same command to resume"
+    return "stopped; rerun the same command to resume"
+
+
+def _age_text(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
+
+
+def _read_run(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    config = json.loads((path / "config.json").read_text())
+    problem = ""
+    try:
+        records = read_jsonl(path / "records.jsonl")
+    except DfkdError as error:
+        records, problem = [], str(error)
+    summary = None
+    if (path / "done").exists():
+        try:
+            summary = json.loads((path / "done").read_text())
+        except json.JSONDecodeError:
+            problem = problem or f"{path / 'done'} is not valid JSON"
+    evals = [r for r in records if r.get("kind") == "eval" and r.get("test_accuracy") is not None]
+    teacher = config.get("teacher") or {}
+    train = config.get("train") or {}
+    environment = config.get("environment") or {}
+    teacher_accuracy = config.get("teacher_test_accuracy_here")
+    if teacher_accuracy is None:
+        teacher_accuracy = teacher.get("test_accuracy")
+    if teacher_accuracy is None and summary:
+        teacher_accuracy = summary.get("teacher_accuracy")
+    if problem:
+        status, state = "damaged", problem
+    elif summary is not None:
+        status, state = "done", "done"
+    else:
+        status, state = "incomplete", _run_state(path)
+    steps = [r["step"] for r in records if isinstance(r.get("step"), (int, float))]
+    final = evals[-1]["test_accuracy"] if evals else (summary or {}).get("final_accuracy")
+    best = max(r["test_accuracy"] for r in evals) if evals else (summary or {}).get("best_accuracy")
+    wall = (summary or {}).get("wall_time")
+    if wall is None and evals:
+        wall = evals[-1].get("wall_time")
+    epochs, per_epoch = train.get("epochs"), train.get("steps_per_epoch")
+    teacher_arch = teacher.get("arch", "?")
+    student_arch = config.get("student_arch", "?")
+    row = {
+        "run_name": config.get("run_name", path.name), "path": str(path), "status": status, "state": state,
+        "method": config["method"], "dataset": config["dataset"], "seed": config["seed"],
+        "preset": config.get("preset", ""), "budget": config.get("budget", ""),
+        "teacher_arch": teacher_arch, "student_arch": student_arch, "pair": f"{teacher_arch}→{student_arch}",
+        "teacher_sha256": str(teacher.get("sha256") or ""), "teacher_accuracy": teacher_accuracy,
+        "image_size": config.get("image_size"),
+        **{key: environment.get(key) for key in ("device", "torch_threads", "world_size")},
+        "final_accuracy": final, "best_accuracy": best, "wall_time": wall,
+        "iterations": (summary or {}).get("iterations", max(steps) if steps else 0),
+        "last_step": max(steps) if steps else 0,
+        "planned_iterations": epochs * per_epoch if epochs and per_epoch else None,
+        "evaluations": len(evals), "run_id": config.get("run_id", path.name),
+        # When the run finished (epoch seconds of the done file), to prefer the newest among equals.
+        "finished_at": (path / "done").stat().st_mtime if summary is not None else None,
+        **_flatten("train", train), **_flatten("params", config.get("params") or {}),
+    }
+    return row, records
+
+
+def _scan(results_dir: str | os.PathLike) -> _Scan:
+    root = Path(results_dir)
+    paths = find_run_dirs(root)
+    if not paths:
+        raise DfkdError(f"no runs found under {root} (looked for */config.json); run `dfkd-bench run` first")
+    rows, records, notes = [], {}, []
+    for path in paths:
+        try:
+            row, run_records = _read_run(path)
+        except (OSError, json.JSONDecodeError, KeyError) as error:
+            notes.append(f"skipped {path}: cannot read its config ({type(error).__name__}: {error})")
+            continue
+        rows.append((row, run_records))
+    # The same run found twice (a copied folder) must count once: keep the finished
+    # copy with the most records.
+    by_id: dict[str, tuple[dict, list]] = {}
+    rank = {"done": 0, "incomplete": 1, "damaged": 2}
+    for row, run_records in rows:
+        key = row["run_id"]
+        if key in by_id:
+            kept = by_id[key]
+            candidates = sorted([kept, (row, run_records)], key=lambda x: (rank[x[0]["status"]], -len(x[1])))
+            notes.append(f"run {row['run_name']} was found twice; used {candidates[0][0]['path']}, "
+                         f"ignored {candidates[1][0]['path']}")
+            by_id[key] = candidates[0]
+        else:
+            by_id[key] = (row, run_records)
+    frame = pd.DataFrame([row for row, _ in by_id.values()])
+    settings = setting_columns(frame)
+    # The teacher is part of the experiment too (same architecture, other weights).
+    frame["config_id"] = [_config_id({**{c: _norm(row[c]) for c in settings}, "teacher": row["teacher_sha256"]})
+                          for _, row in frame.iterrows()]
+    frame["method_label"] = frame["method"].map(method_label)
+    frame = frame.sort_values(
+        by=["dataset", "pair", "method", "config_id", "seed", "run_name"],
+        key=lambda col: col.map(lambda v: dataset_sort_key(v) if col.name == "dataset" else
+                                (method_sort_key(v) if col.name == "method" else v)),
+    ).reset_index(drop=True)
+    records = {row["run_name"]: run_records for row, run_records in by_id.values()}
+    return _Scan(frame, records, notes)
+
+
+def load_runs(results_dir: str | os.PathLike) -> pd.DataFrame:
+    """One row per run found below ``results_dir`` (any depth).
+
+    Columns: ``run_name, path, status`` (done / incomplete / damaged), ``state``
+    (why it is not done), ``method, dataset, seed, teacher_arch, student_arch,
+    pair`` (``teacher→student``), ``teacher_accuracy`` (measured at run start),
+    ``final_accuracy`` (last evaluation), ``best_accuracy`` (max over
+    evaluations), ``wall_time`` (s), ``iterations``, ``last_step``,
+    ``planned_iterations``, every ``train.*`` and ``params.*`` setting, and
+    ``config_id``: a hash of the settings that define the experiment (all but
+    the seed and bookkeeping, plus the teacher's weights), equal for runs that
+    differ only by seed.
+    Raises :class:`DfkdError` when the folder is missing or holds no run.
+    """
+    scan = _scan(results_dir)
+    scan.runs.attrs["notes"] = list(scan.notes)
+    return scan.runs
+
+
+def _records_frame(scan: _Scan, join: bool = True) -> pd.DataFrame:
+    """All records in one frame keyed by ``run_name``; ``join`` adds the run-level columns."""
+    frames = []
+    for name, run_records in scan.records.items():
+        if not run_records:
+            continue
+        frame = pd.DataFrame(run_records).drop(columns=["run", "method", "seed"], errors="ignore")
+        frame.insert(0, "run_name", name)
+        frames.append(frame)
+    if not frames:
+        return pd.DataFrame(columns=["run_name", "kind", "step"])
+    records = pd.concat(frames, ignore_index=True, sort=False)
+    if not join:
+        return records
+    # Run-level columns join on; a name the records use too (wall_time) gets a run_ prefix.
+    run_columns = scan.runs.rename(columns={c: f"run_{c}" for c in scan.runs.columns
+                                            if c in records.columns and c != "run_name"})
+    return records.merge(run_columns, on="run_name", how="left", validate="many_to_one")
+
+
+def load_records(results_dir: str | os.PathLike) -> pd.DataFrame:
+    """Every record of every run in one long DataFrame, with the run-level columns of
+    :func:`load_runs` joined on (``run_name`` is the key; run columns whose name a record
+    also uses, like ``wall_time``, are prefixed ``run_``). A torn last line is ignored."""
+    return _records_frame(_scan(results_dir))
+
+

@@ -1,0 +1,219 @@
+"""``write_report`` and the ``dfkd-bench report`` command: every table and figure, and report.md."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from dfkd_bench.errors import DfkdError
+from dfkd_bench.report.common import (BAND_TEXT, BEST_TITLE, DEFAULT_FORMATS, DEFAULT_REPORT_DIR, FINAL_TITLE,
+                                      SINGLE_RUN_MARK, _missing)
+from dfkd_bench.report.configs import analyse_configs
+from dfkd_bench.report.figures import (plot_accuracy_curves, plot_drift_curves, plot_generator_losses,
+                                       plot_loss_curves, plot_samples, plot_sweeps)
+from dfkd_bench.report.load import _records_frame, _scan
+from dfkd_bench.report.tables import _cost_markdown, _plain_table, _write_tables, accuracy_table, cost_table
+from dfkd_bench.store import DEFAULT_RESULTS_DIR
+
+# --------------------------------------------------------------------- report ---
+
+def _incomplete_markdown(runs: pd.DataFrame) -> str:
+    pending = runs[runs["status"] != "done"]
+    if pending.empty:
+        return "# Incomplete runs\n\nNone: every run found is finished.\n"
+    lines = ["# Incomplete runs", "",
+             f"{len(pending)} run(s) have no `done` file (or unreadable records); they are NOT in the tables "
+             "or figures.", "",
+             "| run | method | dataset | pair | seed | last step / planned | status | path |",
+             "|:--|:--|:--|:--|--:|--:|:--|:--|"]
+    for row in pending.itertuples():
+        planned = "?" if _missing(row.planned_iterations) else int(row.planned_iterations)
+        state = str(row.state).replace("|", "\\|")
+        lines.append(f"| {row.run_name} | {row.method} | {row.dataset} | {row.pair} | {row.seed} | "
+                     f"{int(row.last_step)} / {planned} | {row.status}: {state} | {row.path} |")
+    return "\n".join(lines) + "\n"
+
+
+def _check_formats(formats: Sequence[str]) -> tuple[str, ...]:
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    supported = FigureCanvasBase.get_supported_filetypes()
+    formats = tuple(f.strip().lower().lstrip(".") for f in formats if f.strip())
+    unknown = [f for f in formats if f not in supported]
+    if not formats or unknown:
+        raise DfkdError(f"unknown figure format(s) {', '.join(unknown) or '(none given)'}; "
+                        f"use some of {', '.join(sorted(supported))}")
+    return formats
+
+
+def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                 formats: Sequence[str] = DEFAULT_FORMATS, command: str | None = None) -> dict[str, Any]:
+    """Write the tables, figures and ``report.md`` of every run below ``results_dir`` into ``out_dir``.
+
+    ``command`` is the command line recorded in ``report.md``. Returns
+    ``{"report": path, "incomplete": path, "tables": [paths], "figures": [paths],
+    "incomplete_runs": ["name (status, step N of M: why)"], "notes": [text],
+    "text": the final table and notes as plain text for a terminal}``.
+    """
+    formats = _check_formats(formats)
+    scan = _scan(results_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = scan.runs
+    records = _records_frame(scan, join=False)  # the figures select runs by name; no need for 100 columns
+    cells, config_notes = analyse_configs(runs)
+    notes = scan.notes + config_notes
+    done = runs[runs["status"] == "done"]
+    pending = runs[runs["status"] != "done"]
+    if done.empty:
+        notes.append("no run is finished yet: the tables and figures are empty")
+
+    tables, sections = [], {}
+    for metric, stem, title, best in (("final_accuracy", "table_final", FINAL_TITLE, False),
+                                      ("best_accuracy", "table_best", BEST_TITLE, True)):
+        table = accuracy_table(runs, metric)
+        paths, markdown = _write_tables(table, out, stem, title, best, config_notes)
+        tables += paths
+        sections[stem] = (markdown, table)
+    costs = cost_table(sections["table_final"][1], runs)
+    costs.to_csv(out / "table_cost.csv", index=False)
+    tables.append(out / "table_cost.csv")
+
+    figures: list[Path] = []
+    if not done.empty:
+        done_records = records[records["run_name"].isin(set(done["run_name"]))]
+        figures += plot_accuracy_curves(done_records, cells, out, formats)
+        figures += plot_loss_curves(done_records, cells, out, formats)
+        figures += plot_generator_losses(done_records, cells, out, formats)
+        figures += plot_drift_curves(done_records, cells, out, formats)
+        sample_paths, sample_notes = plot_samples(done_records, cells, out, formats)
+        figures += sample_paths
+        notes += sample_notes
+        figures += plot_sweeps(runs, cells, out, formats)
+
+    incomplete_path = out / "incomplete.md"
+    incomplete_text = _incomplete_markdown(runs)
+    incomplete_path.write_text(incomplete_text)
+
+    command = command or f"write_report({str(results_dir)!r}, {str(out_dir)!r}, formats={formats!r})"
+    report_path = out / "report.md"
+    # The configuration notes are printed under the tables already.
+    other_notes = [note for note in notes if note not in config_notes]
+    report_path.write_text(_report_markdown(results_dir, runs, sections, figures, other_notes, incomplete_text,
+                                            command, formats, _cost_markdown(costs)))
+    text = (f"{FINAL_TITLE} (%):\n{_plain_table(sections['table_final'][1])}\n"
+            f"(mean ± sample std over seeds; {SINGLE_RUN_MARK} = one seed)")
+    if notes:
+        text += "\n" + "\n".join(f"note: {note}" for note in notes)
+    return {
+        "report": str(report_path), "incomplete": str(incomplete_path),
+        "tables": [str(p) for p in tables], "figures": [str(p) for p in figures],
+        "incomplete_runs": [f"{row.run_name} ({row.status}, step {int(row.last_step)} of "
+                            f"{'?' if _missing(row.planned_iterations) else int(row.planned_iterations)}: {row.state})"
+                            for row in pending.itertuples()],
+        "notes": notes, "text": text,
+    }
+
+
+FIGURE_CAPTIONS = {
+    "accuracy_curves": "Test accuracy of the student vs step (Fig. 2)",
+    "loss_curves": "Student KD loss on samples of G, of the EMA G and on memory samples (Fig. 3)",
+    "generator_losses": "Generator loss terms, bounds, teacher agreement and test cross-entropy (Fig. 9 style)",
+    "drift_curves": "JS drift of S_{t−τ} vs T on samples of G_t (solid) and EMA G_t (dashed) (Fig. 4)",
+}
+
+
+def _report_markdown(results_dir, runs: pd.DataFrame, sections: dict, figures: list[Path], notes: list[str],
+                     incomplete_text: str, command: str, formats: Sequence[str], cost_text: str) -> str:
+    """report.md: what was run, both tables, every figure with its caption, the notes and unfinished runs."""
+    counts = runs["status"].value_counts()
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [
+        "# DFKD benchmark report", "",
+        f"Produced by `{command}` on {now}.", "",
+        f"Results: `{results_dir}`: {len(runs)} run(s) found, {counts.get('done', 0)} finished, "
+        f"{counts.get('incomplete', 0)} incomplete, {counts.get('damaged', 0)} unreadable.", "",
+        "## Final test accuracy", "", sections["table_final"][0],
+        "Files: [CSV](table_final.csv), [LaTeX](table_final.tex).", "",
+        "## Best test accuracy over training — selected on the test set (optimistic)", "",
+        sections["table_best"][0],
+        "Files: [CSV](table_best.csv), [LaTeX](table_best.tex).", "",
+        "## Compute", "", cost_text, "Files: [CSV](table_cost.csv).", "",
+        "## Figures", "",
+        f"Curves: {BAND_TEXT} (legend: n = number of seeds). Losses are running means over the iterations "
+        "between two evaluations.", "",
+    ]
+    stems = list(dict.fromkeys(p.stem for p in figures))
+    main_format = "png" if "png" in formats else formats[0]
+    for stem in stems:
+        if stem in FIGURE_CAPTIONS:
+            caption = FIGURE_CAPTIONS[stem]
+        elif stem.startswith("samples_"):
+            caption = "Latest sample grids of G and of the EMA G, seed 0 (Fig. 5): " + stem[len("samples_"):]
+        else:
+            caption = (f"Final accuracy vs {stem[len('sweep_'):]} (Figs. 6/7/9 style), error bars ± std over seeds; "
+                       "the other methods at their table configuration as dashed reference lines")
+        others = ", ".join(f"[{fmt}]({stem}.{fmt})" for fmt in formats if fmt != main_format)
+        parts += [f"### {caption}", "", f"![{caption}]({stem}.{main_format})" + (f"  ({others})" if others else ""), ""]
+    if not stems:
+        parts += ["No figures: no finished run.", ""]
+    parts += ["## Notes", "",
+              "- Only finished runs (with a `done` file) are in the tables and figures; unfinished ones are listed "
+              "below and in [incomplete.md](incomplete.md).",
+              "- Final accuracy: the last evaluation on the real test split. Best accuracy: the maximum over all "
+              "evaluations, selected on the test set, hence optimistic.",
+              "- Runs that differ only in the seed are aggregated (mean ± sample std, ddof=1). Each table column "
+              "uses one budget and one teacher (the one most methods were run with; paper, then default budget "
+              "before smoke runs). Where a cell has runs with different settings (a sweep), the tables use the "
+              "preset-default configuration when one matches, otherwise the most common one; all configurations "
+              "are in the sweep plots.",
+              *(f"- {note}" for note in notes), "",
+              incomplete_text.replace("# Incomplete runs", "## Incomplete runs"), ""]
+    return "\n".join(parts)
+
+
+# ------------------------------------------------------------------------ CLI ---
+
+def _formats_arg(text: str) -> tuple[str, ...]:
+    try:
+        return _check_formats(text.split(","))
+    except DfkdError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``dfkd-bench report``: write everything, print the final table, the unfinished runs and where files went."""
+    command = "dfkd-bench report " + " ".join([
+        f"--results-dir {shlex.quote(str(args.results_dir))}", f"--out {shlex.quote(str(args.out))}",
+        f"--formats {','.join(args.formats)}"])
+    result = write_report(args.results_dir, args.out, formats=args.formats, command=command)
+    print(result["text"])
+    if result["incomplete_runs"]:
+        print(f"\n{len(result['incomplete_runs'])} incomplete run(s), not in the tables:")
+        for line in result["incomplete_runs"]:
+            print(f"  {line}")
+    print(f"\nwrote {len(result['tables'])} table files and {len(result['figures'])} figure files to {args.out}; "
+          f"start with {result['report']}")
+    return 0
+
+
+def add_report_command(subparsers) -> argparse.ArgumentParser:
+    """Register ``dfkd-bench report`` on an argparse ``add_subparsers()`` object."""
+    parser = subparsers.add_parser(
+        "report", help="tables (Table 2 style) and figures (Figs. 2-9 style) from finished runs",
+        description="Aggregate finished runs over seeds into tables (CSV, Markdown, LaTeX) and figures "
+                    "(PNG/PDF) plus report.md. Unfinished runs are listed, never mixed in.")
+    parser.add_argument("--results-dir", default=DEFAULT_RESULTS_DIR,
+                        help=f"folder searched (recursively) for run folders (default: {DEFAULT_RESULTS_DIR})")
+    parser.add_argument("--out", default=DEFAULT_REPORT_DIR, help=f"where the report goes (default: {DEFAULT_REPORT_DIR})")
+    parser.add_argument("--formats", type=_formats_arg, default=DEFAULT_FORMATS,
+                        help="comma-separated figure formats (default: png,pdf)")
+    parser.set_defaults(func=cmd_report)
+    return parser
