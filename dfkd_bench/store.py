@@ -13,6 +13,14 @@ One folder per run, named by the run's configuration hash::
         heartbeat          touched while the run makes progress
         done               written last; holds the final summary
 
+Every JSON file is strict JSON (RFC 8259), readable by ``jq``, pandas and other
+languages: a non-finite float (NaN, +-inf, e.g. a diverged loss) is written as
+``null``. Older records with bare ``NaN`` tokens are still read.
+
+With ``DFKD_BENCH_TENSORBOARD=1`` (``--tensorboard``) every record is also
+written as TensorBoard scalars into the run folder (``events.out.tfevents.*``),
+so ``tensorboard --logdir results/runs`` follows runs live.
+
 Every file that is replaced is written to a temporary file, fsynced and
 renamed, so a kill at any moment leaves either the old or the new version.
 Records are appended one whole line per ``write`` and fsynced; a checkpoint
@@ -25,15 +33,20 @@ the same run at once; distinct runs never share a file.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import fcntl
+import importlib.util
 import io
 import json
+import math
+import numbers
 import os
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +54,48 @@ from dfkd_bench.errors import CheckpointError, DfkdError
 
 HEARTBEAT_STALE_SECONDS = 15 * 60
 DEFAULT_RESULTS_DIR = "results/runs"
+TENSORBOARD_ENV = "DFKD_BENCH_TENSORBOARD"
+# Record fields that say what a record is, not what was measured: never TensorBoard scalars.
+_NOT_SCALARS = frozenset({"kind", "step", "run", "method", "seed"})
+
+
+class RecordsError(DfkdError):
+    """A records file has a damaged line that is not the (torn) last one."""
+
+    def __init__(self, path: Path, line: int, reason: str):
+        super().__init__(f"{path}: line {line} {reason}; the records file is damaged (restore it from a copy, "
+                         "or delete the run folder to run it again)")
+        self.path, self.line, self.reason = Path(path), line, reason
+
+
+def strict_json_value(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``None``, ready for ``json.dumps(allow_nan=False)``.
+
+    numpy scalars and 0-d tensors (anything with ``.item()``) become Python numbers first.
+    """
+    # CHOSEN: NaN and +-inf become null (not strings like "NaN"): every JSON reader takes null as a
+    # missing value, pandas reads it as NaN, and a loss that was not finite is a missing measurement.
+    if isinstance(value, dict):
+        return {key: strict_json_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json_value(item) for item in value]
+    if isinstance(value, (str, bool, int)) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if hasattr(value, "item") and not isinstance(value, (bytes, bytearray)):
+        try:
+            return strict_json_value(value.item())
+        except (TypeError, ValueError):
+            return value
+    if isinstance(value, numbers.Real):
+        return strict_json_value(float(value))
+    return value
+
+
+def dumps_strict(value: Any, **kwargs: Any) -> str:
+    """``json.dumps`` of :func:`strict_json_value` with ``allow_nan=False``: always strict JSON."""
+    return json.dumps(strict_json_value(value), allow_nan=False, **kwargs)
 
 
 def heartbeat_age(run_dir: Path) -> float | None:
@@ -77,7 +132,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode())
+    atomic_write_bytes(path, (dumps_strict(data, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -94,21 +149,121 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """All complete records; a torn (unparsable) last line from a kill is ignored."""
-    if not path.exists():
+    """All complete records; a torn last line from a kill is ignored.
+
+    Strict JSON and the older bare ``NaN``/``Infinity`` tokens are both read.
+    A line in the middle that is not valid UTF-8 or not valid JSON raises
+    :class:`RecordsError` naming the file and the line (a kill can only tear
+    the last line, so anything else is damage the user must know of).
+    """
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
         return []
     records = []
-    lines = path.read_text().splitlines()
-    for number, line in enumerate(lines):
-        if not line.strip():
+    lines = data.split(b"\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    for number, raw in enumerate(lines):
+        if not raw.strip():
             continue
+        last = number == len(lines) - 1
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            if last:  # a kill can cut a multi-byte character too
+                break
+            # CHOSEN: an error naming file and line, not a skipped line: a silently dropped record
+            # would change a curve or a final accuracy without anyone knowing.
+            raise RecordsError(path, number + 1, f"is not valid UTF-8 (byte {error.start + 1})") from None
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
-            if number == len(lines) - 1:
+            if last:
                 break
-            raise DfkdError(f"{path}: line {number + 1} is not valid JSON; the records file is damaged")
+            raise RecordsError(path, number + 1, "is not valid JSON") from None
     return records
+
+
+def read_json_file(path: Path, what: str) -> Any:
+    """A JSON file the suite wrote; a truncated or non-UTF-8 one is a one-line :class:`DfkdError` saying so."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise DfkdError(f"{path} ({what}) does not exist") from None
+    except IsADirectoryError:
+        raise DfkdError(f"{path} ({what}) is a folder, not a file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        reason = (f"not valid JSON at line {error.lineno}" if isinstance(error, json.JSONDecodeError)
+                  else "not valid UTF-8")
+        raise DfkdError(f"{path} ({what}) is damaged ({reason}; truncated?); restore it or delete the run "
+                        "folder to run it again") from None
+
+
+def tensorboard_enabled() -> bool:
+    """True when runs write their records as TensorBoard scalars too (``DFKD_BENCH_TENSORBOARD=1``)."""
+    return os.environ.get(TENSORBOARD_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def tensorboard_missing_message() -> str:
+    return ("--tensorboard needs the tensorboard package, which is not installed; "
+            "install it with: pip install 'dfkd-bench[tensorboard]' (or pip install tensorboard)")
+
+
+class TensorboardFlag(argparse.Action):
+    """``--tensorboard``: sets ``DFKD_BENCH_TENSORBOARD=1``, which the runs (also launched as
+    processes or SLURM jobs, which inherit the environment) read in :class:`RunStore`."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        kwargs.setdefault("help", "also write every record as TensorBoard scalars into the run folder "
+                                  "(follow with: tensorboard --logdir RESULTS_DIR); needs the tensorboard extra")
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if importlib.util.find_spec("tensorboard") is None:
+            parser.error(tensorboard_missing_message())
+        os.environ[TENSORBOARD_ENV] = "1"
+        setattr(namespace, self.dest, True)
+
+
+def record_scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The TensorBoard tags and values of one record: ``eval/test_accuracy``, ``loss/kd_gen``,
+    ``drift/js_gen`` ...; missing (null) and non-numeric values are left out."""
+    kind = str(record.get("kind", "record"))
+    scalars = {}
+    for key, value in record.items():
+        if key in _NOT_SCALARS or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value):
+            continue
+        tag = key if (kind == "eval" and "/" in key) else f"{kind}/{key}"
+        scalars[tag] = float(value)
+    return scalars
+
+
+class _TensorBoardLog:
+    """A SummaryWriter into the run folder (one event file per process start)."""
+
+    def __init__(self, directory: Path, purge_step: int | None):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise DfkdError(tensorboard_missing_message()) from None
+        self.writer = SummaryWriter(log_dir=str(directory), purge_step=purge_step)
+
+    def write(self, record: dict[str, Any]) -> None:
+        step = record.get("step")
+        if not isinstance(step, (int, float)) or isinstance(step, bool):
+            return
+        for tag, value in record_scalars(record).items():
+            self.writer.add_scalar(tag, value, global_step=int(step))
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 class RunStore:
@@ -117,6 +272,7 @@ class RunStore:
     def __init__(self, results_dir: str | os.PathLike, run_name: str):
         self.path = Path(results_dir) / run_name
         self.name = run_name
+        self._tensorboard: _TensorBoardLog | None = None
 
     # -------------------------------------------------------------- paths ---
     config_path = property(lambda self: self.path / "config.json")
@@ -135,7 +291,7 @@ class RunStore:
         return self.done_path.exists()
 
     def summary(self) -> dict[str, Any]:
-        return json.loads(self.done_path.read_text())
+        return read_json_file(self.done_path, "the run's summary (done file)")
 
     def status(self) -> str:
         """done, running, failed, incomplete or pending."""
@@ -208,21 +364,49 @@ class RunStore:
         atomic_write_json(self.config_path, config)
 
     def read_config(self) -> dict[str, Any]:
-        return json.loads(self.config_path.read_text())
+        return read_json_file(self.config_path, "the run's configuration")
 
     # ----------------------------------------------------------- records -----
     def append_record(self, record: dict[str, Any]) -> None:
-        line = (json.dumps(record, sort_keys=True, default=float) + "\n").encode()
+        """Append one record (strict JSON: non-finite numbers as null), and its scalars to TensorBoard if enabled."""
+        record = strict_json_value(record)
+        line = (dumps_strict(record, sort_keys=True, default=float) + "\n").encode()
         fd = os.open(self.records_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line)  # one write of one whole line
             os.fsync(fd)
         finally:
             os.close(fd)
+        if tensorboard_enabled():
+            if self._tensorboard is None:
+                self._tensorboard = _TensorBoardLog(self.path, purge_step=None)
+            self._tensorboard.write(record)
+            self._tensorboard.flush()
 
     def rewrite_records(self, records: list[dict[str, Any]]) -> None:
-        data = "".join(json.dumps(r, sort_keys=True, default=float) + "\n" for r in records)
+        """Replace the records file (a resume keeps the records of its checkpoint; a fresh start none).
+
+        With TensorBoard on, a new event file starts with a ``SessionLog.START`` at step 0,
+        which makes TensorBoard discard every scalar read so far for this run, and the kept
+        records are written again after it: what TensorBoard shows is then exactly the
+        records file, with no point of an abandoned attempt left over.
+        """
+        records = [strict_json_value(r) for r in records]
+        data = "".join(dumps_strict(r, sort_keys=True, default=float) + "\n" for r in records)
         atomic_write_bytes(self.records_path, data.encode())
+        if tensorboard_enabled():
+            # CHOSEN: purge from step 0 and replay, not from the checkpoint's step: drift records are
+            # written late with an earlier step (t - tau), so a later purge step would keep old points.
+            self.close_tensorboard()
+            self._tensorboard = _TensorBoardLog(self.path, purge_step=0)
+            for record in records:
+                self._tensorboard.write(record)
+            self._tensorboard.flush()
+
+    def close_tensorboard(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
 
     def read_records(self) -> list[dict[str, Any]]:
         return read_jsonl(self.records_path)
@@ -280,12 +464,107 @@ class RunStore:
 
     # -------------------------------------------------------------- end ------
     def mark_failed(self, message: str) -> None:
+        self.close_tensorboard()
         atomic_write_bytes(self.error_path, (message.rstrip() + "\n").encode())
 
     def mark_done(self, summary: dict[str, Any]) -> None:
+        self.close_tensorboard()
         self.error_path.unlink(missing_ok=True)
         atomic_write_json(self.done_path, summary)
         # Checkpoints are only needed to resume; a finished run keeps its records and weights.
         for shard in self.checkpoint_dir.glob("it*.pt"):
             shard.unlink(missing_ok=True)
         self.pointer_path.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------ progress ---
+
+@dataclass
+class RunProgress:
+    """Where a run stands, from its files alone (for ``status`` and ``report``)."""
+
+    status: str  # done, running, failed, incomplete, pending, or damaged (files that cannot be trusted)
+    step: int | None  # the iteration reached (records, checkpoint or summary)
+    total: int | None  # the planned iterations
+    last_accuracy: float | None  # test accuracy of the last evaluation (the final one for a done run)
+    rate: float | None  # iterations per second while training (evaluations included)
+    eta: float | None  # estimated seconds left, for a running run
+    error: str  # the last line of error.txt for a failed run
+    damage: str  # what is damaged, for status "damaged"
+    records: list[dict[str, Any]]
+
+    def describe(self) -> str:
+        """``running, iteration 3,200 of 15,000``, ``stopped at iteration 3,200 of 15,000``, ``failed ...``."""
+        where = "?" if self.step is None else f"{self.step:,}"
+        of = f" of {self.total:,}" if self.total else ""
+        if self.status == "running":
+            return f"running, iteration {where}{of}"
+        if self.status == "failed":
+            return f"failed at iteration {where}{of}" + (f": {self.error}" if self.error else "")
+        if self.status == "damaged":
+            return self.damage
+        if self.status == "done":
+            return "done"
+        return f"stopped at iteration {where}{of}"
+
+
+def run_progress(path: Path, now: float | None = None) -> RunProgress:
+    """Read a run folder's markers, configuration and records into a :class:`RunProgress`."""
+    path = Path(path)
+    store = RunStore(path.parent, path.name)
+    now = time.time() if now is None else now
+    status = store.status()
+    damage, total = "", None
+    try:
+        config = store.read_config()
+        train = config.get("train") or {}
+        total = int(train["epochs"]) * int(train["steps_per_epoch"])
+    except DfkdError as error:
+        if store.config_path.exists():
+            damage = str(error)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        pass
+    records: list[dict[str, Any]] = []
+    try:
+        records = store.read_records()
+    except RecordsError as error:
+        damage = damage or f"records damaged at line {error.line} ({error.reason}) in {error.path}"
+    summary: dict[str, Any] = {}
+    if status == "done":
+        try:
+            summary = store.summary()
+        except DfkdError as error:
+            damage = damage or str(error)
+        if not damage and not store.records_path.exists():
+            damage = f"records.jsonl is missing from {path}"
+    steps = [int(r["step"]) for r in records if isinstance(r.get("step"), (int, float)) and not isinstance(r.get("step"), bool)]
+    step = max(steps) if steps else None
+    if status == "done" and isinstance(summary.get("iterations"), int):
+        step = summary["iterations"]
+    elif status != "done":
+        try:
+            pointer = json.loads(store.pointer_path.read_text())
+            step = max(step or 0, int(pointer["iteration"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    evals = [r for r in records if r.get("kind") == "eval" and isinstance(r.get("test_accuracy"), (int, float))]
+    last_accuracy = float(evals[-1]["test_accuracy"]) if evals else summary.get("final_accuracy")
+    timed = [(r["step"], r["wall_time"]) for r in records
+             if r.get("kind") == "eval" and isinstance(r.get("wall_time"), (int, float))]
+    rate = None
+    window = timed[-6:]  # the last few evaluations: the current speed, not the set-up's
+    if len(window) >= 2 and window[-1][1] > window[0][1] and window[-1][0] > window[0][0]:
+        rate = (window[-1][0] - window[0][0]) / (window[-1][1] - window[0][1])
+    elif summary.get("wall_time") and step:
+        rate = step / summary["wall_time"]
+    eta = None
+    if status == "running" and rate and total and timed:
+        since = max(0.0, now - store.records_path.stat().st_mtime) if store.records_path.exists() else 0.0
+        eta = max(0.0, (total - timed[-1][0]) / rate - since)
+    if damage:
+        if status == "done":
+            damage = f"done, {damage}"
+        status = "damaged"
+    return RunProgress(status=status, step=step, total=total, last_accuracy=last_accuracy, rate=rate, eta=eta,
+                       error=store.last_error_line() if status == "failed" else "", damage=damage,
+                       records=records)
