@@ -625,8 +625,11 @@ class RunInfo:
     status: str
     step: int | None
     total: int | None
-    final_accuracy: float | None
+    final_accuracy: float | None  # the last test accuracy (the final one for a done run)
     error: str
+    rate: float | None = None  # iterations per second
+    eta: float | None = None  # estimated seconds left (running runs)
+    note: str = ""  # what is damaged, for status "damaged"
 
 
 def _is_run_folder(path: Path) -> bool:
@@ -654,51 +657,29 @@ def find_run_folders(results_dir: str | os.PathLike) -> list[Path]:
 
 
 def run_info(path: Path) -> RunInfo:
-    from dfkd_bench.store import RunStore, read_jsonl
+    from dfkd_bench.store import RunStore, run_progress
 
     store = RunStore(path.parent, path.name)
     match = RUN_NAME.match(path.name)
     method = dataset = seed = "?"
     if match:
         method, dataset, seed = match["method"], match["dataset"], match["seed"]
-    total = None
     try:
         config = store.read_config()
         method, dataset, seed = config.get("method", method), config.get("dataset", dataset), str(config.get("seed", seed))
-        train = config.get("train", {})
-        total = int(train["epochs"]) * int(train["steps_per_epoch"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (DfkdError, AttributeError):
         pass
-    status = store.status()
-    step = None
-    final = None
-    error = ""
-    if status == "done":
-        try:
-            summary = store.summary()
-            final = summary.get("final_accuracy")
-            step = summary.get("iterations")
-        except (OSError, ValueError):
-            pass
-    else:
-        try:
-            steps = [r["step"] for r in read_jsonl(store.records_path) if isinstance(r.get("step"), int)]
-            step = max(steps) if steps else None
-        except (OSError, DfkdError):
-            pass
-        try:
-            pointer = json.loads(store.pointer_path.read_text())
-            step = max(step or 0, int(pointer["iteration"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        if status == "failed":
-            error = store.last_error_line()
-    return RunInfo(name=path.name, path=path, method=method, dataset=dataset, seed=seed, status=status, step=step,
-                   total=total, final_accuracy=final, error=error)
+    progress = run_progress(path)
+    return RunInfo(name=path.name, path=path, method=method, dataset=dataset, seed=seed, status=progress.status,
+                   step=progress.step, total=progress.total, final_accuracy=progress.last_accuracy,
+                   error=progress.error, rate=progress.rate, eta=progress.eta, note=progress.damage)
 
 
 def scan_results(results_dir: str | os.PathLike) -> list[RunInfo]:
     results_dir = Path(results_dir)
+    if results_dir.exists() and not results_dir.is_dir():
+        raise DfkdError(f"{results_dir} is a file, not a results folder; pass the folder that holds the run "
+                        "folders (e.g. --results-dir results/runs)")
     if not results_dir.is_dir():
         raise DfkdError(f"results folder {results_dir} does not exist; pass the --results-dir of your runs")
     runs = [run_info(path) for path in find_run_folders(results_dir)]
@@ -708,10 +689,35 @@ def scan_results(results_dir: str | os.PathLike) -> list[RunInfo]:
     return runs
 
 
-STATUS_ORDER = ("done", "running", "incomplete", "failed", "pending")
+STATUS_ORDER = ("done", "running", "incomplete", "failed", "damaged", "pending")
+
+
+def _duration(seconds: float | None) -> str:
+    """``45s``, ``12m``, ``3h05m``, ``2d04h``; ``-`` when unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def _rate(rate: float | None) -> str:
+    if rate is None or not math.isfinite(rate) or rate <= 0:
+        return "-"
+    return f"{rate:.2f}" if rate < 10 else f"{rate:.0f}"
 
 
 def print_status(runs: list[RunInfo], results_dir: str | os.PathLike) -> None:
+    """One line per run: status, iteration reached / planned, last test accuracy, it/s, time left, problems.
+
+    Column positions are stable for scripts: RUN METHOD DATASET SEED STATUS ITERATION ACC IT/S ETA, then a
+    free-text note (the error of a failed run, what is damaged).
+    """
     rows = []
     for run in runs:
         try:
@@ -721,10 +727,13 @@ def print_status(runs: list[RunInfo], results_dir: str | os.PathLike) -> None:
         progress = "-"
         if run.step is not None or run.total is not None:
             progress = f"{'-' if run.step is None else run.step}/{'?' if run.total is None else run.total}"
-        accuracy = f"{run.final_accuracy:.2f}" if run.final_accuracy is not None else "-"
-        note = f"error: {run.error}" if run.error else ""
-        rows.append([shown, run.method, run.dataset, run.seed, run.status, progress, accuracy, note])
-    for line in _table(rows, ["RUN", "METHOD", "DATASET", "SEED", "STATUS", "PROGRESS", "FINAL ACC", ""]):
+        accuracy = f"{run.final_accuracy:.2f}" if isinstance(run.final_accuracy, (int, float)) else "-"
+        note = f"error: {run.error}" if run.error else run.note
+        eta = _duration(run.eta) if run.status == "running" else "-"
+        rows.append([shown, run.method, run.dataset, run.seed, run.status, progress, accuracy, _rate(run.rate), eta,
+                     note])
+    header = ["RUN", "METHOD", "DATASET", "SEED", "STATUS", "ITERATION", "ACC", "IT/S", "ETA", ""]
+    for line in _table(rows, header):
         print(line)
     counts = {status: sum(1 for r in runs if r.status == status) for status in STATUS_ORDER}
     parts = [f"{counts[s]} {s}" for s in STATUS_ORDER if counts[s]]
@@ -789,7 +798,8 @@ def add_status_command(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "status", help="table of the runs under a results folder: status, progress, accuracy, errors",
         description="Scan a results folder recursively for run folders and print, for each, its status (done, "
-                    "running, failed, incomplete, pending), progress, final accuracy and, if failed, its error.")
+                    "running, failed, incomplete, damaged, pending), the iteration reached, the last test accuracy, "
+                    "iterations per second, the estimated time left and, if failed or damaged, why.")
     parser.add_argument("--results-dir", default="results", help="folder to scan, recursively (default: results)")
     parser.set_defaults(func=cmd_status)
     return parser
