@@ -505,6 +505,8 @@ class RunProgress:
             return self.damage
         if self.status == "done":
             return "done"
+        if self.status == "pending":
+            return "not started yet"
         return f"stopped at iteration {where}{of}"
 
 

@@ -199,7 +199,9 @@ def test_final_table_values(report):
     assert cell.loc[("abm", "digits"), "cell"] == "91.00 ± 1.41"
     assert cell.loc[("mem", "mnist"), "cell"] == "96.25 ± 0.35"
     # MAD's table cell uses the preset-default momentum (0.95), not the sweep, and not the incomplete seed 2.
-    assert cell.loc[("mad", "digits"), "cell"] == "93.00 ± 1.41"
+    # The unfinished seed is not in the mean, but the cell says there is one (‡) and the CSV counts it.
+    assert cell.loc[("mad", "digits"), "cell"] == "93.00 ± 1.41‡" and cell.loc[("mad", "digits"), "mean"] == 93.0
+    assert cell.loc[("mad", "digits"), "unfinished"] == 1 and cell.loc[("mad", "mnist"), "unfinished"] == 0
     assert "preset defaults" in cell.loc[("mad", "digits"), "selection"]
     assert cell.loc[("mad", "mnist"), "cell"] == "98.25 ± 0.35"
     assert cell.loc[("mem", "mnist"), "n"] == 2  # memory_size 1024 is a sweep point, not a third seed
@@ -210,7 +212,9 @@ def test_final_table_values(report):
 
     markdown = (out / "table_final.md").read_text()
     assert "| ABM | 91.00 ± 1.41 | 97.50 ± 0.71 |" in markdown
-    assert "| MAD | **93.00 ± 1.41** | **98.25 ± 0.35** |" in markdown
+    assert "| MAD | **93.00 ± 1.41**‡ | **98.25 ± 0.35** |" in markdown
+    assert "‡ this method has runs in this column that are not finished" in markdown
+    assert "| MAD | digits (lenet5→lenet5_half) | 2 | stopped at iteration 10 of " in markdown  # the listing
     assert "| dafl | 70.00† | — |" in markdown
     assert markdown.index("| Teacher |") < markdown.index("| ABM |") < markdown.index("| DFKD-Mem |") \
         < markdown.index("| MAD |") < markdown.index("| dafl |")
@@ -218,7 +222,8 @@ def test_final_table_values(report):
     latex = (out / "table_final.tex").read_text()
     assert r"91.00 $\pm$ 1.41" in latex and r"\textbf{93.00 $\pm$ 1.41}" in latex
     assert r"lenet5$\rightarrow$lenet5\_half" in latex and "70.00$^\\dagger$" in latex
-    assert "±" not in latex and "†" not in latex
+    assert r"\textbf{93.00 $\pm$ 1.41}$^\ddagger$" in latex
+    assert "±" not in latex and "†" not in latex and "‡" not in latex
 
 
 def test_best_table_is_separate_and_labelled(report):
@@ -294,7 +299,7 @@ def test_cli_end_to_end(results, tmp_path, capsys):
     sub = parser.add_subparsers(dest="command")
     add_report_command(sub)
     defaults = parser.parse_args(["report"])
-    assert (defaults.results_dir, defaults.out, defaults.formats) == ("results/runs", "results/report", ("png", "pdf"))
+    assert (defaults.results_dir, defaults.out, defaults.formats) == ("results/runs", None, ("png", "pdf"))
     with pytest.raises(SystemExit):
         parser.parse_args(["report", "--formats", "png,nope"])
 

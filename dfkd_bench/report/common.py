@@ -12,7 +12,9 @@ import pandas as pd
 
 # ------------------------------------------------------------------ constants ---
 
-DEFAULT_REPORT_DIR = "results/report"
+# Without --out, the report goes to <results-dir>/report (see writer.default_out_dir).
+DEFAULT_REPORT_SUBDIR = "report"
+DEFAULT_REPORT_DIR = "results/runs/report"  # the default for the default --results-dir
 DEFAULT_FORMATS = ("png", "pdf")
 
 METHOD_ORDER = ("abm", "mem", "mad")

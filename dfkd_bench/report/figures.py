@@ -110,6 +110,26 @@ class _Line:
     label: str
     color: Any
     run_names: list[str]
+    linestyle: str = "-"
+
+
+UNFINISHED_STYLE = ":"
+UNFINISHED_TEXT = "dotted: an unfinished or failed run, one seed, not in the tables"
+
+
+def unfinished_lines(runs: pd.DataFrame) -> list[_Line]:
+    """One dotted line per unfinished (running, stopped) or failed run, labelled with where it stands:
+    ``MAD seed 2: running, iteration 3,200 of 15,000``. Never averaged with finished seeds."""
+    import textwrap
+
+    pending = runs[runs["status"].isin(["incomplete", "failed"])]
+    colors = _method_colors(runs["method"])
+    lines = []
+    for row in pending.itertuples():
+        label = textwrap.shorten(f"{method_label(row.method)} seed {row.seed}: {row.progress}", 90, placeholder=" …")
+        lines.append(_Line(row.dataset, row.pair, row.method, label, colors[row.method], [row.run_name],
+                           UNFINISHED_STYLE))
+    return lines
 
 
 def _curve_lines(cells: list[CellConfigs], variants: frozenset[str] = frozenset()) -> list[_Line]:
@@ -135,11 +155,12 @@ def _curve_lines(cells: list[CellConfigs], variants: frozenset[str] = frozenset(
     return lines
 
 
-def _plot_band(ax, records: pd.DataFrame, line: _Line, column: str, linestyle: str = "-",
+def _plot_band(ax, records: pd.DataFrame, line: _Line, column: str, linestyle: str | None = None,
                label: str | None = None) -> bool:
     frame = band(records[records["run_name"].isin(line.run_names)], column)
     if frame.empty:
         return False
+    linestyle = line.linestyle if linestyle is None else linestyle
     ax.plot(frame["step"], frame["mean"], color=line.color, linestyle=linestyle, linewidth=1.6,
             label=line.label if label is None else label)
     if (frame["n"] > 1).any():
@@ -198,28 +219,30 @@ def _metric_figure(records: pd.DataFrame, lines: list[_Line], metrics: Sequence[
             if (r, c) not in used:
                 axes[r][c].set_visible(False)
     _figure_legend(fig, axes)
-    _suptitle(fig, f"{title}\n{BAND_TEXT}")
+    dotted = any(line.linestyle == UNFINISHED_STYLE for line in lines)
+    _suptitle(fig, f"{title}\n{BAND_TEXT}" + (f"; {UNFINISHED_TEXT}" if dotted else ""))
     return _save(fig, out_dir, stem, formats)
 
 
-def plot_accuracy_curves(records, cells, out_dir, formats) -> list[Path]:
-    """Fig. 2: test accuracy of the student vs step, one panel per (dataset, pair)."""
-    lines = _curve_lines(cells)
+def plot_accuracy_curves(records, cells, out_dir, formats, unfinished: Sequence[_Line] = ()) -> list[Path]:
+    """Fig. 2: test accuracy of the student vs step, one panel per (dataset, pair); ``unfinished``
+    (see :func:`unfinished_lines`) adds dotted lines for runs not finished."""
+    lines = _curve_lines(cells) + list(unfinished)
     return _metric_figure(records, lines, ["test_accuracy"], "Test accuracy of the student during training (Fig. 2)",
                           out_dir, "accuracy_curves", formats)
 
 
-def plot_loss_curves(records, cells, out_dir, formats) -> list[Path]:
+def plot_loss_curves(records, cells, out_dir, formats, unfinished: Sequence[_Line] = ()) -> list[Path]:
     """Fig. 3: the student's KD loss on samples of G, of the EMA G and on memory samples."""
-    lines = _curve_lines(cells, LOSS_CURVE_VARIANTS)
+    lines = _curve_lines(cells, LOSS_CURVE_VARIANTS) + list(unfinished)
     return _metric_figure(records, lines, LOSS_CURVE_METRICS,
                           "Distillation loss of the student per source of samples (Fig. 3)",
                           out_dir, "loss_curves", formats)
 
 
-def plot_generator_losses(records, cells, out_dir, formats) -> list[Path]:
+def plot_generator_losses(records, cells, out_dir, formats, unfinished: Sequence[_Line] = ()) -> list[Path]:
     """Fig. 9 style: generator loss terms, bounds, teacher agreement and test cross-entropy."""
-    lines = _curve_lines(cells, GENERATOR_VARIANTS)
+    lines = _curve_lines(cells, GENERATOR_VARIANTS) + list(unfinished)
     return _metric_figure(records, lines, GENERATOR_METRICS,
                           "Generator losses and student diagnostics (Fig. 9; losses averaged between evaluations)",
                           out_dir, "generator_losses", formats)

@@ -20,7 +20,7 @@ import pandas as pd
 from dfkd_bench.errors import DfkdError
 from dfkd_bench.report.common import (SKIP_DIRS, _missing, _norm, dataset_sort_key, method_label, method_sort_key,
                                       setting_columns)
-from dfkd_bench.store import RunStore, heartbeat_age, read_jsonl
+from dfkd_bench.store import RunStore, heartbeat_age, read_jsonl, run_progress
 
 # ------------------------------------------------------------------ loading ---
 
@@ -35,21 +35,34 @@ class _Scan:
 
 def find_run_dirs(results_dir: str | os.PathLike) -> list[Path]:
     """Run folders (holding a run's ``config.json``) at any depth, skipping ``_submitit`` logs."""
+    return _find_run_dirs(results_dir)[0]
+
+
+def _find_run_dirs(results_dir: str | os.PathLike) -> tuple[list[Path], list[str]]:
+    """Run folders, and one note per folder whose ``config.json`` cannot be read (truncated ...)."""
     root = Path(results_dir)
+    if root.exists() and not root.is_dir():
+        raise DfkdError(f"{root} is a file, not a results folder; pass the folder that holds the run folders "
+                        "(e.g. --results-dir results/runs)")
     if not root.is_dir():
         raise DfkdError(f"results directory {root} does not exist; run `dfkd-bench run` first or pass --results-dir")
-    found = []
+    found, damaged = [], []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
         if "config.json" in filenames:
+            path = Path(dirpath) / "config.json"
             try:
-                config = json.loads((Path(dirpath) / "config.json").read_text())
-            except (OSError, json.JSONDecodeError):
+                config = json.loads(path.read_bytes().decode("utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
                 config = None
+                reason = getattr(error, "strerror", None) or "not valid JSON; truncated?"
+                damaged.append(f"skipped {dirpath}: its config.json is damaged ({reason}); restore it or delete "
+                               "the run folder to run it again")
+                dirnames[:] = []
             if isinstance(config, dict) and {"method", "dataset", "seed"} <= set(config):
                 found.append(Path(dirpath))
                 dirnames[:] = []  # a run folder holds no other runs
-    return found
+    return found, damaged
 
 
 def _flatten(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
@@ -63,15 +76,15 @@ def _config_id(settings: dict[str, Any]) -> str:
 
 def _run_state(path: Path) -> str:
     """Why an unfinished run is unfinished, as far as the files tell."""
-    error = path / "error.txt"
-    if error.exists():
-        lines = [line for line in error.read_text(errors="replace").splitlines() if line.strip()]
-        return f"failed: {lines[-1][:160]}" if lines else "failed"
     if RunStore(path.parent, path.name).is_locked():
         return "running on this host"
     age = heartbeat_age(path)
     if age is not None:
         return f"probably running on another host (heartbeat {age / 60:.0f} min ago)"
+    error = path / "error.txt"
+    if error.exists():
+        lines = [line for line in error.read_text(errors="replace").splitlines() if line.strip()]
+        return f"failed: {lines[-1][:300]}" if lines else "failed"
     heartbeat = path / "heartbeat"
     if heartbeat.exists():
         age = time.time() - heartbeat.stat().st_mtime
@@ -96,6 +109,12 @@ def _read_run(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             summary = json.loads((path / "done").read_text())
         except json.JSONDecodeError:
             problem = problem or f"{path / 'done'} is not valid JSON"
+        if not problem and not (path / "records.jsonl").exists():
+            # CHOSEN: a finished run without records is left out of tables and figures (listed as damaged):
+            # the report is made from records, and its summary alone cannot be checked or drawn.
+            problem = (f"{path / 'records.jsonl'} is missing (the done file says final accuracy "
+                       f"{summary.get('final_accuracy')}); restore it, or delete the run folder to run it again")
+    progress = run_progress(path)
     evals = [r for r in records if r.get("kind") == "eval" and r.get("test_accuracy") is not None]
     teacher = config.get("teacher") or {}
     train = config.get("train") or {}
@@ -109,6 +128,9 @@ def _read_run(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         status, state = "damaged", problem
     elif summary is not None:
         status, state = "done", "done"
+    elif progress.status == "failed":
+        # A failed run (an error, a diverged loss) is never averaged in; it is shown as failed.
+        status, state = "failed", _run_state(path)
     else:
         status, state = "incomplete", _run_state(path)
     steps = [r["step"] for r in records if isinstance(r.get("step"), (int, float))]
@@ -133,6 +155,10 @@ def _read_run(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         "last_step": max(steps) if steps else 0,
         "planned_iterations": epochs * per_epoch if epochs and per_epoch else None,
         "evaluations": len(evals), "run_id": config.get("run_id", path.name),
+        # What the legends and the listing of unfinished runs say: "running, iteration 3,200 of 15,000" ...
+        "progress": progress.describe() if status not in ("done", "damaged") else status,
+        "last_accuracy": evals[-1]["test_accuracy"] if evals else None,
+        "iterations_per_second": progress.rate, "eta_seconds": progress.eta,
         # When the run finished (epoch seconds of the done file), to prefer the newest among equals.
         "finished_at": (path / "done").stat().st_mtime if summary is not None else None,
         **_flatten("train", train), **_flatten("params", config.get("params") or {}),
@@ -142,10 +168,13 @@ def _read_run(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 def _scan(results_dir: str | os.PathLike) -> _Scan:
     root = Path(results_dir)
-    paths = find_run_dirs(root)
+    paths, damaged = _find_run_dirs(root)
     if not paths:
+        if damaged:
+            raise DfkdError(f"no readable runs under {root}: {len(damaged)} run folder(s) have a damaged "
+                            f"config.json, e.g. {damaged[0].split(':')[0].removeprefix('skipped ')}")
         raise DfkdError(f"no runs found under {root} (looked for */config.json); run `dfkd-bench run` first")
-    rows, records, notes = [], {}, []
+    rows, records, notes = [], {}, list(damaged)
     for path in paths:
         try:
             row, run_records = _read_run(path)
@@ -156,7 +185,7 @@ def _scan(results_dir: str | os.PathLike) -> _Scan:
     # The same run found twice (a copied folder) must count once: keep the finished
     # copy with the most records.
     by_id: dict[str, tuple[dict, list]] = {}
-    rank = {"done": 0, "incomplete": 1, "damaged": 2}
+    rank = {"done": 0, "incomplete": 1, "failed": 2, "damaged": 3}
     for row, run_records in rows:
         key = row["run_id"]
         if key in by_id:

@@ -17,7 +17,11 @@ def _cells_in_order(frame: pd.DataFrame) -> list[tuple[str, str]]:
     return sorted({(d, p) for d, p in zip(frame["dataset"], frame["pair"])}, key=cell_sort_key)
 
 
-def accuracy_table(runs: pd.DataFrame, metric: str = "final_accuracy") -> pd.DataFrame:
+UNFINISHED_MARK = "‡"
+UNFINISHED_STATUSES = ("incomplete", "failed")
+
+
+def accuracy_table(runs: pd.DataFrame, metric: str = "final_accuracy", *, unfinished: bool = True) -> pd.DataFrame:
     """Table 2 in long form: one row per (row, dataset, pair) with numeric ``mean, std, n``.
 
     ``row`` is ``teacher`` or a method name. Methods aggregate the table
@@ -46,15 +50,29 @@ def accuracy_table(runs: pd.DataFrame, metric: str = "final_accuracy") -> pd.Dat
                      "selection": cell.reason if len(cell.settings) == 1
                      else f"{cell.reason}: {cell.describe(cell.reference)}",
                      "runs": ";".join(chosen["run_name"])})
+    # Runs not finished (running, stopped, failed) are never in a mean; with ``unfinished`` their
+    # count is a column and marks the cell (a method with no finished run yet gets a row of its own).
+    pending = runs[runs["status"].isin(UNFINISHED_STATUSES)] if unfinished else runs.iloc[0:0]
+    counts = pending.groupby(["dataset", "pair", "method"]).size().to_dict() if not pending.empty else {}
+    shown = {(r["row"], r["dataset"], r["pair"]) for r in rows}
+    for (dataset, pair, method), _count in counts.items():
+        if (method, dataset, pair) not in shown:
+            rows.append({"row": method, "label": method_label(method), "dataset": dataset, "pair": pair,
+                         "mean": math.nan, "std": math.nan, "n": 0, "seeds": "", "selection": "no finished run",
+                         "runs": ""})
     frame = pd.DataFrame(rows, columns=["row", "label", "dataset", "pair", "mean", "std", "n", "seeds",
                                         "selection", "runs"])
-    frame["cell"] = [_row_cell(r, m, s, n) for r, m, s, n in zip(frame["row"], frame["mean"], frame["std"], frame["n"])]
+    frame["unfinished"] = [counts.get((d, p, r), 0) for d, p, r in zip(frame["dataset"], frame["pair"], frame["row"])]
+    frame["cell"] = [_row_cell(r, m, s, n) + (UNFINISHED_MARK if k else "")
+                     for r, m, s, n, k in zip(frame["row"], frame["mean"], frame["std"], frame["n"],
+                                              frame["unfinished"])]
     order = {name: i for i, name in enumerate(["teacher", *sorted(set(frame["row"]) - {"teacher"},
                                                                      key=method_sort_key)])}
     frame["_row"] = frame["row"].map(order)
     frame["_col"] = [cell_sort_key(c) for c in zip(frame["dataset"], frame["pair"])]
     frame = frame.sort_values(["_row", "_col"]).drop(columns=["_row", "_col"]).reset_index(drop=True)
-    return frame[["row", "label", "dataset", "pair", "mean", "std", "n", "cell", "seeds", "selection", "runs"]]
+    return frame[["row", "label", "dataset", "pair", "mean", "std", "n", "cell", "seeds", "selection", "runs",
+                  "unfinished"]]
 
 
 def format_cell(mean: float, std: float, n: int, *, latex: bool = False) -> str:
@@ -85,6 +103,8 @@ def _wide(table: pd.DataFrame, *, latex: bool = False, bold: bool = True) -> pd.
         text = _row_cell(row.row, row.mean, row.std, row.n, latex=latex)
         if bold and row.row != "teacher" and not _missing(row.mean) and math.isclose(row.mean, best[(row.dataset, row.pair)]):
             text = f"\\textbf{{{text}}}" if latex else f"**{text}**"
+        if getattr(row, "unfinished", 0):
+            text += "$^\\ddagger$" if latex else UNFINISHED_MARK
         wide.loc[row.label, (row.dataset, row.pair)] = text
     return wide
 
@@ -105,7 +125,7 @@ def latex_escape(text: str) -> str:
     """Escape LaTeX's special characters (and write the pair arrow in math mode)."""
     replacements = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                     "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                    "→": r"$\rightarrow$", "±": r"$\pm$", "†": r"$^\dagger$", "—": "---", "–": "--"}
+                    "→": r"$\rightarrow$", "±": r"$\pm$", "†": r"$^\dagger$", "‡": r"$^\ddagger$", "—": "---", "–": "--"}
     return "".join(replacements.get(ch, ch) for ch in str(text))
 
 
@@ -128,6 +148,9 @@ def _table_notes(table: pd.DataFrame, best: bool) -> list[str]:
                      + ".")
     if (methods["n"] == 1).any():
         notes.append(f"{SINGLE_RUN_MARK} n=1: a single seed, so no standard deviation.")
+    if "unfinished" in table and (table["unfinished"] > 0).any():
+        notes.append(f"{UNFINISHED_MARK} this method has runs in this column that are not finished (running, stopped "
+                     "or failed); they are NOT in the mean (see the unfinished runs).")
     notes.append("Teacher: the teacher's test accuracy measured at the start of the runs.")
     if best:
         notes.append("Best = the maximum test accuracy over all evaluations during training, i.e. the checkpoint is "
@@ -138,7 +161,7 @@ def _table_notes(table: pd.DataFrame, best: bool) -> list[str]:
 
 
 def _write_tables(table: pd.DataFrame, out_dir: Path, stem: str, title: str, best: bool,
-                  extra_notes: list[str]) -> tuple[list[Path], str]:
+                  extra_notes: list[str], appendix: str = "") -> tuple[list[Path], str]:
     """CSV (long, numeric), Markdown and LaTeX of one table; returns the paths and the Markdown.
 
     ``extra_notes`` (which configuration a cell uses, what was left out) go
@@ -150,7 +173,7 @@ def _write_tables(table: pd.DataFrame, out_dir: Path, stem: str, title: str, bes
     paths.append(csv_path)
     notes = _table_notes(table, best) + extra_notes
     markdown = f"**{title[0].upper() + title[1:]} (%)**\n\n{_markdown(_wide(table))}\n\n" + \
-        "\n".join(f"- {note}" for note in notes) + "\n"
+        "\n".join(f"- {note}" for note in notes) + "\n" + (f"\n{appendix}" if appendix else "")
     md_path = out_dir / f"{stem}.md"
     md_path.write_text(markdown)
     paths.append(md_path)
@@ -212,3 +235,19 @@ def _plain_table(table: pd.DataFrame) -> str:
     return wide.to_string()
 
 
+
+
+def unfinished_markdown(runs: pd.DataFrame) -> str:
+    """The runs not finished (running, stopped, failed), with where they stand and their last test accuracy."""
+    pending = runs[runs["status"].isin(UNFINISHED_STATUSES)]
+    if pending.empty:
+        return ""
+    lines = [f"**Runs not finished ({UNFINISHED_MARK}, not in the means)**", "",
+             "| run | method | dataset (pair) | seed | where it stands | last test accuracy |",
+             "|:--|:--|:--|--:|:--|--:|"]
+    for row in pending.itertuples():
+        accuracy = "—" if _missing(row.last_accuracy) else f"{row.last_accuracy:.2f}"
+        where = str(row.progress).replace("|", "\\|")
+        lines.append(f"| {row.run_name} | {method_label(row.method)} | {row.dataset} ({row.pair}) | {row.seed} | "
+                     f"{where} | {accuracy} |")
+    return "\n".join(lines) + "\n"

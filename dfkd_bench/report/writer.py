@@ -6,6 +6,7 @@ import argparse
 import datetime
 import os
 import shlex
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,13 +14,14 @@ from typing import Any
 import pandas as pd
 
 from dfkd_bench.errors import DfkdError
-from dfkd_bench.report.common import (BAND_TEXT, BEST_TITLE, DEFAULT_FORMATS, DEFAULT_REPORT_DIR, FINAL_TITLE,
+from dfkd_bench.report.common import (BAND_TEXT, BEST_TITLE, DEFAULT_FORMATS, DEFAULT_REPORT_SUBDIR, FINAL_TITLE,
                                       SINGLE_RUN_MARK, _missing)
 from dfkd_bench.report.configs import analyse_configs
 from dfkd_bench.report.figures import (plot_accuracy_curves, plot_drift_curves, plot_generator_losses,
-                                       plot_loss_curves, plot_samples, plot_sweeps)
+                                       plot_loss_curves, plot_samples, plot_sweeps, unfinished_lines)
 from dfkd_bench.report.load import _records_frame, _scan
-from dfkd_bench.report.tables import _cost_markdown, _plain_table, _write_tables, accuracy_table, cost_table
+from dfkd_bench.report.tables import (UNFINISHED_MARK, _cost_markdown, _plain_table, _write_tables, accuracy_table,
+                                     cost_table, unfinished_markdown)
 from dfkd_bench.store import DEFAULT_RESULTS_DIR
 
 # --------------------------------------------------------------------- report ---
@@ -29,15 +31,17 @@ def _incomplete_markdown(runs: pd.DataFrame) -> str:
     if pending.empty:
         return "# Incomplete runs\n\nNone: every run found is finished.\n"
     lines = ["# Incomplete runs", "",
-             f"{len(pending)} run(s) have no `done` file (or unreadable records); they are NOT in the tables "
-             "or figures.", "",
-             "| run | method | dataset | pair | seed | last step / planned | status | path |",
-             "|:--|:--|:--|:--|--:|--:|:--|:--|"]
+             f"{len(pending)} run(s) have no `done` file (or unreadable records); they are NOT in any mean. "
+             "Running, stopped and failed runs are drawn as dotted lines in the curves (unless --finished-only); "
+             "damaged runs are not drawn.", "",
+             "| run | method | dataset | pair | seed | last step / planned | last test accuracy | status | path |",
+             "|:--|:--|:--|:--|--:|--:|--:|:--|:--|"]
     for row in pending.itertuples():
         planned = "?" if _missing(row.planned_iterations) else int(row.planned_iterations)
         state = str(row.state).replace("|", "\\|")
+        accuracy = "—" if _missing(row.last_accuracy) else f"{row.last_accuracy:.2f}"
         lines.append(f"| {row.run_name} | {row.method} | {row.dataset} | {row.pair} | {row.seed} | "
-                     f"{int(row.last_step)} / {planned} | {row.status}: {state} | {row.path} |")
+                     f"{int(row.last_step)} / {planned} | {accuracy} | {row.status}: {state} | {row.path} |")
     return "\n".join(lines) + "\n"
 
 
@@ -53,9 +57,34 @@ def _check_formats(formats: Sequence[str]) -> tuple[str, ...]:
     return formats
 
 
+def default_out_dir(results_dir: str | os.PathLike) -> Path:
+    """Where ``dfkd-bench report`` writes without ``--out``: ``<results-dir>/report``.
+
+    # CHOSEN: beside the user's own runs (``results/runs/report`` by default, which git ignores),
+    # never the repository's committed ``results/report/``, which is regenerated with an explicit --out.
+    """
+    return Path(results_dir) / DEFAULT_REPORT_SUBDIR
+
+
+def _writable_out(out: Path) -> None:
+    """Create ``out`` and check a file can be written in it, or raise one clear line."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise DfkdError(f"cannot write the report into {out}: {error.strerror or error}; "
+                        "pass a writable folder with --out") from None
+
+
 def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                 formats: Sequence[str] = DEFAULT_FORMATS, command: str | None = None) -> dict[str, Any]:
+                 formats: Sequence[str] = DEFAULT_FORMATS, command: str | None = None,
+                 finished_only: bool = False) -> dict[str, Any]:
     """Write the tables, figures and ``report.md`` of every run below ``results_dir`` into ``out_dir``.
+
+    Unfinished runs (running, stopped) and failed runs are drawn as dotted lines labelled with where
+    they stand, and marked in the tables (never averaged in); ``finished_only`` leaves them out of
+    figures and tables (they are still listed in ``incomplete.md``).
 
     ``command`` is the command line recorded in ``report.md``. Returns
     ``{"report": path, "incomplete": path, "tables": [paths], "figures": [paths],
@@ -65,21 +94,36 @@ def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     formats = _check_formats(formats)
     scan = _scan(results_dir)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _writable_out(out)
+    try:
+        return _write_report(scan, results_dir, out, formats, command, finished_only)
+    except OSError as error:  # a full disk, a folder made read-only meanwhile ...
+        where = f" ({error.filename})" if error.filename else ""
+        raise DfkdError(f"cannot write the report into {out}: {error.strerror or error}{where}") from None
+
+
+def _write_report(scan, results_dir, out: Path, formats: tuple[str, ...], command: str | None,
+                  finished_only: bool) -> dict[str, Any]:
     runs = scan.runs
     records = _records_frame(scan, join=False)  # the figures select runs by name; no need for 100 columns
     cells, config_notes = analyse_configs(runs)
     notes = scan.notes + config_notes
     done = runs[runs["status"] == "done"]
     pending = runs[runs["status"] != "done"]
+    unfinished = [] if finished_only else unfinished_lines(runs)
     if done.empty:
-        notes.append("no run is finished yet: the tables and figures are empty")
+        notes.append("no run is finished yet: the tables have no means"
+                     + ("" if finished_only or not unfinished else "; unfinished runs are drawn dotted"))
+    failed = runs[runs["status"] == "failed"]
+    for row in failed.itertuples():
+        notes.append(f"{row.run_name} failed, left out of every mean: {row.state}")
 
+    appendix = "" if finished_only else unfinished_markdown(runs)
     tables, sections = [], {}
     for metric, stem, title, best in (("final_accuracy", "table_final", FINAL_TITLE, False),
                                       ("best_accuracy", "table_best", BEST_TITLE, True)):
-        table = accuracy_table(runs, metric)
-        paths, markdown = _write_tables(table, out, stem, title, best, config_notes)
+        table = accuracy_table(runs, metric, unfinished=not finished_only)
+        paths, markdown = _write_tables(table, out, stem, title, best, config_notes, appendix)
         tables += paths
         sections[stem] = (markdown, table)
     costs = cost_table(sections["table_final"][1], runs)
@@ -87,11 +131,14 @@ def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     tables.append(out / "table_cost.csv")
 
     figures: list[Path] = []
+    drawn = set(done["run_name"]) | {name for line in unfinished for name in line.run_names}
+    if drawn:
+        drawn_records = records[records["run_name"].isin(drawn)]
+        figures += plot_accuracy_curves(drawn_records, cells, out, formats, unfinished)
+        figures += plot_loss_curves(drawn_records, cells, out, formats, unfinished)
+        figures += plot_generator_losses(drawn_records, cells, out, formats, unfinished)
     if not done.empty:
         done_records = records[records["run_name"].isin(set(done["run_name"]))]
-        figures += plot_accuracy_curves(done_records, cells, out, formats)
-        figures += plot_loss_curves(done_records, cells, out, formats)
-        figures += plot_generator_losses(done_records, cells, out, formats)
         figures += plot_drift_curves(done_records, cells, out, formats)
         sample_paths, sample_notes = plot_samples(done_records, cells, out, formats)
         figures += sample_paths
@@ -102,14 +149,16 @@ def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     incomplete_text = _incomplete_markdown(runs)
     incomplete_path.write_text(incomplete_text)
 
-    command = command or f"write_report({str(results_dir)!r}, {str(out_dir)!r}, formats={formats!r})"
+    command = command or f"write_report({str(results_dir)!r}, {str(out)!r}, formats={formats!r})"
     report_path = out / "report.md"
     # The configuration notes are printed under the tables already.
     other_notes = [note for note in notes if note not in config_notes]
     report_path.write_text(_report_markdown(results_dir, runs, sections, figures, other_notes, incomplete_text,
                                             command, formats, _cost_markdown(costs)))
     text = (f"{FINAL_TITLE} (%):\n{_plain_table(sections['table_final'][1])}\n"
-            f"(mean ± sample std over seeds; {SINGLE_RUN_MARK} = one seed)")
+            f"(mean ± sample std over seeds; {SINGLE_RUN_MARK} = one seed"
+            + ("" if finished_only or pending.empty else
+               f"; {UNFINISHED_MARK} = this method has runs not finished, not in the mean") + ")")
     if notes:
         text += "\n" + "\n".join(f"note: {note}" for note in notes)
     return {
@@ -117,6 +166,7 @@ def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         "tables": [str(p) for p in tables], "figures": [str(p) for p in figures],
         "incomplete_runs": [f"{row.run_name} ({row.status}, step {int(row.last_step)} of "
                             f"{'?' if _missing(row.planned_iterations) else int(row.planned_iterations)}: {row.state})"
+                            + ("" if _missing(row.last_accuracy) else f", last test accuracy {row.last_accuracy:.2f}")
                             for row in pending.itertuples()],
         "notes": notes, "text": text,
     }
@@ -190,16 +240,19 @@ def _formats_arg(text: str) -> tuple[str, ...]:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``dfkd-bench report``: write everything, print the final table, the unfinished runs and where files went."""
+    out = args.out if args.out is not None else default_out_dir(args.results_dir)
     command = "dfkd-bench report " + " ".join([
-        f"--results-dir {shlex.quote(str(args.results_dir))}", f"--out {shlex.quote(str(args.out))}",
-        f"--formats {','.join(args.formats)}"])
-    result = write_report(args.results_dir, args.out, formats=args.formats, command=command)
+        f"--results-dir {shlex.quote(str(args.results_dir))}", f"--out {shlex.quote(str(out))}",
+        f"--formats {','.join(args.formats)}", *(["--finished-only"] if args.finished_only else [])])
+    result = write_report(args.results_dir, out, formats=args.formats, command=command,
+                          finished_only=args.finished_only)
     print(result["text"])
     if result["incomplete_runs"]:
-        print(f"\n{len(result['incomplete_runs'])} incomplete run(s), not in the tables:")
+        drawn = "not drawn" if args.finished_only else "drawn dotted"
+        print(f"\n{len(result['incomplete_runs'])} incomplete run(s), not in the tables' means ({drawn}):")
         for line in result["incomplete_runs"]:
             print(f"  {line}")
-    print(f"\nwrote {len(result['tables'])} table files and {len(result['figures'])} figure files to {args.out}; "
+    print(f"\nwrote {len(result['tables'])} table files and {len(result['figures'])} figure files to {out}; "
           f"start with {result['report']}")
     return 0
 
@@ -207,12 +260,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 def add_report_command(subparsers) -> argparse.ArgumentParser:
     """Register ``dfkd-bench report`` on an argparse ``add_subparsers()`` object."""
     parser = subparsers.add_parser(
-        "report", help="tables (Table 2 style) and figures (Figs. 2-9 style) from finished runs",
+        "report", help="tables (Table 2 style) and figures (Figs. 2-9 style) from the runs' records",
         description="Aggregate finished runs over seeds into tables (CSV, Markdown, LaTeX) and figures "
-                    "(PNG/PDF) plus report.md. Unfinished runs are listed, never mixed in.")
+                    "(PNG/PDF) plus report.md. Unfinished (running, stopped) and failed runs are drawn as dotted "
+                    "lines labelled with where they stand and marked in the tables, never averaged in.")
     parser.add_argument("--results-dir", default=DEFAULT_RESULTS_DIR,
                         help=f"folder searched (recursively) for run folders (default: {DEFAULT_RESULTS_DIR})")
-    parser.add_argument("--out", default=DEFAULT_REPORT_DIR, help=f"where the report goes (default: {DEFAULT_REPORT_DIR})")
+    parser.add_argument("--out", default=None,
+                        help=f"where the report goes (default: RESULTS_DIR/{DEFAULT_REPORT_SUBDIR}, beside your runs)")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="leave unfinished and failed runs out of the figures and tables (they are still listed)")
     parser.add_argument("--formats", type=_formats_arg, default=DEFAULT_FORMATS,
                         help="comma-separated figure formats (default: png,pdf)")
     parser.set_defaults(func=cmd_report)
