@@ -1,0 +1,123 @@
+"""DeepInversion and ADI (Yin, Molchanov, Li, Alvarez, Mallya, Hoiem, Jha & Kautz, CVPR 2020).
+
+Images are optimised directly (Sec. 3.2). For a batch of random target labels y,
+the pixels x minimise (Eq. 1-4, 7)::
+
+    CE(T(x), y) + a_tv * R_TV(x) + a_l2 * R_l2(x) + a_f * R_feature(x) + a_c * (1 - JS(T(x), S(x)))
+
+R_TV and R_l2 are the image priors of Eq. 2 (:func:`zoo_losses.total_variation`,
+:func:`zoo_losses.l2_prior`), R_feature the BatchNorm-statistics matching of
+Eq. 3 (:func:`zoo_losses.feature_distribution_loss`), and the last term ADI's
+competition R_compete of Eq. 6 (:func:`zoo_losses.js_divergence`), which makes
+DeepInversion Adaptive DeepInversion (``--set competition_weight=...`` > 0;
+0, the default here, is plain DeepInversion). The student is distilled on the
+growing pool of finished batches (Sec. 4.1, "data-free knowledge transfer").
+
+How it fits the engine: see :class:`methods.zoo_common.PoolMethod` -- one
+optimisation step per generator step; a batch is finished after
+``synthesis_steps`` of them and joins the pool.
+
+Settings (the authors' CIFAR-10 code, "paper parameters"): 2,000 iterations per
+batch, Adam lr 0.05, a_f = 10, a_tv = 2.5e-5, a_l2 = 0, batch 256. A CPU preset
+must lower ``synthesis_steps`` (and raise n_G) -- see the zoo report.
+
+CHOSEN: pixels are parameterised in [0, 1] (the suite's image convention),
+initialised uniformly and clamped to [0, 1] after each step (the reference
+clips in normalised space); no random jitter / flip of the batch before the
+teacher (a host-side random shift per step, and digits are not flip-invariant);
+the student's KD uses temperature 20 as in the DataFree re-implementation the
+CMI/FastDFKD papers compare against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dfkd_bench import zoo_losses
+from dfkd_bench.method_api import MethodContext, hparam, register_method
+from dfkd_bench.methods.zoo_common import PoolMethod, PoolParams, teacher_batchnorm
+
+
+@dataclass
+class DeepInvParams(PoolParams):
+    synthesis_steps: int = hparam(2000, "Adam steps on the pixels of one batch (Sec. 4.1)")
+    synthesis_lr: float = hparam(0.05, "Adam learning rate on the pixels")
+    ce_weight: float = hparam(1.0, "weight of CE(T(x), y) (Eq. 1)")
+    bn_weight: float = hparam(10.0, "weight a_f of R_feature, BatchNorm matching (Eq. 3-4)", "alpha_f")
+    tv_weight: float = hparam(2.5e-5, "weight a_tv of the total-variation prior (Eq. 2)", "alpha_tv")
+    l2_weight: float = hparam(0.0, "weight a_l2 of the L2 prior (Eq. 2)", "alpha_l2")
+    competition_weight: float = hparam(0.0, "weight a_c of ADI's competition 1 - JS(T, S) (Eq. 6-7); 0 = DeepInversion", "alpha_c")
+
+
+@register_method
+class DeepInversion(PoolMethod):
+    name = "deepinv"
+    summary = "DeepInversion / ADI (Yin et al. 2020): pixels optimised by CE + BN matching + priors; KD on the pool"
+    Params = DeepInvParams
+
+    def __init__(self, params: DeepInvParams, ctx: MethodContext):
+        super().__init__(params, ctx)
+        self.bn_stats = teacher_batchnorm(ctx, params.bn_weight, "R_feature (DeepInversion Eq. 3)")
+        self.pixels: Tensor | None = None
+        self.labels: Tensor | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam([self.pixels], lr=self.params.synthesis_lr)
+
+    def start_batch(self) -> None:
+        ctx = self.ctx
+        shape = (ctx.batch_size, *ctx.image_shape)
+        self.pixels = torch.rand(shape, generator=ctx.rng, device=ctx.device).requires_grad_()
+        self.labels = ctx.randint(ctx.num_classes, ctx.batch_size)
+        self.optimizer = self._new_optimizer()
+
+    def current_images(self) -> Tensor:
+        return self.pixels.detach()
+
+    def synthesis_step(self) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        ctx, p = self.ctx, self.params
+        images = self.pixels
+        with ctx.perf.autocast(ctx.device):
+            if self.bn_stats is not None:
+                with self.bn_stats.recording():
+                    teacher_logits = ctx.teacher(images)
+            else:
+                teacher_logits = ctx.teacher(images)
+            student_logits = ctx.student_module(images) if p.competition_weight > 0 else None
+        terms = {"gen_ce": F.cross_entropy(teacher_logits.float(), self.labels),
+                 "gen_tv": zoo_losses.total_variation(images)}
+        loss = p.ce_weight * terms["gen_ce"] + p.tv_weight * terms["gen_tv"]
+        if p.l2_weight > 0:
+            terms["gen_l2"] = zoo_losses.l2_prior(images)
+            loss = loss + p.l2_weight * terms["gen_l2"]
+        if self.bn_stats is not None:
+            terms["gen_bn"] = zoo_losses.feature_distribution_loss(
+                self.bn_stats.means, self.bn_stats.vars, self.bn_stats.running_means, self.bn_stats.running_vars)
+            loss = loss + p.bn_weight * terms["gen_bn"]
+        if student_logits is not None:
+            terms["gen_competition"] = 1.0 - zoo_losses.js_divergence(teacher_logits, student_logits)
+            loss = loss + p.competition_weight * terms["gen_competition"]
+        before = images.detach().clone()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward(inputs=[self.pixels])
+        self.optimizer.step()
+        with torch.no_grad():
+            self.pixels.clamp_(0.0, 1.0)
+        return loss, before, terms
+
+    def batch_state(self) -> dict[str, Any]:
+        return {"pixels": self.pixels.detach().clone(), "labels": self.labels.clone(),
+                "optimizer": self.optimizer.state_dict()}
+
+    def load_batch_state(self, state: dict[str, Any]) -> None:
+        device = self.ctx.device
+        self.pixels = state["pixels"].to(device).requires_grad_()
+        self.labels = state["labels"].to(device)
+        self.optimizer = self._new_optimizer()
+        self.optimizer.load_state_dict(state["optimizer"])

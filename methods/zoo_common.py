@@ -1,0 +1,444 @@
+"""What the DFKD-zoo methods share: feature taps, a generator-based base and a pool-based base.
+
+* :class:`ZooGeneratorMethod` -- DFAD, DFQ, ZSKT and DAFL. It reuses
+  ``AdversarialMethod``'s generator, its noise handling, student-stage sampling
+  and state, and replaces the MAD paper's generator objective (Eq. 11) and
+  student loss (Eq. 10) by the method's own (:meth:`generator_objective`,
+  :meth:`student_discrepancy`). None of the MAD-paper extras (logit bounds,
+  BNmm, class conditioning, pre-training) applies unless a method adds it.
+* :class:`PoolMethod` -- DeepInversion/ADI, CMI and FastDFKD: the student trains
+  on a growing pool of synthesised images. A batch is synthesised by
+  ``synthesis_steps`` optimisation steps, one per ``generator_step`` (so a stage
+  of n_G steps advances the batch in progress by n_G steps); at the end of the
+  stage in which the batch received its last step, its images (the lowest-loss
+  iterate, tracked on the device as in the reference code's ``best_inputs``) join
+  the pool -- a :class:`methods.mem.MemoryBank` stored as uint8 -- and a fresh
+  batch starts. Until the first batch is complete the student trains on the
+  current iterate of the batch in progress (CHOSEN: the papers always train on a
+  finished pool; without this a run shorter than one batch would have nothing
+  to train on). The pool, the batch in progress and its optimiser are method
+  state, checkpointed for exact resume.
+
+Feature taps (ZSKT's attention blocks, CMI's features when the teacher has no
+BatchNorm) use one rule for every architecture, documented in
+:func:`stage_modules`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dfkd_bench import losses
+from dfkd_bench.batchnorm import BatchNormStatistics, frozen_batchnorm_buffers, has_batchnorm
+from dfkd_bench.errors import ConfigError
+from dfkd_bench.method_api import Method, MethodContext, hparam
+from dfkd_bench.methods.common import AdversarialMethod, Source
+from dfkd_bench.methods.mem import MemoryBank
+from dfkd_bench import zoo_losses
+
+
+def root_model(module: nn.Module) -> nn.Module:
+    """The network inside the engine's wrappers (input normalisation, DDP, torch.compile)."""
+    for attribute in ("_orig_mod", "module", "model"):
+        inner = getattr(module, attribute, None)
+        if isinstance(inner, nn.Module):
+            return root_model(inner)
+    return module
+
+
+def stage_modules(model: nn.Module, image_shape: tuple[int, int, int]) -> dict[tuple[int, int], nn.Module]:
+    """The matched blocks of a network: for each spatial resolution larger than 1x1, the LAST
+    direct child of the network (in forward order) whose output is a 4-D map of that resolution.
+
+    For a WRN / CIFAR ResNet these are the outputs of its groups (``block1..3`` /
+    ``layer1..4``; for WRN's last group, the final BN-ReLU that follows it); for LeNet-5, the
+    two conv stages (``conv1``, ``conv2``, before their ReLU and pooling). A teacher and a
+    student are matched at the resolutions both have (ZSKT's three WRN groups).
+    """
+    root = root_model(model)
+    order: list[tuple[tuple[int, int], nn.Module]] = []
+    handles = []
+    for child in root.children():
+        def hook(module, _inputs, output):
+            if isinstance(output, Tensor) and output.dim() == 4 and output.shape[-1] * output.shape[-2] > 1:
+                order.append((tuple(output.shape[-2:]), module))
+        handles.append(child.register_forward_hook(hook))
+    parameter = next(root.parameters())
+    was_training = root.training
+    try:
+        root.eval()
+        with torch.no_grad(), frozen_batchnorm_buffers(root):
+            model(torch.zeros((2, *image_shape), device=parameter.device, dtype=parameter.dtype))
+    finally:
+        root.train(was_training)
+        for handle in handles:
+            handle.remove()
+    stages: dict[tuple[int, int], nn.Module] = {}
+    for resolution, module in order:
+        stages[resolution] = module  # the last one wins
+    return stages
+
+
+class FeatureTap:
+    """Forward hooks that keep the outputs (or inputs) of some modules while :attr:`active`."""
+
+    def __init__(self, modules: list[nn.Module], inputs: bool = False):
+        self.features: list[Tensor] = []
+        self.active = False
+        if inputs:
+            self._handles = [m.register_forward_pre_hook(self._pre_hook) for m in modules]
+        else:
+            self._handles = [m.register_forward_hook(self._hook) for m in modules]
+
+    def _pre_hook(self, _module, inputs):
+        if self.active:
+            self.features.append(inputs[0])
+
+    def _hook(self, _module, _inputs, output):
+        if self.active:
+            self.features.append(output)
+
+    def take(self) -> list[Tensor]:
+        features, self.features = self.features, []
+        return features
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+class tapping:
+    """``with tapping(tap_a, tap_b): ...`` -- the taps record only inside the block."""
+
+    def __init__(self, *taps: FeatureTap | None):
+        self.taps = [t for t in taps if t is not None]
+
+    def __enter__(self):
+        for tap in self.taps:
+            tap.features = []
+            tap.active = True
+
+    def __exit__(self, *exc):
+        for tap in self.taps:
+            tap.active = False
+
+
+def classifier_input_tap(model: nn.Module) -> FeatureTap:
+    """The features before the last fully-connected layer (DAFL's ``f_T``)."""
+    linears = [m for m in root_model(model).modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ConfigError("this teacher has no fully-connected layer: DAFL's activation loss needs one")
+    return FeatureTap([linears[-1]], inputs=True)
+
+
+def teacher_batchnorm(ctx: MethodContext, weight: float, term: str) -> BatchNormStatistics | None:
+    """BatchNorm statistics of the teacher for a matching term, or None with a note when it has none."""
+    if weight <= 0:
+        return None
+    if not has_batchnorm(ctx.teacher):
+        ctx.note(f"the teacher has no BatchNorm layers: the {term} term is skipped", show=False)
+        return None
+    return BatchNormStatistics(ctx.teacher, synchronise=ctx.distributed.world_size > 1,
+                               process_group=ctx.distributed.process_group)
+
+
+# ---------------------------------------------------------------- generator methods ---
+
+@dataclass
+class ZooGeneratorParams:
+    """Generator settings the zoo's generator methods share. The names ``generator``,
+    ``noise_dim`` and ``generator_lr`` are the preset's, so a dataset preset's generator
+    (e.g. ``gen_tiny`` on CPU) applies to them as it does to ABM."""
+
+    generator: str = hparam("auto", "generator architecture: gen_small, gen_tiny, gen32, gen64, gen256, or auto by image size")
+    noise_dim: int = hparam(256, "dimension of the noise z", "d_z")
+    generator_lr: float = hparam(1e-3, "Adam learning rate of the generator", "lr_G")
+
+    # What AdversarialMethod reads and the zoo methods do not use (not settings).
+    conditioning = "uncond"
+    pretrain_steps = 0
+    bnmm_weight = 0.0  # BN matching is each method's own term (teacher_batchnorm)
+    generator_weight_decay = 0.0
+    generator_beta1 = 0.9
+    generator_beta2 = 0.999
+
+    def validate(self) -> None:
+        if self.noise_dim <= 0:
+            raise ConfigError(f"noise_dim must be positive, got {self.noise_dim}")
+        for name, value in vars(self).items():
+            if name.endswith("_weight") and isinstance(value, float) and value < 0:
+                raise ConfigError(f"{name} must be >= 0, got {value}")
+
+
+class ZooGeneratorMethod(AdversarialMethod):
+    """A generator trained by :meth:`generator_objective`; the student minimises
+    :meth:`student_discrepancy` on fresh samples of it."""
+
+    uses_student_in_generator = True
+
+    def generator_objective(self, images: Tensor, teacher_logits: Tensor,
+                            student_logits: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def student_discrepancy(self, teacher_logits: Tensor, student_logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        kd = losses.kl_divergence(teacher_logits, student_logits)
+        return kd, {"kd_gen": kd.detach()}
+
+    def teacher_context(self):
+        """A context manager around the teacher forward of a generator step (hooks)."""
+        return tapping()
+
+    def generator_step(self, kd_weight: float | None = None) -> dict[str, Tensor]:
+        ctx = self.ctx
+        z, labels = self.draw_noise(ctx.batch_size)
+        self.counters["synthetic_images"] += z.shape[0]
+        with ctx.perf.autocast(ctx.device):
+            logits = self.net_parallel(z, labels)
+            images = torch.sigmoid(logits.float())
+            if ctx.perf.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with self.teacher_context():
+                teacher_logits = ctx.teacher(images)
+            student_logits = ctx.student_module(images) if self.uses_student_in_generator else None
+        loss, terms = self.generator_objective(images, teacher_logits, student_logits)
+        terms["gen_loss"] = loss
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward(inputs=list(self.net.parameters()))
+        self.optimizer.step()
+        return {name: value.detach() for name, value in terms.items()}
+
+    def student_sources(self) -> list[Source]:
+        return [Source("gen", self.stage_samples("gen"), 1.0)]
+
+    def distill(self, sources: list[Source]) -> tuple[Tensor, dict[str, Tensor]]:
+        ctx = self.ctx
+        loss = sources[0].images.new_zeros((), dtype=torch.float32)
+        terms: dict[str, Tensor] = {}
+        for source in sources:
+            images = source.images
+            if ctx.perf.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with ctx.perf.autocast(ctx.device):
+                with torch.inference_mode():
+                    teacher_logits = ctx.teacher(images)
+                student_logits = ctx.student(images)
+            term, parts = self.student_discrepancy(teacher_logits.clone(), student_logits)
+            loss = loss + source.weight * term
+            terms.update(parts)
+        terms["student_loss"] = loss.detach()
+        return loss, terms
+
+
+# --------------------------------------------------------------------- pool methods ---
+
+@dataclass
+class PoolParams:
+    """Settings every pool method has (each method sets its paper's defaults)."""
+
+    synthesis_steps: int = hparam(2000, "optimisation steps that synthesise one batch (one per generator step)")
+    synthesis_lr: float = hparam(0.05, "Adam learning rate of the synthesis optimiser")
+    kd_temperature: float = hparam(20.0, "temperature T of the student's KD on the pool (T^2 * KL)", "T")
+    memory_size: int = hparam(50000, "capacity of the pool in images (FIFO past it); stored as uint8")
+
+    def validate(self) -> None:
+        if self.synthesis_steps <= 0:
+            raise ConfigError(f"synthesis_steps must be positive, got {self.synthesis_steps}")
+        if self.kd_temperature <= 0:
+            raise ConfigError(f"kd_temperature must be positive, got {self.kd_temperature}")
+        for name, value in vars(self).items():
+            if name.endswith("_weight") and isinstance(value, float) and value < 0:
+                raise ConfigError(f"{name} must be >= 0, got {value}")
+
+
+class PoolMethod(Method):
+    """Synthesise batches by optimisation, keep them in a pool, distil the student on the pool."""
+
+    Params = PoolParams
+
+    def __init__(self, params: PoolParams, ctx: MethodContext):
+        super().__init__(params, ctx)
+        params.validate()
+        self.pool = MemoryBank(params.memory_size, ctx.image_shape, "uint8", ctx.device)
+        self.batch_started = False
+        self.steps_on_batch = 0  # optimisation steps the batch in progress has had
+        self.batches_done = 0
+        self.best_loss: Tensor | None = None  # lowest synthesis loss of the batch in progress (device)
+        self.best_images: Tensor | None = None  # its images
+        self.counters = {"synthetic_images": 0, "pool_images": 0}
+
+    # ---- what a method defines ----
+    def start_batch(self) -> None:
+        """Initialise the batch in progress (images / noise, labels, optimiser) from ``ctx.rng``."""
+        raise NotImplementedError
+
+    def synthesis_step(self) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """One optimisation step on the batch in progress: ``(loss before the step, images it was computed on, terms)``."""
+        raise NotImplementedError
+
+    def finish_batch(self) -> None:
+        """After a batch joined the pool (e.g. FastDFKD's meta update, CMI's feature bank)."""
+
+    def batch_state(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_batch_state(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    # ---- the engine's interface ----
+    def _start(self) -> None:
+        self.start_batch()
+        self.batch_started = True
+        self.steps_on_batch = 0
+        self.best_images = self.best_loss = None
+
+    def generator_step(self) -> dict[str, Tensor]:
+        if not self.batch_started:
+            self._start()
+        loss, images, terms = self.synthesis_step()
+        loss = loss.detach()
+        images = images.detach().float()
+        if self.best_loss is None:
+            self.best_loss, self.best_images = loss.clone(), images.clone()
+        else:
+            better = loss < self.best_loss  # on the device: no host read
+            self.best_images = torch.where(better, images, self.best_images)
+            self.best_loss = torch.minimum(loss, self.best_loss)
+        self.steps_on_batch += 1
+        self.counters["synthetic_images"] += images.shape[0]
+        terms["gen_loss"] = loss
+        return {name: value.detach() for name, value in terms.items()}
+
+    def end_generator_stage(self) -> None:
+        if self.steps_on_batch >= self.params.synthesis_steps and self.best_images is not None:
+            self.pool.push(self.best_images)
+            self.counters["pool_images"] += self.best_images.shape[0]
+            self.batches_done += 1
+            self.finish_batch()
+            self._start()
+
+    def pretrain(self) -> None:
+        self._start()
+
+    def student_images(self) -> Tensor:
+        if self.pool.size == 0:  # host-side count: no sync
+            return self.best_images if self.best_images is not None else self.current_images()
+        return self.pool.sample(self.ctx.batch_size, self.ctx.rng)
+
+    def current_images(self) -> Tensor:
+        raise NotImplementedError
+
+    def student_loss(self) -> tuple[Tensor, dict[str, Tensor]]:
+        ctx = self.ctx
+        images = self.student_images()
+        if ctx.perf.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with ctx.perf.autocast(ctx.device):
+            with torch.inference_mode():
+                teacher_logits = ctx.teacher(images)
+            student_logits = ctx.student(images)
+        kd = zoo_losses.kd_with_temperature(teacher_logits.clone(), student_logits, self.params.kd_temperature)
+        return kd, {"kd_pool": kd.detach(), "student_loss": kd.detach()}
+
+    @torch.no_grad()
+    def measurement_sources(self, num_samples: int, rng: torch.Generator) -> dict[str, Tensor]:
+        """Pool samples (or the batch in progress while the pool is empty), drawn with ``rng``."""
+        if self.pool.size == 0:
+            images = self.best_images if self.best_images is not None else self.current_images().detach()
+            index = torch.randint(images.shape[0], (num_samples,), generator=rng, device=images.device)
+            return {"pool": images[index].float()}
+        return {"pool": self.pool.sample(num_samples, rng)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "pool": self.pool.state_dict(), "steps_on_batch": self.steps_on_batch,
+            "batches_done": self.batches_done, "best_loss": self.best_loss, "best_images": self.best_images,
+            "batch": self.batch_state() if self.batch_started else None, "counters": dict(self.counters),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pool.load_state_dict(state["pool"])
+        self.steps_on_batch = state["steps_on_batch"]
+        self.batches_done = state["batches_done"]
+        device = self.ctx.device
+        self.best_loss = None if state["best_loss"] is None else state["best_loss"].to(device)
+        self.best_images = None if state["best_images"] is None else state["best_images"].to(device)
+        self.batch_started = state["batch"] is not None
+        if self.batch_started:
+            self.load_batch_state(state["batch"])
+        self.counters.update(state.get("counters", {}))
+
+
+
+def random_views(images: Tensor, rng: torch.Generator, min_area: float = 1.0, max_shift: float = 0.0,
+                 flip: bool = True) -> Tensor:
+    """Differentiable random crops (and horizontal flips) of a batch, drawn on the device from ``rng``.
+
+    Each image is resampled (bilinear, zero padding) from a square window covering a random
+    fraction in [min_area, 1] of its area at a random position inside it, shifted by up to
+    ``max_shift`` pixels, and mirrored with probability 1/2. ``min_area=1, max_shift=4``
+    is the reference code's ``RandomCrop(padding=4)``; ``min_area=0.25`` its
+    ``RandomResizedCrop(scale=(0.25, 1))`` (CHOSEN: square windows, sub-pixel positions).
+    """
+    batch, _, height, width = images.shape
+    uniform = torch.rand((batch, 6), generator=rng, device=images.device)
+    scale = (min_area + (1.0 - min_area) * uniform[:, 0]).sqrt()
+    room = 1.0 - scale
+    tx = (2 * uniform[:, 1] - 1) * room + (2 * uniform[:, 2] - 1) * (2.0 * max_shift / width)
+    ty = (2 * uniform[:, 3] - 1) * room + (2 * uniform[:, 5] - 1) * (2.0 * max_shift / height)
+    mirror = torch.where(uniform[:, 4] < 0.5, -1.0, 1.0) if flip else torch.ones_like(scale)
+    theta = torch.zeros((batch, 2, 3), device=images.device, dtype=torch.float32)
+    theta[:, 0, 0] = scale * mirror
+    theta[:, 0, 2] = tx
+    theta[:, 1, 1] = scale
+    theta[:, 1, 2] = ty
+    grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros",
+                                           align_corners=False)
+
+
+class FeatureBank:
+    """A FIFO of feature rows (CMI's memory of past instances), on the device."""
+
+    def __init__(self, capacity: int, dim: int, device: torch.device):
+        self.capacity = capacity
+        self.data = torch.zeros((capacity, dim), device=device)
+        self.next_slot = 0
+        self.size = 0
+
+    @torch.no_grad()
+    def push(self, rows: Tensor) -> None:
+        rows = rows[-self.capacity:]
+        count = rows.shape[0]
+        first = min(count, self.capacity - self.next_slot)
+        self.data[self.next_slot:self.next_slot + first] = rows[:first]
+        if count > first:
+            self.data[:count - first] = rows[first:]
+        self.next_slot = (self.next_slot + count) % self.capacity
+        self.size = min(self.capacity, self.size + count)
+
+    def sample(self, count: int, rng: torch.Generator) -> Tensor:
+        """Up to ``count`` distinct rows, uniformly without replacement (a random permutation on the device)."""
+        if self.size == 0:
+            return self.data[:0]
+        index = torch.randperm(self.size, generator=rng, device=self.data.device)[:count]
+        return self.data[index]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"data": self.data[:self.size].clone(), "next_slot": self.next_slot, "size": self.size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.data[:state["data"].shape[0]] = state["data"].to(self.data.device)
+        self.next_slot, self.size = state["next_slot"], state["size"]
+
+
+def build_pool_generator(params, ctx: MethodContext) -> nn.Module:
+    """The image generator of CMI / FastDFKD (pre-sigmoid outputs), from the preset's architecture name."""
+    from dfkd_bench.models import build_generator, generator_for_image_size
+
+    channels, height, _ = ctx.image_shape
+    arch = params.generator if params.generator != "auto" else generator_for_image_size(height)
+    return build_generator(arch, params.noise_dim, channels, height, output_logits=True).to(ctx.device)
