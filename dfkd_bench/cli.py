@@ -14,7 +14,7 @@ import os
 import statistics
 import sys
 
-from dfkd_bench.errors import DfkdError
+from dfkd_bench.errors import ConfigError, DfkdError, user_message
 
 from dfkd_bench.store import DEFAULT_RESULTS_DIR
 
@@ -31,6 +31,126 @@ def _int_csv(text: str) -> list[int]:
         return [int(item) for item in _csv(text)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {text!r}") from None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, ``error: <what> (see dfkd-bench <command> --help)``,
+    with exit status 2, like every other user error (no usage dump)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        message = " ".join(message.split())
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _leaf_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub-)parser of the command ``args`` was parsed for: its name goes into error lines."""
+    while True:
+        actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not actions:
+            return parser
+        chosen = getattr(args, actions[0].dest, None)
+        if chosen not in actions[0].choices:
+            return parser
+        parser = actions[0].choices[chosen]
+
+
+# ---------------------------------------------------------- validation ---
+#
+# Options are checked by their destination name, whichever sub-command declares them, so that a
+# value out of range is one error line before anything runs or is written (not a traceback, a
+# silently meaningless run, or a teacher trained for nothing).
+
+def _check_int(args, name: str, low: int, high: int, flag: str, meaning: str) -> None:
+    value = getattr(args, name, None)
+    if value is not None and not low <= value <= high:
+        raise ConfigError(f"{flag} must be {meaning}, got {value}")
+
+
+def _check_device(name: str | None) -> None:
+    if name is None or name == "auto":
+        return
+    import torch
+
+    hint = "use auto, cpu, cuda or cuda:N"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"--device {name!r} is not a device; {hint}") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {name!r} is not supported; {hint}")
+    if device.type == "cuda" and device.index is not None and torch.cuda.is_available() \
+            and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                          f"numbered from 0")
+
+
+def _check_writable_folder(folder, what: str, hint: str) -> None:
+    """Create ``folder`` if needed and write a probe file into it; one error line if that fails."""
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(folder).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"{what} {folder} cannot be written ({error.strerror or error}); {hint}") from None
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Every numeric and path option of every sub-command, in range, before the command runs."""
+    from dfkd_bench.experiment import SEED_LIMIT, check_image_size, check_seeds
+
+    if getattr(args, "seeds", None) is not None:
+        check_seeds(args.seeds)
+    _check_int(args, "seed", 0, SEED_LIMIT - 1, "--seed", f"an integer from 0 to {SEED_LIMIT - 1}")
+    check_image_size(getattr(args, "image_size", None))
+    _check_int(args, "epochs", 1, 10**6, "--epochs", "a positive number of epochs (at most 10^6)")
+    _check_int(args, "batch_size", 1, 2**31 - 1, "--batch-size", "a positive integer")
+    lr = getattr(args, "lr", None)
+    if lr is not None and not (lr > 0 and lr < float("inf")):
+        raise ConfigError(f"--lr must be a finite number > 0, got {lr}")
+    _check_int(args, "workers", 0, 1024, "--workers", "an integer from 0 (load in this process) to 1024")
+    _check_int(args, "threads", 1, 4096, "--threads", "an integer from 1 to 4096")
+    _check_int(args, "time", 1, 10**7, "--time", "a positive number of minutes")
+    _check_int(args, "gpus_per_node", 0, 1024, "--gpus-per-node", "an integer from 0 to 1024")
+    _check_int(args, "cpus_per_task", 1, 4096, "--cpus-per-task", "an integer from 1 to 4096")
+    _check_int(args, "array_parallelism", 1, 10**6, "--array-parallelism", "a positive integer")
+    _check_int(args, "iterations", 1, 10**6, "--iterations", "a positive integer")
+    _check_int(args, "warmup", 0, 10**6, "--warmup", "an integer >= 0")
+    mem_gb = getattr(args, "mem_gb", None)
+    if mem_gb is not None and not (mem_gb > 0 and mem_gb < float("inf")):
+        raise ConfigError(f"--mem-gb must be a finite number of GB > 0, got {mem_gb}")
+    _check_device(getattr(args, "device", None))
+
+    if getattr(args, "teacher_mean", None) is not None or getattr(args, "teacher_std", None) is not None:
+        from dfkd_bench.data import get_dataset_info
+        from dfkd_bench.experiment import check_teacher_normalisation
+        from dfkd_bench.teachers import parse_floats
+
+        mean = parse_floats(args.teacher_mean, "--teacher-mean")
+        std = parse_floats(args.teacher_std, "--teacher-std")
+        dataset = getattr(args, "dataset", None) or "digits"
+        check_teacher_normalisation(mean, std, get_dataset_info(dataset).channels,
+                                    getattr(args, "teacher_checkpoint", None), dataset)
+    checkpoint = getattr(args, "teacher_checkpoint", None)
+    if checkpoint is not None and os.path.isfile(checkpoint):
+        from dfkd_bench.experiment import check_teacher_weights
+
+        check_teacher_weights(checkpoint)
+
+    if getattr(args, "command", None) == "teacher" and getattr(args, "teacher_command", None) == "train":
+        # Last, so that a bad option is reported without touching the disk: a cache that cannot
+        # be written fails now, not after the whole teacher has been trained.
+        from dfkd_bench.data import get_dataset_info
+        from dfkd_bench.experiment import check_model_name
+        from dfkd_bench.teachers import teacher_cache_dir
+
+        get_dataset_info(args.dataset)
+        check_model_name(args.arch, "--arch")
+        _check_writable_folder(args.teacher_cache or teacher_cache_dir(), "teacher cache",
+                               "pass --teacher-cache DIR (or set $DFKD_BENCH_TEACHERS) to a folder you can write")
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -180,10 +300,14 @@ def cmd_list(args) -> int:
     for info in list_generators():
         print(f"  {info.name:13s} {info.description}")
     if args.settings:
-        print("\nengine settings (--set key=value; paper symbol in brackets):")
+        print("\nengine settings (--set key=value; paper symbol in brackets; defaults before a dataset's preset):")
+        engine_defaults = TrainConfig()
         for f in dataclasses.fields(TrainConfig):
             paper = f" [{f.metadata['paper']}]" if f.metadata.get("paper") else ""
-            print(f"  {f.name:22s} {f.metadata.get('doc', '')}{paper}")
+            default = getattr(engine_defaults, f.name)
+            default = ",".join(str(v) for v in default) if isinstance(default, list) else str(default).lower() \
+                if isinstance(default, bool) else str(default)
+            print(f"  {f.name:22s} = {default:8s} {f.metadata.get('doc', '')}{paper}")
         for name, method in list_methods().items():
             print(f"\n{name} settings:")
             defaults = method.Params()
@@ -196,7 +320,7 @@ def cmd_list(args) -> int:
 # ------------------------------------------------------------------ parser ---
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="dfkd-bench",
         description="Benchmark data-free knowledge distillation methods (ABM, DFKD-Mem, MAD, ...) "
                     "under identical settings.",
@@ -266,17 +390,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`dfkd-bench list | head`): stop quietly, as Unix tools do. Later
+        # writes (the interpreter's final flush) go to /dev/null instead of raising again.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # stdout is not a real file (tests)
+            pass
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool stopped by a closed pipe
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        _leaf_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
+        validate_args(args)
         return int(args.func(args) or 0)
     except DfkdError as error:
         if args.debug:
             raise
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a folder or file the user named cannot be read or written
+        if args.debug or isinstance(error, BrokenPipeError):
+            raise
+        print(f"error: {user_message(error)} (--debug shows where)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -117,10 +118,37 @@ class TrainConfig:
                            cuda_graphs=self.cuda_graphs is True)
 
     def validate(self) -> None:
+        """Every value in its range, as one error line naming the setting (``--set KEY=VALUE``)."""
+        for f in fields(self):  # a config built in code or read from a file bypasses coerce()
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}; pass e.g. --set {f.name}=0.1")
         positive = ("epochs", "steps_per_epoch", "student_steps", "batch_size", "eval_batch_size", "checkpoint_every")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        # One iteration runs at least one student step: more than 10^12 iterations is a typo.
+        if self.total_iterations > 10**12:
+            raise ConfigError(f"epochs x steps_per_epoch = {self.total_iterations} iterations is beyond any budget; "
+                              "pass e.g. --set ep=300 --set spe=50")
+        for name in ("batch_size", "eval_batch_size", "drift_samples", "sample_count", "student_images_per_step"):
+            if getattr(self, name) > 2**31 - 1:
+                raise ConfigError(f"{name}={getattr(self, name)} is too large (at most {2**31 - 1})")
+        if not self.student_lr > 0:
+            raise ConfigError(f"student_lr (lr_S) must be > 0, got {self.student_lr}")
+        if self.student_weight_decay < 0:
+            raise ConfigError(f"student_weight_decay (wd_S) must be >= 0, got {self.student_weight_decay}")
+        if not 0 <= self.student_momentum < 1:
+            raise ConfigError(f"student_momentum (mo_S) must be in [0, 1), got {self.student_momentum}")
+        if not 0 < self.lr_decay <= 1:
+            raise ConfigError(f"lr_decay (ld) is the factor applied at each milestone and must be in (0, 1], "
+                              f"got {self.lr_decay}")
+        if not isinstance(self.lr_milestones, list) or not all(
+                isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in self.lr_milestones):
+            raise ConfigError(f"lr_milestones (ldep) must be epochs (integers >= 0) like 100,200, "
+                              f"got {self.lr_milestones!r}")
+        if not self.checkpoint_minutes > 0:
+            raise ConfigError(f"checkpoint_minutes must be > 0, got {self.checkpoint_minutes}")
         for name in ("generator_steps", "eval_every", "drift_every", "drift_tau", "sample_every", "log_every",
                      "student_images_per_step"):
             if getattr(self, name) < 0:
@@ -241,42 +269,74 @@ def parse_value(text: str) -> Any:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["a=1", "lambda3=0.1"]`` -> ``{"a": 1, "nll_weight": 0.1}`` (paper symbols resolved)."""
+    """``["a=1", "lambda3=0.1"]`` -> ``{"a": 1, "nll_weight": 0.1}`` (paper symbols resolved).
+
+    A setting given twice (also once by name and once by its paper symbol) is refused: silently
+    keeping the last one hides a typo in a long command.
+    """
     aliases = _paper_aliases()
     overrides: dict[str, Any] = {}
+    given_as: dict[str, str] = {}
     for item in items:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, value = item.split("=", 1)
         key = key.strip()
-        overrides[aliases.get(key, key)] = parse_value(value.strip())
+        if not key:
+            raise ConfigError(f"--set expects key=value with a setting name before '=', got {item!r}")
+        name = aliases.get(key, key)
+        if name in overrides:
+            also = "" if given_as[name] == key else f" (as {given_as[name]!r})"
+            raise ConfigError(f"--set {key} is given twice{also}; keep one --set {name}=VALUE")
+        overrides[name] = parse_value(value.strip())
+        given_as[name] = key
     return overrides
 
 
+def _finite(value: Any, key: str) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value}")
+    return value
+
+
 def coerce(value: Any, example: Any, key: str) -> Any:
-    """Convert an override to the type of the setting it replaces."""
+    """Convert an override to the type of the setting it replaces; non-finite numbers are refused."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value}")
     if isinstance(example, bool):
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{key} expects true or false, got {value!r}")
     if isinstance(example, int) and not isinstance(example, bool):
-        if isinstance(value, (int, float)) and float(value).is_integer():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer():
             return int(value)
         raise ConfigError(f"{key} expects an integer, got {value!r}")
     if isinstance(example, float):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return _finite(float(value), key)
         raise ConfigError(f"{key} expects a number, got {value!r}")
     if isinstance(example, list):
-        if isinstance(value, (int, float)):
-            return [value]
-        if isinstance(value, str):
-            return [parse_value(v) for v in value.split(",") if v]
-        if isinstance(value, list):
-            return value
-        raise ConfigError(f"{key} expects a list, got {value!r}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            items = [value]
+        elif isinstance(value, str):
+            items = [parse_value(v.strip()) for v in value.split(",") if v.strip()]
+        elif isinstance(value, list):
+            items = value
+        else:
+            raise ConfigError(f"{key} expects a list, got {value!r}")
+        # Elements take the type of the default's elements (lr_milestones: integers).
+        item_example = example[0] if example else None
+        if item_example is None:
+            return [_finite(item, key) for item in items]
+        try:
+            return [coerce(item, item_example, key) for item in items]
+        except ConfigError:
+            kind = "integers like 100,200" if isinstance(item_example, int) else "numbers like 0.5,0.25"
+            raise ConfigError(f"{key} expects comma-separated {kind}, got {value!r}") from None
     if isinstance(example, str):
-        return str(value)
+        if isinstance(value, (list, dict)):
+            raise ConfigError(f"{key} expects a word like {example!r}, got {value!r}")
+        return str(value).lower() if isinstance(value, bool) else str(value)
     return value
 
 

@@ -51,7 +51,7 @@ from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
 from torchvision.datasets.folder import default_loader
 
-from dfkd_bench.errors import ConfigError, DatasetNotFoundError
+from dfkd_bench.errors import ConfigError, DataError, DatasetNotFoundError
 
 __all__ = [
     "DatasetInfo",
@@ -374,8 +374,26 @@ def _class_folder_names(directory: Path) -> list[str]:
     return sorted(names)
 
 
+def _load_image(path: str) -> "Image.Image":
+    """torchvision's loader, but a file that cannot be decoded (truncated, not an image) is one
+    error line naming the file, in ``teacher train/eval`` as inside ``run``."""
+    from PIL import Image
+
+    try:
+        return default_loader(path)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        reason = (getattr(error, "strerror", None) or str(error)).strip().splitlines()
+        reason = reason[0] if reason else "unreadable"
+        raise DataError(f"cannot read image {path}: {reason}; replace or delete the file") from None
+
+
 class _ImageFolder(tv_datasets.ImageFolder):
-    """torchvision's ImageFolder with :func:`_class_folder_names` as class order."""
+    """torchvision's ImageFolder with :func:`_class_folder_names` as class order, and image files
+    that cannot be read named in one error line (:func:`_load_image`)."""
+
+    def __init__(self, root, transform=None, **kwargs) -> None:
+        kwargs.setdefault("loader", _load_image)
+        super().__init__(root, transform=transform, **kwargs)
 
     def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
         classes = _class_folder_names(Path(directory))
@@ -676,7 +694,7 @@ class TinyImageNet200(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        image = default_loader(path)  # RGB: a few Tiny-ImageNet JPEGs are greyscale
+        image = _load_image(path)  # RGB: a few Tiny-ImageNet JPEGs are greyscale
         if self.transform is not None:
             image = self.transform(image)
         return image, label

@@ -86,6 +86,24 @@ class AdversarialParams:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.normreg_gamma < 1:
             raise ConfigError(f"normreg_gamma (gamma) must be >= 1 (Eq. 8), got {self.normreg_gamma}")
+        for name, symbol in (("logit_bound", "delta"), ("pixel_logit_bound", "nu"), ("generator_lr", "lr_G")):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} ({symbol}) must be > 0, got {getattr(self, name)}")
+        if self.generator_weight_decay < 0:
+            raise ConfigError(f"generator_weight_decay (wd_G) must be >= 0, got {self.generator_weight_decay}")
+        for name in ("generator_beta1", "generator_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 1 <= self.noise_dim <= 2**20:
+            raise ConfigError(f"noise_dim (d_z) must be in [1, {2**20}], got {self.noise_dim}")
+        if self.pretrain_steps < 0:
+            raise ConfigError(f"pretrain_steps (pgs) must be >= 0, got {self.pretrain_steps}")
+        if self.generator != "auto":
+            from dfkd_bench.models import list_generators
+
+            names = [info.name for info in list_generators()]
+            if self.generator.strip().lower() not in names:
+                raise ConfigError(f"generator={self.generator!r} is not one of auto, {', '.join(names)}")
 
 
 class Source(NamedTuple):

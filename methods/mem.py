@@ -105,6 +105,12 @@ class MemParams(AdversarialParams):
         for name in ("memory_push_per_stage", "memory_batch_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0 means one batch), got {getattr(self, name)}")
+        if self.memory_size < 1:
+            raise ConfigError(f"memory_size must be >= 1 image, got {self.memory_size}")
+        if self.memory_kd_weight < 0:
+            raise ConfigError(f"memory_kd_weight must be >= 0, got {self.memory_kd_weight}")
+        if self.memory_dtype not in _DTYPES:
+            raise ConfigError(f"memory_dtype={self.memory_dtype!r} is not one of {', '.join(_DTYPES)}")
 
 
 @register_method
