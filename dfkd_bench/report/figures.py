@@ -80,7 +80,9 @@ def _figure_legend(fig, axes, band_entry: bool = True) -> None:
         labels.append(label)
     if handles:
         # As many legend columns as fit the figure's width (about 2.7 inches per entry).
-        columns = max(1, min(len(labels), int(fig.get_figwidth() / 2.7)))
+        # A long label (an unfinished run says where it stands) takes the width of several.
+        entry = max(2.7, 0.075 * max(len(label) for label in labels) + 0.6)
+        columns = max(1, min(len(labels), int(fig.get_figwidth() / entry)))
         fig.legend([handles[label] for label in labels], labels, loc="outside lower center", fontsize=9,
                    frameon=False, ncols=columns)
 
