@@ -342,3 +342,145 @@ def test_cost_table_gives_wall_time_and_where_it_ran(report):
     assert costs.loc[("mad", "digits"), "n"] == 2 and costs.loc[("mad", "digits"), "device"] == "cpu"
     assert "teacher" not in costs.index.get_level_values("row")
     assert "| MAD | digits (lenet5→lenet5_half) | 1.7 ± 0.0 | 2 | cpu |" in (out / "report.md").read_text()
+
+
+# ------------------------------------------------------- failing loudly (issue 15) ---
+
+def _strict_loads(line: str):
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_records_are_strict_json_and_old_nan_records_still_read(tmp_path):
+    import torch
+
+    from dfkd_bench.store import RunStore, atomic_write_json, read_jsonl
+
+    store = RunStore(tmp_path, "run")
+    store.path.mkdir()
+    store.append_record({"kind": "eval", "step": 1, "loss/gen_kd": float("nan"), "loss/kd_gen": float("inf"),
+                         "a": np.float32("nan"), "b": torch.tensor(float("-inf")), "c": np.float64(2.5),
+                         "nested": [1.0, float("nan")], "test_accuracy": 50.0})
+    store.rewrite_records(store.read_records() + [{"kind": "eval", "step": 2, "x": float("nan")}])
+    lines = store.records_path.read_text().splitlines()
+    parsed = [_strict_loads(line) for line in lines]  # a strict reader takes every line
+    assert parsed[0] == {"kind": "eval", "step": 1, "loss/gen_kd": None, "loss/kd_gen": None, "a": None, "b": None,
+                         "c": 2.5, "nested": [1.0, None], "test_accuracy": 50.0}
+    assert parsed[1]["x"] is None and store.read_records() == parsed
+    atomic_write_json(tmp_path / "done.json", {"final_accuracy": float("nan")})
+    assert _strict_loads((tmp_path / "done.json").read_text()) == {"final_accuracy": None}
+
+    # records written before this change hold bare NaN / Infinity tokens: still read
+    old = tmp_path / "old.jsonl"
+    old.write_text('{"kind": "eval", "step": 0, "loss/gen_kd": NaN, "x": Infinity}\n')
+    (record,) = read_jsonl(old)
+    assert math.isnan(record["loss/gen_kd"]) and record["x"] == math.inf
+
+
+def test_damaged_records_name_file_and_line(tmp_path):
+    from dfkd_bench.store import RecordsError, read_jsonl
+
+    path = tmp_path / "records.jsonl"
+    good = json.dumps({"kind": "eval", "step": 0}).encode()
+    path.write_bytes(good + b"\n" + b'{"kind": "eval", "step": 2, "x": "\xff\xfe"}\n' + good + b"\n")
+    with pytest.raises(RecordsError) as error:
+        read_jsonl(path)
+    message = str(error.value)
+    assert f"{path}: line 2 is not valid UTF-8" in message and "\n" not in message and error.value.line == 2
+    assert "Error" not in message
+    # a kill can cut a multi-byte character in the last line: that line is torn, not damage
+    path.write_bytes(good + b"\n" + b'{"kind": "eval", "x": "\xc3')
+    assert read_jsonl(path) == [{"kind": "eval", "step": 0}]
+
+
+def _run_status(results: Path, capsys) -> tuple[dict[str, str], str]:
+    from dfkd_bench.sweep import print_status, scan_results
+
+    print_status(scan_results(results), results)
+    lines = capsys.readouterr().out.splitlines()
+    return {line.split()[0]: line for line in lines[1:-1]}, lines[-1]
+
+
+def test_damaged_and_missing_records_of_done_runs_are_named_in_status_and_report(tmp_path, capsys):
+    results = tmp_path / "runs"
+    fine = write_run(results, "abm", "digits", 0, 90.0, 91.0)
+    damaged = write_run(results, "abm", "digits", 1, 92.0, 93.0)
+    lines = (damaged / "records.jsonl").read_bytes().split(b"\n")
+    lines[2] = b"\xff" + lines[2]
+    (damaged / "records.jsonl").write_bytes(b"\n".join(lines))
+    deleted = write_run(results, "abm", "digits", 2, 50.0, 51.0)
+    (deleted / "records.jsonl").unlink()
+
+    rows, counts = _run_status(results, capsys)
+    assert rows[fine.name].split()[4] == "done"
+    assert rows[damaged.name].split()[4] == "damaged" and "done, records damaged at line 3" in rows[damaged.name]
+    assert rows[deleted.name].split()[4] == "damaged" and "done, records.jsonl is missing" in rows[deleted.name]
+    assert counts == f"3 runs under {results}: 1 done, 2 damaged"
+
+    result = write_report(results, tmp_path / "report", formats=("png",))
+    table = pd.read_csv(tmp_path / "report" / "table_final.csv").set_index("row")
+    assert table.loc["abm", "n"] == 1 and table.loc["abm", "mean"] == 90.0  # neither damaged run is in the mean
+    listed = "\n".join(result["incomplete_runs"])
+    assert f"{damaged.name} (damaged" in listed and "line 3 is not valid UTF-8" in listed
+    assert f"{deleted.name} (damaged" in listed and "records.jsonl is missing" in listed and "50.0" in listed
+
+
+def test_report_out_that_cannot_be_written_is_one_error_line(results, tmp_path, monkeypatch):
+    import errno
+    import os
+    import tempfile
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(DfkdError) as error:
+        write_report(results, a_file / "report", formats=("png",))
+    message = str(error.value)
+    assert message.startswith(f"cannot write the report into {a_file / 'report'}: Not a directory")
+    assert "\n" not in message and "Error" not in message
+
+    if os.geteuid() != 0:  # root writes into read-only folders anyway
+        read_only = tmp_path / "ro"
+        read_only.mkdir()
+        read_only.chmod(0o500)
+        try:
+            with pytest.raises(DfkdError, match="Permission denied"):
+                write_report(results, read_only, formats=("png",))
+        finally:
+            read_only.chmod(0o700)
+
+    def read_only_disk(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only_disk)
+    with pytest.raises(DfkdError) as error:
+        write_report(results, tmp_path / "elsewhere", formats=("png",))
+    assert str(error.value) == (f"cannot write the report into {tmp_path / 'elsewhere'}: Read-only file system; "
+                                "pass a writable folder with --out")
+
+
+def test_report_without_out_writes_beside_the_runs(tmp_path, capsys):
+    from dfkd_bench import cli
+
+    results = tmp_path / "mine"
+    write_run(results, "abm", "digits", 0, 90.0, 91.0)
+    assert cli.main(["report", "--results-dir", str(results), "--formats", "png"]) == 0
+    assert (results / "report" / "report.md").exists() and (results / "report" / "accuracy_curves.png").exists()
+    printed = capsys.readouterr().out
+    assert f"start with {results / 'report' / 'report.md'}" in printed
+    assert f"--out {results / 'report'}" in (results / "report" / "report.md").read_text()
+    # the report folder beside the runs does not count as a run on the next report
+    assert len(load_runs(results)) == 1
+
+
+def test_report_on_a_file_or_only_damaged_configs_says_so(tmp_path):
+    a_file = tmp_path / "runs.txt"
+    a_file.write_text("x")
+    with pytest.raises(DfkdError, match="is a file, not a results folder"):
+        load_runs(a_file)
+    run = write_run(tmp_path / "runs", "abm", "digits", 0, 90.0, 91.0)
+    (run / "config.json").write_text((run / "config.json").read_text()[:25])
+    with pytest.raises(DfkdError) as error:
+        load_runs(tmp_path / "runs")
+    assert "damaged config.json" in str(error.value) and str(run) in str(error.value)
