@@ -7,8 +7,14 @@ time, also while runs are still going.
 
 Rules that keep the numbers honest:
 
-* Only finished runs (with a ``done`` file) enter tables and figures.
-  Unfinished or unreadable runs are listed (``incomplete.md``), never mixed in.
+* Only finished runs (with a ``done`` file) enter the means of the tables.
+  Unfinished (running, stopped) and failed runs are drawn as dotted lines
+  labelled with where they stand ("running, iteration 3,200 of 15,000",
+  "stopped at iteration ...", "failed at iteration ...: reason"), marked ‡ in
+  the table cell of their method and listed with their last test accuracy;
+  ``--finished-only`` leaves them out of figures and tables. Damaged runs
+  (unreadable records or configuration, a done run whose records are gone) are
+  listed with what is damaged (``incomplete.md``) and never used.
 * The main number is the FINAL test accuracy (last evaluation). The best
   accuracy over training is reported separately and labelled as selected on
   the test set, because picking the maximum over evaluations on the test split

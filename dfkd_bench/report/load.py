@@ -214,8 +214,11 @@ def _scan(results_dir: str | os.PathLike) -> _Scan:
 def load_runs(results_dir: str | os.PathLike) -> pd.DataFrame:
     """One row per run found below ``results_dir`` (any depth).
 
-    Columns: ``run_name, path, status`` (done / incomplete / damaged), ``state``
-    (why it is not done), ``method, dataset, seed, teacher_arch, student_arch,
+    Columns: ``run_name, path, status`` (done / incomplete / failed / damaged),
+    ``state`` (why it is not done), ``progress`` (where an unfinished run stands:
+    ``running, iteration 3,200 of 15,000``, ``stopped at iteration ...``,
+    ``failed at iteration ...: reason``), ``last_accuracy``, ``iterations_per_second``,
+    ``eta_seconds`` (running runs), ``method, dataset, seed, teacher_arch, student_arch,
     pair`` (``teacher→student``), ``teacher_accuracy`` (measured at run start),
     ``final_accuracy`` (last evaluation), ``best_accuracy`` (max over
     evaluations), ``wall_time`` (s), ``iterations``, ``last_step``,

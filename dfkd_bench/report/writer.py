@@ -189,7 +189,8 @@ def _report_markdown(results_dir, runs: pd.DataFrame, sections: dict, figures: l
         "# DFKD benchmark report", "",
         f"Produced by `{command}` on {now}.", "",
         f"Results: `{results_dir}`: {len(runs)} run(s) found, {counts.get('done', 0)} finished, "
-        f"{counts.get('incomplete', 0)} incomplete, {counts.get('damaged', 0)} unreadable.", "",
+        f"{counts.get('incomplete', 0)} incomplete, {counts.get('failed', 0)} failed, "
+        f"{counts.get('damaged', 0)} unreadable.", "",
         "## Final test accuracy", "", sections["table_final"][0],
         "Files: [CSV](table_final.csv), [LaTeX](table_final.tex).", "",
         "## Best test accuracy over training — selected on the test set (optimistic)", "",
@@ -213,10 +214,12 @@ def _report_markdown(results_dir, runs: pd.DataFrame, sections: dict, figures: l
         others = ", ".join(f"[{fmt}]({stem}.{fmt})" for fmt in formats if fmt != main_format)
         parts += [f"### {caption}", "", f"![{caption}]({stem}.{main_format})" + (f"  ({others})" if others else ""), ""]
     if not stems:
-        parts += ["No figures: no finished run.", ""]
+        parts += ["No figures: no run with records to draw.", ""]
     parts += ["## Notes", "",
-              "- Only finished runs (with a `done` file) are in the tables and figures; unfinished ones are listed "
-              "below and in [incomplete.md](incomplete.md).",
+              "- Only finished runs (with a `done` file) are in the tables' means and the solid curves; running, "
+              "stopped and failed runs are dotted curves labelled with where they stand, marked ‡ in the tables "
+              "(unless the report was made with --finished-only), and listed below and in "
+              "[incomplete.md](incomplete.md).",
               "- Final accuracy: the last evaluation on the real test split. Best accuracy: the maximum over all "
               "evaluations, selected on the test set, hence optimistic.",
               "- Runs that differ only in the seed are aggregated (mean ± sample std, ddof=1). Each table column "
