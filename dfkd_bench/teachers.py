@@ -227,62 +227,157 @@ def default_workers() -> int:
 
 # --------------------------------------------------------------------- train ---
 
-def recipe_for(dataset: str) -> TeacherRecipe:
-    recipe = get_preset(dataset).teacher_recipe
-    if recipe is None:
+TEACHER_RECIPE_NAMES = ("paper", "fast")
+PIPELINES = ("auto", "tensors", "loader")
+
+
+def recipe_for(dataset: str, name: str = "paper") -> TeacherRecipe:
+    """A teacher recipe of ``dataset``: ``paper`` (the preset's; Table 4 where the paper has one)
+    or ``fast`` (the short CIFAR recipe, see presets.py for its origin)."""
+    from dfkd_bench.presets import teacher_recipes
+
+    recipes = teacher_recipes(dataset)
+    if not recipes:
         raise ConfigError(f"no teacher recipe for {dataset}")
-    return recipe
+    if name not in recipes:
+        raise ConfigError(f"--recipe {name}: {dataset} has the teacher recipe(s) {', '.join(recipes)}; "
+                          f"use one of them")
+    return recipes[name]
 
 
 def learning_rate(recipe: TeacherRecipe, epoch_float: float) -> float:
-    """Linear warm-up, then step decay at the milestones (Table 4)."""
+    """``step`` (Table 4): linear warm-up, then step decay at the milestones. ``onecycle``: linear
+    from 0 to the peak over the warm-up epochs, then linear down to 0 at the end of training."""
     base = recipe.effective_lr
+    if recipe.schedule == "onecycle":
+        warmup = max(float(recipe.warmup_epochs), 1e-9)
+        if epoch_float < warmup:
+            return base * epoch_float / warmup
+        return base * max(0.0, (recipe.epochs - epoch_float) / max(recipe.epochs - warmup, 1e-9))
     if recipe.warmup_epochs and epoch_float < recipe.warmup_epochs:
         return base * epoch_float / recipe.warmup_epochs
     decays = sum(1 for m in recipe.milestones if epoch_float >= m)
     return base * recipe.lr_decay ** decays
 
 
+def tensor_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where decoded training/test images are kept: ``tensors/`` inside the teacher cache."""
+    return Path(cache_dir or teacher_cache_dir()) / "tensors"
+
+
+def _eval_epochs(epochs: int) -> set[int]:
+    return {e for e in range(1, epochs + 1) if e == epochs or e % max(1, epochs // 10) == 0}
+
+
 def train_teacher(dataset: str, arch: str, *, data_root: str | None = None, cache_dir: str | None = None,
                   epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
                   seed: int = 0, device: str = "auto", workers: int | None = None,
-                  image_size: int | None = None, progress: bool = True, download: bool = False) -> dict[str, Any]:
-    """Train ``arch`` on ``dataset`` with the preset's recipe; store it in the teacher cache."""
-    from dfkd_bench.engine import resolve_device, seed_everything
+                  image_size: int | None = None, progress: bool = True, download: bool = False,
+                  recipe: str = "paper", pipeline: str = "auto") -> dict[str, Any]:
+    """Train ``arch`` on ``dataset`` with one of its recipes; store it in the teacher cache.
 
-    recipe = recipe_for(dataset)
-    changes = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)) if v is not None}
-    if "epochs" in changes:  # keep the decay points at the same fractions of training
-        scale = changes["epochs"] / recipe.epochs
-        changes["milestones"] = tuple(max(1, round(m * scale)) for m in recipe.milestones)
-    recipe = TeacherRecipe(**{**asdict(recipe), **changes})
+    ``pipeline``: ``tensors`` trains from whole splits held on the device with batched device-side
+    augmentation (:mod:`dfkd_bench.fast_train`; decoded image files cached in
+    :func:`tensor_cache_dir`); ``loader`` is the classic DataLoader path; ``auto`` (default) picks
+    ``tensors`` for the datasets that fit in memory (digits, MNIST, CIFAR, Tiny-ImageNet).
+    """
+    from dfkd_bench.engine import resolve_device, seed_everything
+    from dfkd_bench.fast_train import IN_MEMORY_DATASETS, augmentation_for, train_in_memory
+
+    if pipeline not in PIPELINES:
+        raise ConfigError(f"--pipeline {pipeline!r} is not one of {', '.join(PIPELINES)}")
     info = get_dataset_info(dataset)
+    dataset = info.name
+    base_recipe = recipe_for(dataset, recipe)
+    changes = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)) if v is not None}
+    if "epochs" in changes:  # keep the decay points and the warm-up at the same fractions of training
+        scale = changes["epochs"] / base_recipe.epochs
+        changes["milestones"] = tuple(max(1, round(m * scale)) for m in base_recipe.milestones)
+        if base_recipe.schedule == "onecycle":
+            changes["warmup_epochs"] = max(1, round(base_recipe.warmup_epochs * scale))
+    recipe_used = TeacherRecipe(**{**asdict(base_recipe), **changes})
     preset = get_preset(dataset)
     size = image_size or preset.image_size
+    if pipeline == "auto":
+        pipeline = "tensors" if dataset in IN_MEMORY_DATASETS else "loader"
+    elif pipeline == "tensors" and dataset not in IN_MEMORY_DATASETS:
+        raise ConfigError(f"--pipeline tensors holds whole splits in memory, which {dataset} does not fit; "
+                          f"use --pipeline loader (or auto); in memory: {', '.join(IN_MEMORY_DATASETS)}")
     dev = resolve_device(device)
     seed_everything(seed)
+    workers = default_workers() if workers is None else workers
+    model = NormalizedModel(build_model(arch, info.num_classes, info.channels, size), info.mean, info.std).to(dev)
+    start = time.time()
+    extra: dict[str, Any] = {}
+    if pipeline == "tensors":
+        from dfkd_bench.tensor_cache import split_tensors
+
+        loaded_at = time.time()
+        splits = {}
+        for split in ("train", "test"):
+            data = build_dataset(dataset, data_root, split, image_size=size, download=download)
+            splits[split] = split_tensors(data, name=dataset, split=split, image_size=size,
+                                          cache_dir=tensor_cache_dir(cache_dir), workers=workers,
+                                          progress=progress)
+        extra["data_seconds"] = time.time() - loaded_at
+        extra["tensor_cache"] = {k: v.source for k, v in splits.items()}
+        steps = recipe_used.epochs * max(1, len(splits["train"].labels) // recipe_used.batch_size)
+        bar = tqdm(total=steps, desc=f"teacher {dataset}/{arch}", disable=not progress)
+
+        def report(step: int, total: int, status: dict[str, Any]) -> None:
+            bar.n = step
+            bar.set_postfix({k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in status.items()})
+
+        history = train_in_memory(model, (splits["train"].images, splits["train"].labels),
+                                  (splits["test"].images, splits["test"].labels), recipe=recipe_used,
+                                  lr_at=learning_rate, augmentation=augmentation_for(dataset), device=dev,
+                                  seed=seed, progress=report, eval_epochs=_eval_epochs(recipe_used.epochs))
+        bar.close()
+    else:
+        history = _train_with_loader(model, dataset, data_root, size, download, recipe_used, dev, workers, seed,
+                                     progress, arch)
+    final = history[-1]
+    meta = {
+        "dataset": dataset, "arch": arch, "num_classes": info.num_classes, "channels": info.channels,
+        "image_size": size, "mean": list(info.mean), "std": list(info.std),
+        "test_accuracy": final["accuracy"], "test_cross_entropy": final["cross_entropy"],
+        "train_seconds": time.time() - start, "recipe": asdict(recipe_used), "seed": seed, "history": history,
+        "torch": str(torch.__version__), "device": str(dev), "pipeline": pipeline, **extra,
+    }
+    path = cached_teacher_path(dataset, arch, cache_dir)
+    import io
+
+    buffer = io.BytesIO()
+    state = {k: v.detach().cpu().contiguous() for k, v in model.model.state_dict().items()}
+    torch.save({"state_dict": state, "meta": meta}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+    return {"path": str(path), **meta}
+
+
+def _train_with_loader(model: nn.Module, dataset: str, data_root: str | None, size: int, download: bool,
+                       recipe: TeacherRecipe, dev: torch.device, workers: int, seed: int, progress: bool,
+                       arch: str) -> list[dict[str, Any]]:
+    """The classic path: a DataLoader decodes and augments on the CPU (datasets too big for memory)."""
     train_set = build_dataset(dataset, data_root, "train", train_augment=True, image_size=size, download=download)
     test_set = build_dataset(dataset, data_root, "test", image_size=size, download=download)
-    workers = default_workers() if workers is None else workers
     generator = torch.Generator().manual_seed(seed)
     train_loader = DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True, num_workers=workers,
                               drop_last=len(train_set) > recipe.batch_size, generator=generator,
                               persistent_workers=workers > 0, pin_memory=dev.type == "cuda")
     test_loader = DataLoader(test_set, batch_size=max(256, recipe.batch_size), num_workers=workers)
-    model = NormalizedModel(build_model(arch, info.num_classes, info.channels, size), info.mean, info.std).to(dev)
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe.effective_lr, momentum=recipe.momentum,
-                                weight_decay=recipe.weight_decay, nesterov=False)
+                                weight_decay=recipe.weight_decay, nesterov=bool(recipe.nesterov and recipe.momentum))
     steps_per_epoch = len(train_loader)
-    start = time.time()
     bar = tqdm(total=recipe.epochs * steps_per_epoch, desc=f"teacher {dataset}/{arch}", disable=not progress)
     history = []
+    eval_epochs = _eval_epochs(recipe.epochs)
     for epoch in range(recipe.epochs):
         model.train()
         for step, (images, labels) in enumerate(train_loader):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(recipe, epoch + step / steps_per_epoch)
             images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
-            loss = F.cross_entropy(model(images), labels)
+            loss = F.cross_entropy(model(images), labels, label_smoothing=recipe.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -291,23 +386,9 @@ def train_teacher(dataset: str, arch: str, *, data_root: str | None = None, cach
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
         if not math.isfinite(loss.item()):
             raise ConfigError(f"teacher training diverged at epoch {epoch + 1} (loss {loss.item()}); lower --lr")
-        if epoch == recipe.epochs - 1 or (epoch + 1) % max(1, recipe.epochs // 10) == 0:
+        if epoch + 1 in eval_epochs:
             metrics = evaluate_classifier(model, test_loader, dev)
             history.append({"epoch": epoch + 1, **metrics})
             bar.set_postfix(epoch=epoch + 1, test_acc=f"{metrics['accuracy']:.2f}")
     bar.close()
-    final = history[-1]
-    meta = {
-        "dataset": dataset, "arch": arch, "num_classes": info.num_classes, "channels": info.channels,
-        "image_size": size, "mean": list(info.mean), "std": list(info.std),
-        "test_accuracy": final["accuracy"], "test_cross_entropy": final["cross_entropy"],
-        "train_seconds": time.time() - start, "recipe": asdict(recipe), "seed": seed, "history": history,
-        "torch": str(torch.__version__), "device": str(dev),
-    }
-    path = cached_teacher_path(dataset, arch, cache_dir)
-    import io
-
-    buffer = io.BytesIO()
-    torch.save({"state_dict": model.model.state_dict(), "meta": meta}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-    return {"path": str(path), **meta}
+    return history
