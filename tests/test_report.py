@@ -484,3 +484,14 @@ def test_report_on_a_file_or_only_damaged_configs_says_so(tmp_path):
     with pytest.raises(DfkdError) as error:
         load_runs(tmp_path / "runs")
     assert "damaged config.json" in str(error.value) and str(run) in str(error.value)
+
+
+def test_auto_settings_match_the_value_a_run_resolved():
+    """Runs store amp=none (auto resolved on a CPU); the preset's default is auto: still the preset defaults."""
+    from dfkd_bench.report.configs import _matches
+
+    assert _matches({"train.amp": "none", "params.ema_momentum": 0.95},
+                    {"train.amp": "auto", "params.ema_momentum": 0.95})
+    assert not _matches({"train.amp": "none", "params.ema_momentum": 0.9},
+                        {"train.amp": "auto", "params.ema_momentum": 0.95})
+    assert not _matches({"train.amp": "bf16"}, {"train.amp": "none"})

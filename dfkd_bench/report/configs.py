@@ -43,8 +43,12 @@ def preset_default_settings(method: str, dataset: str, teacher_arch: str, studen
 
 
 def _matches(settings: dict[str, Any], defaults: dict[str, Any]) -> bool:
-    """Equal on every setting both know (an older run may lack a newer parameter)."""
-    common = [k for k in settings if k in defaults and not _missing(settings[k])]
+    """Equal on every setting both know (an older run may lack a newer parameter).
+
+    # CHOSEN: a default of ``auto`` (amp, channels_last ... resolved per device when a run starts)
+    # matches whatever the run resolved it to; otherwise no CPU run would match the preset defaults.
+    """
+    common = [k for k in settings if k in defaults and not _missing(settings[k]) and defaults[k] != "auto"]
     return bool(common) and all(_equal(settings[k], defaults[k]) for k in common)
 
 
