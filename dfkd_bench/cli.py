@@ -163,8 +163,18 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 def _add_teacher_args(parser: argparse.ArgumentParser, arch_required: bool = False) -> None:
     parser.add_argument("--teacher-arch", required=arch_required, help="teacher architecture (default: the preset's)")
     parser.add_argument("--teacher-checkpoint", metavar="PATH",
-                        help="external teacher weights: a state_dict or a dict with 'state_dict'/'model' "
-                             "(a 'module.' prefix is stripped); loaded with weights_only=True")
+                        help="external teacher weights (.pt/.pth/.th or .safetensors): a state_dict, or a dict "
+                             "holding one under 'state_dict'/'model'/'net' beside other entries; 'module.' is "
+                             "stripped, old BatchNorm files and the known key names of public checkpoints of "
+                             "the architecture are handled; loaded with weights_only=True")
+    parser.add_argument("--teacher-key-map", action="append", metavar="OLD_PREFIX=NEW_PREFIX",
+                        help="rename the checkpoint's keys starting with OLD_PREFIX (e.g. linear.=fc., "
+                             "backbone.= drops a prefix); repeatable, applied in order")
+    parser.add_argument("--teacher-weights", metavar="WHICH",
+                        help="published weights by name: torchvision (the architecture's default weights, "
+                             "read from the torch hub cache $TORCH_HOME/hub/checkpoints, fetched there only "
+                             "with --download), torchvision:<WEIGHTS>, or cache (the teacher cache); "
+                             "default: torchvision for imagenet's alexnet, else cache")
     parser.add_argument("--teacher-mean", metavar="M1,M2,M3",
                         help="input mean the external teacher was trained with (default: the dataset's)")
     parser.add_argument("--teacher-std", metavar="S1,S2,S3",
@@ -192,7 +202,9 @@ def _request_from_args(args) -> "RunRequest":
         methods=_csv(args.methods), dataset=args.dataset, seeds=args.seeds, teacher_arch=args.teacher_arch,
         student_arch=args.student_arch, budget=args.budget, overrides=parse_overrides(args.set or []),
         teacher=TeacherOptions(checkpoint=args.teacher_checkpoint, mean=parse_floats(args.teacher_mean, "--teacher-mean"),
-                               std=parse_floats(args.teacher_std, "--teacher-std"), cache_dir=args.teacher_cache),
+                               std=parse_floats(args.teacher_std, "--teacher-std"), cache_dir=args.teacher_cache,
+                               key_map=list(args.teacher_key_map or []), weights=args.teacher_weights,
+                               download=args.download),
         data_root=args.data_root, image_size=args.image_size,
     )
 
@@ -263,12 +275,13 @@ def cmd_teacher_eval(args) -> int:
 
     info = get_dataset_info(args.dataset)
     arch = args.teacher_arch or get_preset(args.dataset).teacher_arch
+    image_size = args.image_size or get_preset(args.dataset).image_size
     spec = resolve_teacher(args.dataset, arch, checkpoint=args.teacher_checkpoint,
                            mean=parse_floats(args.teacher_mean, "--teacher-mean"),
                            std=parse_floats(args.teacher_std, "--teacher-std"), cache_dir=args.teacher_cache,
-                           data_root=args.data_root)
+                           data_root=args.data_root, key_map=args.teacher_key_map, weights=args.teacher_weights,
+                           download=args.download, image_size=image_size)
     device = resolve_device(args.device)
-    image_size = args.image_size or get_preset(args.dataset).image_size
     teacher = build_teacher(spec, info.num_classes, info.channels, image_size, device)
     test_set = build_dataset(args.dataset, args.data_root, "test", image_size=image_size, download=args.download)
     loader = DataLoader(test_set, batch_size=256, num_workers=args.workers or 0)

@@ -32,10 +32,17 @@ from dfkd_bench.teachers import resolve_teacher
 
 @dataclass
 class TeacherOptions:
+    """Which teacher: ``checkpoint`` (a file, with ``key_map`` prefix renames ``OLD=NEW``), ``weights``
+    (``cache``, ``torchvision``[``:<WEIGHTS>``]; default: the preset's, see teachers.PRESET_TEACHER_WEIGHTS),
+    or the teacher cache; ``download`` lets published weights be fetched into the torch hub cache."""
+
     checkpoint: str | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
     cache_dir: str | None = None
+    key_map: list[str] = field(default_factory=list)
+    weights: str | None = None
+    download: bool = False
 
 
 @dataclass
@@ -175,7 +182,9 @@ def build_run_configs(request: RunRequest, allow_missing_teacher: bool = False) 
     options = request.teacher
     try:
         teacher = resolve_teacher(request.dataset, teacher_arch, checkpoint=options.checkpoint, mean=options.mean,
-                                  std=options.std, cache_dir=options.cache_dir, data_root=request.data_root)
+                                  std=options.std, cache_dir=options.cache_dir, data_root=request.data_root,
+                                  key_map=options.key_map, weights=options.weights, download=options.download,
+                                  image_size=image_size)
     except CheckpointError as error:
         if not allow_missing_teacher:
             raise

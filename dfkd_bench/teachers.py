@@ -19,9 +19,9 @@ import math
 import os
 import time
 from collections import OrderedDict
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +91,11 @@ def _teacher_sha256_cached(path: str, size: int, mtime_ns: int) -> str:
         state = extract_state_dict(read_checkpoint(path), path)
     except CheckpointError:
         return _file_bytes_sha256(path)
+    return state_sha256(state)
+
+
+def state_sha256(state: dict[str, Tensor]) -> str:
+    """The hash of a state_dict: key by key in sorted order, name, dtype, shape and raw bytes."""
     digest = hashlib.sha256(b"dfkd-bench teacher weights v1")
     for key in sorted(state):
         tensor = state[key].detach().cpu().contiguous()
@@ -109,42 +114,231 @@ def parse_floats(text: str | None, what: str) -> list[float] | None:
 
 
 # ------------------------------------------------------- external checkpoints ---
+#
+# A teacher file as it comes: a raw state_dict or one wrapped with training state
+# ({'state_dict': {'module.…'}, 'epoch', 'best_prec1', 'optimizer', 'arch' ...}), a .safetensors file,
+# saved by an old PyTorch (BatchNorm without ``num_batches_tracked``), with the key names of the code
+# base that trained it. The loader unwraps it, applies the user's ``--teacher-key-map`` renames, tries
+# the architecture's known key maps (declared next to each architecture, see models.registry.KeyMap),
+# fills the BatchNorm counters and loads strictly; what still does not fit is one error line naming
+# a few missing and a few unexpected keys.
+
+# CHOSEN: the names under which training scripts wrap their weights, tried in this order.
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net")
+KEY_MAP_HINT = "--teacher-key-map OLD_PREFIX=NEW_PREFIX"
+_SHOWN_KEYS = 3  # keys named per kind in a mismatch error
+
+
+def _tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) for k in obj) \
+        and all(isinstance(v, Tensor) for v in obj.values())
+
 
 def extract_state_dict(obj: Any, path: str | os.PathLike) -> "OrderedDict[str, Tensor]":
-    """A raw state_dict, or a dict holding one under ``state_dict`` / ``model``; ``module.`` stripped."""
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+    """The weights inside a checkpoint; ``module.`` (DataParallel / DDP) stripped.
+
+    Accepted: a raw state_dict; a dict holding one under ``state_dict``, ``model_state_dict``,
+    ``model`` or ``net`` (also nested); otherwise a dict whose only name -> tensor entry is one
+    dict. Entries beside the weights (``epoch``, ``best_prec1``, ``optimizer``, ``arch`` ...) are
+    ignored.
+    """
+    for _ in range(3):  # {'model': {'state_dict': ...}} and the like
+        if not isinstance(obj, dict):
+            break
+        inner = next((obj[k] for k in STATE_DICT_KEYS if isinstance(obj.get(k), dict) and obj[k]), None)
+        if inner is None:
+            break
+        obj = inner
+    if isinstance(obj, dict) and not any(isinstance(v, Tensor) for v in obj.values()):
+        nested = [v for v in obj.values() if _tensor_dict(v)]
+        if len(nested) == 1:  # e.g. {'s_state_dict': {...}, 'epoch': 3, 'optimizer': {...}}
+            obj = nested[0]
+    tensors = OrderedDict((k, v) for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)) \
+        if isinstance(obj, dict) else OrderedDict()
+    if not tensors:
+        found = ""
+        if isinstance(obj, dict) and obj:
+            names = [repr(k) for k in list(obj)[:6]]
+            found = f" (it holds {', '.join(names)}{', ...' if len(obj) > 6 else ''})"
         raise CheckpointError(
-            f"{path}: expected a state_dict (name -> tensor) or a dict with 'state_dict' or 'model'; "
+            f"{path}: expected a state_dict (name -> tensor) or a dict with 'state_dict' or 'model'{found}; "
             "save one with torch.save(model.state_dict(), PATH)"
         )
-    return OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in obj.items())
+    return OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in tensors.items())
 
 
-def load_state_into(model: nn.Module, state: dict[str, Tensor], path: str | os.PathLike, arch: str) -> None:
-    """Load strictly; on mismatch name the first offending key in one line."""
+def parse_key_map(items: Sequence[str] | None) -> list[tuple[str, str]]:
+    """``["linear.=fc.", "backbone.="]`` -> ``[("linear.", "fc."), ("backbone.", "")]``."""
+    rules = []
+    for item in items or ():
+        old, sep, new = item.partition("=")
+        if not sep or (not old and not new):
+            raise ConfigError(f"--teacher-key-map expects OLD_PREFIX=NEW_PREFIX, e.g. linear.=fc. "
+                              f"(or backbone.= to drop a prefix), got {item!r}")
+        if old == new:
+            raise ConfigError(f"--teacher-key-map {item} renames nothing; give two different prefixes")
+        rules.append((old, new))
+    return rules
+
+
+def apply_key_map(state: "OrderedDict[str, Tensor]", rules: Sequence[tuple[str, str]],
+                  source: str | os.PathLike) -> "OrderedDict[str, Tensor]":
+    """Each ``(old, new)`` rule in turn renames every key starting with ``old`` (so rules can chain)."""
+    for old, new in rules:
+        renamed: OrderedDict[str, Tensor] = OrderedDict()
+        hits = 0
+        for key, value in state.items():
+            if key.startswith(old):
+                key, hits = new + key[len(old):], hits + 1
+            if key in renamed:
+                raise CheckpointError(f"--teacher-key-map {old}={new} gives two tensors of {source} the name "
+                                      f"{key!r}; use a longer OLD_PREFIX")
+            renamed[key] = value
+        if not hits:
+            starts = sorted({k.split(".")[0] + "." for k in state})
+            shown = ", ".join(repr(s) for s in starts[:6]) + (", ..." if len(starts) > 6 else "")
+            raise CheckpointError(f"--teacher-key-map {old}={new} matches no key of {source} (its keys start with "
+                                  f"{shown}); fix OLD_PREFIX")
+        state = renamed
+    return state
+
+
+def fill_batchnorm_counters(model: nn.Module, state: dict[str, Tensor]) -> int:
+    """Add the ``num_batches_tracked`` buffers a file saved before PyTorch 0.4.1 lacks, in place.
+
+    As PyTorch's own BatchNorm loader does for such files (state_dict version < 2): a BatchNorm
+    whose running statistics are in the file but whose counter is not gets the counter 0. The
+    counter only matters for training with ``momentum=None``; a teacher is frozen.
+    """
+    filled = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            prefix = f"{name}." if name else ""
+            key = prefix + "num_batches_tracked"
+            if key not in state and prefix + "running_mean" in state:
+                state[key] = torch.tensor(0, dtype=torch.long)
+                filled += 1
+    return filled
+
+
+@dataclass
+class FittedState:
+    """A checkpoint's weights under the architecture's names, ready for a strict load."""
+
+    state: "OrderedDict[str, Tensor]"
+    layout: str | None = None  # the known key map used, if any
+    filled_counters: int = 0
+
+
+def _suggest_key_map(missing: list[str], unexpected: list[str]) -> str | None:
+    """The one prefix rename that turns the most unexpected keys into missing ones (``linear.=fc.``)."""
+    wanted = set(missing)
+    candidates: set[tuple[str, str]] = set()
+    for key in unexpected[:20]:
+        parts = key.split(".")
+        for other in missing:
+            other_parts = other.split(".")
+            common = 0
+            while common < min(len(parts), len(other_parts)) and parts[-1 - common] == other_parts[-1 - common]:
+                common += 1
+            if common:
+                old = ".".join(parts[:len(parts) - common])
+                new = ".".join(other_parts[:len(other_parts) - common])
+                if old != new:
+                    candidates.add((old + "." if old else "", new + "." if new else ""))
+    best, best_score = None, 0
+    for old, new in sorted(candidates, key=lambda rule: (len(rule[0]) + len(rule[1]), rule)):
+        score = sum(1 for key in unexpected if key.startswith(old) and new + key[len(old):] in wanted)
+        if score > best_score:
+            best, best_score = f"{old}={new}", score
+    return best
+
+
+def _name_keys(kind: str, keys: list[str]) -> str:
+    shown = ", ".join(repr(k) for k in keys[:_SHOWN_KEYS])
+    more = f" and {len(keys) - _SHOWN_KEYS} more" if len(keys) > _SHOWN_KEYS else ""
+    return f"{kind} key{'s' if len(keys) > 1 else ''} {shown}{more}"
+
+
+def fit_state_dict(model: nn.Module, state: "OrderedDict[str, Tensor]", *, source: str | os.PathLike, arch: str,
+                   key_map: Sequence[tuple[str, str]] = ()) -> FittedState:
+    """``state`` under ``model``'s names, or a one-line error naming what does not fit.
+
+    Order: the user's ``key_map`` (prefix renames), then the file as it is or under each known key
+    map of ``arch``, the first that fits exactly winning; missing BatchNorm counters are filled.
+    """
+    from dfkd_bench.models.registry import key_maps_for
+
     expected = model.state_dict()
-    for key, value in expected.items():
-        if key not in state:
-            raise CheckpointError(f"{path} does not fit --teacher-arch {arch}: missing key {key!r}")
-        if tuple(state[key].shape) != tuple(value.shape):
-            raise CheckpointError(
-                f"{path} does not fit --teacher-arch {arch}: key {key!r} has shape {tuple(state[key].shape)}, "
-                f"the architecture expects {tuple(value.shape)}"
-            )
-    for key in state:
-        if key not in expected:
-            raise CheckpointError(f"{path} does not fit --teacher-arch {arch}: unexpected key {key!r}")
-    model.load_state_dict(state, strict=True)
+    state = apply_key_map(state, key_map, source)
+    tries: list[tuple[str | None, OrderedDict[str, Tensor]]] = [(None, state)]
+    for known in key_maps_for(arch):
+        renamed = OrderedDict((known.rename(k), v) for k, v in state.items())
+        if len(renamed) == len(state) and renamed.keys() != state.keys():
+            tries.append((known.name, renamed))
+    mismatch = None
+    for layout, candidate in tries:
+        candidate = OrderedDict(candidate)
+        filled = fill_batchnorm_counters(model, candidate)
+        missing = [k for k in expected if k not in candidate]
+        unexpected = [k for k in candidate if k not in expected]
+        if not missing and not unexpected:
+            _check_shapes(expected, candidate, source, arch)
+            return FittedState(candidate, layout, filled)
+        # CHOSEN: the error names the keys of the file as it is (after the user's renames): a known
+        # map that happens to match a few keys of an unrelated file would only confuse.
+        mismatch = mismatch or (missing, unexpected)
+    missing, unexpected = mismatch
+    parts = [_name_keys(kind, keys) for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+    suggestion = _suggest_key_map(missing, unexpected) if missing and unexpected else None
+    example = f" (here perhaps --teacher-key-map {suggestion})" if suggestion else ""
+    raise CheckpointError(f"{source} does not fit --teacher-arch {arch}: {'; '.join(parts)}; rename keys with "
+                          f"{KEY_MAP_HINT}{example}, repeatable, or check --teacher-arch")
+
+
+def _check_shapes(expected: dict[str, Tensor], state: dict[str, Tensor], source, arch: str) -> None:
+    wrong = [k for k, v in expected.items() if tuple(state[k].shape) != tuple(v.shape)]
+    if wrong:
+        key = wrong[0]
+        more = f" (and {len(wrong) - 1} more keys of other shapes)" if len(wrong) > 1 else ""
+        raise CheckpointError(
+            f"{source} does not fit --teacher-arch {arch}: key {key!r} has shape {tuple(state[key].shape)}, "
+            f"the architecture expects {tuple(expected[key].shape)}{more}; check --teacher-arch and that the "
+            "file was trained for this dataset's number of classes"
+        )
+
+
+def load_state_into(model: nn.Module, state: "OrderedDict[str, Tensor]", path: str | os.PathLike,
+                    arch: str, key_map: Sequence[tuple[str, str]] = ()) -> FittedState:
+    """Fit ``state`` to ``model`` (:func:`fit_state_dict`) and load it strictly."""
+    fitted = fit_state_dict(model, state, source=path, arch=arch, key_map=key_map)
+    model.load_state_dict(fitted.state, strict=True)
+    return fitted
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A .safetensors file, by name or by its header (8-byte little-endian length, then JSON)."""
+    if path.suffix.lower() == ".safetensors":
+        return True
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
 
 
 def read_checkpoint(path: str | os.PathLike) -> Any:
+    """A checkpoint's content: ``torch.load(weights_only=True)``, or the tensors of a .safetensors file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"teacher checkpoint {path} does not exist")
+    if _is_safetensors(path):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else "unreadable"
+            raise CheckpointError(f"{path} is not a readable safetensors file ({first[:200]}); "
+                                  "save one with safetensors.torch.save_file(model.state_dict(), PATH)") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -155,9 +349,25 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         ) from None
 
 
+def _build_for_shapes(arch: str, num_classes: int, channels: int, image_size: int) -> nn.Module:
+    """The architecture without its initialisation cost (on the meta device) when it allows it."""
+    try:
+        with torch.device("meta"):
+            return build_model(arch, num_classes=num_classes, in_channels=channels, image_size=image_size)
+    except (ConfigError, CheckpointError):
+        raise
+    except Exception:  # a builder that needs real tensors
+        return build_model(arch, num_classes=num_classes, in_channels=channels, image_size=image_size)
+
+
 def build_teacher(spec: TeacherSpec, num_classes: int, channels: int, image_size: int,
                   device: torch.device | str = "cpu") -> NormalizedModel:
-    """The frozen teacher of ``spec``: eval mode, no parameter gradients, normalising inputs."""
+    """The frozen teacher of ``spec``: eval mode, no parameter gradients, normalising inputs.
+
+    Known key maps and missing BatchNorm counters are handled here too, so a spec that points at a
+    file as published loads; a user ``--teacher-key-map`` was applied by :func:`resolve_teacher`,
+    which then points the spec at the renamed copy.
+    """
     model = build_model(spec.arch, num_classes=num_classes, in_channels=channels, image_size=image_size)
     load_state_into(model, extract_state_dict(read_checkpoint(spec.path), spec.path), spec.path, spec.arch)
     teacher = NormalizedModel(model, spec.mean, spec.std).to(device)
@@ -167,17 +377,129 @@ def build_teacher(spec: TeacherSpec, num_classes: int, channels: int, image_size
     return teacher
 
 
+# ----------------------------------------------------- pretrained by name ---
+
+TEACHER_WEIGHTS_HELP = "cache | torchvision | torchvision:<WEIGHTS> (e.g. torchvision:IMAGENET1K_V1)"
+# CHOSEN: where no trained teacher is needed because the paper used a published one. MAD's ImageNet
+# teacher is torchvision's pretrained AlexNet (the preset's teacher arch); other datasets (and other
+# arches on ImageNet) use the teacher cache unless --teacher-weights says otherwise.
+PRESET_TEACHER_WEIGHTS = {"imagenet": "torchvision"}
+
+
+def _torchvision_name(arch: str) -> str | None:
+    from dfkd_bench.models.registry import TORCHVISION_PREFIXES
+
+    key = arch.strip()
+    for prefix in TORCHVISION_PREFIXES:
+        if key.lower().startswith(prefix):
+            return key[len(prefix):].strip()
+    return "alexnet" if key.lower() == "alexnet" else None  # the registered alexnet is torchvision's
+
+
+def torchvision_weights(arch: str, choice: str = "torchvision"):
+    """The torchvision weights enum member ``choice`` names for ``arch`` (DEFAULT for plain ``torchvision``)."""
+    import torchvision.models as tvm
+
+    name = _torchvision_name(arch)
+    if name is None:
+        raise ConfigError(f"--teacher-weights {choice} needs a torchvision architecture (alexnet or "
+                          f"torchvision:<name>), --teacher-arch is {arch}; pass --teacher-checkpoint for other weights")
+    try:
+        enum = tvm.get_model_weights(name)
+    except (ValueError, KeyError):
+        raise ConfigError(f"torchvision has no pretrained weights for {name!r}; see "
+                          "torchvision.models.list_models() for the models that have") from None
+    wanted = choice.partition(":")[2].strip()
+    if not wanted:
+        return enum.DEFAULT
+    try:
+        return enum[wanted]
+    except KeyError:
+        raise ConfigError(f"--teacher-weights {choice}: torchvision's {name} has the weights "
+                          f"{', '.join(w.name for w in enum)}") from None
+
+
+def torchvision_weights_file(weights, download: bool = False, progress: bool = True) -> Path:
+    """The file of torchvision ``weights`` in the torch hub cache (``$TORCH_HOME/hub/checkpoints``).
+
+    Downloaded there only with ``download``; otherwise a missing file is one error line saying
+    which file to put where.
+    """
+    from urllib.parse import urlparse
+
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    filename = os.path.basename(urlparse(weights.url).path)
+    path = folder / filename
+    if path.is_file():
+        return path
+    if not download:
+        raise CheckpointError(f"torchvision's pretrained weights {weights} are not in the torch hub cache: put "
+                              f"{filename} (from {weights.url}) into {folder} (the folder follows $TORCH_HOME), "
+                              "or pass --download to fetch it there")
+    try:
+        torch.hub.load_state_dict_from_url(weights.url, model_dir=str(folder), map_location="cpu", progress=progress,
+                                           check_hash=True, weights_only=True)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"could not download {weights.url} into {folder} ({reason}); fetch it by hand and "
+                              f"put it there as {filename}") from None
+    return path
+
+
+def _teacher_weights_choice(dataset: str, arch: str, checkpoint: str | None, weights: str | None) -> str:
+    if weights is not None:
+        choice = weights.strip()
+        if choice != "cache" and choice != "torchvision" and not choice.startswith("torchvision:"):
+            raise ConfigError(f"--teacher-weights {weights!r} is not one of {TEACHER_WEIGHTS_HELP}")
+        if checkpoint is not None:
+            raise ConfigError(f"--teacher-weights {weights} and --teacher-checkpoint name two teachers; keep one")
+        return choice
+    if checkpoint is not None:
+        return "checkpoint"
+    default = PRESET_TEACHER_WEIGHTS.get(dataset)
+    if default and arch.strip().lower() == get_preset(dataset).teacher_arch:
+        return default
+    return "cache"
+
+
 def resolve_teacher(dataset: str, arch: str, *, checkpoint: str | None = None, mean: list[float] | None = None,
                     std: list[float] | None = None, cache_dir: str | None = None,
-                    data_root: str | None = None) -> TeacherSpec:
-    """The teacher a run uses: an external checkpoint, or the cached one (with the command to make it)."""
+                    data_root: str | None = None, key_map: Sequence[str] | None = None,
+                    weights: str | None = None, download: bool = False,
+                    image_size: int | None = None) -> TeacherSpec:
+    """The teacher a run uses: an external checkpoint, published weights by name, or the cached one.
+
+    An external file is checked against ``arch`` here, before any run starts, and its identity
+    (``sha256``) is the hash of its weights as loaded (after renaming), so the same weights give
+    the same run ids whatever file form they came in. With a ``key_map`` the renamed weights are
+    written once to ``<teacher cache>/converted/`` and the runs load that copy.
+    """
     info = get_dataset_info(dataset)
-    if checkpoint is not None:
+    rules = parse_key_map(key_map)
+    choice = _teacher_weights_choice(dataset, arch, checkpoint, weights)
+    if rules and choice != "checkpoint":
+        raise ConfigError("--teacher-key-map renames the keys of a --teacher-checkpoint file; pass the file too")
+    size = image_size or get_preset(dataset).image_size
+    if choice == "checkpoint":
         path = Path(checkpoint).resolve()
         if not path.is_file():
             raise CheckpointError(f"--teacher-checkpoint {checkpoint} does not exist")
-        return TeacherSpec(arch=arch, path=str(path), sha256=teacher_sha256(path),
+        path, sha = _prepare_external(path, arch, info.num_classes, info.channels, size, rules, cache_dir)
+        return TeacherSpec(arch=arch, path=str(path), sha256=sha,
                            mean=list(mean or info.mean), std=list(std or info.std))
+    if choice.startswith("torchvision"):
+        chosen = torchvision_weights(arch, choice)
+        classes = len(chosen.meta.get("categories") or ()) or None
+        if classes is not None and classes != info.num_classes:
+            raise ConfigError(f"torchvision's {chosen} classify {classes} classes, {dataset} has "
+                              f"{info.num_classes}; pass --teacher-checkpoint or train one with "
+                              f"dfkd-bench teacher train --dataset {dataset} --arch {arch}")
+        path = torchvision_weights_file(chosen, download=download).resolve()
+        path, sha = _prepare_external(path, arch, info.num_classes, info.channels, size, [], cache_dir)
+        preprocess = chosen.transforms()
+        return TeacherSpec(arch=arch, path=str(path), sha256=sha,
+                           mean=list(mean or getattr(preprocess, "mean", info.mean)),
+                           std=list(std or getattr(preprocess, "std", info.std)))
     path = cached_teacher_path(dataset, arch, cache_dir)
     if not path.is_file():
         root = f" --data-root {data_root}" if data_root else (" --data-root DIR" if dataset != "digits" else "")
@@ -190,6 +512,40 @@ def resolve_teacher(dataset: str, arch: str, *, checkpoint: str | None = None, m
     return TeacherSpec(arch=arch, path=str(path), sha256=teacher_sha256(path),
                        mean=list(meta.get("mean", info.mean)), std=list(meta.get("std", info.std)),
                        test_accuracy=meta.get("test_accuracy"))
+
+
+def _prepare_external(path: Path, arch: str, num_classes: int, channels: int, image_size: int,
+                      rules: Sequence[tuple[str, str]], cache_dir: str | None) -> tuple[Path, str]:
+    """(the file runs load, the weights' hash); see :func:`resolve_teacher`."""
+    size, mtime_ns = _stat_key(path)
+    return _prepare_external_cached(str(path), size, mtime_ns, arch, num_classes, channels, image_size,
+                                    tuple(rules), str(cache_dir or teacher_cache_dir()))
+
+
+@functools.lru_cache(maxsize=64)
+def _prepare_external_cached(path: str, size: int, mtime_ns: int, arch: str, num_classes: int, channels: int,
+                             image_size: int, rules: tuple[tuple[str, str], ...], cache_dir: str) -> tuple[Path, str]:
+    model = _build_for_shapes(arch, num_classes, channels, image_size)
+    fitted = fit_state_dict(model, extract_state_dict(read_checkpoint(path), path), source=path, arch=arch,
+                            key_map=rules)
+    sha = state_sha256(fitted.state)
+    if not rules:  # build_teacher redoes the known renames and the BatchNorm counters on its own
+        return Path(path), sha
+    safe_arch = arch.replace(":", "_").replace("/", "_")
+    target = Path(cache_dir) / "converted" / f"{sha[:16]}-{safe_arch}.pt"
+    if not target.is_file() or teacher_sha256(target) != sha:
+        import io
+
+        buffer = io.BytesIO()
+        torch.save({"state_dict": fitted.state,
+                    "meta": {"source": path, "arch": arch, "key_map": [f"{o}={n}" for o, n in rules]}}, buffer)
+        try:
+            atomic_write_bytes(target, buffer.getvalue())
+        except OSError as error:
+            raise CheckpointError(f"cannot write the renamed copy of {path} into {target.parent} "
+                                  f"({error.strerror or error}); pass --teacher-cache DIR (or set "
+                                  "$DFKD_BENCH_TEACHERS) to a folder you can write") from None
+    return target, sha
 
 
 def _stat_key(path: Path) -> tuple[int, int]:

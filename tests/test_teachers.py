@@ -51,20 +51,24 @@ def test_external_checkpoint_forms_round_trip(form, lenet_state, tmp_path):
 
 
 def test_mismatching_checkpoint_names_the_first_bad_key(tmp_path):
+    """Refused when the teacher is resolved (before any run folder exists), and again when loaded."""
     path = tmp_path / "half.pt"
     torch.save(build_model("lenet5_half", 10, 1, 16).state_dict(), path)
-    spec = resolve_teacher("digits", "lenet5", checkpoint=str(path))
     with pytest.raises(CheckpointError) as error:
-        build_teacher(spec, 10, 1, 16)
+        resolve_teacher("digits", "lenet5", checkpoint=str(path))
     message = str(error.value)
     assert "\n" not in message and "does not fit --teacher-arch lenet5" in message
     assert "key 'conv1.weight' has shape (3, 1, 5, 5), the architecture expects (6, 1, 5, 5)" in message
+    from dfkd_bench.config import TeacherSpec
+
+    with pytest.raises(CheckpointError, match="key 'conv1.weight' has shape"):
+        build_teacher(TeacherSpec(arch="lenet5", path=str(path), sha256="x", mean=[0.5], std=[0.5]), 10, 1, 16)
     extra = tmp_path / "extra.pt"
     state = build_model("lenet5", 10, 1, 16).state_dict()
     state["head.weight"] = torch.zeros(1)
     torch.save(state, extra)
-    with pytest.raises(CheckpointError, match="unexpected key 'head.weight'"):
-        build_teacher(resolve_teacher("digits", "lenet5", checkpoint=str(extra)), 10, 1, 16)
+    with pytest.raises(CheckpointError, match="unexpected key 'head.weight'; rename keys with --teacher-key-map"):
+        resolve_teacher("digits", "lenet5", checkpoint=str(extra))
 
 
 def test_unreadable_and_missing_checkpoints_are_one_line_errors(tmp_path):
@@ -77,9 +81,12 @@ def test_unreadable_and_missing_checkpoints_are_one_line_errors(tmp_path):
         resolve_teacher("digits", "lenet5", checkpoint=str(tmp_path / "nope.pt"))
     tensor_only = tmp_path / "tensor.pt"
     torch.save(torch.zeros(3), tensor_only)
-    spec = resolve_teacher("digits", "lenet5", checkpoint=str(tensor_only))
     with pytest.raises(CheckpointError, match="expected a state_dict"):
-        build_teacher(spec, 10, 1, 16)
+        resolve_teacher("digits", "lenet5", checkpoint=str(tensor_only))
+    no_weights = tmp_path / "no_weights.pt"
+    torch.save({"epoch": 3, "optimizer": {"state": {}, "param_groups": []}}, no_weights)
+    with pytest.raises(CheckpointError, match="expected a state_dict .* \\(it holds 'epoch', 'optimizer'\\)"):
+        resolve_teacher("digits", "lenet5", checkpoint=str(no_weights))
 
 
 def test_missing_cached_teacher_says_the_command_that_makes_it(tmp_path):

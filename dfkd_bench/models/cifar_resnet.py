@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dfkd_bench.models.registry import register_model
+from dfkd_bench.models.registry import register_key_map, register_model
 
 
 def _init_weights(model: nn.Module) -> None:
@@ -192,3 +192,15 @@ _register_cifar_resnet("resnet18", [2, 2, 2, 2], "11.2M")
 _register_cifar_resnet("resnet34", [3, 4, 6, 3], "21.3M")
 for _depth, _params in ((20, "0.27M"), (32, "0.46M"), (44, "0.66M"), (56, "0.85M"), (110, "1.7M")):
     _register_he_resnet(_depth, _params)
+
+# Known names of public checkpoints of the same networks (the loader tries each; see KeyMap).
+# Y. Idelbayev's pytorch_resnet_cifar10 (the most used He-ResNet-20...110 CIFAR-10 weights, option-A
+# shortcuts as a parameter-free lambda): conv1/bn1/layer{1,2,3}.i.{conv,bn}{1,2} as ours, classifier
+# ``linear``; its files are {'state_dict': {'module.…'}, 'best_prec1': …}, saved before PyTorch 0.4.1
+# (no BatchNorm ``num_batches_tracked``), both of which the loader handles on its own.
+register_key_map([f"resnet{d}" for d in (20, 32, 44, 56, 110)], "pytorch_resnet_cifar10 (classifier 'linear')",
+                 [(r"^linear\.", "fc.")])
+# DAFL's CIFAR ResNet, reused by DFAD, CMI ('DataFree'), Fast-Datafree and the DFKD repositories after
+# them: the same layout as ours (3x3 stem, ``shortcut`` = 1x1 conv + BN), classifier ``linear``.
+register_key_map(["resnet18", "resnet34"], "DAFL / DFAD / CMI ResNet (classifier 'linear')",
+                 [(r"^linear\.", "fc.")])

@@ -61,6 +61,51 @@ ModelBuilder = Callable[..., nn.Module]
 
 
 @dataclass(frozen=True)
+class KeyMap:
+    """How a published checkpoint of an architecture names its weights, as rules to our names.
+
+    A teacher file from another code base holds the same tensors under other names (``linear.*``
+    where we say ``fc.*``, ``block1.layer.0.*`` where we say ``block1.0.*`` ...). ``rules`` are
+    ``(pattern, replacement)`` pairs for :func:`re.sub`, applied in order to every key; the loader
+    (:func:`dfkd_bench.teachers.fit_state_dict`) tries each known map of the architecture and
+    keeps the one under which the file fits exactly.
+    """
+
+    name: str
+    rules: tuple[tuple[str, str], ...]
+
+    def rename(self, key: str) -> str:
+        for pattern, replacement in self.rules:
+            key = re.sub(pattern, replacement, key)
+        return key
+
+
+_KEY_MAPS: dict[str, list[KeyMap]] = {}
+
+
+def register_key_map(names: Iterable[str], name: str, rules: Iterable[tuple[str, str]]) -> KeyMap:
+    """Declare that checkpoints published as ``name`` fit the architectures ``names`` after ``rules``.
+
+    Declared next to the architecture (in its model file), so the model and the names its public
+    checkpoints use are read together.
+    """
+    key_map = KeyMap(name, tuple((re.compile(p).pattern, r) for p, r in rules))
+    for arch in names:
+        _KEY_MAPS.setdefault(arch.strip().lower(), []).append(key_map)
+    return key_map
+
+
+def key_maps_for(arch: str) -> list[KeyMap]:
+    """The known key maps of ``arch`` (a registered name, or ``torchvision:<name>``), in declaration order."""
+    _load_builtins(_BUILTIN_MODEL_MODULES)
+    key = arch.strip().lower()
+    for prefix in TORCHVISION_PREFIXES[1:]:  # tv:<name> is torchvision:<name>
+        if key.startswith(prefix):
+            key = TORCHVISION_PREFIXES[0] + key[len(prefix):]
+    return list(_KEY_MAPS.get(key, ()))
+
+
+@dataclass(frozen=True)
 class _Entry:
     info: ModelInfo
     builder: ModelBuilder
@@ -274,3 +319,11 @@ def alexnet(num_classes: int, in_channels: int = 3, image_size: int = 224) -> nn
             f"alexnet needs image_size >= 63 (stride-4 stem and three max-pools), got {image_size}"
         )
     return _build_torchvision("alexnet", num_classes, in_channels)
+
+
+# torchvision's own AlexNet checkpoints (the ImageNet weights) use our names as they are. The
+# ImageNet example of pytorch/examples, which trained many published AlexNets, wraps only
+# ``model.features`` in DataParallel for AlexNet and VGG and saves
+# {'epoch', 'arch', 'state_dict', 'best_acc1', 'optimizer'}, so the keys read ``features.module.0.weight``.
+register_key_map(("alexnet", "torchvision:alexnet"), "pytorch/examples ImageNet (DataParallel features)",
+                 [(r"^features\.module\.", "features.")])

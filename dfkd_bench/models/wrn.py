@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dfkd_bench.models.registry import register_model
+from dfkd_bench.models.registry import register_key_map, register_model
 
 
 class WideBasicBlock(nn.Module):
@@ -104,3 +104,10 @@ def _register_wrn(depth: int, k: int, params: str) -> None:
 
 for _depth, _k, _params in ((16, 1, "0.18M"), (16, 2, "0.69M"), (40, 1, "0.56M"), (40, 2, "2.24M")):
     _register_wrn(_depth, _k, _params)
+
+# The reference WRN code the DFKD papers share (xternalz/WideResNet-pytorch as used by ZSKT/ABM, CMI,
+# Fast-Datafree): blocks inside ``block{g}.layer``, the width-changing shortcut ``convShortcut``, the
+# final BatchNorm ``bn1``, classifier ``fc``; teacher files are {'state_dict': …} (plus epoch ...).
+register_key_map([f"wrn{d}_{k}" for d, k in ((16, 1), (16, 2), (40, 1), (40, 2))],
+                 "ZSKT / CMI WideResNet (block{g}.layer.i, convShortcut, bn1)",
+                 [(r"^(block\d)\.layer\.", r"\1."), (r"\.convShortcut\.", ".conv_shortcut."), (r"^bn1\.", "bn.")])
