@@ -62,7 +62,7 @@ def _leaf_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> a
 
 def _check_int(args, name: str, low: int, high: int, flag: str, meaning: str) -> None:
     value = getattr(args, name, None)
-    if value is not None and not low <= value <= high:
+    if value is not None and (not isinstance(value, int) or not low <= value <= high):
         raise ConfigError(f"{flag} must be {meaning}, got {value}")
 
 
@@ -133,7 +133,9 @@ def validate_args(args: argparse.Namespace) -> None:
         std = parse_floats(args.teacher_std, "--teacher-std")
         dataset = getattr(args, "dataset", None) or "digits"
         check_teacher_normalisation(mean, std, get_dataset_info(dataset).channels,
-                                    getattr(args, "teacher_checkpoint", None), dataset)
+                                    getattr(args, "teacher_checkpoint", None), dataset,
+                                    weights=getattr(args, "teacher_weights", None),
+                                    arch=getattr(args, "teacher_arch", None))
     checkpoint = getattr(args, "teacher_checkpoint", None)
     if checkpoint is not None and os.path.isfile(checkpoint):
         from dfkd_bench.experiment import check_teacher_weights
@@ -430,8 +432,13 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    leaf = _leaf_parser(parser, args)
     if extra:
-        _leaf_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
+        leaf.error(f"unrecognized arguments: {' '.join(extra)}")
+    for action in leaf._actions:  # argparse turns `--option=--` into an empty list instead of an error
+        if (isinstance(action, argparse._StoreAction) and action.nargs is None and action.type is not _int_csv
+                and isinstance(getattr(args, action.dest, None), list)):
+            leaf.error(f"argument {'/'.join(action.option_strings) or action.dest}: expected one value")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

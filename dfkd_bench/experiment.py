@@ -81,16 +81,31 @@ def check_image_size(image_size: Any, what: str = "--image-size") -> None:
                           f"got {image_size!r}")
 
 
+def _external_teacher(dataset: str, arch: str | None, checkpoint: str | None, weights: str | None) -> bool:
+    """Whether the teacher is an external one (a file or published weights), not the cache's."""
+    if checkpoint is not None:
+        return True
+    if weights is not None:
+        return weights.strip() != "cache"
+    from dfkd_bench import teachers
+
+    default = getattr(teachers, "PRESET_TEACHER_WEIGHTS", {}).get(dataset)
+    preset_arch = get_preset(dataset).teacher_arch
+    return bool(default) and default != "cache" and (arch or preset_arch).strip().lower() == preset_arch
+
+
 def check_teacher_normalisation(mean: list[float] | None, std: list[float] | None, channels: int,
-                                checkpoint: str | None, dataset: str) -> None:
+                                checkpoint: str | None, dataset: str, *, weights: str | None = None,
+                                arch: str | None = None) -> None:
     """``--teacher-mean/--teacher-std``: only with an external teacher, one finite value per channel,
     std > 0 (a cached teacher was trained with the dataset's own statistics, stored with it)."""
     for name, values in (("--teacher-mean", mean), ("--teacher-std", std)):
         if values is None:
             continue
-        if checkpoint is None:
-            raise ConfigError(f"{name} describes an external teacher and applies only with --teacher-checkpoint; "
-                              "a cached teacher uses the statistics it was trained with: drop it")
+        if not _external_teacher(dataset, arch, checkpoint, weights):
+            raise ConfigError(f"{name} describes an external teacher and applies only with --teacher-checkpoint "
+                              "(or --teacher-weights); a cached teacher uses the statistics it was trained with: "
+                              "drop it")
         if len(values) != channels:
             plural = "" if channels == 1 else "s"
             raise ConfigError(f"{name}: {len(values)} value{'' if len(values) == 1 else 's'} given, the dataset "
@@ -171,7 +186,8 @@ def build_run_configs(request: RunRequest, allow_missing_teacher: bool = False) 
     check_model_name(student_arch, "student architecture")
     check_model_name(teacher_arch, "teacher architecture")
     check_teacher_normalisation(request.teacher.mean, request.teacher.std, info.channels,
-                                request.teacher.checkpoint, request.dataset)
+                                request.teacher.checkpoint, request.dataset,
+                                weights=getattr(request.teacher, "weights", None), arch=teacher_arch)
     check_override_keys(request.methods, request.overrides)
 
     train = preset.train_config(teacher_arch, student_arch)
