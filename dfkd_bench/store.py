@@ -510,8 +510,12 @@ class RunProgress:
         return f"stopped at iteration {where}{of}"
 
 
-def run_progress(path: Path, now: float | None = None) -> RunProgress:
-    """Read a run folder's markers, configuration and records into a :class:`RunProgress`."""
+def run_progress(path: Path, now: float | None = None,
+                 records: list[dict[str, Any]] | None = None) -> RunProgress:
+    """Read a run folder's markers, configuration and records into a :class:`RunProgress`.
+
+    ``records``: the run's records if the caller has read them already (they are not read again).
+    """
     path = Path(path)
     store = RunStore(path.parent, path.name)
     now = time.time() if now is None else now
@@ -526,11 +530,12 @@ def run_progress(path: Path, now: float | None = None) -> RunProgress:
             damage = str(error)
     except (AttributeError, KeyError, TypeError, ValueError):
         pass
-    records: list[dict[str, Any]] = []
-    try:
-        records = store.read_records()
-    except RecordsError as error:
-        damage = damage or f"records damaged at line {error.line} ({error.reason}) in {error.path}"
+    if records is None:
+        try:
+            records = store.read_records()
+        except RecordsError as error:
+            records = []
+            damage = damage or f"records damaged at line {error.line} ({error.reason}) in {error.path}"
     summary: dict[str, Any] = {}
     if status == "done":
         try:

@@ -302,6 +302,7 @@ def test_cli_end_to_end(results, tmp_path, capsys):
     assert (defaults.results_dir, defaults.out, defaults.formats) == ("results/runs", None, ("png", "pdf"))
     with pytest.raises(SystemExit):
         parser.parse_args(["report", "--formats", "png,nope"])
+    assert not defaults.finished_only and parser.parse_args(["report", "--finished-only"]).finished_only
 
     small = tmp_path / "runs"
     for seed, final in enumerate((90.0, 92.0)):

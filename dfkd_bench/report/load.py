@@ -114,7 +114,7 @@ def _read_run(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             # the report is made from records, and its summary alone cannot be checked or drawn.
             problem = (f"{path / 'records.jsonl'} is missing (the done file says final accuracy "
                        f"{summary.get('final_accuracy')}); restore it, or delete the run folder to run it again")
-    progress = run_progress(path)
+    progress = run_progress(path, records=None if problem else records)
     evals = [r for r in records if r.get("kind") == "eval" and r.get("test_accuracy") is not None]
     teacher = config.get("teacher") or {}
     train = config.get("train") or {}
