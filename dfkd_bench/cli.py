@@ -241,11 +241,13 @@ def print_summary(summaries: list[dict]) -> None:
 
 def cmd_run(args) -> int:
     from dfkd_bench.experiment import build_run_configs
-    from dfkd_bench.launch import launch
+    from dfkd_bench.launch import launch, results_hint
 
     configs = build_run_configs(_request_from_args(args))
     summaries = launch(configs, args.results_dir, args)
     print_summary(summaries)
+    if summaries:
+        print(results_hint(args.results_dir, len(summaries)))
     return 0
 
 

@@ -313,6 +313,9 @@ class _Reader:
                 value = [value] if isinstance(value, str) else value
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                     raise self.error("[resources] slurm_setup must be a list of shell lines")
+            if name == "runs_per_gpu" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise self.error(f"[resources] {key} must be a positive integer (runs trained at once on one "
+                                 f"device), got {value!r}")
             if name in ("time", "gpus_per_node", "cpus_per_task", "workers", "array_parallelism") and (
                     not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise self.error(f"[resources] {key} must be a non-negative integer, got {value!r}")
@@ -414,6 +417,11 @@ class _Reader:
 def load_experiment(path: str | os.PathLike) -> Experiment:
     """Read and check an experiment file; see ``experiments/README.md`` for the format."""
     path = Path(path)
+    if path.is_dir():
+        files = sorted(p.name for p in path.glob("*.toml"))
+        shown = ", ".join(files[:4]) + (", ..." if len(files) > 4 else "")
+        inside = f"its experiment files: {shown}" if files else "it holds no .toml files"
+        raise DfkdError(f"{path} is a folder, not an experiment file; pass one file ({inside})")
     if not path.is_file():
         raise DfkdError(f"experiment file {path} does not exist (the files that come with dfkd-bench are in "
                         "experiments/*.toml)")
@@ -744,7 +752,7 @@ def print_status(runs: list[RunInfo], results_dir: str | os.PathLike) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from dfkd_bench.config import parse_overrides
-    from dfkd_bench.launch import launch
+    from dfkd_bench.launch import launch, results_hint
 
     experiment = load_experiment(args.file)
     experiment = override_experiment(experiment, budget=args.budget, overrides=parse_overrides(args.set or []))
@@ -762,6 +770,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"sweep {experiment.name} ({experiment.path}): {plan.count_line()}", flush=True)
     summaries = launch(plan.configs, results_dir, args, file_options=experiment.resources)
     print_sweep_summary(plan, summaries)
+    if summaries:
+        print(results_hint(results_dir, len(summaries)))
     return 0
 
 
