@@ -17,6 +17,7 @@ import functools
 import hashlib
 import math
 import os
+import pickle
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -325,6 +326,32 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
 
 
+def _data_only_globals():
+    """``torch.load(weights_only=True)`` plus the plain-data types training scripts store beside the weights.
+
+    CHOSEN: numpy scalars and arrays (``'best_acc': np.float64(93.4)``) and ``argparse.Namespace``
+    (timm's and many scripts' ``'args'``) are data, not code: their reconstruction runs no function
+    named by the file, and everything inside them still passes the weights-only unpickler. Under
+    both numpy module names (``numpy.core`` before numpy 2, ``numpy._core`` since). Nothing else is
+    allowed; a file that needs more stays refused, with the reason.
+    """
+    import argparse
+    import contextlib
+
+    import numpy as np
+
+    if not hasattr(torch.serialization, "safe_globals"):  # torch < 2.5: weights-only as it comes
+        return contextlib.nullcontext()
+    multiarray = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray
+    allowed: list[Any] = [argparse.Namespace, np.ndarray, np.dtype]
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed += [(multiarray._reconstruct, f"{module}._reconstruct"), (multiarray.scalar, f"{module}.scalar")]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        allowed += [cls for cls in vars(dtypes).values() if isinstance(cls, type) and issubclass(cls, np.dtype)]
+    return torch.serialization.safe_globals(allowed)
+
+
 def read_checkpoint(path: str | os.PathLike) -> Any:
     """A checkpoint's content: ``torch.load(weights_only=True)``, or the tensors of a .safetensors file."""
     path = Path(path)
@@ -340,8 +367,22 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
             raise CheckpointError(f"{path} is not a readable safetensors file ({first[:200]}); "
                                   "save one with safetensors.torch.save_file(model.state_dict(), PATH)") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with _data_only_globals():
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
+        if isinstance(error, pickle.UnpicklingError) and hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):
+            try:
+                objects = [name for name in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+                           if "numpy" not in name and name != "argparse.Namespace"]
+            except Exception:
+                objects = []
+            if objects:  # e.g. torch.save(model): the file needs its code base (and runs code) to load
+                shown = ", ".join(objects[:3]) + (", ..." if len(objects) > 3 else "")
+                raise CheckpointError(
+                    f"{path} stores Python objects ({shown}), not only weights, and is not loaded (that would run "
+                    "code from the file); if you trust it, load it with torch.load(PATH, weights_only=False) where its code "
+                    "is importable and save the model's weights alone: torch.save(model.state_dict(), NEW_PATH)"
+                ) from None
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint ({first[:200]}); "

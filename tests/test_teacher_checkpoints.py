@@ -115,6 +115,28 @@ def test_module_prefix_inside_state_dict_with_training_state_beside_it(tmp_path)
         assert resolve_teacher("cifar100", "resnet20", checkpoint=str(other)).sha256 == spec.sha256
 
 
+def test_numpy_scalars_and_script_arguments_beside_the_weights_are_ignored(tmp_path):
+    import argparse
+
+    import numpy as np
+
+    reference = _model("resnet20")
+    path = tmp_path / "ckpt.pth"
+    torch.save({"net": reference.state_dict(), "acc": np.float64(91.7), "epoch": np.int64(199),
+                "curve": np.array([10.0, 55.2, 91.7]), "args": argparse.Namespace(lr=0.1, model="resnet20")}, path)
+    _loads_the_same(resolve_teacher("cifar10", "resnet20", checkpoint=str(path)), reference)
+
+
+def test_a_pickled_model_is_refused_without_running_it(tmp_path):
+    path = tmp_path / "whole.pth"
+    torch.save({"net": torch.nn.Linear(2, 2), "acc": 90.0}, path)
+    with pytest.raises(CheckpointError) as error:
+        read_checkpoint(path)
+    message = str(error.value)
+    assert "\n" not in message and "stores Python objects (torch.nn.modules.linear.Linear)" in message
+    assert "torch.save(model.state_dict(), NEW_PATH)" in message
+
+
 def test_safetensors_by_suffix_and_by_content(tmp_path):
     from safetensors.torch import save_file
 
