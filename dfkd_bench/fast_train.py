@@ -145,9 +145,15 @@ def train_in_memory(model: nn.Module, train: tuple[Tensor, Tensor], test: tuple[
     generator = torch.Generator(device=device).manual_seed(seed)
     optimizer_kwargs = dict(lr=lr_at(recipe, 0.0), momentum=recipe.momentum, weight_decay=recipe.weight_decay,
                             nesterov=bool(recipe.nesterov and recipe.momentum > 0))
+    optimizer = None
     if cuda:
-        optimizer_kwargs["fused"] = True
-    optimizer = torch.optim.SGD(model.parameters(), **optimizer_kwargs)
+        torch.backends.cudnn.benchmark = True  # fixed shapes (drop_last): autotune the convolutions once
+        try:
+            optimizer = torch.optim.SGD(model.parameters(), **optimizer_kwargs, fused=True)
+        except (RuntimeError, TypeError, ValueError):  # a torch without the fused SGD
+            optimizer = None
+    if optimizer is None:
+        optimizer = torch.optim.SGD(model.parameters(), **optimizer_kwargs)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     eval_epochs = set(eval_epochs or ()) | {recipe.epochs}
     history: list[dict[str, Any]] = []
