@@ -672,10 +672,10 @@ class Trainer:
             self.drift_snapshots = {int(k): {n: t.to(self.device) for n, t in v.items()}
                                     for k, v in state["drift_snapshots"].items()}
             self.best_accuracy = state["best_accuracy"]
-        for name in self.counters:
-            self.counters[name] = state.get("counters", {}).get(name, self.counters[name])
             # Records after the checkpoint came from iterations that will run again.
             self.store.rewrite_records(self.records)
+        for name in self.counters:
+            self.counters[name] = state.get("counters", {}).get(name, self.counters[name])
 
     def _agree(self, *flags: bool) -> tuple[bool, ...]:
         """Data parallel: every rank takes the same checkpoint/stop decision (a signal or a
