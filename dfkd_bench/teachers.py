@@ -80,7 +80,9 @@ def teacher_sha256(path: str | os.PathLike) -> str:
     covers the state_dict as the loader sees it (``module.`` stripped), key by
     key in sorted order: name, dtype, shape and raw bytes. A file that holds
     no state_dict falls back to the file's hash (building the teacher then
-    reports what is wrong with it).
+    reports what is wrong with it). An external checkpoint's identity is the same hash taken after
+    its keys are fitted to the architecture (:func:`resolve_teacher`), so a published file and the
+    same weights saved under our names are one teacher.
     """
     stat = os.stat(path)
     return _teacher_sha256_cached(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
@@ -559,8 +561,13 @@ def _prepare_external(path: Path, arch: str, num_classes: int, channels: int, im
                       rules: Sequence[tuple[str, str]], cache_dir: str | None) -> tuple[Path, str]:
     """(the file runs load, the weights' hash); see :func:`resolve_teacher`."""
     size, mtime_ns = _stat_key(path)
-    return _prepare_external_cached(str(path), size, mtime_ns, arch, num_classes, channels, image_size,
-                                    tuple(rules), str(cache_dir or teacher_cache_dir()))
+    key = (str(path), size, mtime_ns, arch, num_classes, channels, image_size, tuple(rules),
+           str(cache_dir or teacher_cache_dir()))
+    target, sha = _prepare_external_cached(*key)
+    if not target.is_file():  # the converted copy was deleted since: write it again
+        _prepare_external_cached.cache_clear()
+        target, sha = _prepare_external_cached(*key)
+    return target, sha
 
 
 @functools.lru_cache(maxsize=64)

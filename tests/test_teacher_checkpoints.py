@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
@@ -252,6 +253,11 @@ def test_key_map_keeps_the_teacher_identity_and_reaches_the_runs(teacher_cache, 
         assert config.teacher.sha256 == cached.sha256
         assert config.teacher.path.startswith(str(tmp_path / "cache" / "converted"))
     build_teacher(configs[0].teacher, 10, 1, 16)  # what a run (another process) does with the spec
+    converted = configs[0].teacher.path
+    Path(converted).unlink()  # a cleaned cache: the next resolve writes the copy again
+    again = resolve_teacher("digits", "lenet5", checkpoint=str(path), key_map=options.key_map,
+                            cache_dir=options.cache_dir)
+    assert again.path == converted and Path(converted).is_file() and again.sha256 == cached.sha256
 
 
 @pytest.mark.parametrize("items, fragment", [
