@@ -141,9 +141,9 @@ def extract_state_dict(obj: Any, path: str | os.PathLike) -> "OrderedDict[str, T
     """The weights inside a checkpoint; ``module.`` (DataParallel / DDP) stripped.
 
     Accepted: a raw state_dict; a dict holding one under ``state_dict``, ``model_state_dict``,
-    ``model`` or ``net`` (also nested); otherwise a dict whose only name -> tensor entry is one
-    dict. Entries beside the weights (``epoch``, ``best_prec1``, ``optimizer``, ``arch`` ...) are
-    ignored.
+    ``model`` or ``net`` (also nested); otherwise, in a dict without tensors of its own, the one
+    entry that is a name -> tensor dict (``s_state_dict`` ...). Entries beside the weights
+    (``epoch``, ``best_prec1``, ``optimizer``, ``arch`` ...) are ignored.
     """
     for _ in range(3):  # {'model': {'state_dict': ...}} and the like
         if not isinstance(obj, dict):

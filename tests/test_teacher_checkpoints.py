@@ -110,10 +110,15 @@ def test_module_prefix_inside_state_dict_with_training_state_beside_it(tmp_path)
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, path)
     spec = resolve_teacher("cifar100", "resnet20", checkpoint=str(path))
     _loads_the_same(spec, reference, classes=100)
-    for wrapper in ("model", "net"):
+    for wrapper in ("model", "net", "s_state_dict"):  # the last: the only weights among other entries
         other = tmp_path / f"{wrapper}.pt"
-        torch.save({wrapper: reference.state_dict(), "acc": 68.2, "epoch": 3}, other)
+        torch.save({wrapper: reference.state_dict(), "acc": 68.2, "epoch": 3, "optim": optimizer.state_dict()},
+                   other)
         assert resolve_teacher("cifar100", "resnet20", checkpoint=str(other)).sha256 == spec.sha256
+    two = tmp_path / "student_and_generator.pt"  # which of two state_dicts is the teacher? not guessed
+    torch.save({"s_state_dict": reference.state_dict(), "g_state_dict": {"w": torch.zeros(1)}}, two)
+    with pytest.raises(CheckpointError, match=r"expected a state_dict .*\(it holds 's_state_dict', 'g_state_dict'\)"):
+        resolve_teacher("cifar100", "resnet20", checkpoint=str(two))
 
 
 def test_numpy_scalars_and_script_arguments_beside_the_weights_are_ignored(tmp_path):
