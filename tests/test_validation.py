@@ -16,12 +16,14 @@ import os
 import string
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from hypothesis.configuration import set_hypothesis_home_dir
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -29,6 +31,9 @@ from dfkd_bench.cli import main
 from dfkd_bench.config import TrainConfig, coerce, parse_overrides
 from dfkd_bench.errors import CheckpointError, ConfigError, DataError, DfkdError, user_message
 from dfkd_bench.method_api import get_method
+
+# Hypothesis keeps caches in ./.hypothesis by default: not in the checkout.
+set_hypothesis_home_dir(tempfile.mkdtemp(prefix="dfkd-bench-hypothesis-"))
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -634,7 +639,7 @@ def bad_set_items(draw) -> tuple[list[str], tuple[str, ...]]:
     return good + items, tuple(k for k in (name, paper) if k)
 
 
-_PROPERTY = settings(max_examples=150, deadline=None, derandomize=True,
+_PROPERTY = settings(max_examples=300, deadline=None, derandomize=True, database=None,
                      suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
@@ -730,3 +735,18 @@ def test_teacher_normalisation_applies_to_published_weights_too():
         check_teacher_normalisation([0.5], None, 1, None, "digits", weights="cache")
     with pytest.raises(ConfigError, match="3 values given, the dataset digits has 1 channel"):
         check_teacher_normalisation(None, [0.5, 0.5, 0.5], 1, "t.pt", "digits")
+
+
+def test_every_preset_budget_and_method_passes_the_validation():
+    """The range checks refuse junk, never a configuration the suite itself ships."""
+    from dfkd_bench.config import apply_train_overrides, resolve_method_params
+    from dfkd_bench.presets import PRESETS, budget_param_overrides, budget_train_overrides
+
+    for preset in PRESETS.values():
+        for budget in ("smoke", "default", "paper"):
+            train = preset.train_config(preset.teacher_arch, preset.student_arch)
+            train = apply_train_overrides(train, budget_train_overrides(preset, budget, train))
+            train.validate()
+            for method in ("abm", "mem", "mad"):
+                params = resolve_method_params(method, preset.params, {})
+                resolve_method_params(method, params, budget_param_overrides(budget, params))
