@@ -150,6 +150,9 @@ def test_recipes_and_one_cycle_schedule():
     assert paper.schedule == "step" and learning_rate(paper, 100) == pytest.approx(0.1 * 0.1 ** 1)
     with pytest.raises(ConfigError, match="digits has the teacher recipe"):
         recipe_for("digits", "fast")
+    with pytest.raises(ConfigError, match="use --pipeline loader") as error:  # before any data is touched
+        train_teacher("imagenet", "alexnet", data_root="/nonexistent", pipeline="tensors", progress=False)
+    assert "\n" not in str(error.value)
 
 
 def test_in_memory_digits_teacher_is_sane_fast_and_reproducible(tmp_path, capsys):
