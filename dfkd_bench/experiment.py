@@ -175,8 +175,8 @@ def build_run_configs(request: RunRequest, allow_missing_teacher: bool = False) 
         raise ConfigError("no seeds given; pass e.g. --seeds 0,1,2")
     for name in request.methods:
         get_method(name)  # fails early with the list of registered methods
-    check_seeds(request.seeds)
-    check_image_size(request.image_size)
+    check_seeds(request.seeds, "seeds")  # the CLI checked --seeds already; a sweep's cells come here
+    check_image_size(request.image_size, "image_size")
     info = get_dataset_info(request.dataset)
     preset = get_preset(request.dataset)
     teacher_arch = request.teacher_arch or preset.teacher_arch

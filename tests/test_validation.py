@@ -750,3 +750,17 @@ def test_every_preset_budget_and_method_passes_the_validation():
             for method in ("abm", "mem", "mad"):
                 params = resolve_method_params(method, preset.params, {})
                 resolve_method_params(method, params, budget_param_overrides(budget, params))
+
+
+@pytest.mark.parametrize("lines, fragments", [
+    ('seeds = [0, -1]', ("bad.toml", "seed -1 is out of range")),
+    ('seeds = [0]\n[set]\nlr_S = nan', ("bad.toml", "student_lr must be a finite number")),
+    ('seeds = [0]\n[set]\nmo_S = 1.5', ("bad.toml", "student_momentum")),
+    ('seeds = [0]\n[set]\nldep = ["a"]', ("bad.toml", "lr_milestones")),
+])
+def test_experiment_files_go_through_the_same_checks(sandbox, capsys, lines, fragments):
+    path = sandbox / "cwd" / "bad.toml"
+    path.write_text(f'name = "bad"\nmethods = ["abm"]\nbudget = "smoke"\n{lines}\n\n[[cells]]\ndataset = "digits"\n')
+    code, out, err = run_cli(capsys, "sweep", str(path), "--dry-run", "--results-dir", str(sandbox / "r"))
+    assert_one_error_line(code, out, err, *fragments)
+    assert not (sandbox / "r").exists()
