@@ -134,8 +134,8 @@ class TrainConfig:
         for name in ("batch_size", "eval_batch_size", "drift_samples", "sample_count", "student_images_per_step"):
             if getattr(self, name) > 2**31 - 1:
                 raise ConfigError(f"{name}={getattr(self, name)} is too large (at most {2**31 - 1})")
-        if not self.student_lr > 0:
-            raise ConfigError(f"student_lr (lr_S) must be > 0, got {self.student_lr}")
+        if self.student_lr < 0:
+            raise ConfigError(f"student_lr (lr_S) must be >= 0 (0 freezes the student), got {self.student_lr}")
         if self.student_weight_decay < 0:
             raise ConfigError(f"student_weight_decay (wd_S) must be >= 0, got {self.student_weight_decay}")
         if not 0 <= self.student_momentum < 1:

@@ -86,9 +86,11 @@ class AdversarialParams:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.normreg_gamma < 1:
             raise ConfigError(f"normreg_gamma (gamma) must be >= 1 (Eq. 8), got {self.normreg_gamma}")
-        for name, symbol in (("logit_bound", "delta"), ("pixel_logit_bound", "nu"), ("generator_lr", "lr_G")):
+        for name, symbol in (("logit_bound", "delta"), ("pixel_logit_bound", "nu")):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} ({symbol}) must be > 0, got {getattr(self, name)}")
+        if self.generator_lr < 0:
+            raise ConfigError(f"generator_lr (lr_G) must be >= 0 (0 freezes G), got {self.generator_lr}")
         if self.generator_weight_decay < 0:
             raise ConfigError(f"generator_weight_decay (wd_G) must be >= 0, got {self.generator_weight_decay}")
         for name in ("generator_beta1", "generator_beta2"):
