@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from dfkd_bench import zoo_losses
 from dfkd_bench.batchnorm import has_batchnorm
-from dfkd_bench.method_api import MethodContext, hparam, register_method
+from dfkd_bench.method_api import MethodContext, hparam, make_optimizer, register_method
 from dfkd_bench.methods.zoo_common import (
     FeatureBank,
     FeatureTap,
@@ -109,15 +109,15 @@ class CMI(PoolMethod):
             ctx.teacher(torch.zeros((2, *ctx.image_shape), device=ctx.device))
         dim = sum(f.shape[1] for f in self.features.take())
         self.head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, params.head_dim)).to(ctx.device)
-        self.head_optimizer = torch.optim.Adam(self.head.parameters(), lr=params.synthesis_lr)
+        self.head_optimizer = make_optimizer("adam", self.head.parameters(), ctx.perf, lr=params.synthesis_lr)
         self.memory = FeatureBank(params.feature_memory, 2 * dim, ctx.device)
         self.z: Tensor | None = None
         self.labels: Tensor | None = None
         self.optimizer: torch.optim.Optimizer | None = None
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam([{"params": self.generator.parameters()}, {"params": [self.z]}],
-                                lr=self.params.synthesis_lr, betas=(0.5, 0.999))
+        return make_optimizer("adam", [{"params": self.generator.parameters()}, {"params": [self.z]}], self.ctx.perf,
+                              lr=self.params.synthesis_lr, betas=(0.5, 0.999))
 
     def start_batch(self) -> None:
         ctx = self.ctx

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dfkd_bench import zoo_losses
-from dfkd_bench.method_api import MethodContext, hparam, register_method
+from dfkd_bench.method_api import MethodContext, hparam, make_optimizer, register_method
 from dfkd_bench.methods.zoo_common import PoolMethod, PoolParams, teacher_batchnorm
 
 
@@ -68,7 +68,7 @@ class DeepInversion(PoolMethod):
         self.optimizer: torch.optim.Optimizer | None = None
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam([self.pixels], lr=self.params.synthesis_lr)
+        return make_optimizer("adam", [self.pixels], self.ctx.perf, lr=self.params.synthesis_lr)
 
     def start_batch(self) -> None:
         ctx = self.ctx

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dfkd_bench import zoo_losses
-from dfkd_bench.method_api import MethodContext, hparam, register_method
+from dfkd_bench.method_api import MethodContext, hparam, make_optimizer, register_method
 from dfkd_bench.methods.zoo_common import (
     PoolMethod,
     PoolParams,
@@ -69,8 +69,8 @@ class FastDFKD(PoolMethod):
     def __init__(self, params: FastParams, ctx: MethodContext):
         super().__init__(params, ctx)
         self.meta_generator = build_pool_generator(params, ctx)
-        self.meta_optimizer = torch.optim.Adam(self.meta_generator.parameters(),
-                                               lr=params.synthesis_lr * params.synthesis_steps, betas=(0.5, 0.999))
+        self.meta_optimizer = make_optimizer("adam", self.meta_generator.parameters(), ctx.perf,
+                                             lr=params.synthesis_lr * params.synthesis_steps, betas=(0.5, 0.999))
         self.bn_stats = teacher_batchnorm(ctx, params.bn_weight, "L_bn (FastDFKD Eq. 3)")
         self.generator = copy.deepcopy(self.meta_generator)
         self.meta_grads = [torch.zeros_like(p) for p in self.meta_generator.parameters()]
@@ -79,9 +79,9 @@ class FastDFKD(PoolMethod):
         self.optimizer: torch.optim.Optimizer | None = None
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam([{"params": self.generator.parameters()},
-                                 {"params": [self.z], "lr": self.params.z_lr}],
-                                lr=self.params.synthesis_lr, betas=(0.5, 0.999))
+        return make_optimizer("adam", [{"params": self.generator.parameters()},
+                                       {"params": [self.z], "lr": self.params.z_lr}],
+                              self.ctx.perf, lr=self.params.synthesis_lr, betas=(0.5, 0.999))
 
     def start_batch(self) -> None:
         ctx = self.ctx
