@@ -24,6 +24,9 @@
 #                            "--set epochs=1 --set steps_per_epoch=2 --set student_steps=2 --set batch_size=16"
 #   WINDOW_TEACHER_EPOCHS    teacher epochs instead of the recipe's (a CPU check: 1)
 #   WINDOW_TEACHER_ARGS      extra `teacher train` flags (e.g. "--batch-size 64")
+#   WINDOW_DEADLINE_S        seconds after the start by which the runs are stopped and checkpointed so that
+#                            the report still gets written (default 510, i.e. 8.5 min; 0: no limit)
+#   WINDOW_REPORT_RESERVE_S  seconds kept for the report and the copy (default 45)
 set -euo pipefail
 
 if [[ $# -ne 2 ]]; then
@@ -42,6 +45,8 @@ RESULTS="$WINDOW_DIR/results"
 EXPERIMENT="$REPO/experiments/cifar10_window.toml"
 K="${WINDOW_RUNS_PER_GPU:-3}"
 DEVICE="${WINDOW_DEVICE:-auto}"
+DEADLINE="${WINDOW_DEADLINE_S:-510}"
+REPORT_RESERVE="${WINDOW_REPORT_RESERVE_S:-45}"
 mkdir -p "$WINDOW_DIR" "$TEACHERS" "$RESULTS"
 WINDOW_DIR="$(cd "$WINDOW_DIR" && pwd)"
 cd "$WINDOW_DIR"  # not the checkout: python would import the source tree instead of the installed copy
@@ -108,15 +113,28 @@ log "teacher ready"
 
 # ---- 3. the nine runs ------------------------------------------------------------------------------
 PACK=(--runs-per-gpu "$K")
-if ! dfkd sweep --help | grep -q -- "--runs-per-gpu"; then
+SWEEP_HELP="$(dfkd sweep --help)"
+if [[ "$SWEEP_HELP" != *--runs-per-gpu* ]]; then
     log "WARNING: this checkout's sweep has no --runs-per-gpu; training the runs one at a time"
     PACK=()
 fi
 log "training the runs: dfkd-bench sweep $EXPERIMENT ${PACK[*]:-} ${WINDOW_BUDGET_OVERRIDES:-}"
 status=0
+LIMIT=()
+if [[ "$DEADLINE" -gt 0 ]]; then
+    # stop the runs (SIGTERM: each finishes its iteration and checkpoints) so that the report and the
+    # copy still happen inside the window; the same command later resumes them
+    LEFT=$((DEADLINE - SECONDS - REPORT_RESERVE - 15))  # 15: the --kill-after grace below
+    [[ "$LEFT" -lt 10 ]] && LEFT=10
+    log "the runs get at most ${LEFT} s (WINDOW_DEADLINE_S=$DEADLINE, ${REPORT_RESERVE} s kept for the report)"
+    LIMIT=(timeout --signal=TERM --kill-after=15 "$LEFT")
+fi
 # shellcheck disable=SC2086
-dfkd sweep "$EXPERIMENT" --data-root "$DATA_DIR" --teacher-cache "$TEACHERS" --results-dir "$RESULTS" \
+"${LIMIT[@]}" env PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -c \
+    'import sys; from dfkd_bench.cli import main; sys.exit(main(sys.argv[1:]))' \
+    sweep "$EXPERIMENT" --data-root "$DATA_DIR" --teacher-cache "$TEACHERS" --results-dir "$RESULTS" \
     --device "$DEVICE" --no-progress "${PACK[@]}" ${WINDOW_BUDGET_OVERRIDES:-} || status=$?
+[[ "$status" -eq 124 ]] && log "deadline reached: the runs were stopped and checkpointed; run the script again to resume them"
 log "runs finished (sweep exit status $status)"
 dfkd status --results-dir "$RESULTS" || true
 
