@@ -631,7 +631,6 @@ def default_workers() -> int:
 
 # --------------------------------------------------------------------- train ---
 
-TEACHER_RECIPE_NAMES = ("paper", "fast")
 PIPELINES = ("auto", "tensors", "loader")
 
 
