@@ -361,15 +361,25 @@ def add_bench_command(subparsers) -> None:
     parser.add_argument("--stage-buffer", action="store_true", help="fast path samples a whole student stage at once")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting of the configuration")
     parser.add_argument("--json-out", metavar="PATH", help="also write the full results as JSON")
+    parser.add_argument("--packed", type=int, metavar="K",
+                        help="instead: aggregate throughput of K runs packed on one device (one process each, "
+                             "as run --runs-per-gpu K) against one run alone; prints the ratio")
     parser.set_defaults(func=_cmd_bench)
 
 
 def _cmd_bench(args) -> int:
     from dfkd_bench.config import parse_overrides
 
-    results = run_benchmark(kind=args.config, device=args.device, iterations=args.iterations, warmup=args.warmup,
-                            methods=[m for m in args.methods.split(",") if m], compile=args.compile,
-                            stage_buffer=args.stage_buffer, extra=parse_overrides(args.set or []))
+    if args.packed is not None:
+        from dfkd_bench.bench_pack import run_pack_benchmark
+
+        results = run_pack_benchmark(args.packed, kind=args.config, device=args.device, iterations=args.iterations,
+                                     warmup=args.warmup, methods=[m for m in args.methods.split(",") if m],
+                                     extra=parse_overrides(args.set or []))
+    else:
+        results = run_benchmark(kind=args.config, device=args.device, iterations=args.iterations, warmup=args.warmup,
+                                methods=[m for m in args.methods.split(",") if m], compile=args.compile,
+                                stage_buffer=args.stage_buffer, extra=parse_overrides(args.set or []))
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
