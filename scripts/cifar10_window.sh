@@ -70,7 +70,11 @@ mkdir -p "$SITE"
 WHEEL="$(ls -t "$REPO"/.whl/dfkd_bench-*.whl 2>/dev/null | head -n 1 || true)"
 if [[ -n "$WHEEL" ]] && "$PYTHON" -m pip install -q --no-index --no-deps --target "$SITE" "$WHEEL"; then
     log "installed the wheel $WHEEL"
-elif "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation --target "$SITE" "$REPO" 2>"$WINDOW_DIR/pip.err"; then
+elif rm -rf "$WINDOW_DIR/src" && mkdir -p "$WINDOW_DIR/src" \
+        && cp -r "$REPO/pyproject.toml" "$REPO/README.md" "$REPO/dfkd_bench" "$REPO/methods" "$WINDOW_DIR/src/" \
+        && "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation --target "$SITE" \
+            "$WINDOW_DIR/src" 2>"$WINDOW_DIR/pip.err"; then
+    # (built from a copy: setuptools' build/ folder would otherwise land in the checkout)
     log "installed from the source tree with pip"
 else
     # pip without setuptools/wheel cannot build: lay the packages out as pyproject.toml maps them
