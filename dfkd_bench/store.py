@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dfkd_bench.errors import CheckpointError, DfkdError
+from dfkd_bench.errors import CheckpointError, DfkdError, user_message
 
 HEARTBEAT_STALE_SECONDS = 15 * 60
 DEFAULT_RESULTS_DIR = "results/runs"
@@ -454,7 +454,7 @@ class RunStore:
             raise CheckpointError(f"checkpoint {path} is missing; delete {self.pointer_path} to restart the run") from None
         except Exception as error:  # torch raises many types for damaged files
             raise CheckpointError(
-                f"checkpoint {path} cannot be read ({type(error).__name__}: {str(error).splitlines()[0]}); "
+                f"checkpoint {path} cannot be read ({user_message(error)}); "
                 f"delete {self.pointer_path} to restart the run from scratch"
             ) from None
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from dfkd_bench.errors import DfkdError
+from dfkd_bench.errors import DfkdError, user_message
 from dfkd_bench.report.common import (SKIP_DIRS, _missing, _norm, dataset_sort_key, method_label, method_sort_key,
                                       setting_columns)
 from dfkd_bench.store import RunStore, heartbeat_age, read_jsonl, run_progress
@@ -179,7 +179,8 @@ def _scan(results_dir: str | os.PathLike) -> _Scan:
         try:
             row, run_records = _read_run(path)
         except (OSError, json.JSONDecodeError, KeyError) as error:
-            notes.append(f"skipped {path}: cannot read its config ({type(error).__name__}: {error})")
+            reason = f"no entry {error}" if isinstance(error, KeyError) else user_message(error)
+            notes.append(f"skipped {path}: cannot read its config ({reason})")
             continue
         rows.append((row, run_records))
     # The same run found twice (a copied folder) must count once: keep the finished
