@@ -120,6 +120,9 @@ def environment_info(device: torch.device, distributed: DistributedInfo) -> dict
         "platform": platform.platform(), "hostname": platform.node(), "versions": versions,
         "device": str(device), "world_size": distributed.world_size, "torch_threads": torch.get_num_threads(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+        # Runs sharing this device (the launchers' --runs-per-gpu K) and this run's slot among them.
+        "runs_per_gpu": int(os.environ.get("DFKD_BENCH_RUNS_PER_GPU") or 1),
+        "pack_slot": int(os.environ["DFKD_BENCH_PACK_SLOT"]) if os.environ.get("DFKD_BENCH_PACK_SLOT") else None,
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

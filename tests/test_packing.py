@@ -72,6 +72,11 @@ def test_packed_runs_give_the_records_of_separate_runs(separate, tmp_path, capsy
         assert _records(packed, config.run_name) == _records(reference, config.run_name), config.run_name
         owners.add(RunStore(packed, config.run_name).lock_path.read_text().strip().rsplit(":", 1)[1])
     assert len(owners) == 2 and str(os.getpid()) not in owners  # two worker processes, not this one
+    # each run says how it was packed (the compute table shows it)
+    environments = [RunStore(packed, c.run_name).read_config()["environment"] for c in configs]
+    assert [e["runs_per_gpu"] for e in environments] == [2, 2]
+    assert sorted(e["pack_slot"] for e in environments) == [0, 1]
+    assert RunStore(reference, configs[0].run_name).read_config()["environment"]["runs_per_gpu"] == 1
     for config in configs:
         expected = RunStore(reference, config.run_name).summary()
         assert RunStore(packed, config.run_name).summary()["final_accuracy"] == expected["final_accuracy"]

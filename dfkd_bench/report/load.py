@@ -150,6 +150,10 @@ def _read_run(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         "teacher_sha256": str(teacher.get("sha256") or ""), "teacher_accuracy": teacher_accuracy,
         "image_size": config.get("image_size"),
         **{key: environment.get(key) for key in ("device", "torch_threads", "world_size")},
+        "runs_per_gpu": environment.get("runs_per_gpu", 1),
+        # Where the time went (records since the budget counters exist): synthesis vs student training.
+        "time_synthesis": evals[-1].get("time/synthesis") if evals else None,
+        "time_student": evals[-1].get("time/student") if evals else None,
         "final_accuracy": final, "best_accuracy": best, "wall_time": wall,
         "iterations": (summary or {}).get("iterations", max(steps) if steps else 0),
         "last_step": max(steps) if steps else 0,

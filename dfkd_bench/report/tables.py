@@ -203,28 +203,39 @@ def cost_table(table: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
             values = chosen[column].dropna() if column in chosen else []
             return ",".join(sorted({str(v) for v in values})) or "?"
 
+        def mean_minutes(column: str) -> float:
+            values = pd.to_numeric(chosen[column], errors="coerce").dropna() if column in chosen else []
+            return values.mean() / 60.0 if len(values) else float("nan")
+
         rows.append({"row": row.row, "label": row.label, "dataset": row.dataset, "pair": row.pair,
                      "minutes_mean": minutes.mean() if len(minutes) else float("nan"),
                      "minutes_std": minutes.std(ddof=1) if len(minutes) > 1 else float("nan"), "n": len(minutes),
+                     "synthesis_minutes": mean_minutes("time_synthesis"),
+                     "student_minutes": mean_minutes("time_student"),
                      "device": kinds("device"), "torch_threads": kinds("torch_threads"),
-                     "world_size": kinds("world_size")})
+                     "world_size": kinds("world_size"), "runs_per_gpu": kinds("runs_per_gpu")})
     return pd.DataFrame(rows, columns=["row", "label", "dataset", "pair", "minutes_mean", "minutes_std", "n",
-                                       "device", "torch_threads", "world_size"])
+                                       "synthesis_minutes", "student_minutes", "device", "torch_threads",
+                                       "world_size", "runs_per_gpu"])
 
 
 def _cost_markdown(costs: pd.DataFrame) -> str:
     if costs.empty:
         return "(no finished run yet)\n"
-    lines = ["| method | dataset (pair) | wall time per run (min) | runs | device | CPU threads | processes |",
-             "|:--|:--|--:|--:|:--|:--|:--|"]
+    lines = ["| method | dataset (pair) | wall time per run (min) | synthesis / student (min) | runs | device | "
+             "CPU threads | processes | runs per device |",
+             "|:--|:--|--:|--:|--:|:--|:--|:--|:--|"]
     for row in costs.itertuples():
         time_text = "—" if _missing(row.minutes_mean) else (
             f"{row.minutes_mean:.1f}" + ("" if _missing(row.minutes_std) else f" ± {row.minutes_std:.1f}"))
-        lines.append(f"| {row.label} | {row.dataset} ({row.pair}) | {time_text} | {row.n} | {row.device} | "
-                     f"{row.torch_threads} | {row.world_size} |")
+        split = "—" if _missing(row.synthesis_minutes) else f"{row.synthesis_minutes:.1f} / {row.student_minutes:.1f}"
+        lines.append(f"| {row.label} | {row.dataset} ({row.pair}) | {time_text} | {split} | {row.n} | {row.device} | "
+                     f"{row.torch_threads} | {row.world_size} | {row.runs_per_gpu} |")
     return "\n".join(lines) + "\n\n- Wall time from start to `done`, evaluations included (mean ± sample std " \
-        "over the runs of the final-accuracy table). It depends on the machine and on what else ran on it; " \
-        "compare methods with `dfkd-bench bench`, which interleaves them in one process.\n"
+        "over the runs of the final-accuracy table); synthesis / student: time in the generator stages and in " \
+        "the student stages (runs that record it). It depends on the machine and on what else ran on it " \
+        "(runs per device: runs packed on one device with --runs-per-gpu); compare methods with " \
+        "`dfkd-bench bench`, which interleaves them in one process.\n"
 
 
 def _plain_table(table: pd.DataFrame) -> str:
