@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dfkd_bench import zoo_losses
+from dfkd_bench.batchnorm import frozen_batchnorm_buffers
 from dfkd_bench.batchnorm import has_batchnorm
 from dfkd_bench.method_api import MethodContext, hparam, make_optimizer, register_method
 from dfkd_bench.methods.zoo_common import (
@@ -127,7 +128,7 @@ class CMI(PoolMethod):
         self.optimizer = self._new_optimizer()
 
     def current_images(self) -> Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), frozen_batchnorm_buffers(self.generator):  # a look, not a step
             return torch.sigmoid(self.generator(self.z).float())
 
     def instance_features(self, images: Tensor) -> tuple[Tensor, Tensor]:

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dfkd_bench import zoo_losses
+from dfkd_bench.batchnorm import frozen_batchnorm_buffers
 from dfkd_bench.method_api import MethodContext, hparam, make_optimizer, register_method
 from dfkd_bench.methods.zoo_common import (
     PoolMethod,
@@ -93,7 +94,7 @@ class FastDFKD(PoolMethod):
         self.optimizer = self._new_optimizer()
 
     def current_images(self) -> Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), frozen_batchnorm_buffers(self.generator):  # a look, not a step
             return torch.sigmoid(self.generator(self.z).float())
 
     def synthesis_step(self) -> tuple[Tensor, Tensor, dict[str, Tensor]]:

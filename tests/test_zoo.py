@@ -339,3 +339,22 @@ def test_zoo_iterations_never_synchronise_the_host(method, bn_teacher, tmp_path)
     terms = {name for name in trainer.sums}
     if method in ("dfq", "deepinv", "cmi", "fast"):
         assert "gen_bn" in terms  # the BatchNorm teacher's statistics are matched
+
+
+@pytest.mark.parametrize("method", sorted(POOL))
+def test_pool_measurements_leave_the_method_state_alone(method, digits_request, tmp_path):
+    trainer = make_trainer(digits_request, tmp_path, method)
+    method_ = trainer.method
+    snapshot = lambda: torch.cat([t.float() for t in _tensors(method_.state_dict())])  # a copy  # noqa: E731
+    method_.pretrain()
+    before = snapshot()
+    images = method_.measurement_sources(8, torch.Generator().manual_seed(1))["pool"]  # pool still empty
+    assert images.shape == (8, *trainer.method.ctx.image_shape)
+    assert torch.equal(snapshot(), before)
+    for _ in range(2):
+        method_.generator_step()
+        method_.end_generator_stage()
+    assert method_.pool.size > 0
+    before = snapshot()
+    method_.measurement_sources(8, torch.Generator().manual_seed(2))
+    assert torch.equal(snapshot(), before)
