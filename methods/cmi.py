@@ -69,7 +69,7 @@ class CMIParams(PoolParams):
     bn_weight: float = hparam(1.0, "weight of BatchNorm matching L_bn")
     oh_weight: float = hparam(1.0, "weight of the cross-entropy to the sampled labels L_oh")
     adv_weight: float = hparam(0.5, "weight of the decision-adversarial term L_adv")
-    cr_weight: float = hparam(0.8, "weight of the contrastive loss L_cr (Eq. 7)", "beta")
+    cr_weight: float = hparam(0.8, "weight beta of the contrastive loss L_cr (Eq. 7)")
     cr_temperature: float = hparam(0.2, "temperature of the contrastive loss", "tau")
     head_dim: int = hparam(128, "output dimension of the contrastive MLP head")
     feature_memory: int = hparam(40960, "rows of the memory of past instance features")

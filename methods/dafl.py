@@ -39,8 +39,8 @@ from dfkd_bench.methods.zoo_common import ZooGeneratorMethod, ZooGeneratorParams
 @dataclass
 class DAFLParams(ZooGeneratorParams):
     oh_weight: float = hparam(1.0, "weight of the one-hot loss L_oh (Eq. 5)")
-    activation_weight: float = hparam(0.1, "weight alpha of the activation loss L_a (Eq. 5)", "alpha")
-    entropy_weight: float = hparam(5.0, "weight beta of the information-entropy loss L_ie (Eq. 5)", "beta")
+    activation_weight: float = hparam(0.1, "weight alpha of the activation loss L_a (Eq. 5)")
+    entropy_weight: float = hparam(5.0, "weight beta of the information-entropy loss L_ie (Eq. 5)")
 
 
 @register_method

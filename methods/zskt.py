@@ -39,7 +39,7 @@ from dfkd_bench.methods.zoo_common import FeatureTap, ZooGeneratorMethod, ZooGen
 
 @dataclass
 class ZSKTParams(ZooGeneratorParams):
-    at_weight: float = hparam(250.0, "weight beta of the attention-transfer term (Eq. 2)", "beta")
+    at_weight: float = hparam(250.0, "weight beta of the attention-transfer term (Eq. 2)")
 
 
 @register_method

@@ -137,6 +137,18 @@ def test_zoo_methods_are_registered_with_a_paper_summary():
         assert any(year in methods[name].summary for year in ("2019", "2020", "2021", "2022")), methods[name].summary
 
 
+def test_zoo_paper_symbols_are_unambiguous():
+    """``--set SYMBOL=...`` aliases are global: a symbol must name one setting across all methods."""
+    import dataclasses
+
+    meaning: dict[str, set[str]] = {}
+    for method in list_methods().values():
+        for f in dataclasses.fields(method.Params):
+            if f.metadata.get("paper"):
+                meaning.setdefault(f.metadata["paper"], set()).add(f.name)
+    assert {symbol: names for symbol, names in meaning.items() if len(names) > 1} == {}
+
+
 @pytest.mark.parametrize("method", ZOO)
 def test_zoo_method_steps_are_finite_and_state_round_trip_is_exact(method, digits_request, tmp_path):
     """A few iterations give finite losses; a checkpoint taken mid-run and restored into a fresh
