@@ -398,7 +398,7 @@ class PackRunner:
         running: dict[int, _Worker] = {}
         outcomes: dict[str, dict[str, Any]] = {}
         try:
-            while queue or running:
+            while running or (queue and not stop.requested):  # after a stop: wait for the running only
                 if stop.requested:
                     for worker in running.values():
                         if not worker.signalled:

@@ -149,3 +149,22 @@ def test_packed_benchmark_prints_its_ratio(capsys):
     assert float(match.group(1)) > 0
     assert len(re.findall(r"^  packed  abm +seed \d: +\d+\.\d\d ms/iteration", out, re.M)) == 2, out
     assert len(re.findall(r"^  alone   abm +\d+\.\d\d ms/iteration", out, re.M)) == 1, out
+
+
+def test_a_stop_with_runs_still_queued_ends_the_pack(separate, tmp_path):
+    """A stop requested while runs wait in the queue must not keep the launcher looping."""
+    import threading
+
+    from dfkd_bench.engine import StopRequest
+    from dfkd_bench.launch import PackRunner
+
+    configs, _ = separate
+    stop = StopRequest()
+    stop.request("SIGTERM")  # before anything started: nothing runs, everything stays queued
+    runner = PackRunner(str(tmp_path / "packed"), 1, threads=1)
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(runner.run(configs, stop)), daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "the pack kept waiting for queued runs after a stop"
+    assert {outcome["status"] for outcome in result.values()} == {"not started"}
