@@ -30,6 +30,7 @@ PROMISED = {
     "digits_methods.toml": (9, 9),           # 3 methods x 3 seeds
     "digits_alpha.toml": (12, 20),           # 5 alphas x 2 seeds of mad + 2 abm; 20 before collapsing
     "mnist_methods.toml": (9, 9),
+    "cifar10_window.toml": (9, 9),           # 3 methods x 3 seeds at 1 % of the paper's iterations
 }
 
 
