@@ -307,7 +307,7 @@ def _check_shapes(expected: dict[str, Tensor], state: dict[str, Tensor], source,
         raise CheckpointError(
             f"{source} does not fit --teacher-arch {arch}: key {key!r} has shape {tuple(state[key].shape)}, "
             f"the architecture expects {tuple(expected[key].shape)}{more}; check --teacher-arch and that the "
-            "file was trained for this dataset's number of classes"
+            "file was trained for this dataset's number of classes and image size"
         )
 
 
@@ -551,6 +551,9 @@ def resolve_teacher(dataset: str, arch: str, *, checkpoint: str | None = None, m
             f"no cached {arch} teacher for {dataset} in {path.parent}; make one with: "
             f"dfkd-bench teacher train --dataset {dataset} --arch {arch}{root}{cache}"
         )
+    # Checked against the architecture at this image size before any run starts (e.g. a 16-pixel
+    # LeNet asked for at --image-size 13 would otherwise fail inside the run, leaving a failed folder).
+    _prepare_external(path, arch, info.num_classes, info.channels, size, [], cache_dir)
     meta = _cached_meta(str(path), *_stat_key(path))
     return TeacherSpec(arch=arch, path=str(path), sha256=teacher_sha256(path),
                        mean=list(meta.get("mean", info.mean)), std=list(meta.get("std", info.std)),

@@ -152,3 +152,20 @@ def test_the_end_of_run_says_where_the_records_are(digits_request, tmp_path, cap
     assert out[-1] == (f"records of the run in {results}/ (one folder per run: config.json, records.jsonl, "
                        f"student.pt); `dfkd-bench report --results-dir {results}` draws tables and figures, "
                        f"`dfkd-bench status --results-dir {results}` lists them")
+
+
+def test_a_cached_teacher_that_does_not_fit_the_image_size_is_refused_before_any_folder(teacher_cache, tmp_path):
+    """The 16-pixel digits LeNet at --image-size 13: one line, and no failed run folder left behind."""
+    import contextlib
+    import io
+
+    from dfkd_bench.cli import main
+
+    results = tmp_path / "runs"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["run", "--methods", "abm", "--dataset", "digits", "--image-size", "13", "--budget", "smoke",
+                     "--teacher-cache", str(teacher_cache), "--results-dir", str(results), "--no-progress"])
+    lines = [line for line in err.getvalue().splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "image size" in lines[0]
+    assert not results.exists() or not any(results.iterdir())
