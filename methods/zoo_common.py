@@ -169,6 +169,8 @@ class ZooGeneratorParams:
     def validate(self) -> None:
         if self.noise_dim <= 0:
             raise ConfigError(f"noise_dim must be positive, got {self.noise_dim}")
+        if self.generator_lr < 0:
+            raise ConfigError(f"generator_lr must be >= 0, got {self.generator_lr}")
         for name, value in vars(self).items():
             if name.endswith("_weight") and isinstance(value, float) and value < 0:
                 raise ConfigError(f"{name} must be >= 0, got {value}")
@@ -249,6 +251,14 @@ class PoolParams:
             raise ConfigError(f"synthesis_steps must be positive, got {self.synthesis_steps}")
         if self.kd_temperature <= 0:
             raise ConfigError(f"kd_temperature must be positive, got {self.kd_temperature}")
+        for name in ("memory_size", "head_dim", "feature_memory", "negatives", "noise_dim"):
+            if getattr(self, name, 1) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("synthesis_lr", "z_lr", "warmup"):
+            if getattr(self, name, 0) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if getattr(self, "cr_temperature", 1.0) <= 0:
+            raise ConfigError(f"cr_temperature must be positive, got {self.cr_temperature}")
         for name, value in vars(self).items():
             if name.endswith("_weight") and isinstance(value, float) and value < 0:
                 raise ConfigError(f"{name} must be >= 0, got {value}")

@@ -137,6 +137,18 @@ def test_zoo_methods_are_registered_with_a_paper_summary():
         assert any(year in methods[name].summary for year in ("2019", "2020", "2021", "2022")), methods[name].summary
 
 
+@pytest.mark.parametrize("method, setting, value", [
+    ("deepinv", "memory_size", 0), ("cmi", "cr_temperature", 0.0), ("fast", "z_lr", -0.1),
+    ("deepinv", "kd_temperature", 0.0), ("dafl", "entropy_weight", -1.0), ("zskt", "at_weight", -1.0),
+    ("cmi", "negatives", 0), ("dfad", "generator_lr", -1e-3), ("deepinv", "synthesis_steps", 0),
+])
+def test_zoo_settings_out_of_range_are_one_line_errors(method, setting, value, digits_request):
+    from dfkd_bench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=setting):
+        build_run_configs(digits_request([method], overrides={setting: value}))
+
+
 def test_zoo_paper_symbols_are_unambiguous():
     """``--set SYMBOL=...`` aliases are global: a symbol must name one setting across all methods."""
     import dataclasses
