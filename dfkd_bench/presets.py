@@ -219,7 +219,7 @@ _add(Preset(
 SMOKE_BUDGET = dict(epochs=2, steps_per_epoch=2, eval_every=2, drift_every=2, drift_tau=1, drift_samples=32,
                     checkpoint_every=2, lr_milestones=[1])
 SMOKE_CAPS = dict(student_steps=2, generator_steps=1, batch_size=16, eval_batch_size=512)
-SMOKE_PARAM_CAPS = dict(pretrain_steps=1, memory_size=64)
+SMOKE_PARAM_CAPS = dict(pretrain_steps=1, memory_size=64, synthesis_steps=2)  # a pool method fills its pool
 
 
 def get_preset(dataset: str) -> Preset:
