@@ -22,7 +22,6 @@ ratios the issue asks for. The last line is one JSON object for scripts.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import sys
@@ -30,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from dfkd_bench.store import dumps_strict
 
 # Dense bf16 peaks from the vendors' datasheets, for "achieved vs peak".
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
@@ -344,7 +345,7 @@ def _print_table(results: dict[str, Any], out) -> None:
     summary["device"] = results.get("gpu", results["device"])
     summary["peak_bf16_tflops_measured"] = results.get("peak_bf16_tflops_measured")
     summary["targets_met"] = all(t["met"] for t in results["targets"] if t["met"] is not None)
-    print(json.dumps(summary, sort_keys=True), file=out)
+    print(dumps_strict(summary, sort_keys=True), file=out)  # strict JSON: a missing ratio is null
 
 
 def add_bench_command(subparsers) -> None:
@@ -382,5 +383,5 @@ def _cmd_bench(args) -> int:
                                 stage_buffer=args.stage_buffer, extra=parse_overrides(args.set or []))
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+        Path(args.json_out).write_text(dumps_strict(results, indent=2, sort_keys=True) + "\n")
     return 0

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from dfkd_bench.errors import ConfigError, DfkdError
+from dfkd_bench.store import dumps_strict
 
 READY_TIMEOUT_S = 900.0  # building a run and its warm-up (CUDA graphs capture, cuDNN autotuning)
 
@@ -239,5 +240,5 @@ def run_pack_benchmark(runs: int, *, kind: str = "auto", device: str = "auto", i
         "packed_seconds_per_iteration": [_per_iteration(r) for r in packed],
         "packed_wall_seconds": wall, "alone_serial_seconds": serial, "ratio": ratio,
     }
-    out(json.dumps(results, sort_keys=True))
+    out(dumps_strict(results, sort_keys=True))
     return results

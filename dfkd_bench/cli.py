@@ -187,10 +187,8 @@ def _add_teacher_args(parser: argparse.ArgumentParser, arch_required: bool = Fal
 
 def _add_launch_args(parser: argparse.ArgumentParser) -> None:
     from dfkd_bench.launch import add_launcher_arguments
-    from dfkd_bench.store import TensorboardFlag
 
-    add_launcher_arguments(parser)
-    parser.add_argument("--tensorboard", action=TensorboardFlag)  # sets DFKD_BENCH_TENSORBOARD=1 for the runs
+    add_launcher_arguments(parser)  # with --tensorboard, for run and sweep alike
 
 
 # -------------------------------------------------------------------- run ---

@@ -61,7 +61,10 @@ if TYPE_CHECKING:  # the engine pulls in torch and torchvision: import it only w
 
 
 def add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
+    from dfkd_bench.store import TensorboardFlag
+
     group = parser.add_argument_group("launching")
+    group.add_argument("--tensorboard", action=TensorboardFlag)  # sets DFKD_BENCH_TENSORBOARD=1 for the runs
     group.add_argument("--launcher", choices=["inline", "local", "slurm"], default=None,
                        help="inline: in this process (default); local: submitit's local executor (subprocesses); "
                             "slurm: one SLURM job array through submitit")
