@@ -242,6 +242,23 @@ def record_scalars(record: dict[str, Any]) -> dict[str, float]:
     return scalars
 
 
+def _wait_for_a_later_second(directory: Path) -> None:
+    """TensorBoard reads a folder's event files in the order of their names, which begin with the
+    creation time in whole seconds and continue with host and process id. A file created in the
+    same second as an older one (a run killed and resumed at once, by another process) could sort
+    before it, and the older file's purge would then hide the newer points: wait (at most a second)
+    until the clock is past every existing file's second."""
+    stamps = []
+    for path in directory.glob("events.out.tfevents.*"):
+        try:
+            stamps.append(int(path.name.split(".")[3]))
+        except (IndexError, ValueError):
+            continue
+    latest = max(stamps, default=0)
+    if 0 <= latest - int(time.time()) <= 1:  # a file from another node's clock far ahead: cannot help
+        time.sleep(max(0.0, latest + 1 - time.time()) + 0.01)
+
+
 class _TensorBoardLog:
     """A SummaryWriter into the run folder (one event file per process start)."""
 
@@ -250,6 +267,7 @@ class _TensorBoardLog:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise DfkdError(tensorboard_missing_message()) from None
+        _wait_for_a_later_second(directory)
         self.writer = SummaryWriter(log_dir=str(directory), purge_step=purge_step)
 
     def write(self, record: dict[str, Any]) -> None:
