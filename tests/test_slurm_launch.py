@@ -305,10 +305,11 @@ def test_failing_job_is_reported_failed(tmp_path, teacher_cache):
         _cancel(job)
     output = log.read_text()
     assert launcher.returncode == 2, output
-    assert "error: CheckpointError: teacher checkpoint" in output, output  # one run: its own error, one line
+    assert "error: teacher checkpoint" in output, output  # one run: its own error, one line
+    assert "CheckpointError" not in output, output  # no exception class names in user messages
     assert f"teacher checkpoint {teacher} does not exist" in output, output
     rows, counts = status_rows(results)
     (row,) = rows.values()
     assert row.split()[1:5] == ["abm", "digits", "0", "failed"], row
-    assert row.rstrip().endswith(f"error: CheckpointError: teacher checkpoint {teacher} does not exist"), row
+    assert row.rstrip().endswith(f"error: teacher checkpoint {teacher} does not exist"), row
     assert counts.endswith(": 1 failed"), counts

@@ -393,10 +393,12 @@ def test_sweep_launcher_flags_override_resources(tmp_path, monkeypatch):
     monkeypatch.setattr(launch_module, "launch", fake_launch)
     cache = tmp_path / "cache"
     cache.mkdir()
-    # a fake teacher in the cache is enough to expand (sha256 of the file)
+    # an untrained teacher in the cache is enough to expand (it is checked against the architecture)
     import torch
 
-    torch.save({"state_dict": {}, "meta": {}}, cache / "digits-lenet5.pt")
+    from dfkd_bench.models import build_model
+
+    torch.save({"state_dict": build_model("lenet5", 10, 1, 16).state_dict(), "meta": {}}, cache / "digits-lenet5.pt")
     path = write(tmp_path, BASE + """
 [resources]
 launcher = "slurm"
