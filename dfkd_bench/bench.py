@@ -62,13 +62,11 @@ def _peak_rss_reset() -> None:
 
 
 def _peak_rss_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    import torch
+
+    from dfkd_bench.engine import peak_memory_mb
+
+    return peak_memory_mb(torch.device("cpu"))
 
 
 def _random_teacher(arch: str, dataset: str, folder: Path) -> str:

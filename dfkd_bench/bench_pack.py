@@ -42,21 +42,6 @@ from dfkd_bench.store import dumps_strict
 READY_TIMEOUT_S = 900.0  # building a run and its warm-up (CUDA graphs capture, cuDNN autotuning)
 
 
-def _random_teacher(arch: str, dataset: str, folder: Path) -> str:
-    import torch
-
-    from dfkd_bench.data import get_dataset_info
-    from dfkd_bench.models import build_model
-    from dfkd_bench.presets import get_preset
-
-    info = get_dataset_info(dataset)
-    torch.manual_seed(0)
-    model = build_model(arch, info.num_classes, info.channels, get_preset(dataset).image_size)
-    path = folder / f"random-{arch}.pt"
-    torch.save(model.state_dict(), path)
-    return str(path)
-
-
 # ------------------------------------------------------------- the worker ---
 
 def pack_bench_worker_main() -> int:
@@ -190,7 +175,7 @@ def run_pack_benchmark(runs: int, *, kind: str = "auto", device: str = "auto", i
     methods = list(methods)
     if not methods:
         raise ConfigError("--methods: give at least one method to pack")
-    from dfkd_bench.bench import CONFIGS
+    from dfkd_bench.bench import CONFIGS, _random_teacher
     from dfkd_bench.method_api import get_method
 
     for method in methods:
