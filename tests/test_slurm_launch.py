@@ -52,12 +52,13 @@ pytestmark = [pytest.mark.slurm, pytest.mark.skipif(not _slurm_up(), reason=SKIP
 # Small SLURM jobs: two of them share this 2-core machine.
 SLURM_ARGS = ["--launcher", "slurm", "--cpus-per-task", "1", "--mem-gb", "2", "--time", "60"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-# Long enough to be interrupted (100 iterations of ~0.1-0.3 s), checkpointed every 2 iterations,
+# Long enough to be interrupted (300 iterations of ~0.06 s: SLURM kills a requeued job only after its
+# KillWait of 5 s, and at 100 the run could finish first), checkpointed every 2 iterations,
 # with evaluations and a drift measurement on both sides of the interruption.
 LONG_RUN = ["--methods", "mad", "--dataset", "digits", "--no-progress",
-            "--set", "epochs=10", "--set", "steps_per_epoch=10", "--set", "checkpoint_every=2",
+            "--set", "epochs=30", "--set", "steps_per_epoch=10", "--set", "checkpoint_every=2",
             "--set", "batch_size=32", "--set", "eval_every=10", "--set", "drift_every=50", "--set", "drift_tau=5"]
-LONG_TOTAL = 100
+LONG_TOTAL = 300
 
 
 # ------------------------------------------------------------------ helpers
