@@ -42,3 +42,13 @@ def test_the_equal_images_control_gives_every_student_the_same_images_per_step(m
         assert record["student_images"] == 2 * bs * steps - bs
     else:
         assert record["student_images"] == 2 * bs * steps
+
+
+def test_report_draws_accuracy_against_student_images_and_wall_time(digits_request, tmp_path):
+    from dfkd_bench.report import write_report
+
+    for config in build_run_configs(digits_request(["abm", "mad"])):
+        train_run(config, tmp_path / "runs", device="cpu", progress=False)
+    write_report(tmp_path / "runs", tmp_path / "report", formats=("png",))
+    assert (tmp_path / "report" / "accuracy_budget.png").stat().st_size > 0
+    assert "accuracy_budget.png" in (tmp_path / "report" / "report.md").read_text()

@@ -234,6 +234,55 @@ def plot_accuracy_curves(records, cells, out_dir, formats, unfinished: Sequence[
                           out_dir, "accuracy_curves", formats)
 
 
+BUDGET_AXES = {"student_images": "student training images (cumulative)", "wall_time": "wall time (s)"}
+
+
+def plot_budget_curves(records, cells, out_dir, formats, unfinished: Sequence[_Line] = ()) -> list[Path]:
+    """Test accuracy against the budget spent, not the iteration: against the images the student
+    trained on (MAD and DFKD-Mem train on two batches per step, ABM on one) and against wall time.
+    Drawn from the cumulative counters of the records (runs made before they existed are left out)."""
+    lines = _curve_lines(cells) + list(unfinished)
+    cell_keys = sorted({(line.dataset, line.pair) for line in lines}, key=cell_sort_key)
+    panels = [(cell, axis) for cell in cell_keys for axis in BUDGET_AXES
+              if any(_has(records, axis, line.run_names) and _has(records, "test_accuracy", line.run_names)
+                     for line in lines if (line.dataset, line.pair) == cell)]
+    if not panels or "student_images" not in records.columns:
+        return []
+    nrows, ncols, places = _panel_grid(panels)
+    fig, axes = _figure(nrows, ncols)
+    used = set()
+    for r, c, cell, axis in places:
+        ax = axes[r][c]
+        used.add((r, c))
+        for line in lines:
+            if (line.dataset, line.pair) != cell:
+                continue
+            mine = records[records["run_name"].isin(line.run_names)]
+            frame = band(mine, "test_accuracy")
+            x = mine.dropna(subset=[axis]).groupby("step")[axis].mean().reindex(frame["step"]).to_numpy()
+            keep = pd.notna(x)
+            if not keep.any():
+                continue
+            frame = frame[keep]
+            ax.plot(x[keep], frame["mean"], color=line.color, linestyle=line.linestyle, linewidth=1.6,
+                    label=line.label)
+            if (frame["n"] > 1).any():
+                ax.fill_between(x[keep], frame["min"], frame["max"], color=line.color, alpha=0.18, linewidth=0)
+        ax.set_title(f"{cell[0]} ({cell[1]})\ntest accuracy", fontsize=10)
+        ax.set_xlabel(BUDGET_AXES[axis])
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    for r in range(nrows):
+        for c in range(ncols):
+            if (r, c) not in used:
+                axes[r][c].set_visible(False)
+    _figure_legend(fig, axes)
+    dotted = any(line.linestyle == UNFINISHED_STYLE for line in lines)
+    _suptitle(fig, "Test accuracy against the images the student trained on and against wall time (x: mean over "
+                   f"seeds)\n{BAND_TEXT}" + (f"; {UNFINISHED_TEXT}" if dotted else ""))
+    return _save(fig, out_dir, "accuracy_budget", formats)
+
+
 def plot_loss_curves(records, cells, out_dir, formats, unfinished: Sequence[_Line] = ()) -> list[Path]:
     """Fig. 3: the student's KD loss on samples of G, of the EMA G and on memory samples."""
     lines = _curve_lines(cells, LOSS_CURVE_VARIANTS) + list(unfinished)

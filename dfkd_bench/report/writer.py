@@ -17,7 +17,8 @@ from dfkd_bench.errors import DfkdError
 from dfkd_bench.report.common import (BAND_TEXT, BEST_TITLE, DEFAULT_FORMATS, DEFAULT_REPORT_SUBDIR, FINAL_TITLE,
                                       SINGLE_RUN_MARK, _missing)
 from dfkd_bench.report.configs import analyse_configs
-from dfkd_bench.report.figures import (plot_accuracy_curves, plot_drift_curves, plot_generator_losses,
+from dfkd_bench.report.figures import (plot_accuracy_curves, plot_budget_curves, plot_drift_curves,
+                                       plot_generator_losses,
                                        plot_loss_curves, plot_samples, plot_sweeps, unfinished_lines)
 from dfkd_bench.report.load import _records_frame, _scan
 from dfkd_bench.report.tables import (UNFINISHED_MARK, _cost_markdown, _plain_table, _write_tables, accuracy_table,
@@ -135,6 +136,7 @@ def _write_report(scan, results_dir, out: Path, formats: tuple[str, ...], comman
     if drawn:
         drawn_records = records[records["run_name"].isin(drawn)]
         figures += plot_accuracy_curves(drawn_records, cells, out, formats, unfinished)
+        figures += plot_budget_curves(drawn_records, cells, out, formats, unfinished)
         figures += plot_loss_curves(drawn_records, cells, out, formats, unfinished)
         figures += plot_generator_losses(drawn_records, cells, out, formats, unfinished)
     if not done.empty:
@@ -174,6 +176,7 @@ def _write_report(scan, results_dir, out: Path, formats: tuple[str, ...], comman
 
 FIGURE_CAPTIONS = {
     "accuracy_curves": "Test accuracy of the student vs step (Fig. 2)",
+    "accuracy_budget": "Test accuracy vs the images the student trained on and vs wall time (budgets per image)",
     "loss_curves": "Student KD loss on samples of G, of the EMA G and on memory samples (Fig. 3)",
     "generator_losses": "Generator loss terms, bounds, teacher agreement and test cross-entropy (Fig. 9 style)",
     "drift_curves": "JS drift of S_{t−τ} vs T on samples of G_t (solid) and EMA G_t (dashed) (Fig. 4)",
