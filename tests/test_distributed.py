@@ -23,6 +23,9 @@ def _worker(rank: int, world: int, init_file: str, config: dict, results: str) -
     try:
         train_run(RunConfig.from_dict(config), results, device="cpu", progress=False,
                   distributed=DistributedInfo(rank=rank, world_size=world))
+        # Both ranks reach the teardown together: gloo can abort a rank whose peer has already
+        # torn the group down ("terminate called without an active exception", seen once in CI).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
