@@ -736,8 +736,8 @@ class Trainer:
             logging_step = bool(train.log_every) and self.iteration % train.log_every == 0
             if logging_step or self.iteration == total or (train.eval_every and self.iteration % train.eval_every == 0):
                 self.check_finite()  # the host synchronisations between evaluations happen here
-            loss = None
-            if logging_step and "student_loss" in self.sums:  # read before an evaluation resets the sums
+            loss = None  # for the progress bar only: read at logging steps, before an evaluation resets the sums
+            if logging_step and self.progress and "student_loss" in self.sums:
                 loss = (self.sums["student_loss"] / self.counts["student_loss"]).item()
             records_before = len(self.records)
             self.after_iteration()

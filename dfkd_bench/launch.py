@@ -199,6 +199,28 @@ def _distributed_from_submitit() -> "DistributedInfo":
     return DistributedInfo(rank=env.global_rank, world_size=env.num_tasks)
 
 
+class _PreemptionSignal:
+    """SLURM's preemption / time-limit signal (SIGUSR2, which submitit handles) turned into a stop
+    request, so that the runs finish their iteration and checkpoint first; submitit's own handler
+    then requeues the job (it calls the job's ``checkpoint()`` and exits)."""
+
+    def __init__(self) -> None:
+        from dfkd_bench.engine import StopRequest
+
+        self.stop = StopRequest()
+        self._submitit_handler = signal.getsignal(signal.SIGUSR2)
+        self._pending: list[tuple[int, Any]] = []
+        signal.signal(signal.SIGUSR2, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop.request(signal.Signals(signum).name)
+        self._pending.append((signum, frame))
+
+    def requeue_if_preempted(self) -> None:
+        if self._pending and callable(self._submitit_handler):
+            self._submitit_handler(*self._pending[-1])  # -> job.checkpoint() -> requeue -> exit
+
+
 class RunJob:
     """The picklable callable a submitit job runs: ``RunJob(...)(config_dict)``."""
 
@@ -212,21 +234,13 @@ class RunJob:
         import torch
 
         from dfkd_bench.config import RunConfig
-        from dfkd_bench.engine import RunInterrupted, StopRequest, train_run
+        from dfkd_bench.engine import RunInterrupted, train_run
         from dfkd_bench.method_api import DistributedInfo
 
         if self.threads:
             torch.set_num_threads(self.threads)
         run_config = RunConfig.from_dict(config)
-        stop = StopRequest()
-        submitit_handler = signal.getsignal(signal.SIGUSR2)
-        pending: list[tuple[int, Any]] = []
-
-        def on_preemption(signum, frame):
-            stop.request(signal.Signals(signum).name)
-            pending.append((signum, frame))
-
-        signal.signal(signal.SIGUSR2, on_preemption)
+        preemption = _PreemptionSignal()
         distributed = _distributed_from_submitit() if "SLURM_JOB_ID" in os.environ else DistributedInfo()
         device = self.device
         if distributed.world_size > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
@@ -234,10 +248,9 @@ class RunJob:
         try:
             with packing_environment(1):
                 return train_run(run_config, self.results_dir, device=device, progress=False,
-                                 distributed=distributed, stop=stop, workers=self.workers)
+                                 distributed=distributed, stop=preemption.stop, workers=self.workers)
         except RunInterrupted:
-            if pending and callable(submitit_handler):
-                submitit_handler(*pending[-1])  # -> self.checkpoint() -> requeue -> exit
+            preemption.requeue_if_preempted()
             raise
 
     def checkpoint(self, config: dict[str, Any]):
@@ -486,23 +499,13 @@ class PackJob:
 
     def __call__(self, configs: list[dict[str, Any]]) -> list[str]:
         from dfkd_bench.config import RunConfig
-        from dfkd_bench.engine import StopRequest
 
-        stop = StopRequest()
-        submitit_handler = signal.getsignal(signal.SIGUSR2)
-        pending: list[tuple[int, Any]] = []
-
-        def on_preemption(signum, frame):
-            stop.request(signal.Signals(signum).name)
-            pending.append((signum, frame))
-
-        signal.signal(signal.SIGUSR2, on_preemption)
+        preemption = _PreemptionSignal()
         runner = PackRunner(self.results_dir, self.runs_per_gpu, device=self.device, workers=self.workers,
                             threads=self.threads)
-        outcomes = runner.run([RunConfig.from_dict(c) for c in configs], stop)
-        stopped = [name for name, o in outcomes.items() if o["status"] in ("interrupted", "not started")]
-        if stopped and pending and callable(submitit_handler):
-            submitit_handler(*pending[-1])  # -> self.checkpoint() -> requeue -> exit
+        outcomes = runner.run([RunConfig.from_dict(c) for c in configs], preemption.stop)
+        if any(o["status"] in ("interrupted", "not started") for o in outcomes.values()):
+            preemption.requeue_if_preempted()
         problems = [f"{name}: {o.get('message', o['status'])}" for name, o in outcomes.items() if o["status"] != "done"]
         if problems:  # the job fails, so that SLURM and `_wait` see it; each run's error is in its folder
             raise RuntimeError(f"{len(problems)} of {len(outcomes)} runs of this pack did not finish: "

@@ -39,6 +39,7 @@ import errno
 import fcntl
 import importlib.util
 import io
+import hashlib
 import json
 import math
 import numbers
@@ -118,6 +119,15 @@ def heartbeat_age(run_dir: Path) -> float | None:
     if age >= HEARTBEAT_STALE_SECONDS or (Path(run_dir) / "error.txt").exists():
         return None
     return age
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -35,7 +35,7 @@ from dfkd_bench.data import build_dataset, get_dataset_info
 from dfkd_bench.errors import CheckpointError, ConfigError
 from dfkd_bench.models import build_model
 from dfkd_bench.presets import TeacherRecipe, get_preset
-from dfkd_bench.store import atomic_write_bytes
+from dfkd_bench.store import atomic_write_bytes, file_sha256
 
 
 class NormalizedModel(nn.Module):
@@ -58,15 +58,6 @@ def teacher_cache_dir() -> Path:
 def cached_teacher_path(dataset: str, arch: str, cache_dir: str | os.PathLike | None = None) -> Path:
     safe_arch = arch.replace(":", "_").replace("/", "_")
     return Path(cache_dir or teacher_cache_dir()) / f"{dataset}-{safe_arch}.pt"
-
-
-def _file_bytes_sha256(path: str) -> str:
-    """Hash of a file's bytes (the identity of a teacher file that holds no state_dict)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def teacher_sha256(path: str | os.PathLike) -> str:
@@ -93,7 +84,7 @@ def _teacher_sha256_cached(path: str, size: int, mtime_ns: int) -> str:
     try:
         state = extract_state_dict(read_checkpoint(path), path)
     except CheckpointError:
-        return _file_bytes_sha256(path)
+        return file_sha256(path)  # a file that holds no state_dict: its bytes
     return state_sha256(state)
 
 

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from dfkd_bench.store import atomic_write_bytes
+from dfkd_bench.store import atomic_write_bytes, file_sha256
 
 FORMAT_VERSION = 1
 
@@ -72,14 +72,6 @@ def source_fingerprint(samples: list[tuple[str, int]], *, dataset: str, split: s
     return digest.hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cache_paths(cache_dir: str | os.PathLike, dataset: str, split: str, image_size: int) -> tuple[Path, Path]:
     """``(tensor file, JSON sidecar)`` of a split in ``cache_dir``."""
     stem = Path(cache_dir) / f"{dataset}-{split}-{image_size}px"
@@ -98,7 +90,7 @@ def _check_stored(tensor_path: Path, meta_path: Path, fingerprint: str) -> tuple
         return None, "it was written by another version"
     if meta.get("fingerprint") != fingerprint:
         return None, "the source images changed"
-    if meta.get("sha256") != _sha256_file(tensor_path):
+    if meta.get("sha256") != file_sha256(tensor_path):
         return None, "its checksum does not match (corrupt or partly written)"
     return meta, ""
 

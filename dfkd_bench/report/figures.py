@@ -216,8 +216,14 @@ def _metric_figure(records: pd.DataFrame, lines: list[_Line], metrics: Sequence[
         ax.set_xlabel("step (training iterations)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    for r in range(nrows):
-        for c in range(ncols):
+    return _finish_panels(fig, axes, (nrows, ncols), used, lines, title, out_dir, stem, formats)
+
+
+def _finish_panels(fig, axes, shape: tuple[int, int], used: set, lines: Sequence[_Line], title: str, out_dir: Path,
+                   stem: str, formats: Sequence[str]) -> list[Path]:
+    """Hide the unused panels, add the legend and the title (with the band and dotted-line keys), save."""
+    for r in range(shape[0]):
+        for c in range(shape[1]):
             if (r, c) not in used:
                 axes[r][c].set_visible(False)
     _figure_legend(fig, axes)
@@ -272,15 +278,8 @@ def plot_budget_curves(records, cells, out_dir, formats, unfinished: Sequence[_L
         ax.set_xlabel(BUDGET_AXES[axis])
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
-    for r in range(nrows):
-        for c in range(ncols):
-            if (r, c) not in used:
-                axes[r][c].set_visible(False)
-    _figure_legend(fig, axes)
-    dotted = any(line.linestyle == UNFINISHED_STYLE for line in lines)
-    _suptitle(fig, "Test accuracy against the images the student trained on and against wall time (x: mean over "
-                   f"seeds)\n{BAND_TEXT}" + (f"; {UNFINISHED_TEXT}" if dotted else ""))
-    return _save(fig, out_dir, "accuracy_budget", formats)
+    return _finish_panels(fig, axes, (nrows, ncols), used, lines, "Test accuracy against the images the student "
+                          "trained on and against wall time (x: mean over seeds)", out_dir, "accuracy_budget", formats)
 
 
 def plot_loss_curves(records, cells, out_dir, formats, unfinished: Sequence[_Line] = ()) -> list[Path]:
