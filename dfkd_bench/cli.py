@@ -333,6 +333,9 @@ def cmd_list(args) -> int:
             for field_name, f in param_fields(method).items():
                 paper = f" [{f.metadata['paper']}]" if f.metadata.get("paper") else ""
                 print(f"  {field_name:22s} = {getattr(defaults, field_name)!s:8s} {f.metadata.get('doc', '')}{paper}")
+            for preset_name, values in sorted(method.preset_params.items()):
+                shown = ", ".join(f"{key}={value}" for key, value in values.items())
+                print(f"  on the {preset_name} preset: {shown}")
     return 0
 
 

@@ -26,7 +26,7 @@ from dfkd_bench.config import (
 from dfkd_bench.data import get_dataset_info
 from dfkd_bench.errors import CheckpointError, ConfigError
 from dfkd_bench.method_api import get_method
-from dfkd_bench.presets import budget_param_overrides, budget_train_overrides, get_preset
+from dfkd_bench.presets import budget_param_overrides, budget_train_overrides, get_preset, preset_method_params
 from dfkd_bench.teachers import resolve_teacher
 
 
@@ -210,7 +210,7 @@ def build_run_configs(request: RunRequest, allow_missing_teacher: bool = False) 
         check_teacher_weights(teacher.path)
     configs = []
     for method in request.methods:
-        params = resolve_method_params(method, preset.params, {})
+        params = resolve_method_params(method, preset_method_params(preset, method), {})
         params = resolve_method_params(method, params, budget_param_overrides(request.budget, params))
         params = resolve_method_params(method, params, request.overrides)
         for seed in request.seeds:

@@ -146,6 +146,10 @@ class Method(ABC):
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     Params: ClassVar[type] = type(None)
+    preset_params: ClassVar[dict[str, dict[str, Any]]] = {}
+    """Values of this method's OWN parameters for a dataset preset, by preset name (e.g. a
+    CPU-sized synthesis budget on ``digits``). They apply over the preset's shared values and
+    under the budget's caps and ``--set``; each value should say why (``# CHOSEN``)."""
 
     def __init__(self, params: Any, ctx: MethodContext):
         self.params = params
@@ -212,6 +216,11 @@ def register_method(cls: type[Method]) -> type[Method]:
         raise TypeError(f"{cls.__qualname__} must set a class attribute `name`")
     if not dataclasses.is_dataclass(cls.Params):
         raise TypeError(f"{cls.__qualname__}.Params must be a dataclass of hyper-parameters")
+    for preset, values in cls.preset_params.items():
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls.Params)}
+        if unknown:
+            raise TypeError(f"{cls.__qualname__}.preset_params[{preset!r}] sets {sorted(unknown)}, "
+                            f"which are not fields of its Params")
     existing = _METHODS.get(cls.name)
     if existing is not None and existing.__qualname__ != cls.__qualname__:
         raise TypeError(f"method name {cls.name!r} is registered twice ({existing.__qualname__}, {cls.__qualname__})")

@@ -228,6 +228,14 @@ def get_preset(dataset: str) -> Preset:
     return PRESETS[dataset]
 
 
+def preset_method_params(preset: Preset, method: str) -> dict[str, Any]:
+    """The preset's shared method settings, with the method's own values for this preset
+    (``Method.preset_params``) over them."""
+    from dfkd_bench.method_api import get_method
+
+    return {**preset.params, **get_method(method).preset_params.get(preset.name, {})}
+
+
 def teacher_recipes(dataset: str) -> dict[str, TeacherRecipe]:
     """The teacher recipes of ``dataset`` by name: ``paper`` (the preset's, Table 4 where the paper
     has one) and any extra one (``fast`` for CIFAR)."""

@@ -30,6 +30,10 @@ PROMISED = {
     "digits_methods.toml": (9, 9),           # 3 methods x 3 seeds
     "digits_alpha.toml": (12, 20),           # 5 alphas x 2 seeds of mad + 2 abm; 20 before collapsing
     "mnist_methods.toml": (9, 9),
+    "digits_zoo.toml": (30, 30),             # 10 methods x 3 seeds
+    "mnist_zoo.toml": (30, 30),
+    "digits_equal_images.toml": (3, 3),      # ABM at 2 x batch images per step, 3 seeds
+    "mnist_equal_images.toml": (3, 3),
     "cifar10_window.toml": (9, 9),           # 3 methods x 3 seeds at 1 % of the paper's iterations
 }
 

@@ -28,12 +28,13 @@ def preset_default_settings(method: str, dataset: str, teacher_arch: str, studen
     """
     try:
         from dfkd_bench.config import apply_train_overrides, resolve_method_params
-        from dfkd_bench.presets import budget_param_overrides, budget_train_overrides, get_preset
+        from dfkd_bench.presets import (budget_param_overrides, budget_train_overrides, get_preset,
+                                        preset_method_params)
 
         preset = get_preset(dataset)
         train = preset.train_config(teacher_arch, student_arch)
         train = apply_train_overrides(train, budget_train_overrides(preset, budget, train))
-        params = resolve_method_params(method, preset.params, {})
+        params = resolve_method_params(method, preset_method_params(preset, method), {})
         params = resolve_method_params(method, params, budget_param_overrides(budget, params))
     except (DfkdError, TypeError, ValueError, KeyError):
         return None
