@@ -35,7 +35,6 @@ images computed afresh after the batch is finished; augmentations are
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -44,26 +43,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dfkd_bench import zoo_losses
-from dfkd_bench.batchnorm import frozen_batchnorm_buffers
 from dfkd_bench.batchnorm import has_batchnorm
 from dfkd_bench.method_api import MethodContext, hparam, make_optimizer, register_method
 from dfkd_bench.methods.zoo_common import (
     FeatureBank,
     FeatureTap,
-    PoolMethod,
-    PoolParams,
-    build_pool_generator,
+    GeneratorPoolMethod,
+    GeneratorPoolParams,
+    cpu_preset_params,
     random_views,
     stage_modules,
     tapping,
-    teacher_batchnorm,
 )
 
 
 @dataclass
-class CMIParams(PoolParams):
-    generator: str = hparam("auto", "generator architecture (gen_small, gen_tiny, gen32, ...), auto by image size")
-    noise_dim: int = hparam(256, "dimension of the noise z", "d_z")
+class CMIParams(GeneratorPoolParams):
     synthesis_steps: int = hparam(200, "Adam steps on G and z per batch (g_steps)")
     synthesis_lr: float = hparam(1e-3, "Adam learning rate on G, z and the contrastive head (lr_g)")
     bn_weight: float = hparam(1.0, "weight of BatchNorm matching L_bn")
@@ -90,24 +85,19 @@ def reset_generator(generator: nn.Module, rng: torch.Generator) -> None:
 
 
 @register_method
-class CMI(PoolMethod):
+class CMI(GeneratorPoolMethod):
     name = "cmi"
     summary = "CMI (Fang et al. 2021): generator inversion with BN matching and a contrastive loss; KD on the pool"
     Params = CMIParams
 
-    # CHOSEN, on the CPU presets (BN-free LeNet-5 teachers; 1,200 iterations of one synthesis step
-    # each, the synthesis compute ABM's generator gets): 20 steps per batch, so that 60 batches
-    # join the pool (200 would finish 6); the student's KD at T = 1, the KL every
-    # other method in the suite distils with, so that the comparison isolates the synthesis
-    # (T = 20 did worse in an exploratory 300-iteration digits run, seed 0: DeepInversion
-    # 10.8 % vs 30.6 %, CMI 31.4 % vs 35.3 %, FastDFKD 48.6 % vs 50.3 %).
-    preset_params: ClassVar[dict[str, dict[str, Any]]] = {
-        name: dict(synthesis_steps=20, kd_temperature=1.0) for name in ("digits", "mnist")}
+    # CHOSEN, on the CPU presets (zoo_common.cpu_preset_params): 20 steps per batch, so that 60
+    # batches join the pool (the paper's 200 would finish 6 in 1,200 iterations).
+    preset_params: ClassVar[dict[str, dict[str, Any]]] = cpu_preset_params(synthesis_steps=20)
+
+    bn_term = "L_bn (CMI Eq. 3)"
 
     def __init__(self, params: CMIParams, ctx: MethodContext):
         super().__init__(params, ctx)
-        self.generator = build_pool_generator(params, ctx)
-        self.bn_stats = teacher_batchnorm(ctx, params.bn_weight, "L_bn (CMI Eq. 3)")
         if has_batchnorm(ctx.teacher):
             layers = [m for m in ctx.teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
             self.features = FeatureTap(layers, inputs=True)
@@ -121,24 +111,13 @@ class CMI(PoolMethod):
         self.head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, params.head_dim)).to(ctx.device)
         self.head_optimizer = make_optimizer("adam", self.head.parameters(), ctx.perf, lr=params.synthesis_lr)
         self.memory = FeatureBank(params.feature_memory, 2 * dim, ctx.device)
-        self.z: Tensor | None = None
-        self.labels: Tensor | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
 
-    def _new_optimizer(self) -> torch.optim.Optimizer:
+    def new_optimizer(self) -> torch.optim.Optimizer:
         return make_optimizer("adam", [{"params": self.generator.parameters()}, {"params": [self.z]}], self.ctx.perf,
                               lr=self.params.synthesis_lr, betas=(0.5, 0.999))
 
-    def start_batch(self) -> None:
-        ctx = self.ctx
-        reset_generator(self.generator, ctx.rng)
-        self.z = ctx.randn(ctx.batch_size, self.params.noise_dim).requires_grad_()
-        self.labels = ctx.randint(ctx.num_classes, ctx.batch_size)
-        self.optimizer = self._new_optimizer()
-
-    def current_images(self) -> Tensor:
-        with torch.no_grad(), frozen_batchnorm_buffers(self.generator):  # a look, not a step
-            return torch.sigmoid(self.generator(self.z).float())
+    def prepare_generator(self) -> None:
+        reset_generator(self.generator, self.ctx.rng)
 
     def instance_features(self, images: Tensor) -> tuple[Tensor, Tensor]:
         with tapping(self.features):
@@ -162,15 +141,7 @@ class CMI(PoolMethod):
                 global_features, teacher_logits = self.instance_features(global_view)
             local_features, _ = self.instance_features(local_view)
             student_logits = ctx.student_module(global_view) if p.adv_weight > 0 else None
-        terms = {"gen_oh": F.cross_entropy(teacher_logits.float(), self.labels)}
-        loss = p.oh_weight * terms["gen_oh"]
-        if self.bn_stats is not None:
-            terms["gen_bn"] = zoo_losses.feature_distribution_loss(
-                self.bn_stats.means, self.bn_stats.vars, self.bn_stats.running_means, self.bn_stats.running_vars)
-            loss = loss + p.bn_weight * terms["gen_bn"]
-        if student_logits is not None:
-            terms["gen_adv"] = zoo_losses.decision_adversarial_loss(teacher_logits, student_logits)
-            loss = loss + p.adv_weight * terms["gen_adv"]
+        loss, terms = self.inversion_loss(teacher_logits, student_logits)
         if p.cr_weight > 0:
             cached = self.memory.sample(p.negatives, ctx.rng)
             cached_local, cached_global = cached.chunk(2, dim=1)
@@ -192,18 +163,6 @@ class CMI(PoolMethod):
         global_features, _ = self.instance_features(random_views(images, self.ctx.rng, min_area=1.0, max_shift=4.0))
         local_features, _ = self.instance_features(random_views(images, self.ctx.rng, min_area=0.25))
         self.memory.push(torch.cat([local_features, global_features], dim=1))
-
-    def batch_state(self) -> dict[str, Any]:
-        return {"generator": copy.deepcopy(self.generator.state_dict()), "z": self.z.detach().clone(),
-                "labels": self.labels.clone(), "optimizer": self.optimizer.state_dict()}
-
-    def load_batch_state(self, state: dict[str, Any]) -> None:
-        device = self.ctx.device
-        self.generator.load_state_dict(state["generator"])
-        self.z = state["z"].to(device).requires_grad_()
-        self.labels = state["labels"].to(device)
-        self.optimizer = self._new_optimizer()
-        self.optimizer.load_state_dict(state["optimizer"])
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "head": self.head.state_dict(),

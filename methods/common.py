@@ -108,6 +108,18 @@ class AdversarialParams:
                 raise ConfigError(f"generator={self.generator!r} is not one of auto, {', '.join(names)}")
 
 
+def teacher_student_logits(ctx: MethodContext, images: Tensor) -> tuple[Tensor, Tensor]:
+    """One batch through the frozen teacher (inference mode; its logits cloned so that a loss
+    can use them) and through the training student, with the run's channels-last and autocast."""
+    if ctx.perf.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with ctx.perf.autocast(ctx.device):
+        with torch.inference_mode():
+            teacher_logits = ctx.teacher(images)
+        student_logits = ctx.student(images)
+    return teacher_logits.clone(), student_logits
+
+
 class Source(NamedTuple):
     """One synthetic source of a student step: its images and the weight of its KD term."""
 
@@ -403,15 +415,7 @@ class AdversarialMethod(Method):
             pairs = zip(teacher_all.split(sizes), student_all.split(sizes))
             teacher_student = [(t.clone(), s) for t, s in pairs]
         else:
-            teacher_student = []
-            for source in sources:
-                images = source.images
-                if ctx.perf.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with ctx.perf.autocast(ctx.device):
-                    with torch.inference_mode():
-                        teacher_logits = ctx.teacher(images)
-                    teacher_student.append((teacher_logits.clone(), ctx.student(images)))
+            teacher_student = [teacher_student_logits(ctx, source.images) for source in sources]
 
         loss = sources[0].images.new_zeros((), dtype=torch.float32)
         terms: dict[str, Tensor] = {}

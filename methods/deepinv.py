@@ -40,7 +40,7 @@ from torch import Tensor
 
 from dfkd_bench import zoo_losses
 from dfkd_bench.method_api import MethodContext, hparam, make_optimizer, register_method
-from dfkd_bench.methods.zoo_common import PoolMethod, PoolParams, teacher_batchnorm
+from dfkd_bench.methods.zoo_common import PoolMethod, PoolParams, cpu_preset_params, teacher_batchnorm
 
 
 @dataclass
@@ -60,14 +60,9 @@ class DeepInversion(PoolMethod):
     summary = "DeepInversion / ADI (Yin et al. 2020): pixels optimised by CE + BN matching + priors; KD on the pool"
     Params = DeepInvParams
 
-    # CHOSEN, on the CPU presets (BN-free LeNet-5 teachers; 1,200 iterations of one synthesis step
-    # each, the synthesis compute ABM's generator gets): 20 steps per batch, so that 60 batches
-    # join the pool (2,000 would finish none); the student's KD at T = 1, the KL every
-    # other method in the suite distils with, so that the comparison isolates the synthesis
-    # (T = 20 did worse in an exploratory 300-iteration digits run, seed 0: DeepInversion
-    # 10.8 % vs 30.6 %, CMI 31.4 % vs 35.3 %, FastDFKD 48.6 % vs 50.3 %).
-    preset_params: ClassVar[dict[str, dict[str, Any]]] = {
-        name: dict(synthesis_steps=20, kd_temperature=1.0) for name in ("digits", "mnist")}
+    # CHOSEN, on the CPU presets (zoo_common.cpu_preset_params): 20 steps per batch, so that 60
+    # batches join the pool (the paper's 2,000 would finish none in 1,200 iterations).
+    preset_params: ClassVar[dict[str, dict[str, Any]]] = cpu_preset_params(synthesis_steps=20)
 
     def __init__(self, params: DeepInvParams, ctx: MethodContext):
         super().__init__(params, ctx)

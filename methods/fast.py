@@ -33,25 +33,19 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from dfkd_bench import zoo_losses
-from dfkd_bench.batchnorm import frozen_batchnorm_buffers
 from dfkd_bench.method_api import MethodContext, hparam, make_optimizer, register_method
 from dfkd_bench.methods.zoo_common import (
-    PoolMethod,
-    PoolParams,
-    build_pool_generator,
+    GeneratorPoolMethod,
+    GeneratorPoolParams,
+    cpu_preset_params,
     random_views,
-    teacher_batchnorm,
 )
 
 
 @dataclass
-class FastParams(PoolParams):
-    generator: str = hparam("auto", "generator architecture (gen_small, gen_tiny, gen32, ...), auto by image size")
-    noise_dim: int = hparam(256, "dimension of the noise z", "d_z")
+class FastParams(GeneratorPoolParams):
     synthesis_steps: int = hparam(5, "inner steps per batch (Fast-5)")
     synthesis_lr: float = hparam(3e-3, "Adam learning rate of the fast generator (lr_g)")
     z_lr: float = hparam(0.01, "Adam learning rate of the noise z (lr_z)")
@@ -62,49 +56,33 @@ class FastParams(PoolParams):
 
 
 @register_method
-class FastDFKD(PoolMethod):
+class FastDFKD(GeneratorPoolMethod):
     name = "fast"
     summary = "FastDFKD (Fang et al. 2022): meta-learned generator initialisation, a few steps per batch; KD on the pool"
     Params = FastParams
 
-    # CHOSEN, on the CPU presets (BN-free LeNet-5 teachers; 1,200 iterations of one synthesis step
-    # each, the synthesis compute ABM's generator gets): the paper's 5 steps per batch (240 batches);
-    # the student's KD at T = 1, the KL every
-    # other method in the suite distils with, so that the comparison isolates the synthesis
-    # (T = 20 did worse in an exploratory 300-iteration digits run, seed 0: DeepInversion
-    # 10.8 % vs 30.6 %, CMI 31.4 % vs 35.3 %, FastDFKD 48.6 % vs 50.3 %).
-    preset_params: ClassVar[dict[str, dict[str, Any]]] = {
-        name: dict(kd_temperature=1.0) for name in ("digits", "mnist")}
+    # On the CPU presets (zoo_common.cpu_preset_params): the paper's 5 steps per batch (240 batches
+    # in 1,200 iterations).
+    preset_params: ClassVar[dict[str, dict[str, Any]]] = cpu_preset_params()
+
+    bn_term = "L_bn (FastDFKD Eq. 3)"
 
     def __init__(self, params: FastParams, ctx: MethodContext):
         super().__init__(params, ctx)
-        self.meta_generator = build_pool_generator(params, ctx)
+        self.meta_generator = copy.deepcopy(self.generator)  # G_meta; the fast copy starts each batch from it
         self.meta_optimizer = make_optimizer("adam", self.meta_generator.parameters(), ctx.perf,
                                              lr=params.synthesis_lr * params.synthesis_steps, betas=(0.5, 0.999))
-        self.bn_stats = teacher_batchnorm(ctx, params.bn_weight, "L_bn (FastDFKD Eq. 3)")
-        self.generator = copy.deepcopy(self.meta_generator)
         self.meta_grads = [torch.zeros_like(p) for p in self.meta_generator.parameters()]
-        self.z: Tensor | None = None
-        self.labels: Tensor | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
 
-    def _new_optimizer(self) -> torch.optim.Optimizer:
+    def new_optimizer(self) -> torch.optim.Optimizer:
         return make_optimizer("adam", [{"params": self.generator.parameters()},
                                        {"params": [self.z], "lr": self.params.z_lr}],
                               self.ctx.perf, lr=self.params.synthesis_lr, betas=(0.5, 0.999))
 
-    def start_batch(self) -> None:
-        ctx = self.ctx
+    def prepare_generator(self) -> None:
         self.generator.load_state_dict(self.meta_generator.state_dict())
         for grad in self.meta_grads:
             grad.zero_()
-        self.z = ctx.randn(ctx.batch_size, self.params.noise_dim).requires_grad_()
-        self.labels = ctx.randint(ctx.num_classes, ctx.batch_size)
-        self.optimizer = self._new_optimizer()
-
-    def current_images(self) -> Tensor:
-        with torch.no_grad(), frozen_batchnorm_buffers(self.generator):  # a look, not a step
-            return torch.sigmoid(self.generator(self.z).float())
 
     def synthesis_step(self) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         ctx, p = self.ctx, self.params
@@ -118,15 +96,7 @@ class FastDFKD(PoolMethod):
             else:
                 teacher_logits = ctx.teacher(view)
             student_logits = ctx.student_module(view) if adversarial else None
-        terms = {"gen_oh": F.cross_entropy(teacher_logits.float(), self.labels)}
-        loss = p.oh_weight * terms["gen_oh"]
-        if self.bn_stats is not None:
-            terms["gen_bn"] = zoo_losses.feature_distribution_loss(
-                self.bn_stats.means, self.bn_stats.vars, self.bn_stats.running_means, self.bn_stats.running_vars)
-            loss = loss + p.bn_weight * terms["gen_bn"]
-        if student_logits is not None:
-            terms["gen_adv"] = zoo_losses.decision_adversarial_loss(teacher_logits, student_logits)
-            loss = loss + p.adv_weight * terms["gen_adv"]
+        loss, terms = self.inversion_loss(teacher_logits, student_logits)
         params = list(self.generator.parameters())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward(inputs=[*params, self.z])
@@ -143,17 +113,10 @@ class FastDFKD(PoolMethod):
         self.meta_optimizer.zero_grad(set_to_none=True)
 
     def batch_state(self) -> dict[str, Any]:
-        return {"generator": copy.deepcopy(self.generator.state_dict()), "z": self.z.detach().clone(),
-                "labels": self.labels.clone(), "optimizer": self.optimizer.state_dict(),
-                "meta_grads": [g.clone() for g in self.meta_grads]}
+        return {**super().batch_state(), "meta_grads": [g.clone() for g in self.meta_grads]}
 
     def load_batch_state(self, state: dict[str, Any]) -> None:
-        device = self.ctx.device
-        self.generator.load_state_dict(state["generator"])
-        self.z = state["z"].to(device).requires_grad_()
-        self.labels = state["labels"].to(device)
-        self.optimizer = self._new_optimizer()
-        self.optimizer.load_state_dict(state["optimizer"])
+        super().load_batch_state(state)
         for grad, saved in zip(self.meta_grads, state["meta_grads"], strict=True):
             grad.copy_(saved)
 

@@ -26,17 +26,19 @@ BatchNorm) use one rule for every architecture, documented in
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dfkd_bench import losses
 from dfkd_bench.batchnorm import BatchNormStatistics, frozen_batchnorm_buffers, has_batchnorm
 from dfkd_bench.errors import ConfigError
 from dfkd_bench.method_api import Method, MethodContext, hparam
-from dfkd_bench.methods.common import AdversarialMethod, Source
+from dfkd_bench.methods.common import AdversarialMethod, Source, teacher_student_logits
 from dfkd_bench.methods.mem import MemoryBank
 from dfkd_bench import zoo_losses
 
@@ -217,18 +219,10 @@ class ZooGeneratorMethod(AdversarialMethod):
         return [Source("gen", self.stage_samples("gen"), 1.0)]
 
     def distill(self, sources: list[Source]) -> tuple[Tensor, dict[str, Tensor]]:
-        ctx = self.ctx
         loss = sources[0].images.new_zeros((), dtype=torch.float32)
         terms: dict[str, Tensor] = {}
         for source in sources:
-            images = source.images
-            if ctx.perf.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with ctx.perf.autocast(ctx.device):
-                with torch.inference_mode():
-                    teacher_logits = ctx.teacher(images)
-                student_logits = ctx.student(images)
-            term, parts = self.student_discrepancy(teacher_logits.clone(), student_logits)
+            term, parts = self.student_discrepancy(*teacher_student_logits(self.ctx, source.images))
             loss = loss + source.weight * term
             terms.update(parts)
         terms["student_loss"] = loss.detach()
@@ -342,15 +336,8 @@ class PoolMethod(Method):
         raise NotImplementedError
 
     def student_loss(self) -> tuple[Tensor, dict[str, Tensor]]:
-        ctx = self.ctx
-        images = self.student_images()
-        if ctx.perf.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with ctx.perf.autocast(ctx.device):
-            with torch.inference_mode():
-                teacher_logits = ctx.teacher(images)
-            student_logits = ctx.student(images)
-        kd = zoo_losses.kd_with_temperature(teacher_logits.clone(), student_logits, self.params.kd_temperature)
+        teacher_logits, student_logits = teacher_student_logits(self.ctx, self.student_images())
+        kd = zoo_losses.kd_with_temperature(teacher_logits, student_logits, self.params.kd_temperature)
         return kd, {"kd_pool": kd.detach(), "student_loss": kd.detach()}
 
     @torch.no_grad()
@@ -445,10 +432,93 @@ class FeatureBank:
         self.next_slot, self.size = state["next_slot"], state["size"]
 
 
-def build_pool_generator(params, ctx: MethodContext) -> nn.Module:
-    """The image generator of CMI / FastDFKD (pre-sigmoid outputs), from the preset's architecture name."""
-    from dfkd_bench.models import build_generator, generator_for_image_size
+CPU_PRESETS = ("digits", "mnist")
+"""The suite's CPU presets (BN-free LeNet-5 teachers; 1,200 iterations of one synthesis step and
+five student steps each -- the synthesis compute ABM's generator gets). The pool methods set
+their values there with ``cpu_preset_params``; each method's file says why."""
 
-    channels, height, _ = ctx.image_shape
-    arch = params.generator if params.generator != "auto" else generator_for_image_size(height)
-    return build_generator(arch, params.noise_dim, channels, height, output_logits=True).to(ctx.device)
+
+def cpu_preset_params(**values: Any) -> dict[str, dict[str, Any]]:
+    """``Method.preset_params`` with the same ``values`` on every CPU preset.
+
+    CHOSEN for every pool method there: the student's KD at T = 1 (``kd_temperature=1``), the KL
+    every other method of the suite distils with, so that the comparison isolates the synthesis.
+    T = 20 did worse in an exploratory 300-iteration digits run (seed 0): DeepInversion 10.8 % vs
+    30.6 %, CMI 31.4 % vs 35.3 %, FastDFKD 48.6 % vs 50.3 %.
+    """
+    return {name: {"kd_temperature": 1.0, **values} for name in CPU_PRESETS}
+
+
+@dataclass
+class GeneratorPoolParams(PoolParams):
+    """Pool methods whose batches come from a generator and its noise (CMI, FastDFKD)."""
+
+    generator: str = hparam("auto", "generator architecture (gen_small, gen_tiny, gen32, ...), auto by image size")
+    noise_dim: int = hparam(256, "dimension of the noise z", "d_z")
+
+
+class GeneratorPoolMethod(PoolMethod):
+    """A batch in progress is a generator G (made ready per batch by :meth:`prepare_generator`)
+    and its noise z, optimised together by :meth:`new_optimizer`; its labels are drawn with z."""
+
+    bn_term: ClassVar[str] = "L_bn"
+    """How the method's paper names its BatchNorm-matching term (for the note when the teacher has none)."""
+
+    def __init__(self, params: GeneratorPoolParams, ctx: MethodContext):
+        super().__init__(params, ctx)
+        from dfkd_bench.models import build_generator, generator_for_image_size
+
+        channels, height, _ = ctx.image_shape
+        arch = params.generator if params.generator != "auto" else generator_for_image_size(height)
+        # Pre-sigmoid outputs: the methods apply the sigmoid themselves.
+        self.generator = build_generator(arch, params.noise_dim, channels, height, output_logits=True).to(ctx.device)
+        self.bn_stats = teacher_batchnorm(ctx, params.bn_weight, self.bn_term)
+        self.z: Tensor | None = None
+        self.labels: Tensor | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def inversion_loss(self, teacher_logits: Tensor, student_logits: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The inversion loss CMI (Eq. 3-4) and FastDFKD (Eq. 3) share, on the teacher forward that
+        the BatchNorm statistics were recorded on: ``oh * L_oh + bn * L_bn + adv * L_adv``, the last
+        only when ``student_logits`` are given."""
+        p = self.params
+        terms = {"gen_oh": F.cross_entropy(teacher_logits.float(), self.labels)}
+        loss = p.oh_weight * terms["gen_oh"]
+        if self.bn_stats is not None:
+            terms["gen_bn"] = zoo_losses.feature_distribution_loss(
+                self.bn_stats.means, self.bn_stats.vars, self.bn_stats.running_means, self.bn_stats.running_vars)
+            loss = loss + p.bn_weight * terms["gen_bn"]
+        if student_logits is not None:
+            terms["gen_adv"] = zoo_losses.decision_adversarial_loss(teacher_logits, student_logits)
+            loss = loss + p.adv_weight * terms["gen_adv"]
+        return loss, terms
+
+    def prepare_generator(self) -> None:
+        """Set G up for a new batch (CMI: re-initialise it; FastDFKD: copy the meta generator)."""
+        raise NotImplementedError
+
+    def new_optimizer(self) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    def start_batch(self) -> None:
+        ctx = self.ctx
+        self.prepare_generator()
+        self.z = ctx.randn(ctx.batch_size, self.params.noise_dim).requires_grad_()
+        self.labels = ctx.randint(ctx.num_classes, ctx.batch_size)
+        self.optimizer = self.new_optimizer()
+
+    def current_images(self) -> Tensor:
+        with torch.no_grad(), frozen_batchnorm_buffers(self.generator):  # a look, not a step
+            return torch.sigmoid(self.generator(self.z).float())
+
+    def batch_state(self) -> dict[str, Any]:
+        return {"generator": copy.deepcopy(self.generator.state_dict()), "z": self.z.detach().clone(),
+                "labels": self.labels.clone(), "optimizer": self.optimizer.state_dict()}
+
+    def load_batch_state(self, state: dict[str, Any]) -> None:
+        device = self.ctx.device
+        self.generator.load_state_dict(state["generator"])
+        self.z = state["z"].to(device).requires_grad_()
+        self.labels = state["labels"].to(device)
+        self.optimizer = self.new_optimizer()
+        self.optimizer.load_state_dict(state["optimizer"])

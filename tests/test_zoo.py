@@ -161,6 +161,48 @@ def test_zoo_paper_symbols_are_unambiguous():
     assert {symbol: names for symbol, names in meaning.items() if len(names) > 1} == {}
 
 
+def test_a_methods_preset_values_sit_between_the_preset_and_the_budget_and_set(digits_request):
+    """Paper default < the preset's shared values < the method's own preset values < the budget's
+    caps < ``--set``; other presets keep the paper defaults, other methods are untouched."""
+    from dfkd_bench.experiment import build_run_configs
+
+    def params(method, budget="default", **overrides):
+        return build_run_configs(digits_request([method], overrides=overrides, budget=budget))[0].params
+
+    deepinv = params("deepinv")
+    assert (deepinv["synthesis_steps"], deepinv["kd_temperature"]) == (20, 1.0)  # paper: 2,000 and T = 20
+    assert params("fast")["synthesis_steps"] == 5 and params("fast")["kd_temperature"] == 1.0
+    cmi = params("cmi")
+    assert (cmi["synthesis_steps"], cmi["generator"], cmi["noise_dim"]) == (20, "gen_tiny", 256)  # + the preset's G
+    assert params("deepinv", budget="smoke")["synthesis_steps"] == 2  # the smoke cap still applies
+    assert params("deepinv", synthesis_steps=7, kd_temperature=4.0)["synthesis_steps"] == 7
+    assert params("deepinv", synthesis_steps=7, kd_temperature=4.0)["kd_temperature"] == 4.0
+    from dfkd_bench.config import resolve_method_params
+    from dfkd_bench.presets import get_preset, preset_method_params
+
+    cifar = resolve_method_params("deepinv", preset_method_params(get_preset("cifar10"), "deepinv"), {})
+    assert (cifar["synthesis_steps"], cifar["kd_temperature"]) == (2000, 20.0)
+
+
+def test_preset_values_of_a_parameter_the_method_lacks_are_refused_at_registration():
+    from dataclasses import dataclass
+
+    from dfkd_bench.method_api import Method, register_method
+
+    @dataclass
+    class Params:
+        steps: int = 1
+
+    class Bad(Method):
+        name = "bad-preset-values"
+        preset_params = {"digits": {"stpes": 3}}
+
+    Bad.Params = Params
+    with pytest.raises(TypeError, match="stpes"):
+        register_method(Bad)
+    assert "bad-preset-values" not in list_methods()
+
+
 @pytest.mark.parametrize("method", ZOO)
 def test_zoo_method_steps_are_finite_and_state_round_trip_is_exact(method, digits_request, tmp_path):
     """A few iterations give finite losses; a checkpoint taken mid-run and restored into a fresh
