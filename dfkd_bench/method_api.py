@@ -144,6 +144,8 @@ class Method(ABC):
     """Base class of a DFKD method. See the module docstring for the contract."""
 
     name: ClassVar[str] = ""
+    label: ClassVar[str] = ""
+    """How tables and figures name the method (default: ``name``), e.g. ``DFKD-Mem``."""
     summary: ClassVar[str] = ""
     Params: ClassVar[type] = type(None)
     preset_params: ClassVar[dict[str, dict[str, Any]]] = {}

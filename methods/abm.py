@@ -13,6 +13,7 @@ from dfkd_bench.methods.common import AdversarialMethod, AdversarialParams
 @register_method
 class ABM(AdversarialMethod):
     name = "abm"
+    label = "ABM"
     summary = "Adversarial Belief Matching: the student trains on fresh samples of G only"
     Params = AdversarialParams
     static_student_step = True

@@ -87,6 +87,7 @@ def reset_generator(generator: nn.Module, rng: torch.Generator) -> None:
 @register_method
 class CMI(GeneratorPoolMethod):
     name = "cmi"
+    label = "CMI"
     summary = "CMI (Fang et al. 2021): generator inversion with BN matching and a contrastive loss; KD on the pool"
     Params = CMIParams
 

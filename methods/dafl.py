@@ -15,8 +15,10 @@ temperature 1, the same gradient).
 
 Paper settings (Sec. 4.1, MNIST): alpha = 0.1, beta = 5; G Adam lr 0.2 (MNIST)
 / 1e-3 (CIFAR); S Adam lr 2e-3 (MNIST) / SGD 0.1 (CIFAR); batch 512; z of
-dimension 100. The default G lr here is CIFAR's (1e-3); the engine owns the
-student optimiser: a DAFL preset sets it.
+dimension 100. The default G lr here is CIFAR's (1e-3). The engine owns the
+student optimiser and n_S/n_G, one protocol for every method of a comparison
+(README, "The DFKD zoo"); the paper's MNIST student is ``--set
+student_optimizer=adam --set student_lr=2e-3 --set bs=512 --set generator_lr=0.2``.
 
 The features f_T are the input of the teacher's last fully-connected layer
 (LeNet-5: the 84 F6 units; WRN/ResNet: the pooled features).
@@ -46,6 +48,7 @@ class DAFLParams(ZooGeneratorParams):
 @register_method
 class DAFL(ZooGeneratorMethod):
     name = "dafl"
+    label = "DAFL"
     summary = "DAFL (Chen et al. 2019): generator trained by one-hot, activation and entropy losses; KD on it"
     Params = DAFLParams
     static_student_step = True

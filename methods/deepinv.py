@@ -57,6 +57,7 @@ class DeepInvParams(PoolParams):
 @register_method
 class DeepInversion(PoolMethod):
     name = "deepinv"
+    label = "DeepInversion"
     summary = "DeepInversion / ADI (Yin et al. 2020): pixels optimised by CE + BN matching + priors; KD on the pool"
     Params = DeepInvParams
 

@@ -10,7 +10,8 @@ Alg. 1). Nothing else enters either loss: no BatchNorm matching, no logit bounds
 Paper settings (Sec. 4.1): G Adam lr 1e-3; S SGD lr 0.1, momentum 0.9, wd 5e-4;
 batch 256; k = 5 student steps per generator step (the engine's n_S = 5, n_G = 1);
 z of dimension 256 (CIFAR; 100 for MNIST). The engine owns the student optimiser
-and n_S/n_G: a DFAD preset sets them.
+and n_S/n_G, one protocol for every method of a comparison (README, "The DFKD
+zoo"); the paper's own is ``--set n_S=5 --set n_G=1 --set student_lr=0.1 --set bs=256``.
 
 CHOSEN (not in the paper): G outputs pixels through a sigmoid (images in
 [0, 1], the suite's convention) instead of tanh + BatchNorm in normalised space.
@@ -35,6 +36,7 @@ class DFADParams(ZooGeneratorParams):
 @register_method
 class DFAD(ZooGeneratorMethod):
     name = "dfad"
+    label = "DFAD"
     summary = "DFAD (Fang et al. 2019): adversarial generator, L1 (MAE) teacher-student logit discrepancy"
     Params = DFADParams
     static_student_step = True

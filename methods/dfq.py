@@ -42,6 +42,7 @@ class DFQParams(ZooGeneratorParams):
 @register_method
 class DFQ(ZooGeneratorMethod):
     name = "dfq"
+    label = "DFQ"
     summary = "DFQ (Choi et al. 2020): adversarial KD with teacher BatchNorm-statistics matching for G"
     Params = DFQParams
     static_student_step = True

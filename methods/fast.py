@@ -58,6 +58,7 @@ class FastParams(GeneratorPoolParams):
 @register_method
 class FastDFKD(GeneratorPoolMethod):
     name = "fast"
+    label = "FastDFKD"
     summary = "FastDFKD (Fang et al. 2022): meta-learned generator initialisation, a few steps per batch; KD on the pool"
     Params = FastParams
 

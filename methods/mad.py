@@ -70,6 +70,7 @@ def ema_update(ema: nn.Module, model: nn.Module, momentum: float) -> None:
 @register_method
 class MAD(AdversarialMethod):
     name = "mad"
+    label = "MAD"
     summary = "Momentum Adversarial Distillation: the student also trains on samples of an EMA generator"
     Params = MADParams
     static_student_step = True

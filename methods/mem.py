@@ -116,6 +116,7 @@ class MemParams(AdversarialParams):
 @register_method
 class DFKDMem(AdversarialMethod):
     name = "mem"
+    label = "DFKD-Mem"
     summary = "DFKD-Mem: the student also trains on a FIFO memory bank of past samples of G"
     Params = MemParams
     static_student_step = True

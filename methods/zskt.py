@@ -16,8 +16,11 @@ two conv stages. A pair with no common resolution is a configuration error.
 
 Paper settings (Sec. 4): beta = 250; n_S = 10 student steps per generator step
 (the engine's n_S, n_G = 1); Adam with lr 2e-3 for both, cosine annealing;
-batch 128; z of dimension 100. The student optimiser and schedule are the
-engine's: a ZSKT preset sets them.
+batch 128; z of dimension 100. The student optimiser, schedule and n_S/n_G are
+the engine's, one protocol for every method of a comparison (README, "The DFKD
+zoo"); the paper's own student set-up is ``--set n_S=10 --set n_G=1 --set
+student_optimizer=adam --set student_lr=2e-3 --set student_weight_decay=0``
+(without its cosine schedule, which the engine does not offer).
 
 CHOSEN: the generator's loss is the KL alone (as in the paper; the AT term
 trains only the student). Unlike this suite's ABM, no logit bounds or BNmm.
@@ -45,6 +48,7 @@ class ZSKTParams(ZooGeneratorParams):
 @register_method
 class ZSKT(ZooGeneratorMethod):
     name = "zskt"
+    label = "ZSKT"
     summary = "ZSKT (Micaelli & Storkey 2019): adversarial belief matching plus attention transfer"
     Params = ZSKTParams
 

@@ -215,9 +215,9 @@ def test_final_table_values(report):
     assert "| MAD | **93.00 ± 1.41**‡ | **98.25 ± 0.35** |" in markdown
     assert "‡ this method has runs in this column that are not finished" in markdown
     assert "| MAD | digits (lenet5→lenet5_half) | 2 | stopped at iteration 10 of " in markdown  # the listing
-    assert "| dafl | 70.00† | — |" in markdown
+    assert "| DAFL | 70.00† | — |" in markdown
     assert markdown.index("| Teacher |") < markdown.index("| ABM |") < markdown.index("| DFKD-Mem |") \
-        < markdown.index("| MAD |") < markdown.index("| dafl |")
+        < markdown.index("| MAD |") < markdown.index("| DAFL |")
     assert "n=1" in markdown
     latex = (out / "table_final.tex").read_text()
     assert r"91.00 $\pm$ 1.41" in latex and r"\textbf{93.00 $\pm$ 1.41}" in latex

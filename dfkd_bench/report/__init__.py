@@ -40,7 +40,7 @@ The package is split so that each part can be read alone:
 * :mod:`~dfkd_bench.report.writer`: ``write_report`` and the ``dfkd-bench report`` command.
 """
 
-from dfkd_bench.report.common import (DEFAULT_FORMATS, DEFAULT_REPORT_DIR, METHOD_LABELS, METHOD_ORDER, METRICS,
+from dfkd_bench.report.common import (DEFAULT_FORMATS, DEFAULT_REPORT_DIR, METHOD_ORDER, METRICS,
                                       method_label, setting_columns, setting_name)
 from dfkd_bench.report.configs import (CellConfigs, analyse_configs, preset_default_settings, select_table_runs,
                                        sweep_points)
@@ -51,7 +51,7 @@ from dfkd_bench.report.tables import accuracy_table, cost_table, format_cell, la
 from dfkd_bench.report.writer import add_report_command, cmd_report, write_report
 
 __all__ = [
-    "DEFAULT_FORMATS", "DEFAULT_REPORT_DIR", "METHOD_LABELS", "METHOD_ORDER", "METRICS", "CellConfigs",
+    "DEFAULT_FORMATS", "DEFAULT_REPORT_DIR", "METHOD_ORDER", "METRICS", "CellConfigs",
     "accuracy_table", "add_report_command", "analyse_configs", "band", "cmd_report", "cost_table", "find_run_dirs",
     "format_cell", "latex_escape", "load_records", "load_runs", "method_label", "plot_accuracy_curves",
     "plot_drift_curves", "plot_generator_losses", "plot_loss_curves", "plot_samples", "plot_sweeps",

@@ -18,7 +18,6 @@ DEFAULT_REPORT_DIR = "results/runs/report"  # the default for the default --resu
 DEFAULT_FORMATS = ("png", "pdf")
 
 METHOD_ORDER = ("abm", "mem", "mad")
-METHOD_LABELS = {"abm": "ABM", "mem": "DFKD-Mem", "mad": "MAD"}
 # Table 2's column order, then our offline data sets; unknown ones follow alphabetically.
 DATASET_ORDER = ("cifar10", "cifar100", "tinyimagenet", "imagenet", "places365", "food101", "digits", "mnist")
 SKIP_DIRS = {"_submitit", "checkpoints", "samples"}
@@ -69,7 +68,14 @@ GENERATOR_VARIANTS = frozenset({"params.conditioning", "params.nll_weight", "par
 # ------------------------------------------------------------------ helpers ---
 
 def method_label(method: str) -> str:
-    return METHOD_LABELS.get(method, method)
+    """The method's ``label`` (e.g. DFKD-Mem) when it is registered here, else its name."""
+    from dfkd_bench.errors import ConfigError
+    from dfkd_bench.method_api import get_method
+
+    try:
+        return get_method(method).label or method
+    except ConfigError:  # records of a method this installation does not have
+        return method
 
 
 def method_sort_key(method: str) -> tuple[int, str]:
