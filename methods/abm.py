@@ -14,6 +14,6 @@ from dfkd_bench.methods.common import AdversarialMethod, AdversarialParams
 class ABM(AdversarialMethod):
     name = "abm"
     label = "ABM"
-    summary = "Adversarial Belief Matching: the student trains on fresh samples of G only"
+    summary = "ABM (Micaelli & Storkey 2019, as in the MAD paper): the student trains on fresh samples of G only"
     Params = AdversarialParams
     static_student_step = True

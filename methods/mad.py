@@ -71,7 +71,7 @@ def ema_update(ema: nn.Module, model: nn.Module, momentum: float) -> None:
 class MAD(AdversarialMethod):
     name = "mad"
     label = "MAD"
-    summary = "Momentum Adversarial Distillation: the student also trains on samples of an EMA generator"
+    summary = "MAD (Do et al. 2022): the student also trains on samples of an EMA (momentum) copy of G"
     Params = MADParams
     static_student_step = True
 

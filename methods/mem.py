@@ -117,7 +117,7 @@ class MemParams(AdversarialParams):
 class DFKDMem(AdversarialMethod):
     name = "mem"
     label = "DFKD-Mem"
-    summary = "DFKD-Mem: the student also trains on a FIFO memory bank of past samples of G"
+    summary = "DFKD-Mem (Binici et al. 2022): the student also trains on a FIFO memory bank of past samples of G"
     Params = MemParams
     static_student_step = True
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -130,11 +131,18 @@ def test_stage_matching_rule_lenet_and_wrn():
 
 # ------------------------------------------------------------------- contract ---
 
-def test_zoo_methods_are_registered_with_a_paper_summary():
-    methods = list_methods()
-    for name in ZOO:
-        assert name in methods
-        assert any(year in methods[name].summary for year in ("2019", "2020", "2021", "2022")), methods[name].summary
+def test_every_method_is_listed_with_its_paper_and_a_label(capsys):
+    from dfkd_bench.cli import main
+
+    methods = {name: method for name, method in list_methods().items() if name in {*ZOO, "abm", "mem", "mad"}}
+    assert len(methods) == len(ZOO) + 3
+    for name, method in methods.items():
+        assert re.search(r"\(.+ (et al\.|& \w+) 20\d\d", method.summary), method.summary  # "(Fang et al. 2019"
+        assert method.label, name
+    assert main(["list"]) == 0
+    listing = capsys.readouterr().out
+    for name, method in methods.items():
+        assert f"  {name:12s} {method.summary}" in listing
 
 
 @pytest.mark.parametrize("method, setting, value", [
