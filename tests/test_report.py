@@ -299,7 +299,7 @@ def test_cli_end_to_end(results, tmp_path, capsys):
     sub = parser.add_subparsers(dest="command")
     add_report_command(sub)
     defaults = parser.parse_args(["report"])
-    assert (defaults.results_dir, defaults.out, defaults.formats) == ("results/runs", None, ("png", "pdf"))
+    assert (defaults.results_dir, defaults.out, defaults.formats) == (None, None, ("png", "pdf"))  # None: results/runs
     with pytest.raises(SystemExit):
         parser.parse_args(["report", "--formats", "png,nope"])
     assert not defaults.finished_only and parser.parse_args(["report", "--finished-only"]).finished_only
@@ -475,6 +475,22 @@ def test_report_without_out_writes_beside_the_runs(tmp_path, capsys):
     assert f"--out {results / 'report'}" in (results / "report" / "report.md").read_text()
     # the report folder beside the runs does not count as a run on the next report
     assert len(load_runs(results)) == 1
+
+
+def test_report_over_several_results_folders(tmp_path):
+    from dfkd_bench import cli
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    write_run(first, "abm", "digits", 0, 90.0, 91.0)
+    write_run(second, "abm", "digits", 1, 92.0, 93.0)
+    write_run(second, "mad", "digits", 0, 80.0, 81.0)
+    assert cli.main(["report", "--results-dir", str(first), "--results-dir", str(second), "--formats", "png"]) == 0
+    report = (first / "report" / "report.md").read_text()  # beside the first folder's runs
+    assert f"--results-dir {first} --results-dir {second} --out {first / 'report'}" in report
+    assert f"`{first}`, `{second}`: 3 run(s) found" in report
+    table = pd.read_csv(first / "report" / "table_final.csv").set_index(["row", "dataset"])
+    assert table.loc[("abm", "digits"), "n"] == 2 and table.loc[("abm", "digits"), "mean"] == 91.0
+    assert table.loc[("mad", "digits"), "mean"] == 80.0 and not (second / "report").exists()
 
 
 def test_report_on_a_file_or_only_damaged_configs_says_so(tmp_path):

@@ -13,6 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
@@ -170,14 +171,26 @@ def _read_run(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return row, records
 
 
-def _scan(results_dir: str | os.PathLike) -> _Scan:
-    root = Path(results_dir)
-    paths, damaged = _find_run_dirs(root)
+def results_roots(results_dir: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """One results folder, or several (``report --results-dir A --results-dir B``), as paths."""
+    if isinstance(results_dir, (str, os.PathLike)):
+        return [Path(results_dir)]
+    return [Path(r) for r in results_dir]
+
+
+def _scan(results_dir: str | os.PathLike | Sequence[str | os.PathLike]) -> _Scan:
+    roots = results_roots(results_dir)
+    paths, damaged = [], []
+    for root in roots:
+        found, broken = _find_run_dirs(root)
+        paths += found
+        damaged += broken
     if not paths:
+        where = " or ".join(str(root) for root in roots)
         if damaged:
-            raise DfkdError(f"no readable runs under {root}: {len(damaged)} run folder(s) have a damaged "
+            raise DfkdError(f"no readable runs under {where}: {len(damaged)} run folder(s) have a damaged "
                             f"config.json, e.g. {damaged[0].split(':')[0].removeprefix('skipped ')}")
-        raise DfkdError(f"no runs found under {root} (looked for */config.json); run `dfkd-bench run` first")
+        raise DfkdError(f"no runs found under {where} (looked for */config.json); run `dfkd-bench run` first")
     rows, records, notes = [], {}, list(damaged)
     for path in paths:
         try:

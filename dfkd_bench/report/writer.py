@@ -20,7 +20,7 @@ from dfkd_bench.report.configs import analyse_configs
 from dfkd_bench.report.figures import (plot_accuracy_curves, plot_budget_curves, plot_drift_curves,
                                        plot_generator_losses,
                                        plot_loss_curves, plot_samples, plot_sweeps, unfinished_lines)
-from dfkd_bench.report.load import _records_frame, _scan
+from dfkd_bench.report.load import _records_frame, _scan, results_roots
 from dfkd_bench.report.tables import (UNFINISHED_MARK, _cost_markdown, _plain_table, _write_tables, accuracy_table,
                                      cost_table, unfinished_markdown)
 from dfkd_bench.store import DEFAULT_RESULTS_DIR
@@ -58,13 +58,13 @@ def _check_formats(formats: Sequence[str]) -> tuple[str, ...]:
     return formats
 
 
-def default_out_dir(results_dir: str | os.PathLike) -> Path:
+def default_out_dir(results_dir: str | os.PathLike | Sequence[str | os.PathLike]) -> Path:
     """Where ``dfkd-bench report`` writes without ``--out``: ``<results-dir>/report``.
 
     # CHOSEN: beside the user's own runs (``results/runs/report`` by default, which git ignores),
     # never the repository's committed ``results/report/``, which is regenerated with an explicit --out.
     """
-    return Path(results_dir) / DEFAULT_REPORT_SUBDIR
+    return results_roots(results_dir)[0] / DEFAULT_REPORT_SUBDIR
 
 
 def _writable_out(out: Path) -> None:
@@ -78,10 +78,11 @@ def _writable_out(out: Path) -> None:
                         "pass a writable folder with --out") from None
 
 
-def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+def write_report(results_dir: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
                  formats: Sequence[str] = DEFAULT_FORMATS, command: str | None = None,
                  finished_only: bool = False) -> dict[str, Any]:
-    """Write the tables, figures and ``report.md`` of every run below ``results_dir`` into ``out_dir``.
+    """Write the tables, figures and ``report.md`` of every run below ``results_dir`` (one folder or
+    several) into ``out_dir``.
 
     Unfinished runs (running, stopped) and failed runs are drawn as dotted lines labelled with where
     they stand, and marked in the tables (never averaged in); ``finished_only`` leaves them out of
@@ -191,7 +192,7 @@ def _report_markdown(results_dir, runs: pd.DataFrame, sections: dict, figures: l
     parts = [
         "# DFKD benchmark report", "",
         f"Produced by `{command}` on {now}.", "",
-        f"Results: `{results_dir}`: {len(runs)} run(s) found, {counts.get('done', 0)} finished, "
+        f"Results: {', '.join(f'`{root}`' for root in results_roots(results_dir))}: {len(runs)} run(s) found, {counts.get('done', 0)} finished, "
         f"{counts.get('incomplete', 0)} incomplete, {counts.get('failed', 0)} failed, "
         f"{counts.get('damaged', 0)} unreadable.", "",
         "## Final test accuracy", "", sections["table_final"][0],
@@ -246,11 +247,12 @@ def _formats_arg(text: str) -> tuple[str, ...]:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``dfkd-bench report``: write everything, print the final table, the unfinished runs and where files went."""
-    out = args.out if args.out is not None else default_out_dir(args.results_dir)
+    roots = args.results_dir or [DEFAULT_RESULTS_DIR]
+    out = args.out if args.out is not None else default_out_dir(roots)
     command = "dfkd-bench report " + " ".join([
-        f"--results-dir {shlex.quote(str(args.results_dir))}", f"--out {shlex.quote(str(out))}",
+        *(f"--results-dir {shlex.quote(str(root))}" for root in roots), f"--out {shlex.quote(str(out))}",
         f"--formats {','.join(args.formats)}", *(["--finished-only"] if args.finished_only else [])])
-    result = write_report(args.results_dir, out, formats=args.formats, command=command,
+    result = write_report(roots, out, formats=args.formats, command=command,
                           finished_only=args.finished_only)
     print(result["text"])
     if result["incomplete_runs"]:
@@ -270,10 +272,12 @@ def add_report_command(subparsers) -> argparse.ArgumentParser:
         description="Aggregate finished runs over seeds into tables (CSV, Markdown, LaTeX) and figures "
                     "(PNG/PDF) plus report.md. Unfinished (running, stopped) and failed runs are drawn as dotted "
                     "lines labelled with where they stand and marked in the tables, never averaged in.")
-    parser.add_argument("--results-dir", default=DEFAULT_RESULTS_DIR,
-                        help=f"folder searched (recursively) for run folders (default: {DEFAULT_RESULTS_DIR})")
+    parser.add_argument("--results-dir", action="append", default=None,
+                        help=f"folder searched (recursively) for run folders; repeat it to report several "
+                             f"folders together (default: {DEFAULT_RESULTS_DIR})")
     parser.add_argument("--out", default=None,
-                        help=f"where the report goes (default: RESULTS_DIR/{DEFAULT_REPORT_SUBDIR}, beside your runs)")
+                        help=f"where the report goes (default: RESULTS_DIR/{DEFAULT_REPORT_SUBDIR} of the first "
+                             f"--results-dir, beside your runs)")
     parser.add_argument("--finished-only", action="store_true",
                         help="leave unfinished and failed runs out of the figures and tables (they are still listed)")
     parser.add_argument("--formats", type=_formats_arg, default=DEFAULT_FORMATS,
