@@ -51,4 +51,12 @@ def test_report_draws_accuracy_against_student_images_and_wall_time(digits_reque
         train_run(config, tmp_path / "runs", device="cpu", progress=False)
     write_report(tmp_path / "runs", tmp_path / "report", formats=("png",))
     assert (tmp_path / "report" / "accuracy_budget.png").stat().st_size > 0
-    assert "accuracy_budget.png" in (tmp_path / "report" / "report.md").read_text()
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "accuracy_budget.png" in report
+    # the compute table names the per-image budget: MAD's student saw twice ABM's images
+    import pandas as pd
+
+    costs = pd.read_csv(tmp_path / "report" / "table_cost.csv").set_index("row")
+    assert costs.loc["mad", "student_images"] == 2 * costs.loc["abm", "student_images"] > 0
+    abm_images = int(costs.loc["abm", "student_images"])
+    assert f"| {abm_images} / {int(costs.loc['abm', 'synthetic_images'])} | 1 | cpu |" in report

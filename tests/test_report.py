@@ -342,8 +342,8 @@ def test_cost_table_gives_wall_time_and_where_it_ran(report):
     assert costs.loc[("mad", "digits"), "minutes_mean"] == pytest.approx(100 / 60)
     assert costs.loc[("mad", "digits"), "n"] == 2 and costs.loc[("mad", "digits"), "device"] == "cpu"
     assert "teacher" not in costs.index.get_level_values("row")
-    # the fake runs record no stage times ("—"); one run per device
-    assert "| MAD | digits (lenet5→lenet5_half) | 1.7 ± 0.0 | — | 2 | cpu |" in (out / "report.md").read_text()
+    # the fake runs record no stage times and no image counters ("—"); one run per device
+    assert "| MAD | digits (lenet5→lenet5_half) | 1.7 ± 0.0 | — | — / — | 2 | cpu |" in (out / "report.md").read_text()
     assert str(costs.loc[("mad", "digits"), "runs_per_gpu"]) == "1"
 
 

@@ -203,39 +203,55 @@ def cost_table(table: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
             values = chosen[column].dropna() if column in chosen else []
             return ",".join(sorted({str(v) for v in values})) or "?"
 
-        def mean_minutes(column: str) -> float:
+        def mean_count(column: str) -> float:
             values = pd.to_numeric(chosen[column], errors="coerce").dropna() if column in chosen else []
-            return values.mean() / 60.0 if len(values) else float("nan")
+            return values.mean() if len(values) else float("nan")
+
+        def mean_minutes(column: str) -> float:
+            return mean_count(column) / 60.0
 
         rows.append({"row": row.row, "label": row.label, "dataset": row.dataset, "pair": row.pair,
                      "minutes_mean": minutes.mean() if len(minutes) else float("nan"),
                      "minutes_std": minutes.std(ddof=1) if len(minutes) > 1 else float("nan"), "n": len(minutes),
                      "synthesis_minutes": mean_minutes("time_synthesis"),
                      "student_minutes": mean_minutes("time_student"),
+                     "student_images": mean_count("student_images"),
+                     "synthetic_images": mean_count("synthetic_images"),
                      "device": kinds("device"), "torch_threads": kinds("torch_threads"),
                      "world_size": kinds("world_size"), "runs_per_gpu": kinds("runs_per_gpu")})
     return pd.DataFrame(rows, columns=["row", "label", "dataset", "pair", "minutes_mean", "minutes_std", "n",
-                                       "synthesis_minutes", "student_minutes", "device", "torch_threads",
+                                       "synthesis_minutes", "student_minutes", "student_images",
+                                       "synthetic_images", "device", "torch_threads",
                                        "world_size", "runs_per_gpu"])
+
+
+def _count(value: float) -> str:
+    """1,536,000 -> 1.54M; 15,360 -> 15.4k."""
+    if value >= 1e6:
+        return f"{value / 1e6:.2f}M"
+    return f"{value / 1e3:.1f}k" if value >= 1e3 else f"{value:.0f}"
 
 
 def _cost_markdown(costs: pd.DataFrame) -> str:
     if costs.empty:
         return "(no finished run yet)\n"
-    lines = ["| method | dataset (pair) | wall time per run (min) | synthesis / student (min) | runs | device | "
-             "CPU threads | processes | runs per device |",
-             "|:--|:--|--:|--:|--:|:--|:--|:--|:--|"]
+    lines = ["| method | dataset (pair) | wall time per run (min) | synthesis / student (min) | "
+             "student / synthetic images per run | runs | device | CPU threads | processes | runs per device |",
+             "|:--|:--|--:|--:|--:|--:|:--|:--|:--|:--|"]
     for row in costs.itertuples():
         time_text = "—" if _missing(row.minutes_mean) else (
             f"{row.minutes_mean:.1f}" + ("" if _missing(row.minutes_std) else f" ± {row.minutes_std:.1f}"))
         split = "—" if _missing(row.synthesis_minutes) else f"{row.synthesis_minutes:.1f} / {row.student_minutes:.1f}"
-        lines.append(f"| {row.label} | {row.dataset} ({row.pair}) | {time_text} | {split} | {row.n} | {row.device} | "
-                     f"{row.torch_threads} | {row.world_size} | {row.runs_per_gpu} |")
+        images = " / ".join("—" if _missing(count) else _count(count)
+                            for count in (row.student_images, row.synthetic_images))
+        lines.append(f"| {row.label} | {row.dataset} ({row.pair}) | {time_text} | {split} | {images} | {row.n} | "
+                     f"{row.device} | {row.torch_threads} | {row.world_size} | {row.runs_per_gpu} |")
     return "\n".join(lines) + "\n\n- Wall time from start to `done`, evaluations included (mean ± sample std " \
         "over the runs of the final-accuracy table); synthesis / student: time in the generator stages and in " \
-        "the student stages (runs that record it). It depends on the machine and on what else ran on it " \
-        "(runs per device: runs packed on one device with --runs-per-gpu); compare methods with " \
-        "`dfkd-bench bench`, which interleaves them in one process.\n"
+        "the student stages (runs that record it); images: how many images the student trained on and the " \
+        "method synthesised (M = million, k = thousand), the budget per image. Wall time depends on the " \
+        "machine and on what else ran on it (runs per device: runs packed on one device with " \
+        "--runs-per-gpu); compare methods with `dfkd-bench bench`, which interleaves them in one process.\n"
 
 
 def _plain_table(table: pd.DataFrame) -> str:
