@@ -11,9 +11,9 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
@@ -154,10 +154,10 @@ def _read_run(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         "runs_per_gpu": environment.get("runs_per_gpu", 1),
         # Where the time went (records since the budget counters exist): synthesis vs student training.
         "time_synthesis": evals[-1].get("time/synthesis") if evals else None,
+        "time_student": evals[-1].get("time/student") if evals else None,
         # The budget spent, in images (cumulative counters of the last evaluation).
         **{f"{kind}_images": evals[-1].get(f"{kind}_images") if evals else None
            for kind in ("student", "teacher", "synthetic")},
-        "time_student": evals[-1].get("time/student") if evals else None,
         "final_accuracy": final, "best_accuracy": best, "wall_time": wall,
         "iterations": (summary or {}).get("iterations", max(steps) if steps else 0),
         "last_step": max(steps) if steps else 0,

@@ -192,7 +192,8 @@ def _report_markdown(results_dir, runs: pd.DataFrame, sections: dict, figures: l
     parts = [
         "# DFKD benchmark report", "",
         f"Produced by `{command}` on {now}.", "",
-        f"Results: {', '.join(f'`{root}`' for root in results_roots(results_dir))}: {len(runs)} run(s) found, {counts.get('done', 0)} finished, "
+        f"Results: {', '.join(f'`{root}`' for root in results_roots(results_dir))}: {len(runs)} run(s) found, "
+        f"{counts.get('done', 0)} finished, "
         f"{counts.get('incomplete', 0)} incomplete, {counts.get('failed', 0)} failed, "
         f"{counts.get('damaged', 0)} unreadable.", "",
         "## Final test accuracy", "", sections["table_final"][0],
