@@ -18,8 +18,8 @@ optimisation step per generator step; a batch is finished after
 ``synthesis_steps`` of them and joins the pool.
 
 Settings (the authors' CIFAR-10 code, "paper parameters"): 2,000 iterations per
-batch, Adam lr 0.05, a_f = 10, a_tv = 2.5e-5, a_l2 = 0, batch 256. A CPU preset
-must lower ``synthesis_steps`` (and raise n_G) -- see the zoo report.
+batch, Adam lr 0.05, a_f = 10, a_tv = 2.5e-5, a_l2 = 0, batch 256. The CPU
+presets use 20 steps per batch (``preset_params`` below).
 
 CHOSEN: pixels are parameterised in [0, 1] (the suite's image convention),
 initialised uniformly and clamped to [0, 1] after each step (the reference
