@@ -212,7 +212,8 @@ def _report_markdown(results_dir, runs: pd.DataFrame, sections: dict, figures: l
         if stem in FIGURE_CAPTIONS:
             caption = FIGURE_CAPTIONS[stem]
         elif stem.startswith("samples_"):
-            caption = "Latest sample grids of G and of the EMA G, seed 0 (Fig. 5): " + stem[len("samples_"):]
+            caption = ("Latest sample grids of each synthetic source (G, EMA G, memory, pool ...), seed 0 (Fig. 5): "
+                       + stem[len("samples_"):])
         else:
             caption = (f"Final accuracy vs {stem[len('sweep_'):]} (Figs. 6/7/9 style), error bars ± std over seeds; "
                        "the other methods at their table configuration as dashed reference lines")
