@@ -14,9 +14,10 @@ resolution; teacher and student are paired at the resolutions both have. For
 WRN teachers/students these are the three groups of the paper; for LeNet-5 the
 two conv stages. A pair with no common resolution is a configuration error.
 
-Paper settings (Sec. 4): beta = 250; n_S = 10 student steps per generator step
-(the engine's n_S, n_G = 1); Adam with lr 2e-3 for both, cosine annealing;
-batch 128; z of dimension 100. The student optimiser, schedule and n_S/n_G are
+Paper settings (Sec. 4, and the authors' CIFAR-10 script scripts/ZeroShot/main0.sh:
+80k batches, checked): beta = 250; n_S = 10 student steps per generator step
+(the engine's n_S, n_G = 1); Adam, student lr 2e-3 and generator lr 1e-3, cosine
+annealing; batch 128; z of dimension 100; KL at temperature 1. The student optimiser, schedule and n_S/n_G are
 the engine's, one protocol for every method of a comparison (README, "The DFKD
 zoo"); the paper's own student set-up is ``--set n_S=10 --set n_G=1 --set
 student_optimizer=adam --set student_lr=2e-3 --set student_weight_decay=0``
