@@ -202,12 +202,8 @@ def _metric_figure(records: pd.DataFrame, lines: list[_Line], metrics: Sequence[
                 panels.append((cell, metric))
     if not panels:
         return []
-    nrows, ncols, places = _panel_grid(panels)
-    fig, axes = _figure(nrows, ncols)
-    used = set()
-    for r, c, cell, metric in places:
-        ax = axes[r][c]
-        used.add((r, c))
+
+    def draw(ax, cell, metric):
         for line in lines:
             if (line.dataset, line.pair) == cell:
                 _plot_band(ax, records, line, metric)
@@ -215,15 +211,23 @@ def _metric_figure(records: pd.DataFrame, lines: list[_Line], metrics: Sequence[
         ax.set_title(f"{cell[0]} ({cell[1]})\n{name}", fontsize=10)
         ax.set_xlabel("step (training iterations)")
         ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-    return _finish_panels(fig, axes, (nrows, ncols), used, lines, title, out_dir, stem, formats)
+
+    return _panel_figure(panels, draw, lines, title, out_dir, stem, formats)
 
 
-def _finish_panels(fig, axes, shape: tuple[int, int], used: set, lines: Sequence[_Line], title: str, out_dir: Path,
-                   stem: str, formats: Sequence[str]) -> list[Path]:
-    """Hide the unused panels, add the legend and the title (with the band and dotted-line keys), save."""
-    for r in range(shape[0]):
-        for c in range(shape[1]):
+def _panel_figure(panels, draw, lines: Sequence[_Line], title: str, out_dir: Path, stem: str,
+                  formats: Sequence[str]) -> list[Path]:
+    """One panel per ``(cell, key)`` of ``panels``, drawn by ``draw(ax, cell, key)`` on a grid; unused
+    panels hidden, the legend and the title (with the band and dotted-line keys) added, saved."""
+    nrows, ncols, places = _panel_grid(panels)
+    fig, axes = _figure(nrows, ncols)
+    used = set()
+    for r, c, cell, key in places:
+        used.add((r, c))
+        draw(axes[r][c], cell, key)
+        axes[r][c].grid(alpha=0.3)
+    for r in range(nrows):
+        for c in range(ncols):
             if (r, c) not in used:
                 axes[r][c].set_visible(False)
     _figure_legend(fig, axes)
@@ -254,12 +258,8 @@ def plot_budget_curves(records, cells, out_dir, formats, unfinished: Sequence[_L
                      for line in lines if (line.dataset, line.pair) == cell)]
     if not panels or "student_images" not in records.columns:
         return []
-    nrows, ncols, places = _panel_grid(panels)
-    fig, axes = _figure(nrows, ncols)
-    used = set()
-    for r, c, cell, axis in places:
-        ax = axes[r][c]
-        used.add((r, c))
+
+    def draw(ax, cell, axis):
         for line in lines:
             if (line.dataset, line.pair) != cell:
                 continue
@@ -277,9 +277,9 @@ def plot_budget_curves(records, cells, out_dir, formats, unfinished: Sequence[_L
         ax.set_title(f"{cell[0]} ({cell[1]})\ntest accuracy", fontsize=10)
         ax.set_xlabel(BUDGET_AXES[axis])
         ax.set_ylabel("test accuracy (%)")
-        ax.grid(alpha=0.3)
-    return _finish_panels(fig, axes, (nrows, ncols), used, lines, "Test accuracy against the images the student "
-                          "trained on and against wall time (x: mean over seeds)", out_dir, "accuracy_budget", formats)
+
+    return _panel_figure(panels, draw, lines, "Test accuracy against the images the student trained on and "
+                         "against wall time (x: mean over seeds)", out_dir, "accuracy_budget", formats)
 
 
 def plot_loss_curves(records, cells, out_dir, formats, unfinished: Sequence[_Line] = ()) -> list[Path]:
