@@ -25,7 +25,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import inspect
 import pkgutil
+import sys
+import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -210,6 +213,35 @@ class Method(ABC):
 
 _METHODS: dict[str, type[Method]] = {}
 _DISCOVERED = False
+_BROKEN: dict[str, str] = {}
+"""Method files of ``methods/`` that failed to import, by module name: one line saying why."""
+
+
+def _import_failure(module: str, error: BaseException) -> str:
+    """One line naming the method file, the line in it where importing failed, and the error."""
+    where = f"methods/{module}.py"
+    if isinstance(error, SyntaxError) and error.lineno:
+        return f"{where} failed to import: line {error.lineno}: {error.msg}"
+    frames = [frame for frame in traceback.extract_tb(error.__traceback__)
+              if frame.filename.endswith(f"{module}.py")]
+    line = f"line {frames[-1].lineno}: " if frames else ""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"{where} failed to import: {line}{message}"
+
+
+def _check_params_are_dataclass_fields(cls: type[Method]) -> None:
+    """Refuse a ``Params`` class in whose MRO a class declares annotated settings without being a
+    dataclass itself (``class Params(Base.Params): extra: int = 2`` without ``@dataclass``): its
+    new fields would silently not exist and ``--set extra=2`` would be refused."""
+    fields_ = {f.name for f in dataclasses.fields(cls.Params)}
+    for klass in cls.Params.__mro__:
+        if klass is object:
+            continue
+        own = inspect.get_annotations(klass)
+        missing = [name for name in own if name not in fields_ and not name.startswith("_")]
+        if missing and "__dataclass_fields__" not in vars(klass):
+            raise TypeError(f"{cls.__qualname__}.Params: {klass.__qualname__} declares {', '.join(missing)} but "
+                            f"is not decorated with @dataclass, so they would not be settings; add @dataclass")
 
 
 def register_method(cls: type[Method]) -> type[Method]:
@@ -218,6 +250,7 @@ def register_method(cls: type[Method]) -> type[Method]:
         raise TypeError(f"{cls.__qualname__} must set a class attribute `name`")
     if not dataclasses.is_dataclass(cls.Params):
         raise TypeError(f"{cls.__qualname__}.Params must be a dataclass of hyper-parameters")
+    _check_params_are_dataclass_fields(cls)
     for preset, values in cls.preset_params.items():
         unknown = set(values) - {f.name for f in dataclasses.fields(cls.Params)}
         if unknown:
@@ -239,7 +272,11 @@ def _discover() -> None:
     _DISCOVERED = True
     package = importlib.import_module("dfkd_bench.methods")
     for info in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"dfkd_bench.methods.{info.name}")
+        try:
+            importlib.import_module(f"dfkd_bench.methods.{info.name}")
+        except Exception as error:  # one broken method file must not take the others down
+            _BROKEN[info.name] = _import_failure(info.name, error)
+            print(f"warning: {_BROKEN[info.name]}; the other methods work", file=sys.stderr)
     try:
         from importlib.metadata import entry_points
 
@@ -252,6 +289,8 @@ def _discover() -> None:
 def get_method(name: str) -> type[Method]:
     _discover()
     if name not in _METHODS:
+        if name in _BROKEN:
+            raise ConfigError(f"method {name!r} is unavailable: {_BROKEN[name]}")
         close = difflib.get_close_matches(name, list(_METHODS), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(
