@@ -26,6 +26,7 @@ import dataclasses
 import difflib
 import importlib
 import inspect
+import os
 import pkgutil
 import sys
 import traceback
@@ -174,6 +175,11 @@ class Method(ABC):
     def student_loss(self) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss of one student step (the engine does backward and the optimiser step)."""
 
+    pool_based: ClassVar[bool] = False
+    """True for a method that synthesises batches by optimisation into a pool and distils the student
+    on the pool (DeepInversion, CMI, FastDFKD); False for a generator trained against the student.
+    Tests and tools tell the two kinds apart by this attribute, never by method names."""
+
     # ---- the static form of a student step (optional; lets the engine replay it from a CUDA graph) ----
     static_student_step: ClassVar[bool] = False
     """Set to True IN THE CLASS BODY of a method (it is not inherited: the engine reads the
@@ -217,13 +223,12 @@ _BROKEN: dict[str, str] = {}
 """Method files of ``methods/`` that failed to import, by module name: one line saying why."""
 
 
-def _import_failure(module: str, error: BaseException) -> str:
+def _import_failure(where: str, error: BaseException) -> str:
     """One line naming the method file, the line in it where importing failed, and the error."""
-    where = f"methods/{module}.py"
     if isinstance(error, SyntaxError) and error.lineno:
         return f"{where} failed to import: line {error.lineno}: {error.msg}"
     frames = [frame for frame in traceback.extract_tb(error.__traceback__)
-              if frame.filename.endswith(f"{module}.py")]
+              if frame.filename.endswith(os.path.basename(where))]
     line = f"line {frames[-1].lineno}: " if frames else ""
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return f"{where} failed to import: {line}{message}"
@@ -264,18 +269,24 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 def _discover() -> None:
-    """Import every module of ``dfkd_bench.methods`` (the repo's ``methods/``) and
-    of the ``dfkd_bench.methods`` entry-point group, so that their decorators run."""
+    """Import every module of ``dfkd_bench.methods`` (the repo's ``methods/``, plus the folders of
+    ``$DFKD_BENCH_METHOD_PATH``, separated like ``$PATH``) and of the ``dfkd_bench.methods``
+    entry-point group, so that their decorators run."""
     global _DISCOVERED
     if _DISCOVERED:
         return
     _DISCOVERED = True
     package = importlib.import_module("dfkd_bench.methods")
+    for folder in filter(None, os.environ.get("DFKD_BENCH_METHOD_PATH", "").split(os.pathsep)):
+        if folder not in package.__path__:  # the user's own method files, outside the repository
+            package.__path__.append(folder)
     for info in pkgutil.iter_modules(package.__path__):
         try:
             importlib.import_module(f"dfkd_bench.methods.{info.name}")
         except Exception as error:  # one broken method file must not take the others down
-            _BROKEN[info.name] = _import_failure(info.name, error)
+            path = os.path.join(getattr(info.module_finder, "path", ""), f"{info.name}.py")
+            shown = f"methods/{info.name}.py" if os.path.dirname(path) == package.__path__[0] else path
+            _BROKEN[info.name] = _import_failure(shown, error)
             print(f"warning: {_BROKEN[info.name]}; the other methods work", file=sys.stderr)
     try:
         from importlib.metadata import entry_points

@@ -261,6 +261,8 @@ class PoolParams:
 class PoolMethod(Method):
     """Synthesise batches by optimisation, keep them in a pool, distil the student on the pool."""
 
+    pool_based = True
+
     Params = PoolParams
 
     def __init__(self, params: PoolParams, ctx: MethodContext):

@@ -3,28 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from dfkd_bench.method_api import Method, _check_params_are_dataclass_fields, get_method, hparam
 
-# Runs the CLI in a fresh process whose `dfkd_bench.methods` package also sees the files of an
-# extra folder, as if they had been dropped into methods/ (the repository is not written to).
-_CLI_WITH_EXTRA_METHODS = textwrap.dedent("""
-    import sys
-    import dfkd_bench.methods as package
-    package.__path__.append(sys.argv[1])
-    from dfkd_bench.cli import main
-    sys.exit(main(sys.argv[2:]))
-""")
-
 
 def _cli_with_methods_in(folder, *args):
-    return subprocess.run([sys.executable, "-c", _CLI_WITH_EXTRA_METHODS, str(folder), *args],
-                          capture_output=True, text=True, timeout=120)
+    """The CLI in a fresh process that also imports the method files of ``folder``, as if they had
+    been dropped into methods/ (the repository is not written to)."""
+    env = {**os.environ, "DFKD_BENCH_METHOD_PATH": str(folder)}
+    return subprocess.run([sys.executable, "-m", "dfkd_bench.cli", *args], capture_output=True, text=True,
+                          timeout=120, env=env)
 
 
 def test_a_method_file_that_fails_to_import_costs_only_itself(tmp_path):
@@ -36,15 +31,15 @@ def test_a_method_file_that_fails_to_import_costs_only_itself(tmp_path):
     assert "abm " in listing.stdout and "mad " in listing.stdout  # the other methods still work
     warnings = [line for line in listing.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 2, listing.stderr
-    assert any("methods/broken_probe.py failed to import: line 4: no GPU driver found" in w for w in warnings)
-    assert any("methods/typo_probe.py failed to import: line 1" in w for w in warnings)
+    assert any(f"{tmp_path}/broken_probe.py failed to import: line 4: no GPU driver found" in w for w in warnings)
+    assert any(f"{tmp_path}/typo_probe.py failed to import: line 1" in w for w in warnings)
     assert "Traceback" not in listing.stderr
 
     asked = _cli_with_methods_in(tmp_path, "run", "--methods", "broken_probe", "--dataset", "digits",
                                  "--results-dir", str(tmp_path / "runs"))
     assert asked.returncode == 2
     error = [line for line in asked.stderr.splitlines() if line.startswith("error:")]
-    assert error == ["error: method 'broken_probe' is unavailable: methods/broken_probe.py failed to import: "
+    assert error == [f"error: method 'broken_probe' is unavailable: {tmp_path}/broken_probe.py failed to import: "
                      "line 4: no GPU driver found"], asked.stderr
     assert "Traceback" not in asked.stderr
     assert not (tmp_path / "runs").exists()
@@ -90,5 +85,21 @@ def test_an_undecorated_params_in_a_dropped_file_is_one_warning_line(tmp_path):
     """))
     listing = _cli_with_methods_in(tmp_path, "list")
     assert listing.returncode == 0, listing.stderr
-    assert ("warning: methods/undecorated_probe.py failed to import: line 8: Undecorated.Params: Params declares "
+    assert (f"warning: {tmp_path}/undecorated_probe.py failed to import: line 8: Undecorated.Params: Params declares "
             "extra but is not decorated with @dataclass") in listing.stderr
+
+
+def test_a_method_dropped_in_as_a_file_gets_the_whole_contract(tmp_path):
+    """The README's example method, as a file in a folder of $DFKD_BENCH_METHOD_PATH, runs every test
+    of tests/test_contract.py (listing, state round trip, SIGKILL + exact resume, no host sync)."""
+    from test_readme import readme_method_example
+
+    (tmp_path / "abm_noise.py").write_text(readme_method_example())
+    tests = Path(__file__).parent
+    env = {**os.environ, "DFKD_BENCH_METHOD_PATH": str(tmp_path), "DFKD_BENCH_CONTRACT_ONLY": "abm_noise"}
+    result = subprocess.run([sys.executable, "-m", "pytest", str(tests / "test_contract.py"), "-q", "-p",
+                             "no:cacheprovider", "--rootdir", str(tests.parent)],
+                            capture_output=True, text=True, timeout=600, env=env, cwd=tests.parent)
+    assert result.returncode == 0, result.stdout[-3000:]
+    summary = result.stdout.strip().splitlines()[-1]
+    assert "4 passed" in summary and "failed" not in summary, summary  # listing + 3 per-method tests
