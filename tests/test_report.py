@@ -211,8 +211,9 @@ def test_final_table_values(report):
     assert cell.loc[("teacher", "digits"), "mean"] == 98.5 and cell.loc[("teacher", "mnist"), "cell"] == "99.25"
 
     markdown = (out / "table_final.md").read_text()
-    assert "| ABM | 91.00 ± 1.41 | 97.50 ± 0.71 |" in markdown
-    assert "| MAD | **93.00 ± 1.41**‡ | **98.25 ± 0.35** |" in markdown
+    # 95 % t-intervals with t_{0.975, 1} = 12.706 (t table): 91 ± 12.706 * sqrt(2) / sqrt(2) = [78.29, 103.71].
+    assert "| ABM | 91.00 ± 1.41 [78.29, 103.71] n=2 | **97.50 ± 0.71** [91.15, 103.85] n=2 |" in markdown
+    assert "| MAD | **93.00 ± 1.41**‡ [80.29, 105.71] n=2 | **98.25 ± 0.35** [95.07, 101.43] n=2 |" in markdown
     assert "‡ this method has runs in this column that are not finished" in markdown
     assert "| MAD | digits (lenet5→lenet5_half) | 2 | stopped at iteration 10 of " in markdown  # the listing
     assert "| DAFL | 70.00† | — |" in markdown
@@ -220,7 +221,7 @@ def test_final_table_values(report):
         < markdown.index("| MAD |") < markdown.index("| DAFL |")
     assert "n=1" in markdown
     latex = (out / "table_final.tex").read_text()
-    assert r"91.00 $\pm$ 1.41" in latex and r"\textbf{93.00 $\pm$ 1.41}" in latex
+    assert r"91.00 $\pm$ 1.41 [78.29, 103.71] $n{=}2$" in latex and r"\textbf{93.00 $\pm$ 1.41}" in latex
     assert r"lenet5$\rightarrow$lenet5\_half" in latex and "70.00$^\\dagger$" in latex
     assert r"\textbf{93.00 $\pm$ 1.41}$^\ddagger$" in latex
     assert "±" not in latex and "†" not in latex and "‡" not in latex
@@ -286,12 +287,13 @@ def test_figures_written(report):
     out, result = report
     stems = ["accuracy_curves", "loss_curves", "generator_losses", "drift_curves", "samples_digits_abm",
              "samples_digits_mem", "samples_digits_mad", "sweep_ema_momentum", "sweep_ema_kd_weight+kd_weight",
-             "sweep_memory_size"]
+             "sweep_memory_size", "critical_difference"]
     for stem in stems:
         _assert_image(out / f"{stem}.png")
     assert sorted(Path(p).name for p in result["figures"]) == sorted(f"{s}.png" for s in stems)
     assert {Path(p).name for p in result["tables"]} == {f"table_{k}.{e}" for k in ("final", "best")
-                                                         for e in ("csv", "md", "tex")} | {"table_cost.csv"}
+                                                         for e in ("csv", "md", "tex")} | {"table_cost.csv"} \
+        | {"table_ranks.csv", "table_ranks.md"}
 
 
 def test_cli_end_to_end(results, tmp_path, capsys):
