@@ -293,7 +293,7 @@ def test_figures_written(report):
     assert sorted(Path(p).name for p in result["figures"]) == sorted(f"{s}.png" for s in stems)
     assert {Path(p).name for p in result["tables"]} == {f"table_{k}.{e}" for k in ("final", "best")
                                                          for e in ("csv", "md", "tex")} | {"table_cost.csv"} \
-        | {"table_ranks.csv", "table_ranks.md"}
+        | {"table_ranks.csv", "table_ranks.md", "table_sweeps.csv"}
 
 
 def test_cli_end_to_end(results, tmp_path, capsys):
@@ -671,3 +671,19 @@ def test_reproductions_table_under_the_papers_own_selection(tmp_path):
     assert "| 99.90 | -6.90 | no | 98.50 / — | Paper Y, Sec. 4 |" in text
     assert "selected on the test set" in text
     assert "## Reproductions" in Path(result["report"]).read_text()
+
+
+def test_sweep_points_are_tested_against_the_table_configuration(report):
+    out, _ = report
+    sweeps = pd.read_csv(out / "table_sweeps.csv").set_index(["row", "dataset", "configuration"])
+    # MAD alpha 0.9 (80, 82) and 0.99 (88, 90) against 0.95 (92, 94): -12 and -4 on both seeds (p = 0).
+    low = sweeps.loc[("mad", "digits", "ema_momentum=0.9")]
+    assert (low["diff"], low["p"], low["test"], low["n"]) == (-12.0, 0.0, "paired t", 2)
+    assert low["table_configuration"] == "ema_momentum=0.95" and low["prob_improvement"] == 0.0
+    assert sweeps.loc[("mad", "digits", "ema_momentum=0.99"), "diff"] == -4.0
+    one = sweeps.loc[("mem", "mnist", "memory_size=1024")]  # one seed: shown, not tested
+    assert one["n"] == 1 and math.isnan(one["p"]) and one["diff"] == pytest.approx(95.0 - 96.25)
+    assert len(sweeps.reset_index().query("row == 'mad' and dataset == 'mnist'")) == 3  # the (lambda0, lambda1) points
+    text = (out / "report.md").read_text()
+    assert "## Sweeps: each configuration against the table's" in text
+    assert "| MAD | digits (lenet5→lenet5_half) | ema_momentum=0.9 (ema_momentum=0.95) | 81.00 ± 1.41 " in text

@@ -491,6 +491,67 @@ def reproductions_markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
+def sweep_table(cells, metric: str = "final_accuracy") -> pd.DataFrame:
+    """Every other configuration of a cell (a sweep point) against the cell's table configuration:
+    Δ with its 95 % interval, the test (paired over seeds when both share teacher and seeds, else
+    Welch), p, Holm-adjusted p within the cell, the probability of improvement and the seeds needed."""
+    rows = []
+    for cell in cells:
+        if len(cell.settings) < 2:
+            continue
+
+        def per_seed(cid: str) -> tuple[dict[int, float], str]:
+            chosen = cell.runs[cell.runs["config_id"] == cid]
+            values = {int(s): float(v) for s, v in zip(chosen["seed"], chosen[metric]) if not _missing(v)}
+            return values, ";".join(sorted(set(str(t) for t in chosen["teacher_sha256"])))
+
+        reference, reference_teacher = per_seed(cell.reference)
+        cell_rows = []
+        for cid in sorted(cell.settings, key=lambda c: cell.describe(c, sorted(cell.diff(c)))):
+            if cid == cell.reference:
+                continue
+            values, teacher = per_seed(cid)
+            c = compare(values, reference, pairable=_pairable(teacher, reference_teacher))
+            interval = t_interval(values.values())
+            cell_rows.append({
+                "row": cell.method, "label": method_label(cell.method), "dataset": cell.dataset, "pair": cell.pair,
+                "configuration": cell.describe(cid, sorted(cell.diff(cid))),
+                "table_configuration": cell.describe(cell.reference, sorted(cell.diff(cid))),
+                "mean": interval.mean, "std": interval.std, "n": interval.n, "ci_low": interval.low,
+                "ci_high": interval.high, "test": c.test, "diff": c.diff, "diff_low": c.low, "diff_high": c.high,
+                "p": c.p, "prob_improvement": probability_of_improvement(values.values(), reference.values()),
+                "seeds_needed": c})
+        family = sum(not _missing(r["p"]) for r in cell_rows)
+        for row, adjusted in zip(cell_rows, holm([r["p"] for r in cell_rows])):
+            row["p_holm"] = adjusted
+            row["seeds_needed"] = _seeds_for_family(row["seeds_needed"], family)
+        rows += cell_rows
+    columns = ["row", "label", "dataset", "pair", "configuration", "table_configuration", "mean", "std", "n",
+               "ci_low", "ci_high", "test", "diff", "diff_low", "diff_high", "p", "p_holm", "prob_improvement",
+               "seeds_needed"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def sweep_markdown(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return ""
+    lines = ["| method | dataset (pair) | configuration (table's) | mean ± std [95 % CI] | Δ vs the table's "
+             "configuration [95 % CI] | test | p | p (Holm) | P(improvement) | seeds needed |",
+             "|:--|:--|:--|--:|--:|:--|--:|--:|--:|--:|"]
+    for row in frame.itertuples():
+        poi = "—" if _missing(row.prob_improvement) else f"{row.prob_improvement:.2f}"
+        cell = format_cell(row.mean, row.std, row.n) + _interval_text(row.ci_low, row.ci_high, row.n)
+        lines.append(f"| {row.label} | {row.dataset} ({row.pair}) | {row.configuration} ({row.table_configuration}) | "
+                     f"{cell} | {_diff_text(row.diff, row.diff_low, row.diff_high)} | "
+                     f"{row.test or 'not tested (one seed)'} | {_p_text(row.p)} | {_p_text(row.p_holm)} | {poi} | "
+                     f"{format_seeds(row.seeds_needed)} |")
+    return "\n".join(lines) + (
+        "\n\n- Final test accuracy of each other configuration of a cell against the configuration its table "
+        "uses; the same tests as the tables, Holm-corrected within the cell; P(improvement): the probability "
+        f"that a run of the configuration beats a run of the table's; "
+        f"{POWER_TEXT.replace('in the column', 'in the cell')}.\n")
+
+
 def cost_table(table: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     """Wall time of the runs behind each cell of an accuracy table, with where they ran.
 

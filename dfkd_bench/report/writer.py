@@ -23,7 +23,8 @@ from dfkd_bench.report.figures import (plot_accuracy_curves, plot_budget_curves,
 from dfkd_bench.report.load import _records_frame, _scan, results_roots
 from dfkd_bench.report.tables import (UNFINISHED_MARK, _cost_markdown, _plain_table, _write_tables, accuracy_table,
                                      baseline_markdown, baseline_table, cost_table, rank_table, ranks_markdown,
-                                     reproductions_markdown, reproductions_table, unfinished_markdown)
+                                     reproductions_markdown, reproductions_table, sweep_markdown, sweep_table,
+                                     unfinished_markdown)
 from dfkd_bench.store import DEFAULT_RESULTS_DIR
 
 # --------------------------------------------------------------------- report ---
@@ -167,6 +168,11 @@ def _write_report(scan, results_dir, out: Path, formats: tuple[str, ...], comman
         (out / "table_baseline.md").write_text(text)
         tables += [out / "table_baseline.csv", out / "table_baseline.md"]
         extra_sections["baseline"] = text
+    sweeps = sweep_table(cells)
+    if not sweeps.empty:
+        sweeps.to_csv(out / "table_sweeps.csv", index=False)
+        tables.append(out / "table_sweeps.csv")
+        extra_sections["sweeps"] = sweep_markdown(sweeps)
     reproductions = reproductions_table(runs)
     if not reproductions.empty:
         reproductions.to_csv(out / "table_reproductions.csv", index=False)
@@ -253,6 +259,8 @@ def _report_markdown(results_dir, runs: pd.DataFrame, sections: dict, figures: l
           if extra and "baseline" in extra else []),
         *(["## Across data sets: average ranks", "", extra["ranks"], "Files: [CSV](table_ranks.csv).", ""]
           if extra and "ranks" in extra else []),
+        *(["## Sweeps: each configuration against the table's", "", extra["sweeps"],
+           "Files: [CSV](table_sweeps.csv).", ""] if extra and "sweeps" in extra else []),
         *(["## Reproductions", "", extra["reproductions"], "Files: [CSV](table_reproductions.csv).", ""]
           if extra and "reproductions" in extra else []),
         "## Compute", "", cost_text, "Files: [CSV](table_cost.csv).", "",
