@@ -209,7 +209,7 @@ def _write_report(scan, results_dir, out: Path, formats: tuple[str, ...], comman
     report_path.write_text(_report_markdown(results_dir, runs, sections, figures, other_notes, incomplete_text,
                                             command, formats, _cost_markdown(costs), extra_sections))
     text = (f"{FINAL_TITLE} (%):\n{_plain_table(sections['table_final'][1])}\n"
-            f"(mean ± sample std over seeds; {SINGLE_RUN_MARK} = one seed"
+            f"(mean ± sample std over seeds [95 % t-interval of the mean] n = seeds; {SINGLE_RUN_MARK} = one seed"
             + ("" if finished_only or pending.empty else
                f"; {UNFINISHED_MARK} = this method has runs not finished, not in the mean") + ")")
     if notes:
