@@ -211,8 +211,9 @@ def test_final_table_values(report):
     assert cell.loc[("teacher", "digits"), "mean"] == 98.5 and cell.loc[("teacher", "mnist"), "cell"] == "99.25"
 
     markdown = (out / "table_final.md").read_text()
-    assert "| ABM | 91.00 ± 1.41 | 97.50 ± 0.71 |" in markdown
-    assert "| MAD | **93.00 ± 1.41**‡ | **98.25 ± 0.35** |" in markdown
+    # 95 % t-intervals with t_{0.975, 1} = 12.706 (t table): 91 ± 12.706 * sqrt(2) / sqrt(2) = [78.29, 103.71].
+    assert "| ABM | 91.00 ± 1.41 [78.29, 103.71] n=2 | **97.50 ± 0.71** [91.15, 103.85] n=2 |" in markdown
+    assert "| MAD | **93.00 ± 1.41**‡ [80.29, 105.71] n=2 | **98.25 ± 0.35** [95.07, 101.43] n=2 |" in markdown
     assert "‡ this method has runs in this column that are not finished" in markdown
     assert "| MAD | digits (lenet5→lenet5_half) | 2 | stopped at iteration 10 of " in markdown  # the listing
     assert "| DAFL | 70.00† | — |" in markdown
@@ -220,7 +221,7 @@ def test_final_table_values(report):
         < markdown.index("| MAD |") < markdown.index("| DAFL |")
     assert "n=1" in markdown
     latex = (out / "table_final.tex").read_text()
-    assert r"91.00 $\pm$ 1.41" in latex and r"\textbf{93.00 $\pm$ 1.41}" in latex
+    assert r"91.00 $\pm$ 1.41 [78.29, 103.71] $n{=}2$" in latex and r"\textbf{93.00 $\pm$ 1.41}" in latex
     assert r"lenet5$\rightarrow$lenet5\_half" in latex and "70.00$^\\dagger$" in latex
     assert r"\textbf{93.00 $\pm$ 1.41}$^\ddagger$" in latex
     assert "±" not in latex and "†" not in latex and "‡" not in latex
@@ -286,12 +287,13 @@ def test_figures_written(report):
     out, result = report
     stems = ["accuracy_curves", "loss_curves", "generator_losses", "drift_curves", "samples_digits_abm",
              "samples_digits_mem", "samples_digits_mad", "sweep_ema_momentum", "sweep_ema_kd_weight+kd_weight",
-             "sweep_memory_size"]
+             "sweep_memory_size", "critical_difference"]
     for stem in stems:
         _assert_image(out / f"{stem}.png")
     assert sorted(Path(p).name for p in result["figures"]) == sorted(f"{s}.png" for s in stems)
     assert {Path(p).name for p in result["tables"]} == {f"table_{k}.{e}" for k in ("final", "best")
-                                                         for e in ("csv", "md", "tex")} | {"table_cost.csv"}
+                                                         for e in ("csv", "md", "tex")} | {"table_cost.csv"} \
+        | {"table_ranks.csv", "table_ranks.md", "table_sweeps.csv"}
 
 
 def test_cli_end_to_end(results, tmp_path, capsys):
@@ -514,3 +516,174 @@ def test_auto_settings_match_the_value_a_run_resolved():
     assert not _matches({"train.amp": "none", "params.ema_momentum": 0.9},
                         {"train.amp": "auto", "params.ema_momentum": 0.95})
     assert not _matches({"train.amp": "bf16"}, {"train.amp": "none"})
+
+
+# ------------------------------------------- which differences are real (issue 20) ---
+
+def test_bold_follows_holm_corrected_paired_tests_against_the_columns_best(report):
+    """Bold = the best and every method not significantly worse (paired t over seeds, Holm in the column).
+
+    By hand (t with 1 df is Cauchy: two-sided p = 1 - (2/pi) atan|t|): digits, best MAD (92, 94):
+    ABM (90, 92) differs by exactly -2 on both seeds (no spread: p = 0); DFKD-Mem (85, 86): differences
+    -7, -8, t = -7.5 / (sqrt(0.5) / sqrt 2) = -15, p = 0.0424; Holm (m = 2; DAFL, one seed, untested):
+    0 -> 0, 0.0424 -> max(0, 1 x 0.0424): significant. MNIST, best MAD (98, 98.5): ABM (97, 98): t = -3,
+    p = 0.2048, Holm 0.2048: ABM is bold although its mean is lower; DFKD-Mem (96, 96.5): p = 0.
+    """
+    out, _ = report
+    table = pd.read_csv(out / "table_final.csv").set_index(["row", "dataset"])
+    cauchy = lambda t: 1 - 2 / math.pi * math.atan(abs(t))  # noqa: E731
+    assert table.loc[("mem", "digits"), "p"] == pytest.approx(cauchy(15))
+    assert table.loc[("mem", "digits"), "p_holm"] == pytest.approx(cauchy(15))
+    assert table.loc[("abm", "digits"), "p"] == 0.0
+    assert table.loc[("abm", "mnist"), "p"] == pytest.approx(cauchy(3))
+    assert table.loc[("abm", "mnist"), "p_holm"] == pytest.approx(cauchy(3))
+    assert table.loc[("abm", "mnist"), "diff"] == pytest.approx(-0.75)
+    assert set(table.loc[table["test"].notna(), "test"]) == {"paired t"}
+    bold = table[table["tied_with_best"] == True].index  # noqa: E712
+    assert sorted(bold) == [("abm", "mnist"), ("mad", "digits"), ("mad", "mnist")]
+    assert math.isnan(table.loc[("dafl", "digits"), "p"]) and not table.loc[("dafl", "digits"), "tied_with_best"]
+    assert table.loc[("abm", "mnist"), "seeds_needed"] > 2  # two seeds cannot resolve -0.75 here
+    markdown = (out / "table_final.md").read_text()
+    assert "Which differences from the column's best are real" in markdown
+    assert "| mnist (lenet5→lenet5_half) | ABM | MAD | -0.75 [-3.93, +2.43] | paired t | 0.205 | 0.205 | yes | 2 |" \
+        in markdown
+    assert "| digits (lenet5→lenet5_half) | DAFL | MAD | -23.00 | not tested (one seed) |" in markdown
+    assert "Holm-corrected within the column" in markdown
+
+
+def test_welch_when_the_runs_cannot_be_paired(tmp_path):
+    results = tmp_path / "runs"
+    for seed, final in enumerate((95.0, 96.0, 97.0)):
+        write_run(results, "abm", "digits", seed, final, final)
+    for seed, final in zip((1, 2, 3), (94.0, 94.0, 96.0)):  # other seeds: nothing to pair
+        write_run(results, "mad", "digits", seed, final, final)
+    write_report(results, tmp_path / "report", formats=("png",))
+    row = pd.read_csv(tmp_path / "report" / "table_final.csv").set_index("row").loc["mad"]
+    # var 1 and 4/3: se = sqrt(7/9), t = (4/3) / se = 1.512 with 3.92 Welch df: p between the t table's
+    # two-sided 0.30 (t = 1.19) and 0.20 (t = 1.533, 4 df).
+    assert row["test"] == "Welch t" and row["diff"] == pytest.approx(-4 / 3)
+    assert 0.19 < row["p"] < 0.22 and row["tied_with_best"]
+
+
+def test_report_against_a_baseline(results, tmp_path, capsys):
+    from dfkd_bench import cli
+
+    out = tmp_path / "r"
+    assert cli.main(["report", "--results-dir", str(results), "--out", str(out), "--formats", "png",
+                     "--baseline", "abm"]) == 0
+    table = pd.read_csv(out / "table_baseline.csv").set_index(["row", "dataset"])
+    assert set(table.index) == {("mem", "digits"), ("mad", "digits"), ("dafl", "digits"), ("mem", "mnist"),
+                                ("mad", "mnist")}
+    # MAD (92, 94) vs ABM (90, 92): +2 on each seed; P(X > Y): 92>90, 92=92 (1/2), 94>90, 94>92 -> 3.5 / 4.
+    assert table.loc[("mad", "digits"), "diff"] == 2.0 and table.loc[("mad", "digits"), "p"] == 0.0
+    assert table.loc[("mad", "digits"), "prob_improvement"] == 0.875
+    assert table.loc[("mem", "mnist"), "prob_improvement"] == 0.0
+    assert table.loc[("dafl", "digits"), "n"] == 1 and math.isnan(table.loc[("dafl", "digits"), "p"])
+    report_md = (out / "report.md").read_text()
+    assert "## Against a baseline" in report_md and "--baseline abm" in report_md
+    assert "| digits (lenet5→lenet5_half) | MAD | +2.00 [+2.00, +2.00] | paired t |" in report_md
+    capsys.readouterr()
+    for wrong, says in (("nope", "no run of it was found"), ("ABM", "no run of it was found")):
+        elsewhere = tmp_path / f"not-{wrong}"
+        assert cli.main(["report", "--results-dir", str(results), "--out", str(elsewhere), "--baseline", wrong]) != 0
+        message = capsys.readouterr().err
+        assert message.startswith(f"error: --baseline {wrong}: {says}") and "abm, dafl, mad, mem" in message
+        assert message.count("\n") == 1 and not elsewhere.exists()  # one line, checked before anything is written
+
+
+def test_average_ranks_friedman_and_critical_difference(report):
+    out, _ = report
+    ranks = pd.read_csv(out / "table_ranks.csv").set_index("method")
+    # Both columns rank MAD 1, ABM 2, DFKD-Mem 3 (DAFL ran on digits only: not ranked).
+    assert ranks["average_rank"].to_dict() == {"MAD": 1.0, "ABM": 2.0, "DFKD-Mem": 3.0}
+    # chi2_F = 12 N / (k (k+1)) (sum R^2 - k (k+1)^2 / 4) = 12*2/12 * (14 - 12) = 4; df 2: p = exp(-2).
+    assert ranks["friedman_chi2"].iloc[0] == pytest.approx(4.0)
+    assert ranks["friedman_p"].iloc[0] == pytest.approx(math.exp(-2))
+    assert ranks["nemenyi_cd"].iloc[0] == pytest.approx(2.343 * math.sqrt(3 * 4 / (6 * 2)), abs=1e-3)
+    text = (out / "table_ranks.md").read_text()
+    assert "Not ranked (no finished run in every column): DAFL" in text and "N = 2 columns" in text
+    _assert_image(out / "critical_difference.png")
+    assert "## Across data sets: average ranks" in (out / "report.md").read_text()
+
+
+def test_figures_draw_every_series_a_method_records_under_its_own_names(tmp_path, monkeypatch):
+    """A method the report has never heard of: its loss terms and drift source are drawn by their names."""
+    from dfkd_bench.report import figures as report_figures
+
+    results = tmp_path / "runs"
+    renames = {"loss/kd_gen": "loss/kd_pool", "loss/gen_kd": "loss/gen_contrast", "js_gen": "js_pool"}
+    for seed in (0, 1):
+        folder = write_run(results, "poolish", "digits", seed, 80.0 + seed, 82.0)
+        records = [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
+        records = [{renames.get(k, k): v for k, v in r.items()} for r in records]
+        (folder / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_run(results, "mad", "digits", 0, 90.0, 91.0)
+    drawn: dict[str, list[str]] = {}
+    save = report_figures._save
+
+    def spy(fig, out_dir, stem, formats):
+        drawn[stem] = [ax.get_title() for ax in fig.axes] + \
+            [text.get_text() for legend in fig.legends for text in legend.get_texts()]
+        return save(fig, out_dir, stem, formats)
+
+    monkeypatch.setattr(report_figures, "_save", spy)
+    write_report(results, tmp_path / "report", formats=("png",))
+    loss_panels = " ".join(drawn["loss_curves"])
+    assert "kd_pool" in loss_panels and "kd_gen_ema" in loss_panels and "student_loss" in loss_panels
+    assert "gen_contrast" not in loss_panels
+    synthesis = " ".join(drawn["generator_losses"])
+    assert "gen_contrast" in synthesis and "gen_kd" in synthesis and "kd_pool" not in synthesis
+    drift = " ".join(drawn["drift_curves"])
+    assert all(f"source '{s}'" in drift for s in ("gen", "gen_ema", "pool")) and "poolish (n=2)" in drift
+
+
+def _with_published(folder: Path, published: dict) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update({"protocol": "paper", "published": published})
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_reproductions_table_under_the_papers_own_selection(tmp_path):
+    results = tmp_path / "runs"
+    best = {"accuracy": 93.0, "std": 0.5, "source": "Paper X, Table 2", "teacher_accuracy": 99.0, "selection": "best"}
+    for seed, (final, top) in enumerate(((90.0, 93.0), (91.0, 95.0), (92.0, 94.0))):
+        _with_published(write_run(results, "abm", "digits", seed, final, top), best)
+    final = {"accuracy": 99.9, "std": None, "source": "Paper Y, Sec. 4", "teacher_accuracy": None, "selection": "final"}
+    for seed, value in enumerate((92.0, 93.0, 94.0)):
+        _with_published(write_run(results, "mad", "digits", seed, value, value + 1), final)
+    write_run(results, "mem", "digits", 0, 88.0, 89.0)  # the common protocol: not a reproduction
+    result = write_report(results, tmp_path / "report", formats=("png",))
+    table = pd.read_csv(tmp_path / "report" / "table_reproductions.csv").set_index("row")
+    assert list(table.index) == ["abm", "mad"]
+    # "best": the best over each run's evaluations (93, 95, 94): mean 94, std 1, t_{0.975, 2} = 4.303.
+    half = 4.303 * 1.0 / math.sqrt(3)
+    abm = table.loc["abm"]
+    assert (abm["selection"], abm["mean"], abm["std"], abm["n"]) == ("best", 94.0, 1.0, 3)
+    assert (abm["ci_low"], abm["ci_high"]) == pytest.approx((94 - half, 94 + half), abs=1e-3)
+    assert abm["diff"] == 1.0 and bool(abm["inside"]) and abm["protocol"] == "paper"
+    assert abm["teacher_accuracy"] == 98.5 and abm["published_teacher_accuracy"] == 99.0
+    mad = table.loc["mad"]  # "final": 92, 93, 94 -> 93 ± 1; 99.9 is far outside
+    assert (mad["selection"], mad["mean"]) == ("final", 93.0) and mad["diff"] == pytest.approx(-6.9)
+    assert not bool(mad["inside"]) and math.isnan(mad["published_std"])
+    text = (tmp_path / "report" / "table_reproductions.md").read_text()
+    assert "| ABM | digits (lenet5→lenet5_half) | best over training (test set) | 94.00 ± 1.00 (n=3) |" in text
+    assert "| 93.00 ± 0.50 | +1.00 | yes | 98.50 / 99.00 | Paper X, Table 2 |" in text
+    assert "| 99.90 | -6.90 | no | 98.50 / — | Paper Y, Sec. 4 |" in text
+    assert "selected on the test set" in text
+    assert "## Reproductions" in Path(result["report"]).read_text()
+
+
+def test_sweep_points_are_tested_against_the_table_configuration(report):
+    out, _ = report
+    sweeps = pd.read_csv(out / "table_sweeps.csv").set_index(["row", "dataset", "configuration"])
+    # MAD alpha 0.9 (80, 82) and 0.99 (88, 90) against 0.95 (92, 94): -12 and -4 on both seeds (p = 0).
+    low = sweeps.loc[("mad", "digits", "ema_momentum=0.9")]
+    assert (low["diff"], low["p"], low["test"], low["n"]) == (-12.0, 0.0, "paired t", 2)
+    assert low["table_configuration"] == "ema_momentum=0.95" and low["prob_improvement"] == 0.0
+    assert sweeps.loc[("mad", "digits", "ema_momentum=0.99"), "diff"] == -4.0
+    one = sweeps.loc[("mem", "mnist", "memory_size=1024")]  # one seed: shown, not tested
+    assert one["n"] == 1 and math.isnan(one["p"]) and one["diff"] == pytest.approx(95.0 - 96.25)
+    assert len(sweeps.reset_index().query("row == 'mad' and dataset == 'mnist'")) == 3  # the (lambda0, lambda1) points
+    text = (out / "report.md").read_text()
+    assert "## Sweeps: each configuration against the table's" in text
+    assert "| MAD | digits (lenet5→lenet5_half) | ema_momentum=0.9 (ema_momentum=0.95) | 81.00 ± 1.41 " in text

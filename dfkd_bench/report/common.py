@@ -35,28 +35,24 @@ BEST_TITLE = "best test accuracy over training (selected on the test set — opt
 FINAL_TITLE = "final test accuracy (last evaluation, end of training)"
 SINGLE_RUN_MARK = "†"
 
-# Per-record quantities: (panel title, y-axis label).
+# The engine's own per-record quantities (it measures them for every method): (panel title, y-axis label).
 METRICS: dict[str, tuple[str, str]] = {
     "test_accuracy": ("test accuracy of S", "accuracy on the real test split (%)"),
     "test_cross_entropy": ("test cross-entropy of S", "cross-entropy on the test split (nats)"),
     "teacher_agreement": ("agreement of S with T", "same prediction as T on test images (%)"),
-    "loss/kd_gen": ("KD on samples of G", "KL(T ‖ S) (nats)"),
-    "loss/kd_gen_ema": ("KD on samples of EMA G", "KL(T ‖ S) (nats)"),
-    "loss/kd_memory": ("KD on memory samples", "KL(T ‖ S) (nats)"),
-    "loss/student_loss": ("student loss (total)", "loss (nats)"),
-    "loss/student_bound": ("student logit bound (Eq. 10)", "mean excess |S(x)| − δ"),
-    "loss/gen_loss": ("generator loss (total)", "loss (nats)"),
-    "loss/gen_kd": ("generator KD (Eq. 6, maximised)", "KL(T ‖ S) (nats)"),
-    "loss/gen_nll": ("generator NLL (Eq. 7)", "−log p_T(y | x) (nats)"),
-    "loss/gen_normreg": ("class-embedding NormReg (Eq. 8)", "mean excess ‖e_y‖ − γ√d"),
-    "loss/gen_bnmm": ("BatchNorm moment matching (Eq. 9)", "squared L2 distance"),
-    "loss/gen_bound_teacher": ("teacher logit bound (Eq. 11)", "mean excess |T(x)| − δ"),
-    "loss/gen_bound_pixels": ("generator output bound (Eq. 11)", "mean excess |u| − ν"),
 }
-LOSS_CURVE_METRICS = ("loss/kd_gen", "loss/kd_gen_ema", "loss/kd_memory")
-GENERATOR_METRICS = ("loss/gen_loss", "loss/gen_kd", "loss/gen_nll", "loss/gen_normreg", "loss/gen_bnmm",
-                     "loss/gen_bound_teacher", "loss/gen_bound_pixels", "loss/student_bound",
-                     "teacher_agreement", "test_cross_entropy")
+STUDENT_DIAGNOSTICS = ("teacher_agreement", "test_cross_entropy")
+# What a method records is drawn under the method's own names, found by pattern in the records, so a
+# new method's terms are drawn without an edit here: every ``loss/<term>`` of an evaluation record
+# (the running mean of a term its generator_step or student_loss returned) and every ``js_<source>``
+# of a drift record (one per source of its measurement_sources).
+LOSS_PREFIX = "loss/"
+DRIFT_PREFIX = "js_"
+# CHOSEN: a term whose name starts with ``gen_`` (what every method's synthesis step returns:
+# gen_loss, gen_kd, gen_oh, gen_adv, gen_ce ...) goes to the synthesis figure, every other term
+# (kd_<source>, l1_gen, at_gen, kd_pool, student_loss ...) to the student figure; no term is dropped.
+SYNTHESIS_TERM_PREFIX = "gen_"
+LOSS_YLABEL = "running mean between evaluations"
 # Which configuration variants get their own line in the curve figures besides
 # the table configuration: Fig. 3 draws DFKD-Mem per memory size, Fig. 9 draws
 # MAD per generator type / NLL weight.
@@ -66,6 +62,25 @@ GENERATOR_VARIANTS = frozenset({"params.conditioning", "params.nll_weight", "par
 
 
 # ------------------------------------------------------------------ helpers ---
+
+def recorded_terms(records: pd.DataFrame, prefix: str, groups: Sequence[Sequence[str]]) -> list[str]:
+    """The record columns starting with ``prefix`` that the runs of some group (a list of run names,
+    e.g. a method's seeds) have a value for, in the order of the groups and by name within a group."""
+    columns = sorted(c for c in records.columns if str(c).startswith(prefix))
+    ordered: list[str] = []
+    for names in groups:
+        mine = records[records["run_name"].isin(list(names))]
+        ordered += [c for c in columns if c not in ordered and mine[c].notna().any()]
+    return ordered
+
+
+def term_title(column: str) -> tuple[str, str]:
+    """(panel title, y label) of a record column: the engine's own metrics by name, a method's terms
+    by the name the method gave them."""
+    if column in METRICS:
+        return METRICS[column]
+    return column.removeprefix(LOSS_PREFIX), LOSS_YLABEL
+
 
 def method_label(method: str) -> str:
     """The method's ``label`` (e.g. DFKD-Mem) when it is registered here, else its name."""

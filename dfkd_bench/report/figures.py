@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dfkd_bench.report.common import (BAND_TEXT, GENERATOR_METRICS, GENERATOR_VARIANTS, LOSS_CURVE_METRICS,
-                                      LOSS_CURVE_VARIANTS, METHOD_ORDER, METRICS, _paper_symbols, _setting_label,
-                                      cell_sort_key, method_label, method_sort_key, setting_name)
+from dfkd_bench.report.common import (BAND_TEXT, DRIFT_PREFIX, GENERATOR_VARIANTS, LOSS_CURVE_VARIANTS, LOSS_PREFIX,
+                                      METHOD_ORDER, STUDENT_DIAGNOSTICS, SYNTHESIS_TERM_PREFIX, _paper_symbols,
+                                      _setting_label, cell_sort_key, method_label, method_sort_key, recorded_terms,
+                                      setting_name, term_title)
 from dfkd_bench.report.configs import CellConfigs, _stats, _value_sort_key, sweep_points
 
 # -------------------------------------------------------------------- figures ---
@@ -207,7 +208,7 @@ def _metric_figure(records: pd.DataFrame, lines: list[_Line], metrics: Sequence[
         for line in lines:
             if (line.dataset, line.pair) == cell:
                 _plot_band(ax, records, line, metric)
-        name, ylabel = METRICS.get(metric, (metric, metric))
+        name, ylabel = term_title(metric)
         ax.set_title(f"{cell[0]} ({cell[1]})\n{name}", fontsize=10)
         ax.set_xlabel("step (training iterations)")
         ax.set_ylabel(ylabel)
@@ -282,28 +283,46 @@ def plot_budget_curves(records, cells, out_dir, formats, unfinished: Sequence[_L
                          "against wall time (x: mean over seeds)", out_dir, "accuracy_budget", formats)
 
 
+def _loss_terms(records: pd.DataFrame, lines: Sequence[_Line]) -> tuple[list[str], list[str]]:
+    """Every ``loss/<term>`` the drawn runs recorded, split into the student's terms and the synthesis
+    terms (``gen_*``, see common.SYNTHESIS_TERM_PREFIX), each in method order, by the methods' own names."""
+    terms = recorded_terms(records, LOSS_PREFIX, [line.run_names for line in lines])
+    synthesis = [t for t in terms if t.removeprefix(LOSS_PREFIX).startswith(SYNTHESIS_TERM_PREFIX)]
+    return [t for t in terms if t not in synthesis], synthesis
+
+
 def plot_loss_curves(records, cells, out_dir, formats, unfinished: Sequence[_Line] = ()) -> list[Path]:
-    """Fig. 3: the student's KD loss on samples of G, of the EMA G and on memory samples."""
+    """Fig. 3: every term of the student's loss each method records (KD per source of samples: G, EMA G,
+    memory, pool ...; its total and bounds), under the method's own names."""
     lines = _curve_lines(cells, LOSS_CURVE_VARIANTS) + list(unfinished)
-    return _metric_figure(records, lines, LOSS_CURVE_METRICS,
-                          "Distillation loss of the student per source of samples (Fig. 3)",
+    student, _ = _loss_terms(records, lines)
+    return _metric_figure(records, lines, student,
+                          "The student's loss terms as each method records them (Fig. 3: KD per source of samples)",
                           out_dir, "loss_curves", formats)
 
 
 def plot_generator_losses(records, cells, out_dir, formats, unfinished: Sequence[_Line] = ()) -> list[Path]:
-    """Fig. 9 style: generator loss terms, bounds, teacher agreement and test cross-entropy."""
+    """Fig. 9 style: every synthesis term each method records, teacher agreement and test cross-entropy."""
     lines = _curve_lines(cells, GENERATOR_VARIANTS) + list(unfinished)
-    return _metric_figure(records, lines, GENERATOR_METRICS,
-                          "Generator losses and student diagnostics (Fig. 9; losses averaged between evaluations)",
-                          out_dir, "generator_losses", formats)
+    _, synthesis = _loss_terms(records, lines)
+    return _metric_figure(records, lines, [*synthesis, *STUDENT_DIAGNOSTICS],
+                          "Synthesis loss terms as each method records them, and student diagnostics "
+                          "(Fig. 9; losses averaged between evaluations)", out_dir, "generator_losses", formats)
+
+
+DRIFT_STYLES = ("-", "--", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (8, 2)))
 
 
 def plot_drift_curves(records, cells, out_dir, formats) -> list[Path]:
-    """Fig. 4: mean JS(S_{t-tau}, T) on fresh samples of G_t (solid) and of the EMA G_t (dashed)."""
+    """Fig. 4: mean JS(S_{t-tau}, T) on fresh samples of every source a method records (``js_<source>``:
+    G, EMA G, a pool ...), one line style per source name, the method's colour."""
     drift = records[records["kind"] == "drift"] if "kind" in records.columns else records.iloc[0:0]
-    lines = [line for line in _curve_lines(cells) if _has(drift, "js_gen", line.run_names)]
+    candidates = _curve_lines(cells)
+    sources = recorded_terms(drift, DRIFT_PREFIX, [line.run_names for line in candidates])
+    lines = [line for line in candidates if any(_has(drift, s, line.run_names) for s in sources)]
     if not lines:
         return []
+    style = {source: DRIFT_STYLES[i % len(DRIFT_STYLES)] for i, source in enumerate(sources)}
     cell_keys = sorted({(line.dataset, line.pair) for line in lines}, key=cell_sort_key)
     ncols = min(3, len(cell_keys))
     nrows = math.ceil(len(cell_keys) / ncols)
@@ -312,9 +331,10 @@ def plot_drift_curves(records, cells, out_dir, formats) -> list[Path]:
         ax = axes[index // ncols][index % ncols]
         taus = set()
         for line in (line for line in lines if (line.dataset, line.pair) == cell):
-            _plot_band(ax, drift, line, "js_gen", "-")
-            if _has(drift, "js_gen_ema", line.run_names):
-                _plot_band(ax, drift, line, "js_gen_ema", "--", label=f"_{line.label} gen_ema")
+            drawn = [s for s in sources if _has(drift, s, line.run_names)]
+            for index, source in enumerate(drawn):
+                # The method's first source carries its legend entry; the others are keyed by style below.
+                _plot_band(ax, drift, line, source, style[source], label=None if index == 0 else f"_{line.label} {source}")
             taus |= set(drift.loc[drift["run_name"].isin(line.run_names), "tau"].dropna().astype(int))
         tau = ", ".join(str(t) for t in sorted(taus))
         ax.set_title(f"{cell[0]} ({cell[1]}), τ = {tau}", fontsize=10)
@@ -323,8 +343,9 @@ def plot_drift_curves(records, cells, out_dir, formats) -> list[Path]:
         ax.grid(alpha=0.3)
     for index in range(len(cell_keys), nrows * ncols):
         axes[index // ncols][index % ncols].set_visible(False)
-    axes[0][0].plot([], [], color="0.3", linestyle="-", label="gen: samples of G_t (solid)")
-    axes[0][0].plot([], [], color="0.3", linestyle="--", label="gen_ema: samples of EMA G_t (dashed)")
+    for source in sources:
+        axes[0][0].plot([], [], color="0.3", linestyle=style[source],
+                        label=f"line style: samples of source '{source.removeprefix(DRIFT_PREFIX)}' at t")
     _figure_legend(fig, axes)
     _suptitle(fig, f"Drift of the student from the teacher on current synthetic samples (Fig. 4)\n{BAND_TEXT}")
     return _save(fig, out_dir, "drift_curves", formats)
@@ -334,11 +355,9 @@ def _slug(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_.+" else "_" for ch in text.replace("→", "-to-"))
 
 
-SOURCE_TITLES = {"gen": "G", "gen_ema": "EMA G (G̃)", "memory": "memory bank"}
-
-
 def plot_samples(records, cells, out_dir, formats) -> tuple[list[Path], list[str]]:
-    """Fig. 5: the latest sample grids of G and of the EMA G side by side, seed 0 of the table configuration."""
+    """Fig. 5: the latest sample grids of every source the method records (G, EMA G, a pool ...) side by
+    side, in the method's order and under its names, seed 0 of the table configuration."""
     from matplotlib.image import imread
 
     paths, notes = [], []
@@ -365,11 +384,10 @@ def plot_samples(records, cells, out_dir, formats) -> tuple[list[Path], list[str
                 notes.append(f"sample grid {path} is missing")
         if not images:
             continue
-        images.sort(key=lambda item: list(SOURCE_TITLES).index(item[0]) if item[0] in SOURCE_TITLES else 99)
         fig, axes = _figure(1, len(images), panel=(4.4, 4.4), legend=False)
         for ax, (source, image) in zip(axes[0], images):
             ax.imshow(image, cmap="gray" if image.ndim == 2 else None, interpolation="nearest")
-            ax.set_title(f"samples of {SOURCE_TITLES.get(source, source)}", fontsize=10)
+            ax.set_title(f"samples of source '{source}'", fontsize=10)
             ax.set_axis_off()
         seed_note = "" if int(run["seed"]) == 0 else " (no seed-0 run)"
         _suptitle(fig, f"{method_label(cell.method)} on {cell.dataset} ({cell.pair})\nseed {int(run['seed'])}"
@@ -449,3 +467,54 @@ def plot_sweeps(runs: pd.DataFrame, cells: list[CellConfigs], out_dir: Path,
     return paths
 
 
+
+
+def _cliques(average: pd.Series, critical_difference: float) -> list[tuple[int, int]]:
+    """Maximal runs i..j of methods (sorted by average rank) whose ranks differ by less than the CD."""
+    values = average.to_numpy(dtype=float)
+    spans = []
+    for i in range(len(values)):
+        j = max(k for k in range(i, len(values)) if values[k] - values[i] < critical_difference)
+        if j > i and not any(a <= i and j <= b for a, b in spans):
+            spans.append((i, j))
+    return spans
+
+
+def plot_critical_difference(ranks, out_dir: Path, formats: Sequence[str]) -> list[Path]:
+    """Demšar's critical-difference diagram: methods placed at their average rank (1 = best, left), the
+    Nemenyi CD drawn above the axis, and a thick bar joining methods not significantly different."""
+    if ranks is None or ranks.test is None:
+        return []
+    average, cd, k = ranks.average, ranks.test.critical_difference, ranks.test.k
+    half = math.ceil(k / 2)
+    fig, axes = _figure(1, 1, panel=(8.0, 0.9 + 0.32 * half), legend=False)
+    ax = axes[0][0]
+    margin = max(2.0, 0.3 * k)  # room for the method names on both sides
+    ax.set_xlim(1 - margin, k + margin)
+    bottom = -(half + 1.6)
+    ax.set_ylim(bottom, 1.6)
+    ax.set_axis_off()
+    ax.plot([1, k], [0, 0], color="black", linewidth=1)
+    for tick in range(1, k + 1):
+        ax.plot([tick, tick], [0, 0.12], color="black", linewidth=1)
+        ax.text(tick, 0.22, str(tick), ha="center", va="bottom", fontsize=9)
+    ax.plot([1, 1 + cd], [1.1, 1.1], color="black", linewidth=1.6)
+    for x in (1, 1 + cd):
+        ax.plot([x, x], [1.0, 1.2], color="black", linewidth=1.2)
+    ax.text(1 + cd / 2, 1.3, f"CD = {cd:.2f}", ha="center", va="bottom", fontsize=9)
+    for index, (label, rank) in enumerate(average.items()):
+        left = index < half
+        depth = -(index + 1 if left else k - index) * 1.0 - 0.3
+        end = 0.5 if left else k + 0.5
+        ax.plot([rank, rank, end], [0, depth, depth], color="0.25", linewidth=0.9)
+        ax.text(end - 0.05 if left else end + 0.05, depth, f"{label} ({rank:.2f})", ha="right" if left else "left",
+                va="center", fontsize=9)
+    for row, (i, j) in enumerate(_cliques(average, cd)):
+        y = -0.25 - 0.18 * row
+        ax.plot([average.iloc[i] - 0.03, average.iloc[j] + 0.03], [y, y], color="black", linewidth=3.2,
+                solid_capstyle="round")
+    t = ranks.test
+    _suptitle(fig, f"Average rank over {t.n} columns ({', '.join(ranks.ranks.columns)}); 1 = best\n"
+                   f"Friedman χ² = {t.statistic:.2f}, p = {t.p:.3g}; Nemenyi CD at 0.05 = {cd:.2f}: "
+                   "methods joined by a bar are not significantly different")
+    return _save(fig, out_dir, "critical_difference", formats)

@@ -169,9 +169,16 @@ def _read_run(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         "iterations_per_second": progress.rate, "eta_seconds": progress.eta,
         # When the run finished (epoch seconds of the done file), to prefer the newest among equals.
         "finished_at": (path / "done").stat().st_mtime if summary is not None else None,
+        # A paper protocol's run carries its paper's number (the report's "Reproductions" table).
+        "protocol": config.get("protocol") or "common", "published": _published(config.get("published")),
         **_flatten("train", train), **_flatten("params", config.get("params") or {}),
     }
     return row, records
+
+
+def _published(value: Any) -> tuple | None:
+    """``config["published"]`` as a hashable tuple of (key, value) pairs, or None when absent or not a dict."""
+    return _norm(value) if isinstance(value, dict) else None
 
 
 def results_roots(results_dir: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,8 @@ import pandas as pd
 
 from dfkd_bench.report.common import SINGLE_RUN_MARK, _missing, cell_sort_key, method_label, method_sort_key
 from dfkd_bench.report.configs import _stats, analyse_configs, select_table_runs
+from dfkd_bench.report.stats import (ALPHA, CONFIDENCE, POWER, RankTest, average_ranks, compare, format_seeds,
+                                     friedman, holm, probability_of_improvement, seeds_needed, t_interval)
 
 # --------------------------------------------------------------------- tables ---
 
@@ -28,6 +31,14 @@ def accuracy_table(runs: pd.DataFrame, metric: str = "final_accuracy", *, unfini
     configuration of each cell over seeds (std: ddof=1, NaN for n=1). The
     teacher row is the teacher's test accuracy measured at run start, one
     value per distinct teacher (by weight hash) in the column.
+
+    Statistics (:mod:`dfkd_bench.report.stats`): ``ci_low, ci_high`` the 95 %
+    t-interval of the mean; against the column's best mean: ``vs_best`` (the
+    best's row), ``test`` (paired t over seeds when both cells share teacher and
+    seeds, else Welch), ``diff`` and its interval ``diff_low, diff_high``, ``p``,
+    ``p_holm`` (Holm within the column), ``seeds_needed`` (per method, for 80 %
+    power at 5 %) and ``tied_with_best`` (the best, or not significantly worse:
+    bold). ``per_seed`` holds the values behind the cell ({seed: value}).
     """
     done = runs[runs["status"] == "done"]
     cells, _ = analyse_configs(runs)
@@ -40,7 +51,7 @@ def accuracy_table(runs: pd.DataFrame, metric: str = "final_accuracy", *, unfini
         mean, std, n = _stats(teachers["teacher_accuracy"])
         rows.append({"row": "teacher", "label": "Teacher", "dataset": dataset, "pair": pair, "mean": mean,
                      "std": std, "n": n, "seeds": "", "selection": "teacher test accuracy",
-                     "runs": ";".join(teachers["run_name"])})
+                     "runs": ";".join(teachers["run_name"]), "per_seed": {}, "teachers": ""})
     for cell in cells:
         chosen = cell.runs[cell.runs["config_id"] == cell.reference]
         mean, std, n = _stats(chosen[metric])
@@ -49,7 +60,9 @@ def accuracy_table(runs: pd.DataFrame, metric: str = "final_accuracy", *, unfini
                      "seeds": ",".join(str(int(s)) for s in sorted(chosen["seed"])),
                      "selection": cell.reason if len(cell.settings) == 1
                      else f"{cell.reason}: {cell.describe(cell.reference)}",
-                     "runs": ";".join(chosen["run_name"])})
+                     "runs": ";".join(chosen["run_name"]),
+                     "per_seed": {int(s): float(v) for s, v in zip(chosen["seed"], chosen[metric]) if not _missing(v)},
+                     "teachers": ";".join(sorted(set(str(t) for t in chosen["teacher_sha256"])))})
     # Runs not finished (running, stopped, failed) are never in a mean; with ``unfinished`` their
     # count is a column and marks the cell (a method with no finished run yet gets a row of its own).
     pending = runs[runs["status"].isin(UNFINISHED_STATUSES)] if unfinished else runs.iloc[0:0]
@@ -59,9 +72,9 @@ def accuracy_table(runs: pd.DataFrame, metric: str = "final_accuracy", *, unfini
         if (method, dataset, pair) not in shown:
             rows.append({"row": method, "label": method_label(method), "dataset": dataset, "pair": pair,
                          "mean": math.nan, "std": math.nan, "n": 0, "seeds": "", "selection": "no finished run",
-                         "runs": ""})
+                         "runs": "", "per_seed": {}, "teachers": ""})
     frame = pd.DataFrame(rows, columns=["row", "label", "dataset", "pair", "mean", "std", "n", "seeds",
-                                        "selection", "runs"])
+                                        "selection", "runs", "per_seed", "teachers"])
     frame["unfinished"] = [counts.get((d, p, r), 0) for d, p, r in zip(frame["dataset"], frame["pair"], frame["row"])]
     frame["cell"] = [_row_cell(r, m, s, n) + (UNFINISHED_MARK if k else "")
                      for r, m, s, n, k in zip(frame["row"], frame["mean"], frame["std"], frame["n"],
@@ -71,8 +84,58 @@ def accuracy_table(runs: pd.DataFrame, metric: str = "final_accuracy", *, unfini
     frame["_row"] = frame["row"].map(order)
     frame["_col"] = [cell_sort_key(c) for c in zip(frame["dataset"], frame["pair"])]
     frame = frame.sort_values(["_row", "_col"]).drop(columns=["_row", "_col"]).reset_index(drop=True)
-    return frame[["row", "label", "dataset", "pair", "mean", "std", "n", "cell", "seeds", "selection", "runs",
-                  "unfinished"]]
+    frame = _add_statistics(frame)
+    return frame[["row", "label", "dataset", "pair", "mean", "std", "n", "cell", "ci_low", "ci_high",
+                  "tied_with_best", "vs_best", "test", "diff", "diff_low", "diff_high", "p", "p_holm",
+                  "seeds_needed", "seeds", "selection", "runs", "unfinished", "per_seed", "teachers"]]
+
+
+def _pairable(a: str, b: str) -> bool:
+    """Runs can be paired by seed only when both cells used one and the same teacher."""
+    return bool(a) and a == b and ";" not in a
+
+
+def _seeds_for_family(c, family: int) -> float:
+    """Seeds per method to resolve ``c``'s difference at the Bonferroni level ALPHA / family: the level
+    Holm's correction applies to the smallest p of the column, so an upper bound for every step.
+
+    # CHOSEN: at ALPHA / m, not ALPHA: a difference "resolved" at 0.05 alone could still fail the
+    # Holm-corrected test the bold marks come from; at ALPHA / m enough seeds are enough for both.
+    """
+    if not c.test:
+        return math.nan
+    return seeds_needed(c.diff, c.spread, paired=c.paired, alpha=ALPHA / max(family, 1))
+
+
+def _add_statistics(frame: pd.DataFrame) -> pd.DataFrame:
+    """The t-interval of every method cell, and each method against its column's best (Holm within
+    the column): the columns described in :func:`accuracy_table`."""
+    frame = frame.copy()
+    intervals = [t_interval(values.values()) if row != "teacher" else None
+                 for row, values in zip(frame["row"], frame["per_seed"])]
+    frame["ci_low"] = [i.low if i else math.nan for i in intervals]
+    frame["ci_high"] = [i.high if i else math.nan for i in intervals]
+    for column, default in (("tied_with_best", False), ("vs_best", ""), ("test", ""), ("diff", math.nan),
+                            ("diff_low", math.nan), ("diff_high", math.nan), ("p", math.nan),
+                            ("p_holm", math.nan), ("seeds_needed", math.nan)):
+        frame[column] = default
+    frame["tied_with_best"] = frame["tied_with_best"].astype(bool)
+    methods = frame[(frame["row"] != "teacher") & (frame["n"] > 0)]
+    for _, column in methods.groupby(["dataset", "pair"], sort=False):
+        best = column.loc[column["mean"].idxmax()]
+        frame.loc[best.name, ["tied_with_best", "vs_best"]] = [True, best["row"]]
+        others = column.drop(index=best.name)
+        comparisons = {index: compare(row["per_seed"], best["per_seed"],
+                                      pairable=_pairable(row["teachers"], best["teachers"]))
+                       for index, row in others.iterrows()}
+        adjusted = dict(zip(comparisons, holm([c.p for c in comparisons.values()])))
+        family = sum(not math.isnan(c.p) for c in comparisons.values())
+        for index, c in comparisons.items():
+            frame.loc[index, ["vs_best", "test", "diff", "diff_low", "diff_high", "p", "p_holm", "seeds_needed"]] = [
+                best["row"], c.test, c.diff, c.low, c.high, c.p, adjusted[index], _seeds_for_family(c, family)]
+            # CHOSEN: a cell with one seed cannot be tested, so it is never bold (p is NaN).
+            frame.loc[index, "tied_with_best"] = bool(not math.isnan(adjusted[index]) and adjusted[index] >= ALPHA)
+    return frame
 
 
 def format_cell(mean: float, std: float, n: int, *, latex: bool = False) -> str:
@@ -91,20 +154,29 @@ def _row_cell(row: str, mean: float, std: float, n: int, *, latex: bool = False)
     return format_cell(mean, std, n, latex=latex)
 
 
+def _interval_text(low: float, high: float, n: int, *, latex: bool = False) -> str:
+    """`` [88.29, 93.71] n=2`` after a method's mean ± std (the 95 % t-interval and the seeds)."""
+    if n <= 1 or _missing(low):
+        return ""
+    return f" [{low:.2f}, {high:.2f}] $n{{=}}{n}$" if latex else f" [{low:.2f}, {high:.2f}] n={n}"
+
+
 def _wide(table: pd.DataFrame, *, latex: bool = False, bold: bool = True) -> pd.DataFrame:
-    """Rows: Teacher then methods; columns: (dataset, pair). The best method mean per column in bold."""
+    """Rows: Teacher then methods; columns: (dataset, pair). Method cells: mean ± std, the 95 %
+    t-interval and n; in bold the column's best and every method not significantly worse
+    (``tied_with_best``)."""
     columns = _cells_in_order(table)
     labels = list(dict.fromkeys(table["label"]))
     wide = pd.DataFrame("--" if latex else "—", index=labels,
                         columns=pd.MultiIndex.from_tuples(columns, names=["dataset", "pair"]))
-    methods = table[table["row"] != "teacher"]
-    best = methods.groupby(["dataset", "pair"])["mean"].max()
     for row in table.itertuples():
         text = _row_cell(row.row, row.mean, row.std, row.n, latex=latex)
-        if bold and row.row != "teacher" and not _missing(row.mean) and math.isclose(row.mean, best[(row.dataset, row.pair)]):
+        if bold and row.row != "teacher" and not _missing(row.mean) and bool(getattr(row, "tied_with_best", False)):
             text = f"\\textbf{{{text}}}" if latex else f"**{text}**"
         if getattr(row, "unfinished", 0):
             text += "$^\\ddagger$" if latex else UNFINISHED_MARK
+        if row.row != "teacher" and hasattr(row, "ci_low"):
+            text += _interval_text(row.ci_low, row.ci_high, row.n, latex=latex)
         wide.loc[row.label, (row.dataset, row.pair)] = text
     return wide
 
@@ -141,7 +213,13 @@ def _latex(wide: pd.DataFrame, caption: str, label: str) -> str:
 
 def _table_notes(table: pd.DataFrame, best: bool) -> list[str]:
     methods = table[table["row"] != "teacher"]
-    notes = ["Cells: mean ± sample standard deviation (ddof=1) over seeds, in %; the best method per column in bold."]
+    notes = [f"Cells: mean ± sample standard deviation (ddof=1) over seeds, in %, then the {CONFIDENCE:.0%} "
+             "t-interval of the mean (Student's t, n-1 degrees of freedom) and n, the number of seeds.",
+             f"Bold: the column's best mean and every method not significantly worse than it: a paired t-test "
+             f"over seeds when both cells ran with the same teacher and the same seeds, else Welch's t-test, "
+             f"Holm-corrected within the column, significant at adjusted p < {ALPHA:g}. A one-seed cell is "
+             "not tested and never bold. The tests and the seeds each difference would need are listed below "
+             "the table."]
     ns = sorted(set(int(n) for n in methods["n"] if n > 0))
     if ns:
         notes.append(f"Seeds per cell: n = {ns[0]}" + (f" to {ns[-1]} (see the n column of the CSV)" if len(ns) > 1 else "")
@@ -172,8 +250,10 @@ def _write_tables(table: pd.DataFrame, out_dir: Path, stem: str, title: str, bes
     table.to_csv(csv_path, index=False)
     paths.append(csv_path)
     notes = _table_notes(table, best) + extra_notes
+    differences = differences_markdown(table)
     markdown = f"**{title[0].upper() + title[1:]} (%)**\n\n{_markdown(_wide(table))}\n\n" + \
-        "\n".join(f"- {note}" for note in notes) + "\n" + (f"\n{appendix}" if appendix else "")
+        "\n".join(f"- {note}" for note in notes) + "\n" + (f"\n{differences}" if differences else "") + \
+        (f"\n{appendix}" if appendix else "")
     md_path = out_dir / f"{stem}.md"
     md_path.write_text(markdown)
     paths.append(md_path)
@@ -182,6 +262,294 @@ def _write_tables(table: pd.DataFrame, out_dir: Path, stem: str, title: str, bes
     tex_path.write_text(_latex(_wide(table, latex=True), caption, f"tab:{stem}"))
     paths.append(tex_path)
     return paths, markdown
+
+
+def _p_text(p: float) -> str:
+    if _missing(p):
+        return "—"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _diff_text(diff: float, low: float, high: float) -> str:
+    if _missing(diff):
+        return "—"
+    return f"{diff:+.2f}" + ("" if _missing(low) else f" [{low:+.2f}, {high:+.2f}]")
+
+
+POWER_TEXT = (f"seeds needed: seeds per method at which the same two-sided t-test would detect the observed difference "
+              f"with probability {POWER:.0%} (power), given the observed spread (noncentral t), at the level "
+              f"{ALPHA:g}/m, m the number of tests in the column (Holm's strictest step, so enough for the "
+              "corrected test too); a number above n says the seeds run cannot resolve it")
+
+
+def differences_markdown(table: pd.DataFrame) -> str:
+    """Each method against its column's best: the difference with its interval, the test, raw and
+    Holm-adjusted p-values, whether it is bold, and the seeds the difference would need."""
+    rows = table[(table["row"] != "teacher") & (table["n"] > 0) & (table["vs_best"] != "")
+                 & (table["row"] != table["vs_best"])]
+    rows = rows.assign(_col=[cell_sort_key(c) for c in zip(rows["dataset"], rows["pair"])])
+    rows = rows.sort_values("_col", kind="stable")
+    if rows.empty:
+        return ""
+    labels = dict(zip(table["row"], table["label"]))
+    lines = ["**Which differences from the column's best are real**", "",
+             "| dataset (pair) | method | vs | Δ (points) [95 % CI] | test | p | p (Holm) | bold | n | seeds needed |",
+             "|:--|:--|:--|--:|:--|--:|--:|:--|--:|--:|"]
+    for row in rows.itertuples():
+        lines.append(f"| {row.dataset} ({row.pair}) | {row.label} | {labels[row.vs_best]} | "
+                     f"{_diff_text(row.diff, row.diff_low, row.diff_high)} | {row.test or 'not tested (one seed)'} | "
+                     f"{_p_text(row.p)} | {_p_text(row.p_holm)} | {'yes' if row.tied_with_best else 'no'} | "
+                     f"{row.n} | {format_seeds(row.seeds_needed)} |")
+    return "\n".join(lines) + (f"\n\n- Δ = method − the column's best, with the {CONFIDENCE:.0%} t-interval of "
+                               "the difference (paired: of the per-seed differences; Welch: Welch-Satterthwaite "
+                               "degrees of freedom); p (Holm): adjusted within the column; bold: adjusted p ≥ "
+                               f"{ALPHA:g}; {POWER_TEXT}.\n")
+
+
+def baseline_table(table: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """Every method against ``baseline`` in each column where both have finished runs: Δ = method −
+    baseline with its 95 % interval, the test (paired over seeds when both share teacher and seeds, else
+    Welch), p and Holm-adjusted p (within the column), the probability that a run of the method beats
+    a run of the baseline, and the seeds needed (80 % power at 5 %)."""
+    rows = []
+    methods = table[(table["row"] != "teacher") & (table["n"] > 0)]
+    for (dataset, pair), column in methods.groupby(["dataset", "pair"], sort=False):
+        base = column[column["row"] == baseline]
+        if base.empty:
+            continue
+        base = base.iloc[0]
+        column_rows = []
+        for _, row in column[column["row"] != baseline].iterrows():
+            c = compare(row["per_seed"], base["per_seed"], pairable=_pairable(row["teachers"], base["teachers"]))
+            column_rows.append({
+                "row": row["row"], "label": row["label"], "dataset": dataset, "pair": pair, "baseline": baseline,
+                "mean": row["mean"], "baseline_mean": base["mean"], "n": c.n_a, "n_baseline": c.n_b,
+                "test": c.test, "diff": c.diff, "diff_low": c.low, "diff_high": c.high, "p": c.p,
+                "prob_improvement": probability_of_improvement(row["per_seed"].values(), base["per_seed"].values()),
+                "seeds_needed": c})
+        family = sum(not _missing(r["p"]) for r in column_rows)
+        for row, adjusted in zip(column_rows, holm([r["p"] for r in column_rows])):
+            row["p_holm"] = adjusted
+            row["seeds_needed"] = _seeds_for_family(row["seeds_needed"], family)
+        rows += column_rows
+    columns = ["row", "label", "dataset", "pair", "baseline", "mean", "baseline_mean", "n", "n_baseline", "test",
+               "diff", "diff_low", "diff_high", "p", "p_holm", "prob_improvement", "seeds_needed"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def baseline_markdown(frame: pd.DataFrame, baseline_label: str, title: str) -> str:
+    if frame.empty:
+        return f"(no column has finished runs of {baseline_label} and of another method)\n"
+    lines = [f"**Against {baseline_label}: {title} (%)**", "",
+             "| dataset (pair) | method | Δ vs " + baseline_label + " (points) [95 % CI] | test | p | p (Holm) | "
+             "P(improvement) | n | seeds needed |",
+             "|:--|:--|--:|:--|--:|--:|--:|--:|--:|"]
+    for row in frame.itertuples():
+        poi = "—" if _missing(row.prob_improvement) else f"{row.prob_improvement:.2f}"
+        lines.append(f"| {row.dataset} ({row.pair}) | {row.label} | {_diff_text(row.diff, row.diff_low, row.diff_high)}"
+                     f" | {row.test or 'not tested (one seed)'} | {_p_text(row.p)} | {_p_text(row.p_holm)} | {poi} | "
+                     f"{row.n} vs {row.n_baseline} | {format_seeds(row.seeds_needed)} |")
+    return "\n".join(lines) + (
+        f"\n\n- Δ = method − {baseline_label}, with the {CONFIDENCE:.0%} t-interval of the difference; test: paired t "
+        "over seeds when both ran with the same teacher and seeds, else Welch's t; p (Holm): adjusted within the "
+        "column; P(improvement): the probability that a run of the method beats a run of "
+        f"{baseline_label} (ties count one half; Agarwal et al. 2021); {POWER_TEXT}.\n")
+
+
+@dataclass
+class Ranks:
+    """Average ranks of the methods over the table's columns, with Friedman's test and Nemenyi's CD."""
+
+    scores: pd.DataFrame  # method label x column "dataset (pair)": the mean the ranks are taken of
+    ranks: pd.DataFrame  # same shape: rank within the column, 1 = best, ties averaged
+    average: pd.Series  # method label -> average rank, ascending
+    test: RankTest | None  # None with fewer than 3 methods
+    left_out: list[str]  # methods without a finished run in every column
+
+
+def rank_table(table: pd.DataFrame) -> Ranks | None:
+    """Average ranks (Demšar 2006) over the columns (data sets, teacher/student pairs) of an accuracy
+    table, for the methods with finished runs in every column; None with fewer than 2 columns."""
+    methods = table[(table["row"] != "teacher") & (table["n"] > 0)]
+    columns = [c for c in _cells_in_order(methods)]
+    if len(columns) < 2:
+        return None
+    scores = methods.pivot_table(index="label", columns=["dataset", "pair"], values="mean", aggfunc="first")
+    scores = scores.reindex(columns=pd.MultiIndex.from_tuples(columns, names=["dataset", "pair"]))
+    complete = scores.dropna()
+    left_out = sorted(set(scores.index) - set(complete.index))
+    if len(complete) < 2:
+        return None
+    complete = complete.copy()
+    complete.columns = [f"{d} ({p})" for d, p in complete.columns]
+    ranks, average = average_ranks(complete)
+    order = average.sort_values(kind="stable").index
+    test = friedman(complete) if len(complete) >= 3 else None
+    return Ranks(complete.loc[order], ranks.loc[order], average.loc[order], test, left_out)
+
+
+def ranks_markdown(ranks: Ranks) -> str:
+    lines = ["| method | " + " | ".join(f"rank, {c}" for c in ranks.ranks.columns) + " | average rank |",
+             "|:--" + "|--:" * (len(ranks.ranks.columns) + 1) + "|"]
+    for label, row in ranks.ranks.iterrows():
+        cells = " | ".join(f"{v:g}" for v in row)
+        lines.append(f"| {label} | {cells} | {ranks.average[label]:.2f} |")
+    notes = [f"Ranks of the mean final accuracy within each column (1 = best, ties share the average rank), "
+             f"over {len(ranks.ranks.columns)} columns (Demšar, JMLR 2006)."]
+    if ranks.test is not None:
+        t = ranks.test
+        notes.append(f"Friedman test of equal average ranks: χ²_F = {t.statistic:.2f} with {t.k - 1} degrees of "
+                     f"freedom, p = {_p_text(t.p)} (scipy's tie-corrected statistic); Nemenyi critical difference at "
+                     f"{ALPHA:g}: CD = {t.critical_difference:.2f} ranks (q from the studentized range / √2): two "
+                     "methods whose average ranks differ by less than CD are not significantly different "
+                     "(critical_difference.png joins them with a bar).")
+        if t.n < 10:
+            notes.append(f"With N = {t.n} columns the chi-square approximation of Friedman's statistic is rough "
+                         "(Demšar recommends N > 10) and no pair can reach the CD unless the ranks are far apart; "
+                         "more data sets or teacher/student pairs, not more seeds, sharpen this test.")
+    else:
+        notes.append("Fewer than 3 methods ran in every column: no Friedman test.")
+    if ranks.left_out:
+        notes.append("Not ranked (no finished run in every column): " + ", ".join(ranks.left_out) + ".")
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+
+
+SELECTIONS = {"best": "best_accuracy", "final": "final_accuracy"}
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def reproductions_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """The finished runs whose config carries its paper's ``published`` number (a paper protocol), per
+    (method, dataset, pair, configuration): ours under the paper's own selection rule (``best``: the
+    best test accuracy over the run's evaluations, selected on the test set as the paper did;
+    ``final``: the last evaluation), mean ± std, n and the 95 % t-interval over seeds, the published
+    number, Δ = ours − published and whether the published number lies in our interval."""
+    columns = ["row", "label", "dataset", "pair", "protocol", "selection", "mean", "std", "n", "ci_low", "ci_high",
+               "published", "published_std", "diff", "inside", "teacher_accuracy", "published_teacher_accuracy",
+               "source", "seeds", "runs"]
+    if "published" not in runs.columns:
+        return pd.DataFrame(columns=columns)
+    done = runs[(runs["status"] == "done") & runs["published"].notna()]
+    rows = []
+    for (method, dataset, pair, _config, published), group in done.groupby(
+            ["method", "dataset", "pair", "config_id", "published"], sort=False):
+        info = dict(published)
+        selection = info.get("selection") if info.get("selection") in SELECTIONS else "final"
+        group = group.sort_values("evaluations", ascending=False, kind="stable").drop_duplicates("seed")
+        group = group.sort_values("seed")
+        interval = t_interval(group[SELECTIONS[selection]])
+        number = _number(info.get("accuracy"))
+        teachers = group.dropna(subset=["teacher_accuracy"]).drop_duplicates(subset=["teacher_sha256"])
+        inside = (interval.low <= number <= interval.high) if not (_missing(interval.low) or _missing(number)) \
+            else None
+        rows.append({"row": method, "label": method_label(method), "dataset": dataset, "pair": pair,
+                     "protocol": ",".join(sorted(set(group["protocol"]))), "selection": selection,
+                     "mean": interval.mean, "std": interval.std, "n": interval.n, "ci_low": interval.low,
+                     "ci_high": interval.high, "published": number, "published_std": _number(info.get("std")),
+                     "diff": interval.mean - number, "inside": inside,
+                     "teacher_accuracy": _stats(teachers["teacher_accuracy"])[0],
+                     "published_teacher_accuracy": _number(info.get("teacher_accuracy")),
+                     "source": str(info.get("source") or ""), "seeds": ",".join(str(int(x)) for x in group["seed"]),
+                     "runs": ";".join(group["run_name"])})
+    frame = pd.DataFrame(rows, columns=columns)
+    if frame.empty:
+        return frame
+    frame["_order"] = [(cell_sort_key((d, p)), method_sort_key(m)) for d, p, m in
+                       zip(frame["dataset"], frame["pair"], frame["row"])]
+    return frame.sort_values("_order").drop(columns="_order").reset_index(drop=True)
+
+
+def reproductions_markdown(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return ""
+
+    def value(v: float, digits: int = 2) -> str:
+        return "—" if _missing(v) else f"{v:.{digits}f}"
+
+    lines = ["**Reproductions: our runs of a paper's protocol against the number the paper published (%)**", "",
+             "| method | dataset (pair) | selection | ours: mean ± std (n) | 95 % CI | published | Δ (ours − "
+             "published) | published in our CI | teacher: ours / published | source |",
+             "|:--|:--|:--|--:|--:|--:|--:|:--|--:|:--|"]
+    for row in frame.itertuples():
+        selection = "best over training (test set)" if row.selection == "best" else "final"
+        ours = format_cell(row.mean, row.std, row.n) + f" (n={row.n})"
+        ci = "—" if _missing(row.ci_low) else f"[{row.ci_low:.2f}, {row.ci_high:.2f}]"
+        published = value(row.published) + ("" if _missing(row.published_std) else f" ± {row.published_std:.2f}")
+        inside = "—" if row.inside is None or _missing(row.inside) else ("yes" if row.inside else "no")
+        teacher = f"{value(row.teacher_accuracy)} / {value(row.published_teacher_accuracy)}"
+        source = str(row.source).replace("|", "\\|")
+        lines.append(f"| {row.label} | {row.dataset} ({row.pair}) | {selection} | {ours} | {ci} | {published} | "
+                     f"{'—' if _missing(row.diff) else f'{row.diff:+.2f}'} | {inside} | {teacher} | {source} |")
+    notes = [f"Ours is measured under the paper's own selection rule: \"final\" = the last evaluation; \"best over "
+             "training\" = the best test accuracy over all evaluations of a run, i.e. selected on the test set, as "
+             "the paper did (optimistic, and not comparable with the final-accuracy tables).",
+             f"95 % CI: the t-interval of our mean over seeds (none for one seed); \"published in our CI\" says "
+             "whether the paper's number lies inside it."]
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+
+
+def sweep_table(cells, metric: str = "final_accuracy") -> pd.DataFrame:
+    """Every other configuration of a cell (a sweep point) against the cell's table configuration:
+    Δ with its 95 % interval, the test (paired over seeds when both share teacher and seeds, else
+    Welch), p, Holm-adjusted p within the cell, the probability of improvement and the seeds needed."""
+    rows = []
+    for cell in cells:
+        if len(cell.settings) < 2:
+            continue
+
+        def per_seed(cid: str) -> tuple[dict[int, float], str]:
+            chosen = cell.runs[cell.runs["config_id"] == cid]
+            values = {int(s): float(v) for s, v in zip(chosen["seed"], chosen[metric]) if not _missing(v)}
+            return values, ";".join(sorted(set(str(t) for t in chosen["teacher_sha256"])))
+
+        reference, reference_teacher = per_seed(cell.reference)
+        cell_rows = []
+        for cid in sorted(cell.settings, key=lambda c: cell.describe(c, sorted(cell.diff(c)))):
+            if cid == cell.reference:
+                continue
+            values, teacher = per_seed(cid)
+            c = compare(values, reference, pairable=_pairable(teacher, reference_teacher))
+            interval = t_interval(values.values())
+            cell_rows.append({
+                "row": cell.method, "label": method_label(cell.method), "dataset": cell.dataset, "pair": cell.pair,
+                "configuration": cell.describe(cid, sorted(cell.diff(cid))),
+                "table_configuration": cell.describe(cell.reference, sorted(cell.diff(cid))),
+                "mean": interval.mean, "std": interval.std, "n": interval.n, "ci_low": interval.low,
+                "ci_high": interval.high, "test": c.test, "diff": c.diff, "diff_low": c.low, "diff_high": c.high,
+                "p": c.p, "prob_improvement": probability_of_improvement(values.values(), reference.values()),
+                "seeds_needed": c})
+        family = sum(not _missing(r["p"]) for r in cell_rows)
+        for row, adjusted in zip(cell_rows, holm([r["p"] for r in cell_rows])):
+            row["p_holm"] = adjusted
+            row["seeds_needed"] = _seeds_for_family(row["seeds_needed"], family)
+        rows += cell_rows
+    columns = ["row", "label", "dataset", "pair", "configuration", "table_configuration", "mean", "std", "n",
+               "ci_low", "ci_high", "test", "diff", "diff_low", "diff_high", "p", "p_holm", "prob_improvement",
+               "seeds_needed"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def sweep_markdown(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return ""
+    lines = ["| method | dataset (pair) | configuration (table's) | mean ± std [95 % CI] | Δ vs the table's "
+             "configuration [95 % CI] | test | p | p (Holm) | P(improvement) | seeds needed |",
+             "|:--|:--|:--|--:|--:|:--|--:|--:|--:|--:|"]
+    for row in frame.itertuples():
+        poi = "—" if _missing(row.prob_improvement) else f"{row.prob_improvement:.2f}"
+        cell = format_cell(row.mean, row.std, row.n) + _interval_text(row.ci_low, row.ci_high, row.n)
+        lines.append(f"| {row.label} | {row.dataset} ({row.pair}) | {row.configuration} ({row.table_configuration}) | "
+                     f"{cell} | {_diff_text(row.diff, row.diff_low, row.diff_high)} | "
+                     f"{row.test or 'not tested (one seed)'} | {_p_text(row.p)} | {_p_text(row.p_holm)} | {poi} | "
+                     f"{format_seeds(row.seeds_needed)} |")
+    return "\n".join(lines) + (
+        "\n\n- Final test accuracy of each other configuration of a cell against the configuration its table "
+        "uses; the same tests as the tables, Holm-corrected within the cell; P(improvement): the probability "
+        f"that a run of the configuration beats a run of the table's; "
+        f"{POWER_TEXT.replace('in the column', 'in the cell')}.\n")
 
 
 def cost_table(table: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:

@@ -17,12 +17,14 @@ from dfkd_bench.errors import DfkdError
 from dfkd_bench.report.common import (BAND_TEXT, BEST_TITLE, DEFAULT_FORMATS, DEFAULT_REPORT_SUBDIR, FINAL_TITLE,
                                       SINGLE_RUN_MARK, _missing)
 from dfkd_bench.report.configs import analyse_configs
-from dfkd_bench.report.figures import (plot_accuracy_curves, plot_budget_curves, plot_drift_curves,
-                                       plot_generator_losses,
+from dfkd_bench.report.figures import (plot_accuracy_curves, plot_budget_curves, plot_critical_difference,
+                                       plot_drift_curves, plot_generator_losses,
                                        plot_loss_curves, plot_samples, plot_sweeps, unfinished_lines)
 from dfkd_bench.report.load import _records_frame, _scan, results_roots
 from dfkd_bench.report.tables import (UNFINISHED_MARK, _cost_markdown, _plain_table, _write_tables, accuracy_table,
-                                     cost_table, unfinished_markdown)
+                                     baseline_markdown, baseline_table, cost_table, rank_table, ranks_markdown,
+                                     reproductions_markdown, reproductions_table, sweep_markdown, sweep_table,
+                                     unfinished_markdown)
 from dfkd_bench.store import DEFAULT_RESULTS_DIR
 
 # --------------------------------------------------------------------- report ---
@@ -80,13 +82,14 @@ def _writable_out(out: Path) -> None:
 
 def write_report(results_dir: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
                  formats: Sequence[str] = DEFAULT_FORMATS, command: str | None = None,
-                 finished_only: bool = False) -> dict[str, Any]:
+                 finished_only: bool = False, baseline: str | None = None) -> dict[str, Any]:
     """Write the tables, figures and ``report.md`` of every run below ``results_dir`` (one folder or
     several) into ``out_dir``.
 
     Unfinished runs (running, stopped) and failed runs are drawn as dotted lines labelled with where
     they stand, and marked in the tables (never averaged in); ``finished_only`` leaves them out of
-    figures and tables (they are still listed in ``incomplete.md``).
+    figures and tables (they are still listed in ``incomplete.md``). ``baseline`` (a method name) adds
+    ``table_baseline``: every method against it, per column.
 
     ``command`` is the command line recorded in ``report.md``. Returns
     ``{"report": path, "incomplete": path, "tables": [paths], "figures": [paths],
@@ -95,17 +98,28 @@ def write_report(results_dir: str | os.PathLike | Sequence[str | os.PathLike], o
     """
     formats = _check_formats(formats)
     scan = _scan(results_dir)
+    if baseline is not None:
+        _check_baseline(baseline, scan.runs)
     out = Path(out_dir)
     _writable_out(out)
     try:
-        return _write_report(scan, results_dir, out, formats, command, finished_only)
+        return _write_report(scan, results_dir, out, formats, command, finished_only, baseline)
     except OSError as error:  # a full disk, a folder made read-only meanwhile ...
         where = f" ({error.filename})" if error.filename else ""
         raise DfkdError(f"cannot write the report into {out}: {error.strerror or error}{where}") from None
 
 
+def _check_baseline(baseline: str, runs: pd.DataFrame) -> None:
+    """--baseline must name a method with a finished run here (checked before anything is written)."""
+    done = sorted(set(runs.loc[runs["status"] == "done", "method"]))
+    if baseline not in done:
+        found = "it has no finished run" if baseline in set(runs["method"]) else "no run of it was found"
+        raise DfkdError(f"--baseline {baseline}: {found} in these results; use one of "
+                        f"{', '.join(done) or '(no finished runs yet)'}")
+
+
 def _write_report(scan, results_dir, out: Path, formats: tuple[str, ...], command: str | None,
-                  finished_only: bool) -> dict[str, Any]:
+                  finished_only: bool, baseline: str | None = None) -> dict[str, Any]:
     runs = scan.runs
     records = _records_frame(scan, join=False)  # the figures select runs by name; no need for 100 columns
     cells, config_notes = analyse_configs(runs)
@@ -131,6 +145,41 @@ def _write_report(scan, results_dir, out: Path, formats: tuple[str, ...], comman
     costs = cost_table(sections["table_final"][1], runs)
     costs.to_csv(out / "table_cost.csv", index=False)
     tables.append(out / "table_cost.csv")
+    extra_sections = {}
+    ranks = rank_table(sections["table_final"][1])
+    if ranks is not None:
+        frame = ranks.ranks.copy()
+        frame.insert(0, "method", frame.index)
+        frame["average_rank"] = ranks.average
+        if ranks.test is not None:
+            frame["friedman_chi2"], frame["friedman_p"] = ranks.test.statistic, ranks.test.p
+            frame["nemenyi_cd"] = ranks.test.critical_difference
+        frame.to_csv(out / "table_ranks.csv", index=False)
+        text = ranks_markdown(ranks)
+        (out / "table_ranks.md").write_text(f"**Average ranks of the final test accuracy**\n\n{text}")
+        tables += [out / "table_ranks.csv", out / "table_ranks.md"]
+        extra_sections["ranks"] = text
+    if baseline is not None:
+        from dfkd_bench.report.common import method_label
+
+        against = baseline_table(sections["table_final"][1], baseline)
+        against.to_csv(out / "table_baseline.csv", index=False)
+        text = baseline_markdown(against, method_label(baseline), "final test accuracy")
+        (out / "table_baseline.md").write_text(text)
+        tables += [out / "table_baseline.csv", out / "table_baseline.md"]
+        extra_sections["baseline"] = text
+    sweeps = sweep_table(cells)
+    if not sweeps.empty:
+        sweeps.to_csv(out / "table_sweeps.csv", index=False)
+        tables.append(out / "table_sweeps.csv")
+        extra_sections["sweeps"] = sweep_markdown(sweeps)
+    reproductions = reproductions_table(runs)
+    if not reproductions.empty:
+        reproductions.to_csv(out / "table_reproductions.csv", index=False)
+        text = reproductions_markdown(reproductions)
+        (out / "table_reproductions.md").write_text(text)
+        tables += [out / "table_reproductions.csv", out / "table_reproductions.md"]
+        extra_sections["reproductions"] = text
 
     figures: list[Path] = []
     drawn = set(done["run_name"]) | {name for line in unfinished for name in line.run_names}
@@ -147,6 +196,7 @@ def _write_report(scan, results_dir, out: Path, formats: tuple[str, ...], comman
         figures += sample_paths
         notes += sample_notes
         figures += plot_sweeps(runs, cells, out, formats)
+        figures += plot_critical_difference(ranks, out, formats)
 
     incomplete_path = out / "incomplete.md"
     incomplete_text = _incomplete_markdown(runs)
@@ -157,9 +207,9 @@ def _write_report(scan, results_dir, out: Path, formats: tuple[str, ...], comman
     # The configuration notes are printed under the tables already.
     other_notes = [note for note in notes if note not in config_notes]
     report_path.write_text(_report_markdown(results_dir, runs, sections, figures, other_notes, incomplete_text,
-                                            command, formats, _cost_markdown(costs)))
+                                            command, formats, _cost_markdown(costs), extra_sections))
     text = (f"{FINAL_TITLE} (%):\n{_plain_table(sections['table_final'][1])}\n"
-            f"(mean ± sample std over seeds; {SINGLE_RUN_MARK} = one seed"
+            f"(mean ± sample std over seeds [95 % t-interval of the mean] n = seeds; {SINGLE_RUN_MARK} = one seed"
             + ("" if finished_only or pending.empty else
                f"; {UNFINISHED_MARK} = this method has runs not finished, not in the mean") + ")")
     if notes:
@@ -178,14 +228,18 @@ def _write_report(scan, results_dir, out: Path, formats: tuple[str, ...], comman
 FIGURE_CAPTIONS = {
     "accuracy_curves": "Test accuracy of the student vs step (Fig. 2)",
     "accuracy_budget": "Test accuracy vs the images the student trained on and vs wall time (budgets per image)",
-    "loss_curves": "Student KD loss on samples of G, of the EMA G and on memory samples (Fig. 3)",
-    "generator_losses": "Generator loss terms, bounds, teacher agreement and test cross-entropy (Fig. 9 style)",
-    "drift_curves": "JS drift of S_{t−τ} vs T on samples of G_t (solid) and EMA G_t (dashed) (Fig. 4)",
+    "loss_curves": "Every student loss term each method records, under its own names: KD per source of "
+                   "samples, totals, bounds (Fig. 3)",
+    "generator_losses": "Every synthesis loss term each method records (gen_*), teacher agreement and test "
+                        "cross-entropy (Fig. 9 style)",
+    "drift_curves": "JS drift of S_{t−τ} vs T on fresh samples of each source a method records (Fig. 4)",
+    "critical_difference": "Average ranks over the columns with the Nemenyi critical difference (Demšar 2006)",
 }
 
 
 def _report_markdown(results_dir, runs: pd.DataFrame, sections: dict, figures: list[Path], notes: list[str],
-                     incomplete_text: str, command: str, formats: Sequence[str], cost_text: str) -> str:
+                     incomplete_text: str, command: str, formats: Sequence[str], cost_text: str,
+                     extra: dict[str, str] | None = None) -> str:
     """report.md: what was run, both tables, every figure with its caption, the notes and unfinished runs."""
     counts = runs["status"].value_counts()
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -201,6 +255,14 @@ def _report_markdown(results_dir, runs: pd.DataFrame, sections: dict, figures: l
         "## Best test accuracy over training — selected on the test set (optimistic)", "",
         sections["table_best"][0],
         "Files: [CSV](table_best.csv), [LaTeX](table_best.tex).", "",
+        *(["## Against a baseline", "", extra["baseline"], "Files: [CSV](table_baseline.csv).", ""]
+          if extra and "baseline" in extra else []),
+        *(["## Across data sets: average ranks", "", extra["ranks"], "Files: [CSV](table_ranks.csv).", ""]
+          if extra and "ranks" in extra else []),
+        *(["## Sweeps: each configuration against the table's", "", extra["sweeps"],
+           "Files: [CSV](table_sweeps.csv).", ""] if extra and "sweeps" in extra else []),
+        *(["## Reproductions", "", extra["reproductions"], "Files: [CSV](table_reproductions.csv).", ""]
+          if extra and "reproductions" in extra else []),
         "## Compute", "", cost_text, "Files: [CSV](table_cost.csv).", "",
         "## Figures", "",
         f"Curves: {BAND_TEXT} (legend: n = number of seeds). Losses are running means over the iterations "
@@ -253,9 +315,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = args.out if args.out is not None else default_out_dir(roots)
     command = "dfkd-bench report " + " ".join([
         *(f"--results-dir {shlex.quote(str(root))}" for root in roots), f"--out {shlex.quote(str(out))}",
-        f"--formats {','.join(args.formats)}", *(["--finished-only"] if args.finished_only else [])])
+        f"--formats {','.join(args.formats)}", *(["--finished-only"] if args.finished_only else []),
+        *([f"--baseline {shlex.quote(args.baseline)}"] if args.baseline else [])])
     result = write_report(roots, out, formats=args.formats, command=command,
-                          finished_only=args.finished_only)
+                          finished_only=args.finished_only, baseline=args.baseline)
     print(result["text"])
     if result["incomplete_runs"]:
         drawn = "not drawn" if args.finished_only else "drawn dotted"
@@ -284,5 +347,8 @@ def add_report_command(subparsers) -> argparse.ArgumentParser:
                         help="leave unfinished and failed runs out of the figures and tables (they are still listed)")
     parser.add_argument("--formats", type=_formats_arg, default=DEFAULT_FORMATS,
                         help="comma-separated figure formats (default: png,pdf)")
+    parser.add_argument("--baseline", default=None, metavar="METHOD",
+                        help="also tabulate every method against METHOD per column: the difference with its 95%% "
+                             "interval, p-value, probability of improvement and the seeds needed (table_baseline)")
     parser.set_defaults(func=cmd_report)
     return parser
