@@ -39,7 +39,10 @@ def _save(fig, out_dir: Path, stem: str, formats: Sequence[str]) -> list[Path]:
     paths = []
     for fmt in formats:
         path = out_dir / f"{stem}.{fmt}"
-        fig.savefig(path, dpi=150 if fmt == "png" else None)
+        # No creation date (PDF) or software stamp: the same records give byte-identical figures,
+        # so a regenerated report shows in git only where its numbers changed.
+        metadata = {"CreationDate": None} if fmt == "pdf" else {"Software": None} if fmt == "png" else None
+        fig.savefig(path, dpi=150 if fmt == "png" else None, metadata=metadata)
         paths.append(path)
     fig.clear()
     return paths
