@@ -175,6 +175,7 @@ class AdversarialMethod(Method):
     """
 
     Params = AdversarialParams
+    accepts_normalized_generator = False  # ZooGeneratorMethod maps normalised-space outputs to images
 
     def __init__(self, params: AdversarialParams, ctx: MethodContext):
         super().__init__(params, ctx)
@@ -185,6 +186,9 @@ class AdversarialMethod(Method):
             arch, params.noise_dim, channels, height, conditioning=params.conditioning,
             num_classes=ctx.num_classes, output_logits=True,
         )
+        if getattr(generator, "output_space", "logits") != "logits" and not self.accepts_normalized_generator:
+            raise ConfigError(f"generator {arch!r} outputs images in the teacher's normalised space (a DFKD paper's "
+                              f"own generator); {self.name} needs one with pre-sigmoid outputs, e.g. gen_small")
         embedding = None
         if params.conditioning != "uncond":
             embedding = nn.Embedding(ctx.num_classes, params.noise_dim)

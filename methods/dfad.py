@@ -11,10 +11,17 @@ Paper settings (Sec. 4.1): G Adam lr 1e-3; S SGD lr 0.1, momentum 0.9, wd 5e-4;
 batch 256; k = 5 student steps per generator step (the engine's n_S = 5, n_G = 1);
 z of dimension 256 (CIFAR; 100 for MNIST). The engine owns the student optimiser
 and n_S/n_G, one protocol for every method of a comparison (README, "The DFKD
-zoo"); the paper's own is ``--set n_S=5 --set n_G=1 --set student_lr=0.1 --set bs=256``.
+zoo"). The official MNIST script (VainF/Data-Free-Adversarial-Distillation,
+DFAD_mnist.py with run_mnist.sh) is the paper protocol ``experiments/reproduce/
+dfad_mnist.toml``: 40 "epochs" of 50 iterations (2,000), batch 512, S SGD lr 0.01,
+momentum 0.9, wd 1e-4, no schedule, G Adam 1e-3 (default betas), nz 100, GeneratorA
+(``dfad_gen``), 32 x 32 inputs normalised (0.1307, 0.3081), best test accuracy kept.
 
-CHOSEN (not in the paper): G outputs pixels through a sigmoid (images in
-[0, 1], the suite's convention) instead of tanh + BatchNorm in normalised space.
+CHOSEN: the official loop runs the 5 student steps before the generator step of an
+iteration; the engine runs the generator stage first (the same alternation, shifted by
+one generator step at the start). CHOSEN for the common protocol: the preset's generator
+(pre-sigmoid logits, images in [0, 1]); the paper protocol uses DFAD's own GeneratorA,
+which ends in tanh + BatchNorm in the teacher's normalised space.
 """
 
 from __future__ import annotations
