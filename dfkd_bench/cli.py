@@ -205,7 +205,7 @@ def _request_from_args(args) -> "RunRequest":
                                std=parse_floats(args.teacher_std, "--teacher-std"), cache_dir=args.teacher_cache,
                                key_map=list(args.teacher_key_map or []), weights=args.teacher_weights,
                                download=args.download),
-        data_root=args.data_root, image_size=args.image_size,
+        data_root=args.data_root, image_size=args.image_size, protocol=args.protocol,
     )
 
 
@@ -359,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", type=_int_csv, default=[0], help="comma-separated seeds (default: 0)")
     run.add_argument("--budget", choices=["smoke", "default", "paper"], default="default",
                      help="smoke: a few steps (tests); default: the preset's budget; paper: the paper's ep x spe")
+    run.add_argument("--protocol", choices=["common", "paper"], default="common",
+                     help="common: the preset's protocol, one for every method (default); paper: each method's own "
+                          "paper protocol on the dataset (`dfkd-bench list --card METHOD` shows it)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override a setting, e.g. --set student_steps=30 --set alpha=0.99 "
                           "(paper symbols like lambda3, n_S, alpha work; `dfkd-bench list --settings` lists all)")

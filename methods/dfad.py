@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from dfkd_bench import zoo_losses
-from dfkd_bench.method_api import register_method
+from dfkd_bench.method_api import PaperProtocol, register_method
 from dfkd_bench.methods.zoo_common import ZooGeneratorMethod, ZooGeneratorParams
 
 
@@ -47,6 +47,56 @@ class DFAD(ZooGeneratorMethod):
     summary = "DFAD (Fang et al. 2019): adversarial generator, L1 (MAE) teacher-student logit discrepancy"
     Params = DFADParams
     static_student_step = True
+    paper_protocols = {
+        "mnist": PaperProtocol(
+            source="DFAD (Fang et al., arXiv:1912.11006), Table 2: MNIST, LeNet-5 -> LeNet-5-half "
+                   "(also the official repository's images/classification-results.png)",
+            accuracy=98.3, std=0.2, teacher_accuracy=98.9, selection="best",
+            teacher_arch="lenet5", student_arch="lenet5_half",
+            image_size=28,  # CHOSEN: as DAFL's MNIST protocol (the official code resizes to 32 x 32)
+            train=dict(epochs=40, steps_per_epoch=50, generator_steps=1, student_steps=5, batch_size=512,
+                       student_optimizer="sgd", student_lr=0.01, student_weight_decay=1e-4, student_momentum=0.9,
+                       lr_decay=1.0, lr_milestones=[], eval_every=50),
+            params=dict(generator="dfad_gen", noise_dim=100, generator_lr=1e-3),
+            official={"image_size": "32 (MNIST resized, normalised 0.1307/0.3081)",
+                      "teacher": "LeNet-5 of train_teacher.py (10 epochs, lr 0.01), 98.9 %",
+                      "order": "5 student steps, then 1 generator step"},
+            deviations={"image_size": "28 px with conv1 padding 2: the committed 28-px teacher (99.21 %) serves",
+                        "teacher": "the committed MNIST teacher (99.21 %), not the paper's (98.9 %)",
+                        "order": "generator stage first (the same alternation shifted by one generator step)"},
+            code="VainF/Data-Free-Adversarial-Distillation, DFAD_mnist.py (defaults; run_mnist.sh)",
+        ),
+        "cifar10": PaperProtocol(
+            source="DFAD (Fang et al., arXiv:1912.11006), Table 2: CIFAR-10, ResNet-34 -> ResNet-18 "
+                   "(also the official repository's images/classification-results.png)",
+            accuracy=93.3, std=0.0, teacher_accuracy=95.5, selection="best",
+            teacher_arch="resnet34", student_arch="resnet18", image_size=32,
+            train=dict(epochs=500, steps_per_epoch=50, generator_steps=1, student_steps=5, batch_size=256,
+                       student_optimizer="sgd", student_lr=0.1, student_weight_decay=5e-4, student_momentum=0.9,
+                       lr_decay=0.1, lr_milestones=[100, 200], eval_every=50),
+            params=dict(generator="dfad_gen", noise_dim=256, generator_lr=1e-3),
+            official={"generator lr schedule": "x0.1 at epochs 100, 200 (MultiStepLR on G too, --scheduler)",
+                       "normalisation": "mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010)"},
+            deviations={"generator lr schedule": "the engine decays the student's lr only; G keeps 1e-3",
+                         "normalisation": "the dataset's statistics of this suite (the teacher's own)"},
+            code="DFAD_cifar.py --dataset cifar10 --scheduler (README)",
+        ),
+        "cifar100": PaperProtocol(
+            source="DFAD (Fang et al., arXiv:1912.11006), Table 2: CIFAR-100, ResNet-34 -> ResNet-18 "
+                   "(also the official repository's images/classification-results.png)",
+            accuracy=67.7, std=0.3, teacher_accuracy=77.5, selection="best",
+            teacher_arch="resnet34", student_arch="resnet18", image_size=32,
+            train=dict(epochs=500, steps_per_epoch=50, generator_steps=1, student_steps=5, batch_size=256,
+                       student_optimizer="sgd", student_lr=0.1, student_weight_decay=5e-4, student_momentum=0.9,
+                       lr_decay=0.1, lr_milestones=[100, 200], eval_every=50),
+            params=dict(generator="dfad_gen", noise_dim=256, generator_lr=1e-3),
+            official={"generator lr schedule": "x0.1 at epochs 100, 200 (MultiStepLR on G too, --scheduler)",
+                       "normalisation": "mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010)"},
+            deviations={"generator lr schedule": "the engine decays the student's lr only; G keeps 1e-3",
+                         "normalisation": "the dataset's statistics of this suite (the teacher's own)"},
+            code="DFAD_cifar.py --dataset cifar100 --scheduler (README)",
+        ),
+    }
 
     def generator_objective(self, images: Tensor, teacher_logits: Tensor,
                             student_logits: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
