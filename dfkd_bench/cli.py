@@ -297,6 +297,13 @@ def cmd_teacher_eval(args) -> int:
 # ------------------------------------------------------------------- list ---
 
 def cmd_list(args) -> int:
+    if args.card:
+        from dfkd_bench.protocol_card import render_card
+
+        print(render_card(args.card, args.dataset))
+        return 0
+    if args.dataset:
+        raise ConfigError("--dataset goes with --card METHOD (e.g. dfkd-bench list --card dafl --dataset mnist)")
     from dfkd_bench.config import TrainConfig
     from dfkd_bench.data import list_datasets
     from dfkd_bench.method_api import list_methods, param_fields
@@ -407,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     listing = sub.add_parser("list", help="print the registered methods, datasets, models and generators")
     listing.add_argument("--settings", action="store_true", help="also list every setting with its default")
+    listing.add_argument("--card", metavar="METHOD", help="print METHOD's protocol card: each setting of its paper "
+                                                          "protocol with the paper's / official code's value and ours")
+    listing.add_argument("--dataset", help="with --card: only this dataset's paper protocol")
     listing.set_defaults(func=cmd_list)
 
     from dfkd_bench.bench import add_bench_command

@@ -135,3 +135,23 @@ def test_tiny_mnist_paper_protocol_run_records_protocol_and_published(method, tm
     assert config["params"]["generator"] == f"{method}_gen"
     records = [json.loads(line) for line in (folders[0] / "records.jsonl").read_text().splitlines()]
     assert any("test_accuracy" in r for r in records)
+
+
+def test_protocol_card_shows_paper_official_and_ours_with_differences_marked(capsys):
+    from dfkd_bench.cli import main
+    from dfkd_bench.protocol_card import card_rows
+
+    rows = {row["setting"]: row for row in card_rows("dafl", "mnist")}
+    assert rows["generator_lr"]["paper"] == "0.2" and rows["generator_lr"]["ours_paper"] == "0.2"
+    assert rows["generator_lr"]["ours_common"] == "0.001" and "common differs" in rows["generator_lr"]["mark"]
+    assert rows["image_size"]["paper"].startswith("32") and rows["image_size"]["ours_paper"] == "28"
+    assert rows["image_size"]["mark"].startswith("CHOSEN")
+    assert rows["entropy_weight"]["mark"] == ""  # the same everywhere: nothing marked
+    assert main(["list", "--card", "dfad", "--dataset", "mnist"]) == 0
+    out = capsys.readouterr().out
+    assert "published 98.3 +- 0.2 %" in out and "dfad_gen" in out and "CHOSEN" in out
+    assert main(["list", "--card", "dafl", "--dataset", "digits"]) != 0  # no such protocol: one error line
+    error = capsys.readouterr()
+    assert (error.err + error.out).strip().splitlines() == [
+        "error: dafl has no paper protocol for digits (it has: cifar10, cifar100, mnist); "
+        "pass --dataset with one of them"]
