@@ -365,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--student-arch", help="student architecture (default: the preset's)")
     run.add_argument("--seeds", type=_int_csv, default=[0], help="comma-separated seeds (default: 0)")
     run.add_argument("--budget", choices=["smoke", "default", "paper"], default="default",
-                     help="smoke: a few steps (tests); default: the preset's budget; paper: the paper's ep x spe")
+                     help="smoke: a few steps (tests); default: the preset's budget; paper: the MAD paper's ep x spe "
+                          "(on digits/mnist its CIFAR schedule; a method's own paper protocol is --protocol paper)")
     run.add_argument("--protocol", choices=["common", "paper"], default="common",
                      help="common: the preset's protocol, one for every method (default); paper: each method's own "
                           "paper protocol on the dataset (`dfkd-bench list --card METHOD` shows it)")
