@@ -92,9 +92,12 @@ def test_every_reproduction_file_resolves_to_its_methods_paper_protocol(path):
 
 
 @pytest.mark.parametrize("path", REPRODUCE, ids=[p.stem for p in REPRODUCE])
-def test_every_reproduction_file_dry_runs(path, tmp_path):
-    result = cli(["sweep", str(path), "--dry-run", "--results-dir", str(tmp_path / "runs")], COMMITTED_TEACHERS)
-    assert "dry run: nothing launched" in result.stdout
+def test_every_reproduction_file_dry_runs(path, tmp_path, capsys):
+    from dfkd_bench.cli import main
+
+    assert main(["sweep", str(path), "--dry-run", "--results-dir", str(tmp_path / "runs"),
+                 "--teacher-cache", str(COMMITTED_TEACHERS)]) == 0
+    assert "dry run: nothing launched" in capsys.readouterr().out
     assert not (tmp_path / "runs").exists()
 
 
