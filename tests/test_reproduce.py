@@ -125,10 +125,12 @@ def test_a_paper_protocol_the_method_lacks_is_a_one_line_error(digits_request):
 @pytest.mark.parametrize("method", ["dafl", "dfad"])
 def test_tiny_mnist_paper_protocol_run_records_protocol_and_published(method, tmp_path):
     results = tmp_path / "runs"
-    tiny = ["--set", "ep=2", "--set", "spe=2", "--set", "bs=16", "--set", "eval_every=2", "--set", "eval_batch_size=2000"]
-    cli(["sweep", str(REPO / "experiments" / "reproduce" / f"{method}_mnist.toml"), "--results-dir", str(results),
-         "--data-root", str(SHARED_DATA),
-         "--threads", "1", "--no-progress", *tiny], COMMITTED_TEACHERS)
+    from dfkd_bench.cli import main
+
+    tiny = ["--set", "ep=1", "--set", "spe=2", "--set", "bs=16", "--set", "eval_every=2", "--set", "eval_batch_size=5000"]
+    assert main(["sweep", str(REPO / "experiments" / "reproduce" / f"{method}_mnist.toml"), "--results-dir",
+                 str(results), "--data-root", str(SHARED_DATA), "--teacher-cache", str(COMMITTED_TEACHERS),
+                 "--threads", "1", "--no-progress", *tiny]) == 0
     folders = sorted(p for p in results.iterdir() if (p / "done").exists())
     assert len(folders) == 3
     config = json.loads((folders[0] / "config.json").read_text())
