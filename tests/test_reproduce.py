@@ -160,3 +160,21 @@ def test_protocol_card_shows_paper_official_and_ours_with_differences_marked(cap
     assert (error.err + error.out).strip().splitlines() == [
         "error: dafl has no paper protocol for digits (it has: cifar10, cifar100, mnist); "
         "pass --dataset with one of them"]
+
+
+REQUIRED_TRAIN = {"epochs", "steps_per_epoch", "generator_steps", "student_steps", "batch_size", "student_optimizer",
+                  "student_lr", "student_weight_decay", "lr_decay", "lr_milestones", "eval_every"}
+
+
+def test_every_paper_protocol_fixes_every_setting_a_protocol_needs():
+    """A protocol that left e.g. the batch to the preset would silently run the common protocol's value."""
+    from dfkd_bench.method_api import list_methods
+
+    declared = 0
+    for name, method in list_methods().items():
+        for dataset, protocol in method.paper_protocols.items():
+            declared += 1
+            assert REQUIRED_TRAIN <= set(protocol.train), (name, dataset, REQUIRED_TRAIN - set(protocol.train))
+            assert {"noise_dim", "generator_lr"} <= set(protocol.params), (name, dataset)
+            assert (REPO / "experiments" / "reproduce" / f"{name}_{dataset}.toml").exists(), (name, dataset)
+    assert declared >= 12
