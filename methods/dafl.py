@@ -73,6 +73,8 @@ class DAFL(ZooGeneratorMethod):
     Params = DAFLParams
     static_student_step = True
     uses_student_in_generator = False
+    # The papers' protocols run in float32 as the official code does (amp="none": no bf16 autocast on a GPU;
+    # cuDNN may still use TF32 convolutions, PyTorch's default).
     paper_protocols = {
         "mnist": PaperProtocol(
             source="DAFL (Chen et al., ICCV 2019), Table 1: MNIST, LeNet-5 -> LeNet-5-half",
@@ -83,7 +85,7 @@ class DAFL(ZooGeneratorMethod):
             image_size=28,
             train=dict(epochs=200, steps_per_epoch=120, generator_steps=1, student_steps=1, batch_size=512,
                        student_optimizer="adam", student_lr=2e-3, student_weight_decay=0.0, student_momentum=0.0,
-                       lr_decay=1.0, lr_milestones=[], eval_every=120),
+                       lr_decay=1.0, lr_milestones=[], eval_every=120, amp="none"),
             params=dict(generator="dafl_gen", noise_dim=100, generator_lr=0.2, oh_weight=1.0,
                         activation_weight=0.1, entropy_weight=5.0, entropy_log_base=10.0,
                         student_batch="generator_batch"),
@@ -100,7 +102,7 @@ class DAFL(ZooGeneratorMethod):
             teacher_arch="resnet34", student_arch="resnet18", image_size=32,
             train=dict(epochs=2000, steps_per_epoch=120, generator_steps=1, student_steps=1, batch_size=1024,
                        student_optimizer="sgd", student_lr=0.1, student_weight_decay=5e-4, student_momentum=0.9,
-                       lr_decay=0.1, lr_milestones=[800, 1600], eval_every=120),
+                       lr_decay=0.1, lr_milestones=[800, 1600], eval_every=120, amp="none"),
             params=dict(generator="dafl_gen", noise_dim=1000, generator_lr=0.02, oh_weight=0.05,
                         activation_weight=0.01, entropy_weight=5.0, entropy_log_base=10.0,
                         student_batch="generator_batch"),
@@ -115,7 +117,7 @@ class DAFL(ZooGeneratorMethod):
             teacher_arch="resnet34", student_arch="resnet18", image_size=32,
             train=dict(epochs=2000, steps_per_epoch=120, generator_steps=1, student_steps=1, batch_size=1024,
                        student_optimizer="sgd", student_lr=0.1, student_weight_decay=5e-4, student_momentum=0.9,
-                       lr_decay=0.1, lr_milestones=[800, 1600], eval_every=120),
+                       lr_decay=0.1, lr_milestones=[800, 1600], eval_every=120, amp="none"),
             params=dict(generator="dafl_gen", noise_dim=1000, generator_lr=0.02, oh_weight=0.5,
                         activation_weight=0.1, entropy_weight=20.0, entropy_log_base=10.0,
                         student_batch="generator_batch"),

@@ -47,6 +47,7 @@ class DFAD(ZooGeneratorMethod):
     summary = "DFAD (Fang et al. 2019): adversarial generator, L1 (MAE) teacher-student logit discrepancy"
     Params = DFADParams
     static_student_step = True
+    # float32 as in the official code (amp="none"; see methods/dafl.py).
     paper_protocols = {
         "mnist": PaperProtocol(
             source="DFAD (Fang et al., arXiv:1912.11006), Table 2: MNIST, LeNet-5 -> LeNet-5-half "
@@ -56,7 +57,7 @@ class DFAD(ZooGeneratorMethod):
             image_size=28,  # CHOSEN: as DAFL's MNIST protocol (the official code resizes to 32 x 32)
             train=dict(epochs=40, steps_per_epoch=50, generator_steps=1, student_steps=5, batch_size=512,
                        student_optimizer="sgd", student_lr=0.01, student_weight_decay=1e-4, student_momentum=0.9,
-                       lr_decay=1.0, lr_milestones=[], eval_every=50),
+                       lr_decay=1.0, lr_milestones=[], eval_every=50, amp="none"),
             params=dict(generator="dfad_gen", noise_dim=100, generator_lr=1e-3),
             official={"image_size": "32 (MNIST resized, normalised 0.1307/0.3081)",
                       "teacher": "LeNet-5 of train_teacher.py (10 epochs, lr 0.01), 98.9 %",
@@ -73,7 +74,7 @@ class DFAD(ZooGeneratorMethod):
             teacher_arch="resnet34", student_arch="resnet18", image_size=32,
             train=dict(epochs=500, steps_per_epoch=50, generator_steps=1, student_steps=5, batch_size=256,
                        student_optimizer="sgd", student_lr=0.1, student_weight_decay=5e-4, student_momentum=0.9,
-                       lr_decay=0.1, lr_milestones=[100, 200], eval_every=50),
+                       lr_decay=0.1, lr_milestones=[100, 200], eval_every=50, amp="none"),
             params=dict(generator="dfad_gen", noise_dim=256, generator_lr=1e-3),
             official={"generator lr schedule": "x0.1 at epochs 100, 200 (MultiStepLR on G too, --scheduler)",
                        "normalisation": "mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010)"},
@@ -88,7 +89,7 @@ class DFAD(ZooGeneratorMethod):
             teacher_arch="resnet34", student_arch="resnet18", image_size=32,
             train=dict(epochs=500, steps_per_epoch=50, generator_steps=1, student_steps=5, batch_size=256,
                        student_optimizer="sgd", student_lr=0.1, student_weight_decay=5e-4, student_momentum=0.9,
-                       lr_decay=0.1, lr_milestones=[100, 200], eval_every=50),
+                       lr_decay=0.1, lr_milestones=[100, 200], eval_every=50, amp="none"),
             params=dict(generator="dfad_gen", noise_dim=256, generator_lr=1e-3),
             official={"generator lr schedule": "x0.1 at epochs 100, 200 (MultiStepLR on G too, --scheduler)",
                        "normalisation": "mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010)"},

@@ -26,7 +26,7 @@ OFFICIAL_MNIST = {
     "dafl": dict(
         train=dict(epochs=200, steps_per_epoch=120, generator_steps=1, student_steps=1, batch_size=512,
                    student_optimizer="adam", student_lr=2e-3, student_weight_decay=0.0, lr_decay=1.0,
-                   lr_milestones=[], eval_every=120, drift_every=0),
+                   lr_milestones=[], eval_every=120, drift_every=0, amp="none"),
         params=dict(generator="dafl_gen", noise_dim=100, generator_lr=0.2, oh_weight=1.0, activation_weight=0.1,
                     entropy_weight=5.0, entropy_log_base=10.0, student_batch="generator_batch"),
         published=dict(accuracy=98.20, std=None, teacher_accuracy=98.91, selection="best"),
@@ -34,7 +34,7 @@ OFFICIAL_MNIST = {
     "dfad": dict(
         train=dict(epochs=40, steps_per_epoch=50, generator_steps=1, student_steps=5, batch_size=512,
                    student_optimizer="sgd", student_lr=0.01, student_weight_decay=1e-4, student_momentum=0.9,
-                   lr_decay=1.0, lr_milestones=[], eval_every=50, drift_every=0),
+                   lr_decay=1.0, lr_milestones=[], eval_every=50, drift_every=0, amp="none"),
         params=dict(generator="dfad_gen", noise_dim=100, generator_lr=1e-3),
         published=dict(accuracy=98.3, std=0.2, teacher_accuracy=98.9, selection="best"),
         iterations=2_000),
