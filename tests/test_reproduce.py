@@ -178,3 +178,16 @@ def test_every_paper_protocol_fixes_every_setting_a_protocol_needs():
             assert {"noise_dim", "generator_lr"} <= set(protocol.params), (name, dataset)
             assert (REPO / "experiments" / "reproduce" / f"{name}_{dataset}.toml").exists(), (name, dataset)
     assert declared >= 12
+
+
+def test_run_protocol_paper_without_a_protocol_is_one_line_before_any_folder(tmp_path, capsys):
+    from dfkd_bench.cli import main
+
+    results = tmp_path / "runs"
+    assert main(["run", "--methods", "dafl", "--dataset", "digits", "--protocol", "paper",
+                 "--results-dir", str(results)]) != 0
+    captured = capsys.readouterr()
+    assert (captured.err + captured.out).strip().splitlines() == [
+        "error: dafl has no paper protocol for digits (it has: cifar10, cifar100, mnist); "
+        "use protocol common, or another dataset"]
+    assert not results.exists()
