@@ -218,3 +218,14 @@ def test_a_normalised_space_generator_feeds_the_teacher_its_output_exactly(digit
         trainer.teacher(images)
     hook.remove()
     assert torch.allclose(inner[0], raw, atol=1e-5)
+
+
+def test_zskt_attention_taps_are_the_three_wrn_groups():
+    # ZSKT wresnet.py: activation1..3 = outputs of block1..3, before the final BN-ReLU.
+    from dfkd_bench.methods.zskt import attention_blocks
+
+    for arch in ("wrn40_2", "wrn16_1"):
+        wrn = build_model(arch, 10, in_channels=3, image_size=32)
+        assert attention_blocks(wrn, (3, 32, 32)) == {(32, 32): wrn.block1, (16, 16): wrn.block2, (8, 8): wrn.block3}
+    lenet = build_model("lenet5", 10, in_channels=1, image_size=28)
+    assert list(attention_blocks(lenet, (1, 28, 28)).values()) == [lenet.conv1, lenet.conv2]
