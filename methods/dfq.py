@@ -18,10 +18,11 @@ DFQ has no official code. The weights follow the DataFree re-implementation
 both: adv = bn = oh = 1, balance = 20, g_steps 1, kd_steps 10, lr_g 1e-3, batch 256),
 whose generator Adam uses betas (0.5, 0.999) (datafree/synthesis/generative.py); its
 balance term uses the natural log (``class_balance_loss``). CHOSEN (kept): the student
-trains on G in training mode (batch statistics) like the other zoo generators; the
-re-implementation samples student batches with G in eval mode (running statistics). Its
-student KD temperature (T = 20 for WRN, 1 for ResNet) and 10 student steps are protocol
-settings (``experiments/reproduce/``), not method defaults. CHOSEN: L_BN is the sum over teacher
+trains on G in training mode (batch statistics), as the official DFAD, DAFL and ZSKT code
+and the other zoo generators do; the re-implementation samples student batches with G in
+eval mode (running statistics). Its student KD temperature (T = 20 for WRN, 1 for ResNet)
+and 10 student steps would be settings of a DFQ paper protocol, not method defaults; there
+is none yet (DFQ's published numbers could not be checked against its paper here). CHOSEN: L_BN is the sum over teacher
 BatchNorm layers of the L2 norms of the mean and variance gaps (DeepInversion's
 R_feature; the paper matches the same statistics). A teacher without BatchNorm
 (the digits/MNIST LeNet-5) skips L_BN with a note in the run's config.
