@@ -205,7 +205,7 @@ def _request_from_args(args) -> "RunRequest":
                                std=parse_floats(args.teacher_std, "--teacher-std"), cache_dir=args.teacher_cache,
                                key_map=list(args.teacher_key_map or []), weights=args.teacher_weights,
                                download=args.download),
-        data_root=args.data_root, image_size=args.image_size,
+        data_root=args.data_root, image_size=args.image_size, protocol=args.protocol,
     )
 
 
@@ -297,6 +297,13 @@ def cmd_teacher_eval(args) -> int:
 # ------------------------------------------------------------------- list ---
 
 def cmd_list(args) -> int:
+    if args.card:
+        from dfkd_bench.protocol_card import render_card
+
+        print(render_card(args.card, args.dataset))
+        return 0
+    if args.dataset:
+        raise ConfigError("--dataset goes with --card METHOD (e.g. dfkd-bench list --card dafl --dataset mnist)")
     from dfkd_bench.config import TrainConfig
     from dfkd_bench.data import list_datasets
     from dfkd_bench.method_api import list_methods, param_fields
@@ -358,7 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--student-arch", help="student architecture (default: the preset's)")
     run.add_argument("--seeds", type=_int_csv, default=[0], help="comma-separated seeds (default: 0)")
     run.add_argument("--budget", choices=["smoke", "default", "paper"], default="default",
-                     help="smoke: a few steps (tests); default: the preset's budget; paper: the paper's ep x spe")
+                     help="smoke: a few steps (tests); default: the preset's budget; paper: the MAD paper's ep x spe "
+                          "(on digits/mnist its CIFAR schedule; a method's own paper protocol is --protocol paper)")
+    run.add_argument("--protocol", choices=["common", "paper"], default="common",
+                     help="common: the preset's protocol, one for every method (default); paper: each method's own "
+                          "paper protocol on the dataset (`dfkd-bench list --card METHOD` shows it)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override a setting, e.g. --set student_steps=30 --set alpha=0.99 "
                           "(paper symbols like lambda3, n_S, alpha work; `dfkd-bench list --settings` lists all)")
@@ -404,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     listing = sub.add_parser("list", help="print the registered methods, datasets, models and generators")
     listing.add_argument("--settings", action="store_true", help="also list every setting with its default")
+    listing.add_argument("--card", metavar="METHOD", help="print METHOD's protocol card: each setting of its paper "
+                                                          "protocol with the paper's / official code's value and ours")
+    listing.add_argument("--dataset", help="with --card: only this dataset's paper protocol")
     listing.set_defaults(func=cmd_list)
 
     from dfkd_bench.bench import add_bench_command

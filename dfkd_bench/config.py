@@ -197,6 +197,10 @@ class RunConfig:
     preset: str = ""
     budget: str = "default"
     data_root: str | None = None
+    protocol: str = "common"
+    """``common`` (one protocol for every method: the preset's) or ``paper`` (the method's own)."""
+    published: dict[str, Any] | None = None
+    """A paper-protocol run's published number (PaperProtocol.published); None for common runs."""
 
     # ------------------------------------------------------------ identity ---
     def hashed_dict(self) -> dict[str, Any]:
@@ -210,6 +214,9 @@ class RunConfig:
             "student_arch": self.student_arch, "image_size": self.image_size, "num_classes": self.num_classes,
             "channels": self.channels, "student_mean": self.student_mean, "student_std": self.student_std,
             "train": train, "params": self.params,
+            # CHOSEN: the protocol enters the run id only when it is not "common", so every run id
+            # made before protocols existed stays the same; ``published`` never enters it.
+            **({"protocol": self.protocol} if self.protocol != "common" else {}),
         }
 
     @property
@@ -223,7 +230,10 @@ class RunConfig:
         return f"{self.method}-{self.dataset}-{self.student_arch.replace(':', '_')}-s{self.seed}-{self.run_id}"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if data.get("published") is None:  # a common run has no "published" (the report's contract)
+            data.pop("published", None)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":

@@ -59,6 +59,79 @@ class RunRequest:
     teacher: TeacherOptions = field(default_factory=TeacherOptions)
     data_root: str | None = None
     image_size: int | None = None
+    protocol: str = "common"
+
+
+PROTOCOLS = ("common", "paper")
+
+# Engine settings a paper protocol starts from instead of the preset's: no drift measurement
+# (not part of any paper); the preset's speed switches (channels_last ...) stay.
+_PAPER_TRAIN_BASE = dict(drift_every=0)
+
+
+def paper_protocol(method: str, dataset: str):
+    """The method's :class:`PaperProtocol` for ``dataset``, or a one-line error naming those it has."""
+    protocols = get_method(method).paper_protocols
+    if dataset not in protocols:
+        have = ", ".join(sorted(protocols)) or "none"
+        raise ConfigError(f"{method} has no paper protocol for {dataset} (it has: {have}); "
+                          f"use protocol common, or another dataset")
+    return protocols[dataset]
+
+
+def resolve_settings(method: str, dataset: str, protocol: str = "common", budget: str = "default",
+                     overrides: dict[str, Any] | None = None, teacher_arch: str | None = None,
+                     student_arch: str | None = None, image_size: int | None = None):
+    """``(teacher_arch, student_arch, image_size, TrainConfig, params)`` of one method under a protocol,
+    without a teacher: what :func:`build_run_configs` runs, and what the protocol card shows.
+
+    common: paper defaults < preset (and its pair overrides, the method's preset values) < budget < --set.
+    paper:  engine and method defaults < the method's PaperProtocol for the dataset < budget < --set;
+    the protocol fixes the pair and the input size (asking for others is an error).
+    """
+    teacher_arch, student_arch, image_size, train = resolve_pair_and_train(
+        method, dataset, protocol, budget, overrides, teacher_arch, student_arch, image_size)
+    return teacher_arch, student_arch, image_size, train, resolve_params(method, dataset, protocol, budget, overrides)
+
+
+def resolve_pair_and_train(method: str, dataset: str, protocol: str = "common", budget: str = "default",
+                           overrides: dict[str, Any] | None = None, teacher_arch: str | None = None,
+                           student_arch: str | None = None, image_size: int | None = None):
+    """The pair, input size and engine settings of :func:`resolve_settings`."""
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"protocol={protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    preset = get_preset(dataset)
+    if protocol == "paper":
+        proto = paper_protocol(method, dataset)
+        for what, given, fixed in (("teacher_arch", teacher_arch, proto.teacher_arch),
+                                   ("student_arch", student_arch, proto.student_arch),
+                                   ("image_size", image_size, proto.image_size)):
+            if given is not None and given != fixed:
+                raise ConfigError(f"the {method} paper protocol on {dataset} fixes {what} = {fixed}, got {given}; "
+                                  f"leave it out or use protocol common")
+        teacher_arch, student_arch, image_size = proto.teacher_arch, proto.student_arch, proto.image_size
+        train = preset.train_config(teacher_arch, student_arch)
+        train = apply_train_overrides(train, {**_PAPER_TRAIN_BASE, **proto.train})
+    else:
+        teacher_arch = teacher_arch or preset.teacher_arch
+        student_arch = student_arch or preset.student_arch
+        image_size = image_size or preset.image_size
+        train = preset.train_config(teacher_arch, student_arch)
+    train = apply_train_overrides(train, budget_train_overrides(preset, budget, train))
+    train = apply_train_overrides(train, dict(overrides or {}))
+    return teacher_arch, student_arch, image_size, train
+
+
+def resolve_params(method: str, dataset: str, protocol: str = "common", budget: str = "default",
+                   overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The method's settings of :func:`resolve_settings`."""
+    if protocol == "paper":
+        shared = dict(paper_protocol(method, dataset).params)
+    else:
+        shared = preset_method_params(get_preset(dataset), method)
+    params = resolve_method_params(method, shared, {})
+    params = resolve_method_params(method, params, budget_param_overrides(budget, params))
+    return resolve_method_params(method, params, dict(overrides or {}))
 
 
 MISSING_TEACHER = "missing"
@@ -179,21 +252,29 @@ def build_run_configs(request: RunRequest, allow_missing_teacher: bool = False) 
     check_image_size(request.image_size, "image_size")
     info = get_dataset_info(request.dataset)
     preset = get_preset(request.dataset)
-    teacher_arch = request.teacher_arch or preset.teacher_arch
-    student_arch = request.student_arch or preset.student_arch
-    image_size = request.image_size or preset.image_size
+    if request.protocol not in PROTOCOLS:
+        raise ConfigError(f"protocol={request.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    if request.protocol == "paper" and request.budget == "paper":
+        raise ConfigError("budget paper is the MAD paper's schedule for the common protocol; a paper protocol "
+                          "already has its paper's schedule: use budget default (or smoke)")
     # Input errors are refused here, before any run folder exists (not as `failed` runs).
-    check_model_name(student_arch, "student architecture")
-    check_model_name(teacher_arch, "teacher architecture")
+    check_model_name(request.student_arch or preset.student_arch, "student architecture")
+    check_model_name(request.teacher_arch or preset.teacher_arch, "teacher architecture")
+    check_override_keys(request.methods, request.overrides)
+    # Each method's engine settings (a paper protocol differs per method); one pair per request.
+    resolved = {method: resolve_pair_and_train(method, request.dataset, request.protocol, request.budget,
+                                               request.overrides, request.teacher_arch, request.student_arch,
+                                               request.image_size) for method in request.methods}
+    pairs = {(t, s, size) for t, s, size, _ in resolved.values()}
+    if len(pairs) > 1:
+        raise ConfigError(f"the paper protocols of {', '.join(request.methods)} on {request.dataset} use different "
+                          f"teacher/student/image sizes {sorted(pairs)}; put them in separate cells")
+    teacher_arch, student_arch, image_size = pairs.pop()
     check_teacher_normalisation(request.teacher.mean, request.teacher.std, info.channels,
                                 request.teacher.checkpoint, request.dataset,
                                 weights=getattr(request.teacher, "weights", None), arch=teacher_arch)
-    check_override_keys(request.methods, request.overrides)
-
-    train = preset.train_config(teacher_arch, student_arch)
-    train = apply_train_overrides(train, budget_train_overrides(preset, request.budget, train))
-    train = apply_train_overrides(train, request.overrides)
-    train.validate()
+    for _, _, _, train in resolved.values():
+        train.validate()
 
     options = request.teacher
     try:
@@ -210,14 +291,15 @@ def build_run_configs(request: RunRequest, allow_missing_teacher: bool = False) 
         check_teacher_weights(teacher.path)
     configs = []
     for method in request.methods:
-        params = resolve_method_params(method, preset_method_params(preset, method), {})
-        params = resolve_method_params(method, params, budget_param_overrides(request.budget, params))
-        params = resolve_method_params(method, params, request.overrides)
+        train = resolved[method][3]
+        params = resolve_params(method, request.dataset, request.protocol, request.budget, request.overrides)
+        published = paper_protocol(method, request.dataset).published if request.protocol == "paper" else None
         for seed in request.seeds:
             configs.append(RunConfig(
                 method=method, dataset=request.dataset, seed=seed, teacher=teacher, student_arch=student_arch,
                 image_size=image_size, num_classes=info.num_classes, channels=info.channels,
                 student_mean=list(info.mean), student_std=list(info.std), train=train, params=params,
                 preset=preset.name, budget=request.budget, data_root=request.data_root,
+                protocol=request.protocol, published=published,
             ))
     return configs

@@ -144,6 +144,40 @@ class MethodContext:
         return draws[rank * rows:(rank + 1) * rows]
 
 
+@dataclass(frozen=True)
+class PaperProtocol:
+    """A method's own paper protocol on one dataset (``protocol = "paper"``; README, "Two protocols").
+
+    ``train`` (engine settings) and ``params`` (the method's settings) over the engine's and the
+    method's defaults give every setting the paper (or, where it is silent, its official code)
+    fixes; the dataset preset's shared values do not apply, except the engine settings that do
+    not change the mathematics (evaluation cadence aside, which the protocol sets to the
+    paper's). ``published`` is what the paper reports and goes into each run's config.json.
+    ``official`` lists settings of the official code (``name -> value``) for the protocol card;
+    ``deviations`` the differences this suite keeps (``name -> reason``, each also ``# CHOSEN``).
+    """
+
+    source: str
+    accuracy: float
+    std: float | None
+    teacher_accuracy: float | None
+    selection: str
+    teacher_arch: str
+    student_arch: str
+    image_size: int
+    train: dict[str, Any]
+    params: dict[str, Any]
+    official: dict[str, Any] = field(default_factory=dict)
+    deviations: dict[str, str] = field(default_factory=dict)
+    code: str = ""
+
+    @property
+    def published(self) -> dict[str, Any]:
+        """The record's ``published`` block (the report's contract)."""
+        return {"accuracy": self.accuracy, "std": self.std, "source": self.source,
+                "teacher_accuracy": self.teacher_accuracy, "selection": self.selection}
+
+
 class Method(ABC):
     """Base class of a DFKD method. See the module docstring for the contract."""
 
@@ -156,6 +190,9 @@ class Method(ABC):
     """Values of this method's OWN parameters for a dataset preset, by preset name (e.g. a
     CPU-sized synthesis budget on ``digits``). They apply over the preset's shared values and
     under the budget's caps and ``--set``; each value should say why (``# CHOSEN``)."""
+
+    paper_protocols: ClassVar[dict[str, PaperProtocol]] = {}
+    """This method's own paper protocol per dataset it reports (see :class:`PaperProtocol`)."""
 
     def __init__(self, params: Any, ctx: MethodContext):
         self.params = params
@@ -261,6 +298,13 @@ def register_method(cls: type[Method]) -> type[Method]:
         if unknown:
             raise TypeError(f"{cls.__qualname__}.preset_params[{preset!r}] sets {sorted(unknown)}, "
                             f"which are not fields of its Params")
+    for dataset, protocol in cls.paper_protocols.items():
+        unknown = set(protocol.params) - {f.name for f in dataclasses.fields(cls.Params)}
+        if unknown:
+            raise TypeError(f"{cls.__qualname__}.paper_protocols[{dataset!r}] sets {sorted(unknown)}, "
+                            f"which are not fields of its Params")
+        if protocol.selection not in ("best", "final"):
+            raise TypeError(f"{cls.__qualname__}.paper_protocols[{dataset!r}].selection must be best or final")
     existing = _METHODS.get(cls.name)
     if existing is not None and existing.__qualname__ != cls.__qualname__:
         raise TypeError(f"method name {cls.name!r} is registered twice ({existing.__qualname__}, {cls.__qualname__})")

@@ -215,7 +215,9 @@ _add(Preset(
     note="ours (not in the paper)",
 ))
 
-# Budgets: `smoke` is for tests, `paper` the paper's full ep x spe.
+# Budgets: `smoke` is for tests, `paper` the paper's full ep x spe. On digits/MNIST (our presets) `paper` is the
+# MAD paper's CIFAR schedule applied to the CPU preset -- not DAFL's or DFAD's MNIST protocol, which are
+# those methods' paper protocols (`--protocol paper`, Method.paper_protocols).
 SMOKE_BUDGET = dict(epochs=2, steps_per_epoch=2, eval_every=2, drift_every=2, drift_tau=1, drift_samples=32,
                     checkpoint_every=2, lr_milestones=[1])
 SMOKE_CAPS = dict(student_steps=2, generator_steps=1, batch_size=16, eval_batch_size=512)

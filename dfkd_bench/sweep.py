@@ -46,6 +46,7 @@ CELL_KEYS = {
     "methods": "list of method names",
     "seeds": "list of integer seeds",
     "budget": "smoke, default or paper",
+    "protocol": "common (the preset's, one for every method) or paper (each method's own paper protocol)",
     "set": "table of fixed settings",
     "grid": "table of swept settings (cartesian product)",
     "description": "free text",
@@ -90,6 +91,7 @@ class Cell:
     teacher_arch: str | None = None
     student_arch: str | None = None
     image_size: int | None = None
+    protocol: str = "common"
     teacher_checkpoint: str | None = None
     teacher_mean: list[float] | None = None
     teacher_std: list[float] | None = None
@@ -341,6 +343,10 @@ class _Reader:
                 if value not in BUDGETS:
                     raise self.error(f"budget {where} must be one of {', '.join(BUDGETS)}, got {value!r}")
                 out[key] = value
+            elif key == "protocol":
+                if value not in ("common", "paper"):
+                    raise self.error(f"protocol {where} must be common or paper, got {value!r}")
+                out[key] = value
             elif key == "image_size":
                 if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                     raise self.error(f"image_size {where} must be a positive integer, got {value!r}")
@@ -395,7 +401,7 @@ class _Reader:
         cell = Cell(index=index, dataset=merged["dataset"], methods=merged["methods"], seeds=merged["seeds"],
                     budget=merged.get("budget", "default"), teacher_arch=merged.get("teacher_arch"),
                     student_arch=merged.get("student_arch"), image_size=merged.get("image_size"),
-                    teacher_checkpoint=merged.get("teacher_checkpoint"), teacher_mean=merged.get("teacher_mean"),
+                    protocol=merged.get("protocol", "common"), teacher_checkpoint=merged.get("teacher_checkpoint"), teacher_mean=merged.get("teacher_mean"),
                     teacher_std=merged.get("teacher_std"), fixed=fixed, axes=axes,
                     description=merged.get("description", ""))
         self.check_methods_know(cell)
@@ -513,7 +519,7 @@ def plan_experiment(experiment: Experiment, *, teacher_cache: str | None = None,
             request = RunRequest(methods=list(cell.methods), dataset=cell.dataset, seeds=list(cell.seeds),
                                  teacher_arch=cell.teacher_arch, student_arch=cell.student_arch, budget=cell.budget,
                                  overrides={**cell.fixed, **point}, teacher=teacher, data_root=data_root,
-                                 image_size=cell.image_size)
+                                 image_size=cell.image_size, protocol=cell.protocol)
             try:
                 configs = build_run_configs(request, allow_missing_teacher=allow_missing_teacher)
             except DfkdError as error:

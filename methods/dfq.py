@@ -13,8 +13,16 @@ which are the same quantities). The generator loss is::
 Paper / reference settings: G Adam lr 1e-3 (Sec. 4); the student trains on
 fresh samples of G with KL at temperature 1.
 
-CHOSEN (the weights are not stated as numbers we could verify in the paper):
-adv = bn = oh = 1, balance = 1. CHOSEN: L_BN is the sum over teacher
+DFQ has no official code. The weights follow the DataFree re-implementation
+(zju-vipa/CMI, scripts/dfq/dfq_cifar10_wrn402_wrn161.sh and dfq_cifar10_res34_res18.sh,
+both: adv = bn = oh = 1, balance = 20, g_steps 1, kd_steps 10, lr_g 1e-3, batch 256),
+whose generator Adam uses betas (0.5, 0.999) (datafree/synthesis/generative.py); its
+balance term uses the natural log (``class_balance_loss``). CHOSEN (kept): the student
+trains on G in training mode (batch statistics), as the official DFAD, DAFL and ZSKT code
+and the other zoo generators do; the re-implementation samples student batches with G in
+eval mode (running statistics). Its student KD temperature (T = 20 for WRN, 1 for ResNet)
+and 10 student steps would be settings of a DFQ paper protocol, not method defaults; there
+is none yet (DFQ's published numbers could not be checked against its paper here). CHOSEN: L_BN is the sum over teacher
 BatchNorm layers of the L2 norms of the mean and variance gaps (DeepInversion's
 R_feature; the paper matches the same statistics). A teacher without BatchNorm
 (the digits/MNIST LeNet-5) skips L_BN with a note in the run's config.
@@ -36,7 +44,9 @@ class DFQParams(ZooGeneratorParams):
     adv_weight: float = hparam(1.0, "weight of -KL(T||S) in the generator loss (Eq. 5)")  # CHOSEN
     bn_weight: float = hparam(1.0, "weight of teacher BatchNorm-statistics matching (Eq. 6)")  # CHOSEN
     oh_weight: float = hparam(1.0, "weight of the instance categorical entropy / one-hot loss (Eq. 7)")  # CHOSEN
-    balance_weight: float = hparam(1.0, "weight of the batch categorical entropy / balance loss (Eq. 7)")  # CHOSEN
+    balance_weight: float = hparam(20.0, "weight of the batch categorical entropy / balance loss (Eq. 7; "
+                                         "20 in both DataFree DFQ scripts)")
+    generator_beta1 = 0.5  # the DataFree re-implementation's generator Adam betas (0.5, 0.999); not a setting
 
 
 @register_method

@@ -23,7 +23,7 @@ from torch import nn
 
 from dfkd_bench.errors import ConfigError
 from dfkd_bench.method_api import MethodContext, hparam, register_method
-from dfkd_bench.methods.common import AdversarialMethod, AdversarialParams, Source
+from dfkd_bench.methods.common import AdversarialMethod, AdversarialParams, Source, mad_table2_protocols
 
 
 @dataclass
@@ -73,6 +73,7 @@ class MAD(AdversarialMethod):
     label = "MAD"
     summary = "MAD (Do et al. 2022): the student also trains on samples of an EMA (momentum) copy of G"
     Params = MADParams
+    paper_protocols = mad_table2_protocols(MADParams, {"cifar10": 92.64, "cifar100": 64.05})
     static_student_step = True
 
     def __init__(self, params: MADParams, ctx: MethodContext):

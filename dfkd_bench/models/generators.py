@@ -349,3 +349,111 @@ def generator_for_image_size(image_size: int) -> str:
             f"(pick a generator explicitly, e.g. gen_small for sizes divisible by 4)"
         )
     return name
+
+
+# ---- the DFKD papers' own generators (for their paper protocols) ---------------------------
+# Each is built from the layer list of the authors' official code (facts, not code), with the
+# official module names so that a published generator checkpoint loads as it is. Unlike the
+# generators above they end in the teacher's NORMALISED input space (a BatchNorm over the
+# output channels), as in those code bases: their attribute ``output_space = "normalized"``
+# tells a method to map the output to [0, 1]-space images with the teacher's mean and std
+# (x = out * std + mean), so that the teacher sees exactly ``out``. They are unconditional.
+
+
+class PaperGenerator(nn.Module):
+    """``Linear(nz, 128 * (s/4)^2)`` -> 128 x s/4 x s/4 -> BN -> nearest x2 -> conv 128->128, BN, LReLU(0.2)
+    -> nearest x2 -> conv 128->64, BN, LReLU(0.2) -> conv 64->C -> [tanh] -> BN(C).
+
+    * ``dfad_gen``: DFAD's ``GeneratorA`` (VainF/Data-Free-Adversarial-Distillation, network/gan.py,
+      ngf = 64): tanh, then ``BatchNorm2d(C, affine=False)``.
+    * ``dafl_gen``: DAFL's generator (huawei-noah/Efficient-Computing, DAFL-train.py): the same
+      layers with ``BatchNorm2d(128, 0.8)`` and ``BatchNorm2d(64, 0.8)`` -- the second positional
+      argument of BatchNorm2d is ``eps``, so eps = 0.8 in the two conv blocks.
+    * ``zskt_gen``: ZSKT's generator (polo5/ZeroShotKnowledgeTransfer, models/generator.py): no
+      tanh, the output BatchNorm is affine (``BatchNorm2d(C, affine=True)``); its layers sit in one
+      ``nn.Sequential`` called ``layers``.
+
+    All 3x3 convolutions have a bias (PyTorch's default, as in the official code).
+    """
+
+    output_space = "normalized"
+
+    def __init__(self, kind: str, noise_dim: int, out_channels: int, image_size: int) -> None:
+        super().__init__()
+        if image_size % 4 != 0:
+            raise ConfigError(f"generator '{kind}_gen' needs an image_size divisible by 4 (two x2 upsamplings), "
+                              f"got image_size={image_size}")
+        self.kind = kind
+        self.noise_dim = noise_dim
+        self.out_channels = out_channels
+        self.image_size = image_size
+        self.init_size = image_size // 4
+        eps = 0.8 if kind == "dafl" else 1e-5
+        head = [nn.Conv2d(64, out_channels, 3, stride=1, padding=1)]
+        if kind == "zskt":
+            head.append(nn.BatchNorm2d(out_channels, affine=True))
+        else:
+            head += [nn.Tanh(), nn.BatchNorm2d(out_channels, affine=False)]
+        block1 = [nn.Conv2d(128, 128, 3, stride=1, padding=1), nn.BatchNorm2d(128, eps), nn.LeakyReLU(0.2)]
+        block2 = [nn.Conv2d(128, 64, 3, stride=1, padding=1), nn.BatchNorm2d(64, eps), nn.LeakyReLU(0.2)]
+        linear = nn.Linear(noise_dim, 128 * self.init_size ** 2)
+        if kind == "zskt":
+            self.layers = nn.Sequential(linear, _View(128, self.init_size), nn.BatchNorm2d(128),
+                                        nn.Upsample(scale_factor=2, mode="nearest"), *block1,
+                                        nn.Upsample(scale_factor=2, mode="nearest"), *block2, *head)
+        else:
+            self.l1 = nn.Sequential(linear)
+            self.conv_blocks0 = nn.Sequential(nn.BatchNorm2d(128))
+            self.conv_blocks1 = nn.Sequential(*block1)
+            self.conv_blocks2 = nn.Sequential(*block2, *head)
+
+    def forward(self, z: torch.Tensor, class_embedding: torch.Tensor | None = None) -> torch.Tensor:
+        if class_embedding is not None:
+            raise ValueError(f"{self.kind}_gen is unconditional; it takes no class embedding")
+        if z.dim() != 2 or z.shape[1] != self.noise_dim:
+            raise ValueError(f"z must have shape (N, {self.noise_dim}), got {tuple(z.shape)}")
+        if self.kind == "zskt":
+            return self.layers(z)
+        out = self.l1(z).view(z.shape[0], 128, self.init_size, self.init_size)
+        out = nn.functional.interpolate(self.conv_blocks0(out), scale_factor=2, mode="nearest")
+        out = nn.functional.interpolate(self.conv_blocks1(out), scale_factor=2, mode="nearest")
+        return self.conv_blocks2(out)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, noise_dim={self.noise_dim}, out_channels={self.out_channels}, " \
+               f"image_size={self.image_size}, output_space='normalized'"
+
+
+class _View(nn.Module):
+    def __init__(self, channels: int, side: int) -> None:
+        super().__init__()
+        self.shape = (channels, side, side)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], *self.shape)
+
+
+def _paper_generator(kind: str, noise_dim: int, out_channels: int, image_size: int, conditioning: str = "uncond",
+                     **_ignored) -> PaperGenerator:
+    if conditioning != "uncond":
+        raise ConfigError(f"generator '{kind}_gen' is unconditional (as in its paper); "
+                          f"use conditioning=uncond or another generator")
+    return PaperGenerator(kind, noise_dim, out_channels, image_size)
+
+
+@register_generator("dfad_gen", family="paper", default_image_size=32,
+                    description="DFAD's GeneratorA: 128 ch at s/4, nearest x2, convs 128-128-64-C, tanh + BN(affine=False)")
+def dfad_gen(*, noise_dim: int, out_channels: int, image_size: int, **kwargs) -> PaperGenerator:
+    return _paper_generator("dfad", noise_dim, out_channels, image_size, **kwargs)
+
+
+@register_generator("dafl_gen", family="paper", default_image_size=32,
+                    description="DAFL's generator: DFAD's shape with BatchNorm eps 0.8 in the conv blocks")
+def dafl_gen(*, noise_dim: int, out_channels: int, image_size: int, **kwargs) -> PaperGenerator:
+    return _paper_generator("dafl", noise_dim, out_channels, image_size, **kwargs)
+
+
+@register_generator("zskt_gen", family="paper", default_image_size=32,
+                    description="ZSKT's generator: DFAD's shape without tanh, ending in an affine BatchNorm")
+def zskt_gen(*, noise_dim: int, out_channels: int, image_size: int, **kwargs) -> PaperGenerator:
+    return _paper_generator("zskt", noise_dim, out_channels, image_size, **kwargs)

@@ -37,7 +37,15 @@ from dfkd_bench.models.registry import register_model
 
 
 class LeNet5(nn.Module):
-    """Size-adaptive LeNet-5; ``width`` = (conv1, conv2, C5, F6) channels/units."""
+    """Size-adaptive LeNet-5; ``width`` = (conv1, conv2, C5, F6) channels/units.
+
+    ``c5_relu`` is C5's ReLU as a module (no weights, so the state dict is unchanged) whose
+    output -- the 120 (60) post-ReLU C5 units -- is the "feature" DAFL's official LeNet-5
+    returns with ``out_feature=True`` and its activation loss uses; ``feature_module`` names it
+    for :func:`dfkd_bench.methods.zoo_common.feature_tap`.
+    """
+
+    feature_module = "c5_relu"
 
     def __init__(
         self,
@@ -64,6 +72,7 @@ class LeNet5(nn.Module):
         self.c5 = nn.Linear(c2 * side * side, c5)
         self.fc6 = nn.Linear(c5, f6)
         self.fc7 = nn.Linear(f6, num_classes)
+        self.c5_relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (self.image_size, self.image_size):
@@ -73,7 +82,7 @@ class LeNet5(nn.Module):
             )
         out = F.max_pool2d(F.relu(self.conv1(x)), 2)
         out = F.max_pool2d(F.relu(self.conv2(out)), 2)
-        out = F.relu(self.c5(torch.flatten(out, 1)))
+        out = self.c5_relu(self.c5(torch.flatten(out, 1)))
         out = F.relu(self.fc6(out))
         return self.fc7(out)
 

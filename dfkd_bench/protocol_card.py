@@ -1,0 +1,83 @@
+"""The protocol card of a method (``dfkd-bench list --card METHOD [--dataset D]``), generated from the code.
+
+For each dataset the method's paper reports, every setting its paper protocol fixes, with
+
+* **paper / official code**: the value of the paper or, where the paper is silent, of the authors'
+  official code (``PaperProtocol.official`` where the code's value is not what this suite runs);
+* **ours, paper protocol**: what ``protocol = "paper"`` resolves to (``experiment.resolve_settings``);
+* **ours, common protocol**: what the same method runs under the common protocol (the preset's);
+
+and a mark: ``CHOSEN`` where this suite keeps a deviation from the paper (with the reason), ``*``
+where the common protocol differs from the paper's value (by design: one protocol for every method).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dfkd_bench.errors import ConfigError
+from dfkd_bench.method_api import get_method
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(str(v) for v in value) + "]" if value else "[]"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def card_rows(method: str, dataset: str) -> list[dict[str, str]]:
+    """One row per setting: ``setting``, ``paper``, ``ours_paper``, ``ours_common``, ``mark``."""
+    from dfkd_bench.experiment import paper_protocol, resolve_settings
+
+    protocol = paper_protocol(method, dataset)
+    teacher, student, size, train, params = resolve_settings(method, dataset, "paper")
+    c_teacher, c_student, c_size, c_train, c_params = resolve_settings(method, dataset, "common")
+    ours = {"teacher_arch": teacher, "student_arch": student, "image_size": size,
+            **{k: getattr(train, k) for k in protocol.train}, **{k: params[k] for k in protocol.params}}
+    common = {"teacher_arch": c_teacher, "student_arch": c_student, "image_size": c_size,
+              **{k: getattr(c_train, k) for k in protocol.train}, **{k: c_params.get(k, "-") for k in protocol.params}}
+    declared = {"teacher_arch": protocol.teacher_arch, "student_arch": protocol.student_arch,
+                "image_size": protocol.image_size, **protocol.train, **protocol.params}
+    rows = []
+    for name, value in declared.items():
+        paper = protocol.official.get(name, value)
+        mark = f"CHOSEN: {protocol.deviations[name]}" if name in protocol.deviations else (
+            "differs" if _text(ours[name]) != _text(paper) else "")
+        if _text(common[name]) != _text(paper) and not mark:
+            mark = "* common differs"
+        elif _text(common[name]) != _text(paper):
+            mark += "; * common differs"
+        rows.append({"setting": name, "paper": _text(paper), "ours_paper": _text(ours[name]),
+                     "ours_common": _text(common[name]), "mark": mark})
+    for name, value in protocol.official.items():  # official-code facts that are not settings here
+        if name not in declared:
+            rows.append({"setting": name, "paper": _text(value), "ours_paper": "-", "ours_common": "-",
+                         "mark": f"CHOSEN: {protocol.deviations[name]}" if name in protocol.deviations else ""})
+    return rows
+
+
+def render_card(method: str, dataset: str | None = None) -> str:
+    cls = get_method(method)
+    datasets = [dataset] if dataset else sorted(cls.paper_protocols)
+    if not datasets:
+        raise ConfigError(f"{method} has no paper protocol yet; `dfkd-bench list --settings` shows its settings")
+    lines = [f"protocol card: {cls.label or cls.name} ({cls.summary})"]
+    for name in datasets:
+        if name not in cls.paper_protocols:
+            have = ", ".join(sorted(cls.paper_protocols)) or "none"
+            raise ConfigError(f"{method} has no paper protocol for {name} (it has: {have}); "
+                              f"pass --dataset with one of them")
+        protocol = cls.paper_protocols[name]
+        std = f" +- {protocol.std:g}" if protocol.std is not None else ""
+        teacher = f", teacher {protocol.teacher_accuracy:g} %" if protocol.teacher_accuracy is not None else ""
+        lines += ["", f"{name}: published {protocol.accuracy:g}{std} %{teacher}, selection {protocol.selection} "
+                      f"-- {protocol.source}", f"official code: {protocol.code}"]
+        rows = card_rows(method, name)
+        header = {"setting": "setting", "paper": "paper / official code", "ours_paper": "ours (paper)",
+                  "ours_common": "ours (common)", "mark": ""}
+        widths = {k: max(len(r[k]) for r in [header, *rows]) for k in ("setting", "paper", "ours_paper", "ours_common")}
+        for row in [header, *rows]:
+            lines.append(("  " + "  ".join(row[k].ljust(widths[k]) for k in widths) + "  " + row["mark"]).rstrip())
+    return "\n".join(lines)
