@@ -348,6 +348,18 @@ class Trainer:
         else:
             self.optimizer = make_optimizer("adam", self.student_module.parameters(), perf, lr=train.student_lr,
                                             weight_decay=train.student_weight_decay)
+        self.perf_fallbacks = perf.fallbacks  # filled by every make_optimizer of the run (method's too)
+        for line in perf.fallbacks:
+            self.note(f"fused optimiser not available, running unfused: {line}")
+
+    def resolved_perf(self) -> dict[str, Any]:
+        """Every ``auto`` setting as decided for this device, and what fell back (config.json)."""
+        resolved: dict[str, Any] = {name: getattr(self.train_cfg, name) for name in self.train_cfg.AUTO_SETTINGS}
+        fallbacks = list(getattr(self, "perf_fallbacks", []))
+        if fallbacks:
+            # asked for, not had: a fused optimiser the torch build lacks runs unfused (same mathematics)
+            resolved["fused_optimizer_fallback"] = fallbacks
+        return resolved
 
     def setup(self) -> None:
         """:meth:`build`, plus the test split, the drift snapshot model and the running state."""
@@ -718,7 +730,7 @@ class Trainer:
                 self.eval_record()
         if self.distributed.is_main:
             resolved = {**cfg.to_dict(), "run_id": cfg.run_id, "run_name": cfg.run_name,
-                        "resolved_perf": {name: getattr(train, name) for name in train.AUTO_SETTINGS},
+                        "resolved_perf": self.resolved_perf(),
                         "environment": environment_info(self.device, self.distributed),
                         "teacher_test_accuracy_here": self.teacher_test_accuracy, "notes": self.notes}
             self.store.write_config(resolved)

@@ -69,6 +69,11 @@ class PerfOptions:
     """Fused optimiser kernels: one kernel for all parameters and no host-side step
     counters (Adam's default implementation reads its step count on the host)."""
 
+    fallbacks: list = field(default_factory=list, compare=False, hash=False, repr=False)
+    """What could not be had as asked (e.g. ``fused_optimizer`` on a torch without the fused kernel):
+    one line each, filled by :func:`make_optimizer`; the engine records them in config.json
+    (``resolved_perf``) and as notes."""
+
     def autocast(self, device: torch.device):
         enabled = self.amp == "bf16"
         # No weight-cast cache: each weight is cast once per forward anyway, and CUDA graphs need it off.
@@ -83,8 +88,11 @@ def make_optimizer(name: str, params, perf: PerfOptions, **kwargs) -> torch.opti
     if perf.fused_optimizer:
         try:
             return cls(params, fused=True, **kwargs)
-        except (RuntimeError, TypeError):  # an older torch without fused kernels for this device
-            pass
+        except (RuntimeError, TypeError) as error:  # an older torch without fused kernels for this device
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            line = f"{name}: unfused ({reason})"
+            if line not in perf.fallbacks:
+                perf.fallbacks.append(line)
     return cls(params, **kwargs)
 
 
