@@ -43,7 +43,7 @@ from dfkd_bench.data import build_dataset, load_as_tensors
 from dfkd_bench.errors import DfkdError
 from dfkd_bench.graphs import StaticStep
 from dfkd_bench.losses import js_divergence_per_sample
-from dfkd_bench.method_api import DistributedInfo, MethodContext, get_method, make_optimizer
+from dfkd_bench.method_api import DistributedInfo, MethodContext, float32_logits, get_method, make_optimizer
 from dfkd_bench.models import build_model
 from dfkd_bench.store import RunStore
 from dfkd_bench.teachers import NormalizedModel, build_teacher
@@ -322,6 +322,11 @@ class Trainer:
         perf = train.perf
         if perf.amp == "bf16" and self.device.type == "cpu":
             self.note("bf16 autocast on CPU is slow; it is meant for GPUs")
+        if perf.amp == "bf16":  # the losses see float32 logits (method_api.Float32Linear)
+            for name, model in (("student", self.student_module), ("teacher", self.teacher)):
+                if not float32_logits(model, cfg.num_classes):
+                    self.note(f"bf16: the {name} has no nn.Linear classifier; its logits leave autocast in bf16",
+                              show=False)
         if perf.channels_last:
             self.student_module = self.student_module.to(memory_format=torch.channels_last)
             self.teacher = self.teacher.to(memory_format=torch.channels_last)
