@@ -78,3 +78,41 @@ def test_pack_data_refuses_a_folder_without_the_cifar_tree(tmp_path):
     done = subprocess.run(["bash", str(REPO / "scripts" / "pack_data.sh"), str(tmp_path), str(tmp_path / "a.tar.xz")],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "train/ and test/" in done.stderr
+
+
+def _bench_json(device: str) -> dict:
+    def mode(ms, images, syncs=0, tflops=None):
+        entry = {"ms_per_student_step": ms, "images_per_s": images, "host_syncs_per_iteration": syncs}
+        if tflops is not None:
+            entry["tflops"] = tflops
+        return entry
+
+    return {"device": device, "peak_bf16_tflops_measured": 780.0, "ratios": {"mad_over_abm_per_image": 1.05},
+            "methods": {"abm": {"fast": mode(2.0, 9000, tflops=20.0), "fast_over_reference_images_per_s": 4.0},
+                        "mad": {"fast": mode(4.5, 8000, syncs=1, tflops=39.0),
+                                "fast_over_reference_images_per_s": 3.5}}}
+
+
+def test_gpu_check_verdicts_judge_each_target_on_a_gpu_and_none_on_a_cpu():
+    from dfkd_bench.gpu_check import print_verdicts, verdicts
+
+    capture = {"tolerance": 0.05, "methods": {"mad": {"update_relative_difference": 0.01, "same_step": True}}}
+    on_gpu = verdicts(_bench_json("cuda:0"), {"gpu": "NVIDIA H200", "bf16_matmul_tflops_measured": 780.0}, capture)
+    met = {line["target"]: line["met"] for line in on_gpu["verdicts"]}
+    assert met["MAD student step <= 4 ms (CIFAR configuration)"] is False  # 4.5 ms
+    assert met["MAD fast >= 3x the reference images/s"] is True
+    assert met["MAD/ABM time per student image <= 1.10"] is True
+    assert met["0 host syncs per fast-path iteration"] is False  # one sync in MAD's fast path
+    assert met["mad: graph-replayed student steps = eager steps (same inputs)"] is True
+    assert on_gpu["all_met"] is False
+    peak = next(line for line in on_gpu["verdicts"] if line["target"].startswith("TFLOP/s"))
+    assert peak["value"] == 39.0 and "5.00 % of the measured peak" in peak["why"]
+    on_cpu = verdicts(_bench_json("cpu"), {"gpu": None}, capture)
+    assert all(line["met"] is None for line in on_cpu["verdicts"]) and on_cpu["all_met"] is None
+    import io
+
+    out = io.StringIO()
+    print_verdicts(on_cpu, out)
+    assert out.getvalue().count("not judged on CPU") == 5
+    missing = verdicts(None, {"gpu": "NVIDIA H200"}, None)  # bench cut by the deadline: nothing is "met"
+    assert all(line["met"] is None for line in missing["verdicts"]) and missing["all_met"] is None
