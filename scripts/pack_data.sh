@@ -4,9 +4,9 @@
 # DATA_DIR is an ImageFolder tree with train/<class>/ and test/<class>/ (such as
 # ../shared/data/cifar10-jpeg) or a folder holding one named cifar10-jpeg. The device machine takes the
 # working tree plus carried paths, 64 MiB in all: the tracked tree is about 20 MiB and the JPEG tree
-# 57 MB (60,000 files), too much together. Every one of those JPEGs repeats the same ~600 bytes of
+# 55 MB (60,000 files), too much together. Every one of those JPEGs repeats the same ~600 bytes of
 # headers (quantisation and Huffman tables), which xz's 64 MiB window removes: the archive is about
-# 18.6 MB (measured: 56,901,601 bytes of files -> 18,570,176 bytes, xz -9, one thread, ~1 min here).
+# 18.6 MB (measured: 55,250,913 bytes in 60,000 files -> 18,572,528 bytes, xz -9, one thread, 1-6 min here).
 # The images are unchanged: scripts/cifar10_window.sh unpacks the archive (Python's tarfile, data
 # filter: regular files and folders only, nothing outside its folder) once into .window/data/.
 # The tar is reproducible (sorted names, fixed owner and times), so the same tree gives the same bytes.

@@ -26,6 +26,15 @@
 #   window_wait_locks DIR                             wait until no run under DIR is being trained
 #   window_result KEY JSON_FILE                       a step's JSON result, merged into the summary
 #
+# A new window is a few lines, e.g. a reproduction window (DATA_DIR holding MNIST):
+#   source "$(dirname "${BASH_SOURCE[0]}")/window_lib.sh"
+#   window_init reproduce_window "$2" 510 "${@:3}"; window_check_device; window_install
+#   window_step sweep 60 "$DFKD" sweep "$REPO"/experiments/reproduce/{dafl,dfad}_mnist.toml --data-root "$1" \
+#       --results-dir "$WINDOW_DIR/reproduce" --device "$WINDOW_DEVICE" --no-progress --runs-per-gpu 3
+#   window_wait_locks "$WINDOW_DIR/reproduce"
+#   window_step report 0 "$DFKD" report --results-dir "$WINDOW_DIR/reproduce" --out "$STAGE/report"
+# (then copy the records without checkpoints into $STAGE, as cifar10_window.sh does).
+#
 # Environment: PYTHON (python3), WINDOW_DIR (REPO/.window: site, data, teachers, runs -- ignored by
 # git, kept between calls on a warm machine), WINDOW_GRACE_S (20: SIGTERM -> SIGKILL grace).
 
