@@ -117,6 +117,7 @@ EOF
     window_wait_locks "$RESULTS"  # workers stopped by the deadline checkpoint after their iteration
 else
     log "no teacher yet (the deadline stopped its training after a checkpoint): run the script again to go on"
+    WINDOW_INCOMPLETE=1
 fi
 dfkd status --results-dir "$RESULTS" >"$STAGE/status.txt" 2>&1 || true
 cat "$STAGE/status.txt"

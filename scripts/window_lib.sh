@@ -25,6 +25,7 @@
 #   window_step NAME RESERVE_S [--max S] PROGRAM...   PROGRAM under the deadline minus RESERVE_S seconds
 #   window_wait_locks DIR                             wait until no run under DIR is being trained
 #   window_result KEY JSON_FILE                       a step's JSON result, merged into the summary
+#   WINDOW_INCOMPLETE=1                               the summary's status is "incomplete", not "done"
 #
 # A new window is a few lines, e.g. a reproduction window (DATA_DIR holding MNIST):
 #   source "$(dirname "${BASH_SOURCE[0]}")/window_lib.sh"
@@ -77,6 +78,7 @@ window_init() {
     WINDOW_STEPS="$STAGE/steps.jsonl"
     WINDOW_GRACE="${WINDOW_GRACE_S:-20}"
     WINDOW_STATUS="running"
+    WINDOW_INCOMPLETE=""
     WINDOW_STARTED="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
     SECONDS=0
     exec 3>&1 4>&2
@@ -178,8 +180,8 @@ window_step() {
     log "step $name: start (at most ${limit} s)"
     timeout --signal=TERM --kill-after="$WINDOW_GRACE" "$limit" "$@" || status=$?
     local how="done"
-    [[ "$status" -eq 124 ]] && how="deadline"
-    [[ "$status" -eq 137 ]] && how="killed"
+    [[ "$status" -eq 124 ]] && how="deadline" && WINDOW_INCOMPLETE=1
+    [[ "$status" -eq 137 ]] && how="killed" && WINDOW_INCOMPLETE=1
     [[ "$status" -ne 0 && "$status" -ne 124 && "$status" -ne 137 ]] && how="failed"
     log "step $name: $how (exit status $status, $((SECONDS - started)) s)"
     printf '{"step": "%s", "status": "%s", "exit": %d, "seconds": %d}\n' "$name" "$how" "$status" \
@@ -206,6 +208,8 @@ window_finish() {
     local code=$?
     trap - EXIT
     [[ "$WINDOW_STATUS" == running ]] && { [[ "$code" -eq 0 ]] && WINDOW_STATUS="done" || WINDOW_STATUS="failed"; }
+    # a step cut by the deadline: its work is checkpointed, and the same command goes on from there
+    [[ "$WINDOW_STATUS" == done && -n "${WINDOW_INCOMPLETE:-}" ]] && WINDOW_STATUS="incomplete"
     if [[ "$WINDOW_STATUS" == no_gpu ]]; then  # nothing ran: no tarball, the one error line says why
         exec 1>&3 2>&4
         wait "$WINDOW_TEE_PID" 2>/dev/null || true
