@@ -69,6 +69,48 @@ def _peak_rss_mb() -> float:
     return peak_memory_mb(torch.device("cpu"))
 
 
+def _rss_mb() -> float:
+    """The process's current resident set (MB), from /proc/self/statm."""
+    import os
+
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class MemoryProbe:
+    """Memory now and the high-water mark since the last reset, in MB: CUDA allocated bytes on a
+    GPU, the resident set on a CPU."""
+
+    def __init__(self, device) -> None:
+        self.device = device
+        self.cuda = getattr(device, "type", str(device)) == "cuda"
+
+    def now(self) -> float:
+        if self.cuda:
+            import torch
+
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        return _rss_mb()
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            _peak_rss_reset()
+
+    def peak(self) -> float:
+        if self.cuda:
+            import torch
+
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return _peak_rss_mb()
+
+
 def _random_teacher(arch: str, dataset: str, folder: Path) -> str:
     import torch
 
@@ -93,7 +135,10 @@ def _student_images_per_iteration(trainer) -> int:
     return int(trainer.counters["student_images"] - before)
 
 
-def build_variants(kind: str, device: str, methods, fast_overrides: dict[str, Any], extra: dict[str, Any], folder: Path):
+def build_variants(kind: str, device: str, methods, fast_overrides: dict[str, Any], extra: dict[str, Any], folder: Path,
+                   resident: dict | None = None, probe: MemoryProbe | None = None):
+    """Build every (method, mode) trainer; ``resident[(method, mode)]`` gets the memory (MB) its
+    build added (see :class:`MemoryProbe`)."""
     from dfkd_bench.engine import Trainer
     from dfkd_bench.experiment import RunRequest, TeacherOptions, build_run_configs
 
@@ -101,7 +146,8 @@ def build_variants(kind: str, device: str, methods, fast_overrides: dict[str, An
     teacher = _random_teacher(spec["teacher_arch"], spec["dataset"], folder)
     variants = {}
     modes = [("fast", fast_overrides), ("reference", REFERENCE)]
-    if kind == "gpu":  # what the CUDA graphs add: the fast path with eager student steps
+    if kind == "gpu" or str(device).startswith("cuda"):
+        # what the CUDA graphs add (the fast path with eager student steps), and where FLOPs are counted
         modes.insert(1, ("fast_eager", {**fast_overrides, "cuda_graphs": False}))
     for mode, perf in modes:
         for method in methods:
@@ -111,9 +157,12 @@ def build_variants(kind: str, device: str, methods, fast_overrides: dict[str, An
             request = RunRequest(methods=[method], dataset=spec["dataset"], seeds=[0], teacher_arch=spec["teacher_arch"],
                                  student_arch=spec["student_arch"], overrides=overrides,
                                  teacher=TeacherOptions(checkpoint=teacher))
+            before = probe.now() if probe is not None else 0.0
             trainer = Trainer(build_run_configs(request)[0], folder / "runs", device=device, progress=False)
             trainer.build()
             variants[(method, mode)] = trainer
+            if probe is not None and resident is not None:
+                resident[(method, mode)] = max(0.0, probe.now() - before)
     return variants
 
 
@@ -124,6 +173,59 @@ def _flops_per_iteration(trainer) -> float:
     with counter:
         trainer.run_iteration()
     return float(counter.get_total_flops())
+
+
+def eager_variant_for_flops(variants: dict, method: str):
+    """The trainer whose iteration FLOPs stand for the fast path's: ``fast_eager`` (the same
+    mathematics with eager student steps) where it exists. A replayed CUDA graph dispatches
+    nothing, so counting on ``fast`` would miss every replayed student step."""
+    return variants.get((method, "fast_eager")) or variants[(method, "fast")]
+
+
+def flops_per_iteration(variants: dict, method: str) -> float:
+    return _flops_per_iteration(eager_variant_for_flops(variants, method))
+
+
+def time_variants(variants: dict, iterations: int, warmup: int, probe: MemoryProbe, sync,
+                  resident: dict | None = None) -> tuple[dict, dict, dict]:
+    """Warm up each variant, then time ``iterations`` interleaved iterations of all of them.
+
+    Returns per variant the iteration times, the student-stage times and the peak memory (MB) of
+    that variant alone: the memory its build and warm-up added (``resident`` holds the build's
+    share) plus the most one of its timed iterations added on top of what was allocated when it
+    began -- not the process's peak, which holds every variant at once.
+    """
+    import time as _time
+
+    resident = dict(resident or {})
+    for key, trainer in variants.items():  # warm-up (and compilation, optimiser state, graph capture)
+        sync()
+        before = probe.now()
+        for _ in range(warmup):
+            trainer.run_iteration()
+        sync()
+        resident[key] = resident.get(key, 0.0) + max(0.0, probe.now() - before)
+    sync()
+    times: dict = {key: [] for key in variants}
+    student_times: dict = {key: [] for key in variants}
+    transient: dict = {key: 0.0 for key in variants}
+    for _ in range(iterations):
+        for key, trainer in variants.items():
+            sync()
+            probe.reset_peak()
+            base = probe.now()
+            start = _time.perf_counter()
+            trainer.generator_stage()
+            sync()
+            middle = _time.perf_counter()
+            trainer.student_stage()
+            sync()
+            end = _time.perf_counter()
+            times[key].append(end - start)
+            student_times[key].append(end - middle)
+            transient[key] = max(transient[key], probe.peak() - base)
+    peaks = {key: resident[key] + max(0.0, transient[key]) for key in variants}
+    return times, student_times, peaks
 
 
 def measured_bf16_peak_tflops(device, size: int = 8192, repeats: int = 20) -> float:
@@ -171,43 +273,22 @@ def run_benchmark(kind: str = "auto", device: str = "auto", iterations: int = 10
     dev = resolve_device(device)
     kind = ("gpu" if dev.type == "cuda" else "cpu") if kind == "auto" else kind
     fast = {**FAST[kind], "compile": compile, "stage_buffer": stage_buffer}
+    probe = MemoryProbe(dev)
     with tempfile.TemporaryDirectory() as tmp:
-        variants = build_variants(kind, str(dev), methods, fast, dict(extra or {}), Path(tmp))
+        resident: dict[tuple[str, str], float] = {}
+        variants = build_variants(kind, str(dev), methods, fast, dict(extra or {}), Path(tmp),
+                                  resident=resident, probe=probe)
 
         def sync():
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
 
-        for trainer in variants.values():  # warm-up (and compilation)
-            for _ in range(warmup):
-                trainer.run_iteration()
-        sync()
-        times: dict[tuple[str, str], list[float]] = {key: [] for key in variants}
-        student_times: dict[tuple[str, str], list[float]] = {key: [] for key in variants}
-        peaks: dict[tuple[str, str], float] = {key: 0.0 for key in variants}
-        for _ in range(iterations):
-            for key, trainer in variants.items():
-                if dev.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(dev)
-                else:
-                    _peak_rss_reset()
-                sync()
-                start = time.perf_counter()
-                trainer.generator_stage()
-                sync()
-                middle = time.perf_counter()
-                trainer.student_stage()
-                sync()
-                end = time.perf_counter()
-                times[key].append(end - start)
-                student_times[key].append(end - middle)
-                peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _peak_rss_mb()
-                peaks[key] = max(peaks[key], peak)
+        times, student_times, peaks = time_variants(variants, iterations, warmup, probe, sync, resident)
         work = {key: count_step_work(trainer) for key, trainer in variants.items()}
         flops = {}
         if dev.type == "cuda":
             for method in methods:
-                flops[method] = _flops_per_iteration(variants[(method, "fast")])
+                flops[method] = flops_per_iteration(variants, method)
         measured_peak = measured_bf16_peak_tflops(dev) if dev.type == "cuda" else None
 
     results: dict[str, Any] = {"device": str(dev), "kind": kind, "iterations": iterations, "warmup": warmup,
@@ -342,7 +423,9 @@ def _print_table(results: dict[str, Any], out) -> None:
     summary.update({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in results["ratios"].items()})
     summary["device"] = results.get("gpu", results["device"])
     summary["peak_bf16_tflops_measured"] = results.get("peak_bf16_tflops_measured")
-    summary["targets_met"] = all(t["met"] for t in results["targets"] if t["met"] is not None)
+    judged = [t["met"] for t in results["targets"] if t["met"] is not None]
+    # nothing judged is not "met": null, so that a script never reads success from an empty benchmark
+    summary["targets_met"] = all(judged) if judged else None
     print(dumps_strict(summary, sort_keys=True), file=out)  # strict JSON: a missing ratio is null
 
 
@@ -366,20 +449,66 @@ def add_bench_command(subparsers) -> None:
     parser.set_defaults(func=_cmd_bench)
 
 
+MAX_PACKED = 256  # as --runs-per-gpu: K worker processes, each with its own CUDA context
+
+
+def check_json_out(path: str | None) -> None:
+    """``--json-out PATH``: one error line before anything is timed if PATH cannot be written."""
+    import os
+
+    from dfkd_bench.errors import ConfigError
+
+    if not path:
+        if path is not None:
+            raise ConfigError("--json-out needs a file name, e.g. --json-out bench.json")
+        return
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise ConfigError(f"--json-out {path} is a folder; give a file name, e.g. --json-out {target / 'bench.json'}")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise ConfigError(f"--json-out {path} cannot be written (permission denied); choose another file")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"--json-out {path}: its folder {target.parent} cannot be written "
+                          f"({error.strerror or error}); choose another file") from None
+
+
+def check_bench_args(args) -> list[str]:
+    """Everything ``bench`` is given, checked before anything is built or timed; the method list."""
+    from dfkd_bench.errors import ConfigError
+    from dfkd_bench.method_api import get_method
+
+    methods = [m.strip() for m in (args.methods or "").split(",") if m.strip()]
+    if not methods:
+        raise ConfigError(f"--methods {args.methods!r} names no method: give at least one, e.g. --methods "
+                          f"{','.join(METHODS)}")
+    for method in methods:
+        get_method(method)
+    if args.packed is not None and not 1 <= args.packed <= MAX_PACKED:
+        raise ConfigError(f"--packed must be a number of runs from 1 to {MAX_PACKED}, got {args.packed}")
+    check_json_out(args.json_out)
+    return methods
+
+
 def _cmd_bench(args) -> int:
     from dfkd_bench.config import parse_overrides
+    from dfkd_bench.store import atomic_write_bytes
 
+    methods = check_bench_args(args)
     if args.packed is not None:
         from dfkd_bench.bench_pack import run_pack_benchmark
 
         results = run_pack_benchmark(args.packed, kind=args.config, device=args.device, iterations=args.iterations,
-                                     warmup=args.warmup, methods=[m for m in args.methods.split(",") if m],
+                                     warmup=args.warmup, methods=methods,
                                      extra=parse_overrides(args.set or []))
     else:
         results = run_benchmark(kind=args.config, device=args.device, iterations=args.iterations, warmup=args.warmup,
-                                methods=[m for m in args.methods.split(",") if m], compile=args.compile,
+                                methods=methods, compile=args.compile,
                                 stage_buffer=args.stage_buffer, extra=parse_overrides(args.set or []))
     if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(dumps_strict(results, indent=2, sort_keys=True) + "\n")
+        atomic_write_bytes(Path(args.json_out).expanduser(),
+                           (dumps_strict(results, indent=2, sort_keys=True) + "\n").encode())
     return 0

@@ -252,12 +252,35 @@ def cmd_run(args) -> int:
 # ---------------------------------------------------------------- teacher ---
 
 def cmd_teacher_train(args) -> int:
-    from dfkd_bench.teachers import train_teacher
+    import signal as _signal
 
-    result = train_teacher(args.dataset, args.arch, data_root=args.data_root, cache_dir=args.teacher_cache,
-                           epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                           device=args.device, workers=args.workers, download=args.download,
-                           progress=not args.no_progress, recipe=args.recipe, pipeline=args.pipeline)
+    from dfkd_bench.teachers import TeacherInterrupted, TeacherStop, train_teacher
+
+    # Ctrl-C / SIGTERM: while the data are read, stop at once (nothing is lost); during the epochs,
+    # finish the epoch, checkpoint it and stop; the same command resumes. A second Ctrl-C stops at once.
+    stop = TeacherStop()
+
+    def handler(signum, frame):
+        if stop.requested and signum == _signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.request(_signal.Signals(signum).name)
+        if not stop.training:
+            raise TeacherInterrupted(f"teacher training stopped by {stop.reason} while reading the data (nothing to "
+                                     "save); run the same command again to start it")
+
+    previous = {sig: _signal.signal(sig, handler) for sig in (_signal.SIGINT, _signal.SIGTERM)}
+    try:
+        result = train_teacher(args.dataset, args.arch, data_root=args.data_root, cache_dir=args.teacher_cache,
+                               epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                               device=args.device, workers=args.workers, download=args.download,
+                               progress=not args.no_progress, recipe=args.recipe, pipeline=args.pipeline,
+                               stop=stop)
+    except TeacherInterrupted as stopped:
+        print(str(stopped), file=sys.stderr)
+        return 3  # stopped cleanly (as a stopped packed run's worker): not done, resumable
+    finally:
+        for sig, old_handler in previous.items():
+            _signal.signal(sig, old_handler)
     data = ""
     if "data_seconds" in result:
         sources = ", ".join(f"{split} {how}" for split, how in result["tensor_cache"].items())

@@ -43,7 +43,7 @@ from dfkd_bench.data import build_dataset, load_as_tensors
 from dfkd_bench.errors import DfkdError
 from dfkd_bench.graphs import StaticStep
 from dfkd_bench.losses import js_divergence_per_sample
-from dfkd_bench.method_api import DistributedInfo, MethodContext, get_method, make_optimizer
+from dfkd_bench.method_api import DistributedInfo, MethodContext, float32_logits, get_method, make_optimizer
 from dfkd_bench.models import build_model
 from dfkd_bench.store import RunStore
 from dfkd_bench.teachers import NormalizedModel, build_teacher
@@ -322,6 +322,11 @@ class Trainer:
         perf = train.perf
         if perf.amp == "bf16" and self.device.type == "cpu":
             self.note("bf16 autocast on CPU is slow; it is meant for GPUs")
+        if perf.amp == "bf16":  # the losses see float32 logits (method_api.Float32Linear)
+            for name, model in (("student", self.student_module), ("teacher", self.teacher)):
+                if not float32_logits(model, cfg.num_classes):
+                    self.note(f"bf16: the {name} has no nn.Linear classifier; its logits leave autocast in bf16",
+                              show=False)
         if perf.channels_last:
             self.student_module = self.student_module.to(memory_format=torch.channels_last)
             self.teacher = self.teacher.to(memory_format=torch.channels_last)
@@ -348,6 +353,18 @@ class Trainer:
         else:
             self.optimizer = make_optimizer("adam", self.student_module.parameters(), perf, lr=train.student_lr,
                                             weight_decay=train.student_weight_decay)
+        self.perf_fallbacks = perf.fallbacks  # filled by every make_optimizer of the run (method's too)
+        for line in perf.fallbacks:
+            self.note(f"fused optimiser not available, running unfused: {line}")
+
+    def resolved_perf(self) -> dict[str, Any]:
+        """Every ``auto`` setting as decided for this device, and what fell back (config.json)."""
+        resolved: dict[str, Any] = {name: getattr(self.train_cfg, name) for name in self.train_cfg.AUTO_SETTINGS}
+        fallbacks = list(getattr(self, "perf_fallbacks", []))
+        if fallbacks:
+            # asked for, not had: a fused optimiser the torch build lacks runs unfused (same mathematics)
+            resolved["fused_optimizer_fallback"] = fallbacks
+        return resolved
 
     def setup(self) -> None:
         """:meth:`build`, plus the test split, the drift snapshot model and the running state."""
@@ -718,7 +735,7 @@ class Trainer:
                 self.eval_record()
         if self.distributed.is_main:
             resolved = {**cfg.to_dict(), "run_id": cfg.run_id, "run_name": cfg.run_name,
-                        "resolved_perf": {name: getattr(train, name) for name in train.AUTO_SETTINGS},
+                        "resolved_perf": self.resolved_perf(),
                         "environment": environment_info(self.device, self.distributed),
                         "teacher_test_accuracy_here": self.teacher_test_accuracy, "notes": self.notes}
             self.store.write_config(resolved)

@@ -125,12 +125,20 @@ def evaluate_tensors(model: nn.Module, images: Tensor, labels: Tensor, batch_siz
 def train_in_memory(model: nn.Module, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], *,
                     recipe: Any, lr_at: Callable[[Any, float], float], augmentation: str, device: torch.device,
                     seed: int, progress: Callable[[int, int, dict[str, Any]], None] | None = None,
-                    eval_epochs: set[int] | None = None) -> list[dict[str, Any]]:
+                    eval_epochs: set[int] | None = None, start_state: dict[str, Any] | None = None,
+                    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+                    info: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Train ``model`` (already on ``device``) for ``recipe.epochs``; return the evaluation history.
 
     ``lr_at(recipe, epoch_float)`` is the learning rate; evaluations happen after the epochs in
     ``eval_epochs`` (1-based; the last epoch always). ``progress(step, total_steps, info)`` is
     called once per epoch. Raises ``FloatingPointError`` when the loss is not finite.
+
+    ``on_epoch_end(state)`` gets, after each epoch, everything needed to continue exactly
+    (``epoch`` done, ``model``, ``optimizer`` and ``generator`` states, ``history``); the
+    same dict as ``start_state`` continues from there: on a CPU the weights are then
+    bit-identical to an uninterrupted training. ``info`` receives what was resolved
+    (``fused_optimizer``, and ``fused_optimizer_fallback`` with the reason where it fell back).
     """
     from dfkd_bench.errors import ConfigError
 
@@ -146,19 +154,35 @@ def train_in_memory(model: nn.Module, train: tuple[Tensor, Tensor], test: tuple[
     optimizer_kwargs = dict(lr=lr_at(recipe, 0.0), momentum=recipe.momentum, weight_decay=recipe.weight_decay,
                             nesterov=bool(recipe.nesterov and recipe.momentum > 0))
     optimizer = None
+    info = info if info is not None else {}
+    info["fused_optimizer"] = False
     if cuda:
         torch.backends.cudnn.benchmark = True  # fixed shapes (drop_last): autotune the convolutions once
         try:
             optimizer = torch.optim.SGD(model.parameters(), **optimizer_kwargs, fused=True)
-        except (RuntimeError, TypeError, ValueError):  # a torch without the fused SGD
+            info["fused_optimizer"] = True
+        except (RuntimeError, TypeError, ValueError) as error:  # a torch without the fused SGD
             optimizer = None
+            info["fused_optimizer_fallback"] = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        # the loss sees float32 logits: the classifier computes outside bf16 autocast
+        from dfkd_bench.method_api import float32_logits
+
+        num_classes = int(train_y.max().item()) + 1 if train_y.numel() else 0
+        info["float32_logits"] = bool(num_classes) and float32_logits(model, num_classes)
     if optimizer is None:
         optimizer = torch.optim.SGD(model.parameters(), **optimizer_kwargs)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     eval_epochs = set(eval_epochs or ()) | {recipe.epochs}
     history: list[dict[str, Any]] = []
     smoothing = float(getattr(recipe, "label_smoothing", 0.0) or 0.0)
-    for epoch in range(recipe.epochs):
+    first_epoch = 0
+    if start_state is not None:
+        model.load_state_dict(start_state["model"])
+        optimizer.load_state_dict(start_state["optimizer"])
+        generator.set_state(start_state["generator"])
+        history = [dict(entry) for entry in start_state["history"]]
+        first_epoch = int(start_state["epoch"])
+    for epoch in range(first_epoch, recipe.epochs):
         model.train()
         order = torch.randperm(n, generator=generator, device=device)
         epoch_loss = torch.zeros((), device=device)
@@ -179,13 +203,16 @@ def train_in_memory(model: nn.Module, train: tuple[Tensor, Tensor], test: tuple[
         mean_loss = epoch_loss.item() / steps_per_epoch  # one host sync per epoch
         if not math.isfinite(mean_loss):
             raise ConfigError(f"teacher training diverged at epoch {epoch + 1} (loss {mean_loss}); lower --lr")
-        info: dict[str, Any] = {"epoch": epoch + 1, "loss": mean_loss}
+        status: dict[str, Any] = {"epoch": epoch + 1, "loss": mean_loss}
         if epoch + 1 in eval_epochs:
             metrics = evaluate_tensors(model, test_x, test_y, memory_format=memory_format)
             history.append({"epoch": epoch + 1, **metrics})
-            info["test_acc"] = metrics["accuracy"]
+            status["test_acc"] = metrics["accuracy"]
         if progress is not None:
-            progress((epoch + 1) * steps_per_epoch, recipe.epochs * steps_per_epoch, info)
+            progress((epoch + 1) * steps_per_epoch, recipe.epochs * steps_per_epoch, status)
+        if on_epoch_end is not None:
+            on_epoch_end({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "generator": generator.get_state(), "history": [dict(entry) for entry in history]})
     model.to(memory_format=torch.contiguous_format)
     return history
 

@@ -20,6 +20,17 @@ the same function on them -- without a graph, so the tests check on any
 machine that the static form of a step computes exactly what the eager step
 computes. A capture that fails on a GPU is reported once and the run goes on
 eagerly.
+
+A failed capture is cleaned up in ``finally`` blocks, not by
+``torch.cuda.graph``'s context manager, whose exit skips restoring the stream
+when ``capture_end`` raises (as it does after any error inside the capture):
+the caller's stream is made current again, the allocator stops routing this
+stream's allocations to the graph's private pool and the pool is released, so
+later captures in the same process (``bench`` builds nine trainers) start
+clean. The note quotes the error raised inside the step (the cause), not
+``capture_end``'s generic one, and host-side counters moved by the failed
+capture are put back, so the eager step that replaces it counts its images
+once. ``_CudaApi`` is the seam the CPU tests use to run this branch.
 """
 
 from __future__ import annotations
@@ -38,6 +49,38 @@ class _Captured:
     outputs: Any
     graph: Any = None  # torch.cuda.CUDAGraph on a GPU, None for the CPU form
     counted: dict[str, float] | None = None  # what the captured call added to the counters
+
+
+class _CudaApi:
+    """The few CUDA calls a capture makes (a stand-in replaces them in the CPU tests)."""
+
+    @staticmethod
+    def new_graph():
+        return torch.cuda.CUDAGraph()
+
+    @staticmethod
+    def synchronize(device: torch.device) -> None:
+        torch.cuda.synchronize(device)
+
+    @staticmethod
+    def current_stream(device: torch.device):
+        return torch.cuda.current_stream(device)
+
+    @staticmethod
+    def set_stream(stream) -> None:
+        torch.cuda.set_stream(stream)
+
+    @staticmethod
+    def end_allocate_to_pool(device: torch.device, pool) -> None:
+        """Stop routing allocations to ``pool`` (what capture_end does when it succeeds) and free it."""
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        for name in ("_cuda_endAllocateToPool", "_cuda_releasePool"):
+            fn = getattr(torch._C, name, None)
+            if fn is not None:
+                try:
+                    fn(index, pool)
+                except RuntimeError:  # already ended by capture_end, or unknown to this torch
+                    pass
 
 
 def _key(batch: dict[str, Tensor]) -> tuple:
@@ -67,6 +110,7 @@ class StaticStep:
         self._graphs: dict[tuple, _Captured] = {}
         self._baked: Any = None
         self._side_stream = torch.cuda.Stream(device) if self.cuda else None
+        self._api = _CudaApi
         # Host-side counters that Python hooks inside ``fn`` move (e.g. images per step): a replay
         # runs no Python, so it adds what the captured call added.
         self.counters = counters if counters is not None else {}
@@ -92,9 +136,33 @@ class StaticStep:
         self.zero_grad()  # gradients are then allocated in the graph's pool, and overwritten by each replay
         if not self.cuda:
             return _Captured(inputs, self.fn(inputs))
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outputs = self.fn(inputs)
+        api = self._api
+        graph = api.new_graph()
+        api.synchronize(self.device)
+        previous = api.current_stream(self.device)
+        stream = self._side_stream
+        stream.wait_stream(previous)
+        api.set_stream(stream)  # captures must not run on the default stream
+        try:
+            graph.capture_begin()
+            try:
+                outputs = self.fn(inputs)
+            except BaseException:
+                # The cause is this error; capture_end's (an invalidated capture) would hide it.
+                try:
+                    graph.capture_end()
+                except RuntimeError:
+                    pass
+                api.end_allocate_to_pool(self.device, graph.pool())
+                raise
+            try:
+                graph.capture_end()
+            except BaseException:
+                api.end_allocate_to_pool(self.device, graph.pool())
+                raise
+        finally:
+            api.set_stream(previous)
+        previous.wait_stream(stream)
         graph.replay()  # capturing records kernels without running them: this runs the step
         return _Captured(inputs, outputs, graph)
 
@@ -113,6 +181,14 @@ class StaticStep:
             except RuntimeError as error:
                 if not self.cuda:
                     raise
+                # what the failed capture's Python hooks counted is not a step: the eager one counts it
+                for name in list(self.counters):
+                    if name.startswith("time/"):
+                        continue
+                    if name in before:
+                        self.counters[name] = before[name]
+                    else:
+                        del self.counters[name]
                 self.failed = True
                 self.note(f"CUDA graph capture of the student step failed ({str(error).splitlines()[0]}); "
                           "training on without graphs (--set cuda_graphs=false silences this)")

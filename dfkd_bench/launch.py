@@ -312,9 +312,10 @@ def _worker_preexec():
     """What a worker runs between fork and exec (built here: nothing may be imported in there).
 
     It blocks the stop signals until the worker has its handlers (the mask survives exec), so that a
-    stop sent while Python starts is kept, not fatal; and (Linux) it asks for a SIGKILL when the
-    launching process dies, as a run trained in that process would get (the lock goes with it and
-    the run resumes from its last checkpoint).
+    stop sent while Python starts is kept, not fatal; and (Linux) it asks for a SIGTERM when the
+    launching process dies (e.g. killed by ``timeout --kill-after``): the worker then stops as on
+    any stop -- at once while it still sets up, else after its iteration with a checkpoint --
+    instead of dying with whatever it trained since its last checkpoint.
     """
     try:
         import ctypes
@@ -326,7 +327,7 @@ def _worker_preexec():
     def prepare() -> None:  # pragma: no cover - runs in the child
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         if prctl is not None:
-            prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+            prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
 
     return prepare
 
@@ -460,28 +461,69 @@ def pack_worker_main() -> int:
     return {"done": 0, "interrupted": 3}.get(outcome["status"], 1)
 
 
+class _SetupAwareStop:
+    """The worker's stop request. Until the engine first asks whether to stop (at the end of the
+    first iteration of this start), nothing has been trained since the last checkpoint, so a stop
+    ends the worker at once -- e.g. one still decoding the test split when a deadline's SIGTERM
+    comes, which would otherwise only stop after setting up and training an iteration, and be
+    killed by then (``timeout --kill-after``). After that, a stop is honoured after the iteration,
+    with a checkpoint, as in every run."""
+
+    def __init__(self) -> None:
+        self._requested = False
+        self.reason = ""
+        self.training = False
+
+    @property
+    def requested(self) -> bool:
+        self.training = True  # the engine's loop reads this once an iteration is done
+        return self._requested
+
+    def request(self, reason: str) -> None:
+        self._requested = True
+        self.reason = reason
+
+
+def _stop_in_worker(stop: _SetupAwareStop, signum: int) -> None:
+    from dfkd_bench.engine import RunInterrupted
+
+    if stop._requested and signum == signal.SIGINT and stop.training:
+        raise KeyboardInterrupt
+    stop.request(signal.Signals(signum).name)
+    if not stop.training:
+        raise RunInterrupted(f"stopped by {stop.reason} while setting up (nothing trained since the last "
+                             "checkpoint, nothing lost); run the same command again to resume")
+
+
 def _train_in_worker(job: dict[str, Any], early: list[int]) -> dict[str, Any]:
-    import torch
+    from dfkd_bench.engine import RunInterrupted
 
-    from dfkd_bench.config import RunConfig
-    from dfkd_bench.engine import RunInterrupted, StopRequest, stop_on_signals, train_run
-
+    stop = _SetupAwareStop()
+    previous = {}
     try:
+        # SIGUSR2: SLURM's preemption warning, in case it reaches the workers directly.
+        for signum in _STOP_SIGNALS:
+            previous[signum] = signal.signal(signum, lambda number, frame: _stop_in_worker(stop, number))
+        if early:  # checked once the real handlers are in place, so no signal falls in between
+            _stop_in_worker(stop, early[0])
+        import torch
+
+        from dfkd_bench.config import RunConfig
+        from dfkd_bench.engine import train_run
+
         if job.get("threads"):
             torch.set_num_threads(int(job["threads"]))
         config = RunConfig.from_dict(job["config"])
-        stop = StopRequest()
-        # SIGUSR2: SLURM's preemption warning, in case it reaches the workers directly.
-        with stop_on_signals(stop, signals=(signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)):
-            if early:  # checked once the real handlers are in place, so no signal falls in between
-                stop.request(signal.Signals(early[0]).name)
-            train_run(config, job["results_dir"], device=job["device"], progress=False, stop=stop,
-                      workers=int(job.get("workers") or 0))
+        train_run(config, job["results_dir"], device=job["device"], progress=False, stop=stop,  # type: ignore[arg-type]
+                  workers=int(job.get("workers") or 0))
         return {"status": "done"}
     except RunInterrupted as error:
         return {"status": "interrupted", "message": str(error)}
     except BaseException as error:  # noqa: BLE001 - everything is reported to the launcher
         return {"status": "failed", "message": describe_failure(error)[:4000]}
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class PackJob:

@@ -73,10 +73,42 @@ class PerfOptions:
     """Fused optimiser kernels: one kernel for all parameters and no host-side step
     counters (Adam's default implementation reads its step count on the host)."""
 
+    fallbacks: list = field(default_factory=list, compare=False, hash=False, repr=False)
+    """What could not be had as asked (e.g. ``fused_optimizer`` on a torch without the fused kernel):
+    one line each, filled by :func:`make_optimizer`; the engine records them in config.json
+    (``resolved_perf``) and as notes."""
+
     def autocast(self, device: torch.device):
         enabled = self.amp == "bf16"
         # No weight-cast cache: each weight is cast once per forward anyway, and CUDA graphs need it off.
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
+
+
+class Float32Linear(nn.Linear):
+    """A linear layer that computes in float32 even inside a bf16 autocast region.
+
+    # CHOSEN (issue 21, item 7): under bf16 autocast a classifier's logits would leave the last
+    # layer rounded to bf16 (8 bits of mantissa: a spacing of 0.125 near the logit bound
+    # delta = 20 of Eqs. 10-11) before any ``.float()``. Only the last layer is kept in float32
+    # (its input, the bf16 features, is upcast exactly): every loss then sees float32 logits,
+    # while the convolutions, where the time goes, stay in bf16. A class swap, not a wrapper, so
+    # state_dict keys, checkpoints and run ids do not change.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Linear's name
+        with torch.autocast(device_type=input.device.type, enabled=False):
+            bias = self.bias.float() if self.bias is not None else None
+            return nn.functional.linear(input.float(), self.weight.float(), bias)
+
+
+def float32_logits(model: nn.Module, num_classes: int) -> bool:
+    """Make the classifier of ``model`` (its last ``nn.Linear`` with ``num_classes`` outputs) a
+    :class:`Float32Linear`; False if there is none (the logits then stay as autocast leaves them)."""
+    heads = [m for m in model.modules() if type(m) is nn.Linear and m.out_features == num_classes]
+    if not heads:
+        return False
+    heads[-1].__class__ = Float32Linear
+    return True
 
 
 def make_optimizer(name: str, params, perf: PerfOptions, **kwargs) -> torch.optim.Optimizer:
@@ -87,8 +119,11 @@ def make_optimizer(name: str, params, perf: PerfOptions, **kwargs) -> torch.opti
     if perf.fused_optimizer:
         try:
             return cls(params, fused=True, **kwargs)
-        except (RuntimeError, TypeError):  # an older torch without fused kernels for this device
-            pass
+        except (RuntimeError, TypeError) as error:  # an older torch without fused kernels for this device
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            line = f"{name}: unfused ({reason})"
+            if line not in perf.fallbacks:
+                perf.fallbacks.append(line)
     return cls(params, **kwargs)
 
 

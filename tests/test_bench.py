@@ -47,3 +47,100 @@ def test_gpu_configuration_prints_the_gpu_targets_even_when_run_small_on_a_cpu()
     judged = {t["target"]: t["met"] for t in results["targets"]}
     assert judged["MAD student step <= 4 ms"] is None  # a CPU does not judge a GPU target
     assert "(not judged: needs a CUDA device)" in out.getvalue()
+
+
+# ------------------------------------------------ FLOPs, memory and refusals (issue 21) ---
+
+class _Stage:
+    """A stand-in trainer: a 'replayed' one dispatches nothing, an eager one runs a matmul."""
+
+    def __init__(self, eager: bool, hold_mb: int = 0):
+        import torch
+
+        self.eager = eager
+        self.held = torch.ones(hold_mb * 2**18) if hold_mb else None  # float32: 4 bytes each
+
+    def generator_stage(self):
+        pass
+
+    def student_stage(self):
+        import torch
+
+        if self.eager:
+            torch.ones(16, 32) @ torch.ones(32, 8)
+
+    def run_iteration(self):
+        self.generator_stage()
+        self.student_stage()
+
+
+def test_flops_are_counted_on_the_eager_variant_not_on_graph_replays():
+    from dfkd_bench.bench import flops_per_iteration
+
+    variants = {("mad", "fast"): _Stage(eager=False), ("mad", "fast_eager"): _Stage(eager=True)}
+    # a replay dispatches nothing a dispatch mode could count; the eager form computes the same step
+    assert flops_per_iteration(variants, "mad") == 2 * 16 * 32 * 8
+    assert flops_per_iteration({("abm", "fast"): _Stage(eager=True)}, "abm") == 2 * 16 * 32 * 8
+
+
+def test_peak_memory_is_per_variant_not_the_whole_process():
+    import torch
+
+    from dfkd_bench.bench import MemoryProbe, time_variants
+
+    probe = MemoryProbe(torch.device("cpu"))
+    before = probe.now()
+    big = _Stage(eager=True, hold_mb=256)
+    resident = {("big", "fast"): probe.now() - before}
+    small = _Stage(eager=True)
+    resident[("small", "fast")] = 0.0
+    _, _, peaks = time_variants({("big", "fast"): big, ("small", "fast"): small}, iterations=2, warmup=1,
+                                probe=probe, sync=lambda: None, resident=resident)
+    assert peaks[("big", "fast")] > 200
+    assert peaks[("small", "fast")] < 100  # the process holds > 256 MB, the small variant does not
+    del big
+
+
+def _bench(argv, capsys):
+    from dfkd_bench.cli import main
+
+    code = main(["bench", *argv])
+    return code, capsys.readouterr()
+
+
+def test_bench_refuses_an_empty_method_list_a_huge_pack_and_a_folder_as_json_out(tmp_path, capsys, monkeypatch):
+    import dfkd_bench.bench as bench
+    import dfkd_bench.bench_pack as bench_pack
+
+    def never(*args, **kwargs):
+        raise AssertionError("the benchmark must not start")
+
+    monkeypatch.setattr(bench, "run_benchmark", never)
+    monkeypatch.setattr(bench_pack, "run_pack_benchmark", never)
+    for argv, words in ((["--methods", ""], "--methods"), (["--methods", " , "], "names no method"),
+                        (["--packed", "1000000"], "from 1 to 256"), (["--packed", "0"], "from 1 to 256"),
+                        (["--json-out", str(tmp_path)], "is a folder"),
+                        (["--methods", "abm,nope"], "unknown method")):
+        code, captured = _bench(argv, capsys)
+        assert code == 2, argv
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], (argv, captured.err)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, captured = _bench(["--json-out", str(blocker / "bench.json")], capsys)
+    assert code == 2 and captured.err.count("\n") == 1 and "cannot be written" in captured.err
+
+
+def test_a_benchmark_that_judged_nothing_does_not_say_its_targets_are_met():
+    import io
+
+    from dfkd_bench.bench import _print_table
+
+    results = {"config": {"dataset": "digits", "teacher_arch": "a", "student_arch": "b", "overrides": {}, "set": {},
+                          "fast": {}, "reference": {}},
+               "device": "cpu", "torch": "x", "iterations": 1, "warmup": 0, "kind": "cpu", "methods": {},
+               "ratios": {"mad_over_abm_per_iter": float("nan"), "mem_over_abm_per_iter": float("nan")},
+               "memory_bank_8192_cifar_mb": 25.2, "targets": []}
+    out = io.StringIO()
+    _print_table(results, out)
+    assert _last_json(out.getvalue())["targets_met"] is None

@@ -114,8 +114,10 @@ def test_a_stopped_pack_checkpoints_every_run_and_resumes_exactly(separate, teac
     assert process.returncode == 2, (out, err)
     assert err.strip().splitlines() == ["error: interrupted; checkpoints saved. Run the same command again to resume"]
     for config in configs:
+        # a worker stopped while it still sets up ends at once (nothing trained yet: nothing lost), one
+        # stopped later after its iteration with a checkpoint; neither is failed
         store = RunStore(results, config.run_name)
-        assert store.status() == "incomplete" and store.pointer_path.exists(), config.run_name
+        assert store.status() in ("pending", "incomplete") and not store.error_path.exists(), config.run_name
     launch(configs, results, _args())  # resumed one by one in this process, one thread as before
     for config in configs:
         assert RunStore(results, config.run_name).is_done()
