@@ -63,26 +63,7 @@ mkdir -p "$TEACHERS" "$RESULTS"
 window_install
 
 # ---- data: a folder as it is, an archive unpacked once --------------------------------------------
-if [[ -d "$DATA_ARG" ]]; then
-    DATA_DIR="$DATA_ARG"
-else
-    DATA_DIR="$WINDOW_DIR/data"
-    STAMP="$(stat -c '%s %Y' "$DATA_ARG") $(basename "$DATA_ARG")"
-    if [[ -f "$DATA_DIR/.unpacked" && "$(cat "$DATA_DIR/.unpacked")" == "$STAMP" ]]; then
-        log "data: reusing $DATA_DIR (unpacked from $DATA_ARG earlier)"
-    else
-        log "data: unpacking $DATA_ARG into $DATA_DIR"
-        rm -rf "$DATA_DIR" && mkdir -p "$DATA_DIR"
-        "$PYTHON" - "$DATA_ARG" "$DATA_DIR" <<'EOF'
-import sys, tarfile
-with tarfile.open(sys.argv[1]) as archive:
-    # the data filter: regular files and folders only, nothing outside DATA_DIR, no links, no devices
-    archive.extractall(sys.argv[2], filter="data")
-EOF
-        echo "$STAMP" >"$DATA_DIR/.unpacked"
-        log "data: $(find "$DATA_DIR" -type f -name '*.jp*g' | wc -l) images unpacked"
-    fi
-fi
+window_data "$DATA_ARG"
 
 # ---- teacher (checkpointed per epoch; the deadline stops it, the next call resumes it) --------------
 TEACHER="$TEACHERS/cifar10-wrn40_2.pt"
@@ -125,21 +106,5 @@ cat "$STAGE/status.txt"
 # ---- report and what comes back -------------------------------------------------------------------
 if compgen -G "$RESULTS/*/config.json" >/dev/null; then
     window_step report 0 "$DFKD" report --results-dir "$RESULTS" --out "$STAGE/report"
-    log "copying records (no checkpoints)"
-    mkdir -p "$STAGE/runs"
-    (cd "$RESULTS" && tar cf - --exclude=checkpoints --exclude='*.pt' --exclude='*.pth' --exclude=lock \
-        --exclude=heartbeat --exclude=_submitit .) | (cd "$STAGE/runs" && tar xf -)
-    "$PYTHON" - "$RESULTS" "$STAGE/runs.json" <<'EOF'
-import json, sys
-from pathlib import Path
-runs = {}
-for folder in sorted(p for p in Path(sys.argv[1]).iterdir() if (p / "config.json").exists()):
-    summary = folder / "done"
-    records = folder / "records.jsonl"
-    evals = [json.loads(line) for line in records.read_text().splitlines() if '"eval"' in line] if records.exists() else []
-    runs[folder.name] = {"done": summary.exists(), "last_step": evals[-1]["step"] if evals else None,
-                         "last_test_accuracy": evals[-1].get("test_accuracy") if evals else None}
-Path(sys.argv[2]).write_text(json.dumps(runs, indent=1, sort_keys=True) + "\n")
-EOF
-    window_result runs "$STAGE/runs.json"
+    window_collect_runs "$RESULTS"
 fi

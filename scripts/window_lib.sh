@@ -24,6 +24,8 @@
 #   window_left                                       seconds left before the deadline
 #   window_step NAME RESERVE_S [--max S] PROGRAM...   PROGRAM under the deadline minus RESERVE_S seconds
 #   window_wait_locks DIR                             wait until no run under DIR is being trained
+#   window_data DATA                                  DATA_DIR: a data folder, or an archive unpacked once
+#   window_collect_runs RESULTS                       records (no checkpoints) + per-run accuracies to the summary
 #   window_result KEY JSON_FILE                       a step's JSON result, merged into the summary
 #   WINDOW_INCOMPLETE=1                               the summary's status is "incomplete", not "done"
 #
@@ -197,6 +199,64 @@ window_wait_locks() {
     while IFS= read -r -d '' lock; do
         flock -w "$WINDOW_GRACE" "$lock" true 2>/dev/null || log "run $(basename "$(dirname "$lock")") is still locked"
     done < <(find "$dir" -maxdepth 2 -name lock -print0)
+}
+
+# window_data DATA: DATA_DIR is DATA when it is a folder, else the folder WINDOW_DIR/data into which the
+# archive DATA (scripts/pack_data.sh) is unpacked once (again only when the archive changed).
+window_data() {
+    local archive="$1"
+    if [[ -d "$archive" ]]; then
+        DATA_DIR="$archive"
+        return 0
+    fi
+    DATA_DIR="$WINDOW_DIR/data"
+    local stamp
+    stamp="$(stat -c '%s %Y' "$archive") $(basename "$archive")"
+    if [[ -f "$DATA_DIR/.unpacked" && "$(cat "$DATA_DIR/.unpacked")" == "$stamp" ]]; then
+        log "data: reusing $DATA_DIR (unpacked from $archive earlier)"
+        return 0
+    fi
+    log "data: unpacking $archive into $DATA_DIR"
+    rm -rf "$DATA_DIR" && mkdir -p "$DATA_DIR"
+    "$PYTHON" - "$archive" "$DATA_DIR" <<'EOF'
+import sys, tarfile
+with tarfile.open(sys.argv[1]) as archive:
+    # the data filter: regular files and folders only, nothing outside DATA_DIR, no links, no devices
+    archive.extractall(sys.argv[2], filter="data")
+EOF
+    echo "$stamp" >"$DATA_DIR/.unpacked"
+    log "data: $(find "$DATA_DIR" -type f ! -name .unpacked | wc -l) files unpacked"
+}
+
+# window_collect_runs RESULTS: the run folders' records, configs and states -- never checkpoints -- into
+# STAGE/runs, and per run (done, last and best test accuracy) into the summary's results.runs.
+window_collect_runs() {
+    local results="$1"
+    log "copying records (no checkpoints)"
+    mkdir -p "$STAGE/runs"
+    (cd "$results" && tar cf - --exclude=checkpoints --exclude='*.pt' --exclude='*.pth' --exclude=lock \
+        --exclude=heartbeat --exclude=_submitit .) | (cd "$STAGE/runs" && tar xf -)
+    "$PYTHON" - "$results" "$STAGE/runs.json" <<'EOF'
+import json, sys
+from pathlib import Path
+runs = {}
+for folder in sorted(p for p in Path(sys.argv[1]).iterdir() if (p / "config.json").exists()):
+    records = folder / "records.jsonl"
+    evals = []
+    if records.exists():
+        for line in records.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line torn by a kill
+                continue
+            if record.get("kind") == "eval" and "test_accuracy" in record:
+                evals.append(record)
+    runs[folder.name] = {"done": (folder / "done").exists(), "last_step": evals[-1]["step"] if evals else None,
+                         "last_test_accuracy": evals[-1]["test_accuracy"] if evals else None,
+                         "best_test_accuracy": max(r["test_accuracy"] for r in evals) if evals else None}
+Path(sys.argv[2]).write_text(json.dumps(runs, indent=1, sort_keys=True) + "\n")
+EOF
+    window_result runs "$STAGE/runs.json"
 }
 
 window_result() {  # window_result KEY FILE: FILE's JSON under "results"."KEY" of the summary

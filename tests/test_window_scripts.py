@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import SHARED_DATA, needs_shared_data
+
 REPO = Path(__file__).resolve().parent.parent
 no_gpu_here = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 
@@ -22,7 +24,8 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 
 @no_gpu_here
-@pytest.mark.parametrize("script,args", [("gpu_check.sh", []), ("cifar10_window.sh", ["DATA"])])
+@pytest.mark.parametrize("script,args", [("gpu_check.sh", []), ("cifar10_window.sh", ["DATA"]),
+                                         ("reproduce_window.sh", ["DATA"])])
 def test_a_window_without_a_gpu_fails_at_once_with_one_line(tmp_path, script, args):
     out = tmp_path / "out"
     args = [str(tmp_path) if a == "DATA" else a for a in args]
@@ -80,6 +83,40 @@ def test_pack_data_refuses_a_folder_without_the_cifar_tree(tmp_path):
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "train/ and test/" in done.stderr
 
 
+UNPACK = r'''
+set -euo pipefail
+source "{lib}"
+window_init demo "$1" 60 --device cpu
+window_data "$2"
+cmp "$DATA_DIR/MNIST/raw/t10k-labels-idx1-ubyte" "$3"
+echo "DATA_DIR=$DATA_DIR"
+'''
+
+
+def test_pack_data_packs_mnist_in_its_layout_and_a_window_unpacks_it_once(tmp_path):
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (raw / name).write_bytes(os.urandom(1000))
+    archive = tmp_path / "mnist.tar.xz"
+    for source in (tmp_path / "data", tmp_path / "data" / "MNIST"):  # the root or MNIST/ itself
+        done = subprocess.run(["bash", str(REPO / "scripts" / "pack_data.sh"), str(source), str(archive)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        with tarfile.open(archive) as packed:
+            assert sorted(packed.getnames()) == ["MNIST/raw", *sorted(f"MNIST/raw/{p.name}" for p in raw.iterdir())]
+    script = tmp_path / "unpack.sh"
+    script.write_text(UNPACK.format(lib=REPO / "scripts" / "window_lib.sh"))
+    for attempt in range(2):
+        done = subprocess.run(["bash", str(script), str(tmp_path / "out"), str(archive),
+                               str(raw / "t10k-labels-idx1-ubyte")], env=_env(tmp_path), capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"DATA_DIR={tmp_path / 'window' / 'data'}" in done.stdout
+        assert ("reusing" in done.stdout) == (attempt == 1)  # unpacked once, then reused
+
+
 def _bench_json(device: str) -> dict:
     def mode(ms, images, syncs=0, tflops=None):
         entry = {"ms_per_student_step": ms, "images_per_s": images, "host_syncs_per_iteration": syncs}
@@ -116,3 +153,27 @@ def test_gpu_check_verdicts_judge_each_target_on_a_gpu_and_none_on_a_cpu():
     assert out.getvalue().count("not judged on CPU") == 5
     missing = verdicts(None, {"gpu": "NVIDIA H200"}, None)  # bench cut by the deadline: nothing is "met"
     assert all(line["met"] is None for line in missing["verdicts"]) and missing["all_met"] is None
+
+
+@pytest.mark.slow
+@pytest.mark.data
+@needs_shared_data("MNIST", "raw")
+def test_the_reproduction_window_runs_end_to_end_on_cpu_with_a_tiny_override(tmp_path):
+    """scripts/reproduce_window.sh on the real MNIST, both papers' protocols shrunk to 2 iterations at
+    batch 32 (a check of the chain, not the protocol): six runs, the report's Reproductions table in the
+    summary, two files back (about a minute here)."""
+    env = {**_env(tmp_path), "WINDOW_BUDGET_OVERRIDES": "--set epochs=1 --set steps_per_epoch=2 --set eval_every=1 "
+                                                       "--set batch_size=32 --threads 1"}
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", str(REPO / "scripts" / "reproduce_window.sh"), str(SHARED_DATA), str(out),
+                           "--device", "cpu", "--deadline", "500"], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["reproduce_window.json", "reproduce_window.tar.gz"]
+    summary = json.loads((out / "reproduce_window.json").read_text())
+    assert summary["status"] == "done"
+    assert len(summary["results"]["runs"]) == 6 and all(run["done"] for run in summary["results"]["runs"].values())
+    rows = {row["row"]: row for row in summary["results"]["reproductions"]}
+    assert set(rows) == {"dafl", "dfad"} and rows["dafl"]["published"] == "98.2"
+    with tarfile.open(out / "reproduce_window.tar.gz") as archive:
+        assert not [name for name in archive.getnames() if name.endswith(".pt")]  # never checkpoints
