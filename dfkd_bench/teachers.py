@@ -300,6 +300,17 @@ def _check_shapes(expected: dict[str, Tensor], state: dict[str, Tensor], source,
             f"the architecture expects {tuple(expected[key].shape)}{more}; check --teacher-arch and that the "
             "file was trained for this dataset's number of classes and image size"
         )
+    # Integer weights where the architecture has floating-point ones (a quantised or mangled export)
+    # would be cast silently by load_state_dict and give a teacher that answers nonsense.
+    wrong = [k for k, v in expected.items() if v.is_floating_point() and not state[k].is_floating_point()]
+    if wrong:
+        key = wrong[0]
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise CheckpointError(
+            f"{source} does not fit --teacher-arch {arch}: key {key!r} holds {str(state[key].dtype).removeprefix('torch.')} "
+            f"values where the architecture has floating-point weights{more} (a quantised or damaged export?); "
+            "save the floating-point weights: torch.save(model.float().state_dict(), PATH)"
+        )
 
 
 def load_state_into(model: nn.Module, state: "OrderedDict[str, Tensor]", path: str | os.PathLike,
