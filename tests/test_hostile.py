@@ -352,3 +352,198 @@ def test_random_sigkills_then_resume_is_exact(seed, reference, teacher_cache, tm
     _kill_at_random_until_done(tmp_path, teacher_cache, random.Random(seed), kills=3)
     assert_same(outcome(tmp_path), reference)
     assert list(tmp_path.glob("**/.*.tmp")) == []
+
+
+# ------------------------------------- 4. every input error before any folder exists ---
+
+def _one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert "Traceback" not in captured.err
+    return lines[0]
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--image-size", "17"], "divisible by 4"),
+    (["--set", "generator=gen256"], "gen256"),
+    (["--set", "batch_size=100000000"], "lower batch_size"),
+    (["--methods", "dfq", "--set", "generator=gen256"], "gen256"),
+])
+def test_input_errors_found_before_any_run_folder_exists(extra, expected, teacher_cache, tmp_path, capsys):
+    from dfkd_bench.cli import main
+
+    results = tmp_path / "runs"
+    code = main(["run", "--methods", "abm", "--dataset", "digits", "--budget", "smoke", "--no-progress",
+                 "--threads", "1", "--teacher-cache", str(teacher_cache), "--results-dir", str(results), *extra])
+    assert code == 2
+    assert expected in _one_error_line(capsys)
+    assert not results.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_cuda_is_refused_before_any_folder(teacher_cache, tmp_path, capsys):
+    from dfkd_bench.cli import main
+
+    results = tmp_path / "runs"
+    assert main(["run", "--methods", "abm", "--budget", "smoke", "--no-progress", "--device", "cuda",
+                 "--teacher-cache", str(teacher_cache), "--results-dir", str(results)]) == 2
+    assert "CUDA is not available" in _one_error_line(capsys)
+    assert not results.exists()
+
+
+def test_a_missing_dataset_is_refused_before_any_folder(tmp_path, capsys):
+    from dfkd_bench.cli import main
+
+    teachers = Path(__file__).resolve().parent.parent / "results" / "zoo" / "teachers"
+    if not (teachers / "mnist-lenet5.pt").exists():
+        pytest.skip("no committed MNIST teacher")
+    results = tmp_path / "runs"
+    assert main(["run", "--methods", "abm", "--dataset", "mnist", "--budget", "smoke", "--no-progress",
+                 "--data-root", str(tmp_path / "nowhere"), "--teacher-cache", str(teachers),
+                 "--results-dir", str(results)]) == 2
+    assert "mnist" in _one_error_line(capsys)
+    assert not results.exists()
+
+
+def test_a_teacher_std_that_makes_inputs_infinite_is_refused(teacher_cache, tmp_path, capsys):
+    from dfkd_bench.cli import main
+
+    results = tmp_path / "runs"
+    assert main(["run", "--methods", "abm", "--budget", "smoke", "--no-progress", "--teacher-arch", "lenet5",
+                 "--teacher-checkpoint", str(teacher_cache / "digits-lenet5.pt"), "--teacher-std", "1e-300",
+                 "--results-dir", str(results)]) == 2
+    assert "--teacher-std" in _one_error_line(capsys)
+    assert not results.exists()
+
+
+BASE_TOML = 'methods = ["abm"]\nseeds = [0]\ndataset = "digits"\nbudget = "smoke"\n[resources]\n'
+
+
+@pytest.mark.parametrize("line,flag_error", [
+    ('threads = "abc"', ("--threads", "abc")),
+    ("threads = -5", ("--threads", "-5")),
+    ("threads = 0", ("--threads", "0")),
+    ("time = 0", ("--time", "0")),
+    ("mem_gb = nan", ("--mem-gb", "nan")),
+    ('device = "tpu"', ("--device", "tpu")),
+])
+def test_experiment_resources_are_checked_as_the_command_line_is(line, flag_error, tmp_path, capsys):
+    """One validator: what the command line refuses, [resources] refuses too, in one line."""
+    from dfkd_bench.cli import main
+
+    path = tmp_path / "exp.toml"
+    path.write_text(BASE_TOML + line + "\n")
+    results = tmp_path / "runs"
+    assert main(["sweep", str(path), "--results-dir", str(results), "--dry-run"]) == 2
+    from_file = _one_error_line(capsys)
+    key = line.split(" =")[0]
+    assert f"[resources] {key} must be" in from_file or f"[resources] {key} " in from_file, from_file
+    assert not results.exists()
+    flag, value = flag_error
+    if flag == "--threads" and value == "abc":
+        return  # argparse refuses it as a type error
+    assert main(["run", "--methods", "abm", "--budget", "smoke", flag, value, "--results-dir", str(results)]) == 2
+    from_cli = _one_error_line(capsys)
+    assert from_cli.split(flag, 1)[1].split(",")[0].split(";")[0].strip().startswith(
+        from_file.split(key, 1)[1].split(",")[0].split(";")[0].strip()[:8]), (from_cli, from_file)
+
+
+# --------------------------------- 5. one damaged folder does not stop status or report ---
+
+@pytest.mark.parametrize("entry", ["records.jsonl", "lock", "error.txt", "checkpoint.json"])
+def test_status_and_report_survive_a_marker_that_is_a_folder(entry, reference_folder, tmp_path, capsys):
+    from dfkd_bench.cli import main
+
+    results = copy_of(reference_folder, tmp_path)
+    good = run_folder(results)
+    bad = results / good.name.replace(good.name.rsplit("-", 1)[1], "0" * 12)
+    shutil.copytree(good, bad)
+    (bad / "done").unlink()
+    (bad / entry).unlink(missing_ok=True)
+    (bad / entry).mkdir()
+    assert main(["status", "--results-dir", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert good.name in out and bad.name in out
+    assert main(["report", "--results-dir", str(results), "--formats", "png"]) == 0, capsys.readouterr().err
+
+
+# ---------------------------------------------------------- 6. no huge work unasked ---
+
+def test_a_huge_grid_is_counted_and_refused_before_it_is_expanded(tmp_path, capsys):
+    from dfkd_bench.cli import main
+
+    path = tmp_path / "huge.toml"
+    values = ", ".join(str(0.001 * (i + 1)) for i in range(1000))
+    path.write_text('methods = ["abm", "mad"]\nseeds = [0, 1]\ndataset = "digits"\n[grid]\nalpha = [' + values
+                    + "]\nlr_S = [" + values + "]\n")
+    started = time.time()
+    assert main(["sweep", str(path), "--dry-run"]) == 2
+    line = _one_error_line(capsys)
+    assert "4,000,000 runs" in line and "--yes" in line, line
+    assert time.time() - started < 10
+
+
+def test_twenty_thousand_seeds_need_yes(tmp_path, capsys):
+    from dfkd_bench.cli import main
+
+    results = tmp_path / "runs"
+    seeds = ",".join(str(i) for i in range(20_000))
+    assert main(["run", "--methods", "abm", "--seeds", seeds, "--results-dir", str(results)]) == 2
+    assert "20,000 runs" in _one_error_line(capsys)
+    assert not results.exists()
+
+
+# ------------------------------------------------------------------- 9. messages ---
+
+def test_an_empty_results_dir_is_refused(tmp_path, capsys, monkeypatch):
+    from dfkd_bench.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--methods", "abm", "--results-dir", ""]) == 2
+    assert "--results-dir is empty" in _one_error_line(capsys)
+    assert main(["report", "--results-dir", ""]) == 2
+    assert "--results-dir is empty" in _one_error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "device"])
+def test_a_teacher_path_that_is_not_a_file_says_what_it_is(kind, tmp_path, capsys):
+    from dfkd_bench.cli import main
+
+    if kind == "folder":
+        path = tmp_path / "weights"
+        path.mkdir()
+        expected = "is a folder"
+    elif kind == "fifo":
+        path = tmp_path / "pipe"
+        os.mkfifo(path)
+        expected = "not a regular file"
+    else:
+        path = Path("/dev/zero")
+        expected = "not a regular file"
+    assert main(["run", "--methods", "abm", "--budget", "smoke", "--teacher-arch", "lenet5",
+                 "--teacher-checkpoint", str(path), "--results-dir", str(tmp_path / "runs")]) == 2
+    line = _one_error_line(capsys)
+    assert expected in line and "does not exist" not in line, line
+
+
+def test_non_ascii_seeds_are_refused_as_set_values_are(capsys):
+    from dfkd_bench.cli import main
+
+    with pytest.raises(SystemExit) as excinfo:  # an argparse usage error
+        main(["run", "--methods", "abm", "--seeds", "\u0663"])
+    assert excinfo.value.code == 2
+    assert "comma-separated integers" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("content", ["[]", "null", '{"iteration": "x"}', "{}"])
+def test_a_damaged_checkpoint_pointer_is_one_line(content, tmp_path):
+    from dfkd_bench.errors import CheckpointError
+
+    store = RunStore(tmp_path, "abm-digits-lenet5_half-s0-000000000000")
+    store.path.mkdir()
+    store.pointer_path.write_text(content)
+    with pytest.raises(CheckpointError, match="is damaged") as excinfo:
+        store.load_checkpoint()
+    assert "\n" not in str(excinfo.value) and "TypeError" not in str(excinfo.value)

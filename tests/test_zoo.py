@@ -234,7 +234,7 @@ def test_zoo_method_steps_are_finite_and_state_round_trip_is_exact(method, digit
     second = make_trainer(digits_request, tmp_path / "b", method)
     second.start_time = second_start
     buffer.seek(0)
-    second.restore(torch.load(buffer, weights_only=False))
+    second.restore(torch.load(buffer, weights_only=True))
     for _ in range(2):
         second.run_iteration()
         second.iteration += 1
