@@ -27,10 +27,11 @@ def _csv(text: str) -> list[str]:
 
 
 def _int_csv(text: str) -> list[int]:
-    try:
-        return [int(item) for item in _csv(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {text!r}") from None
+    items = _csv(text)
+    # ASCII digits only, as in --set values: int() would also read '٣' or '３' as 3.
+    if not all(item.lstrip("+-").isascii() and item.lstrip("+-").isdigit() for item in items):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {text!r}")
+    return [int(item) for item in items]
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -67,21 +68,9 @@ def _check_int(args, name: str, low: int, high: int, flag: str, meaning: str) ->
 
 
 def _check_device(name: str | None) -> None:
-    if name is None or name == "auto":
-        return
-    import torch
+    from dfkd_bench.launch import check_device_name
 
-    hint = "use auto, cpu, cuda or cuda:N"
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        raise ConfigError(f"--device {name!r} is not a device; {hint}") from None
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"--device {name!r} is not supported; {hint}")
-    if device.type == "cuda" and device.index is not None and torch.cuda.is_available() \
-            and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                          f"numbered from 0")
+    check_device_name(name)
 
 
 def _check_writable_folder(folder, what: str, hint: str) -> None:
@@ -98,9 +87,24 @@ def _check_writable_folder(folder, what: str, hint: str) -> None:
         raise ConfigError(f"{what} {folder} cannot be written ({error.strerror or error}); {hint}") from None
 
 
+# Folder and file options: an empty value would silently mean the current directory.
+_PATH_OPTIONS = {"results_dir": "--results-dir", "out": "--out", "teacher_cache": "--teacher-cache",
+                 "submitit_dir": "--submitit-dir", "teacher_checkpoint": "--teacher-checkpoint"}
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    for name, flag in _PATH_OPTIONS.items():
+        value = getattr(args, name, None)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and not item.strip():
+                raise ConfigError(f"{flag} is empty; pass a path (. for the current folder)")
+
+
 def validate_args(args: argparse.Namespace) -> None:
     """Every numeric and path option of every sub-command, in range, before the command runs."""
     from dfkd_bench.experiment import SEED_LIMIT, check_image_size, check_seeds
+
+    _check_paths(args)
 
     if getattr(args, "seeds", None) is not None:
         check_seeds(args.seeds)
@@ -111,17 +115,14 @@ def validate_args(args: argparse.Namespace) -> None:
     lr = getattr(args, "lr", None)
     if lr is not None and not (lr > 0 and lr < float("inf")):
         raise ConfigError(f"--lr must be a finite number > 0, got {lr}")
-    _check_int(args, "workers", 0, 1024, "--workers", "an integer from 0 (load in this process) to 1024")
-    _check_int(args, "threads", 1, 4096, "--threads", "an integer from 1 to 4096")
-    _check_int(args, "time", 1, 10**7, "--time", "a positive number of minutes")
-    _check_int(args, "gpus_per_node", 0, 1024, "--gpus-per-node", "an integer from 0 to 1024")
-    _check_int(args, "cpus_per_task", 1, 4096, "--cpus-per-task", "an integer from 1 to 4096")
-    _check_int(args, "array_parallelism", 1, 10**6, "--array-parallelism", "a positive integer")
+    from dfkd_bench.launch import LAUNCH_INT_RANGES, check_launch_option
+
+    # The launch options: the same checks as an experiment file's [resources] (launch.check_launch_option).
+    for name in (*LAUNCH_INT_RANGES, "mem_gb"):
+        if name != "runs_per_gpu":  # checked with the file's value merged in (launch.launch_options)
+            check_launch_option(name, getattr(args, name, None))
     _check_int(args, "iterations", 1, 10**6, "--iterations", "a positive integer")
     _check_int(args, "warmup", 0, 10**6, "--warmup", "an integer >= 0")
-    mem_gb = getattr(args, "mem_gb", None)
-    if mem_gb is not None and not (mem_gb > 0 and mem_gb < float("inf")):
-        raise ConfigError(f"--mem-gb must be a finite number of GB > 0, got {mem_gb}")
     _check_device(getattr(args, "device", None))
 
     if getattr(args, "teacher_mean", None) is not None or getattr(args, "teacher_std", None) is not None:
@@ -241,6 +242,9 @@ def cmd_run(args) -> int:
     from dfkd_bench.experiment import build_run_configs
     from dfkd_bench.launch import launch, results_hint
 
+    from dfkd_bench.launch import check_work_size
+
+    check_work_size(len(_csv(args.methods)) * len(args.seeds), args, "methods x seeds")
     configs = build_run_configs(_request_from_args(args))
     summaries = launch(configs, args.results_dir, args)
     print_summary(summaries)

@@ -73,9 +73,13 @@ def derived_seed(seed: int, stream: str, step: int = 0) -> int:
 
 
 def rng_state(method_rng: torch.Generator) -> dict[str, Any]:
+    """Every random state of the process, as tensors and plain containers only, so that a checkpoint
+    loads with ``torch.load(weights_only=True)`` (numpy's state holds an array: stored as a tensor)."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                  "pos": int(position), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
         "torch": torch.get_rng_state(),
         "method": method_rng.get_state(),
     }
@@ -86,7 +90,9 @@ def rng_state(method_rng: torch.Generator) -> dict[str, Any]:
 
 def restore_rng_state(state: dict[str, Any], method_rng: torch.Generator) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     method_rng.set_state(state["method"])
     if "cuda" in state and torch.cuda.is_available():
@@ -614,10 +620,10 @@ class Trainer:
 
         rng = torch.Generator(device=self.device).manual_seed(derived_seed(self.config.seed, "samples", self.iteration))
         sources = self._measurement_batches(self.train_cfg.sample_count, rng)
-        self.store.samples_dir.mkdir(parents=True, exist_ok=True)
+        folder = self.store.samples_folder()
         files = {}
         for name, images in sources.items():
-            path = self.store.samples_dir / f"step{self.iteration:07d}_{name}.png"
+            path = folder / f"step{self.iteration:07d}_{name}.png"
             save_image(images.float().cpu(), path, nrow=int(math.ceil(math.sqrt(images.shape[0]))), padding=1)
             files[name] = str(path.relative_to(self.store.path))
         self.record({"kind": "samples", "step": self.iteration, "files": files})
@@ -742,7 +748,9 @@ class Trainer:
         total = train.total_iterations
         bar = tqdm(total=total, initial=self.iteration, disable=not self.progress, dynamic_ncols=True,
                    desc=f"{cfg.method} {cfg.dataset} s{cfg.seed}", unit="it")
-        last_accuracy = self.records[-1]["test_accuracy"] if self.records else float("nan")
+        # The last record can be a samples or drift record (e.g. sample_every=3): take the last evaluation's.
+        evals = [r for r in self.records if r.get("kind") == "eval"]
+        last_accuracy = evals[-1]["test_accuracy"] if evals else float("nan")
         while self.iteration < total:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.learning_rate(self.iteration)
@@ -815,6 +823,8 @@ def train_run(config: RunConfig, results_dir: str | os.PathLike, *, device: str 
     distributed = distributed or DistributedInfo()
     lock = store.lock() if distributed.is_main else contextlib.nullcontext()
     with lock:
+        if distributed.is_main:
+            store.remove_stale_temp_files()  # of writes a kill interrupted (we hold the lock: none is ours)
         if distributed.is_main and not store.config_path.exists():
             # Written again with the environment once set up; this copy lets `status` and
             # `report` see what a run is even if it fails during setup.

@@ -188,6 +188,12 @@ def check_teacher_normalisation(mean: list[float] | None, std: list[float] | Non
                 raise ConfigError(f"{name}: {value!r} is not a finite number")
             if name == "--teacher-std" and value <= 0:
                 raise ConfigError(f"{name}: std must be > 0, got {value}")
+            # CHOSEN: a floor of 1e-3, not just > 0: images are in [0, 1] (pixel stds of 0.1-0.5), and a
+            # std of 1e-300 turns every input into inf, a run that "diverges" for no fault of lr_S.
+            if name == "--teacher-std" and value < 1e-3:
+                raise ConfigError(f"{name}: {value:g} is too small: inputs would be scaled by more than 1,000 (images "
+                                  "are in [0, 1]; their channel stds are about 0.1-0.5); give the std the teacher "
+                                  "was trained with, on that scale")
 
 
 def check_model_name(name: str, what: str) -> None:

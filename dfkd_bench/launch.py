@@ -76,6 +76,8 @@ def add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--runs-per-gpu", type=int, default=None, metavar="K",
                        help="train K runs at once on one device, each in its own process (inline: here; local and "
                             "slurm: each job trains K runs of the list). Default: 1")
+    group.add_argument("--yes", action="store_true",
+                       help=f"go ahead with more than {MAX_RUNS_WITHOUT_YES:,} runs at once (refused without it)")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
     group.add_argument("--no-wait", action="store_true",
                        help="local/slurm: submit and return; check with `dfkd-bench status`")
@@ -98,6 +100,18 @@ def add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
     slurm.add_argument("--submitit-dir", help="where submitit keeps job scripts and logs (default: RESULTS/_submitit)")
 
 
+# More runs than this at once are refused without --yes: a typo in --seeds or a grid can otherwise
+# start (or, for a sweep, spend many minutes expanding) tens of thousands of runs.
+MAX_RUNS_WITHOUT_YES = 1000
+
+
+def check_work_size(count: int, args: argparse.Namespace | None, what: str) -> None:
+    """Refuse ``count`` runs (or grid combinations) above :data:`MAX_RUNS_WITHOUT_YES` without ``--yes``."""
+    if count > MAX_RUNS_WITHOUT_YES and not getattr(args, "yes", False):
+        raise ConfigError(f"{count:,} runs ({what}), more than {MAX_RUNS_WITHOUT_YES:,} at once; check the list, "
+                          "and pass --yes if you mean it")
+
+
 LAUNCH_DEFAULTS = {
     "launcher": "inline", "device": "auto", "workers": 0, "time": 240, "gpus_per_node": 0, "cpus_per_task": 2,
     "mem_gb": 8.0, "array_parallelism": None, "partition": None, "account": None, "qos": None, "constraint": None,
@@ -109,6 +123,58 @@ RUNS_PER_GPU_ENV = "DFKD_BENCH_RUNS_PER_GPU"
 PACK_SLOT_ENV = "DFKD_BENCH_PACK_SLOT"
 
 
+# The numeric launch options, their range and what the error says they must be: ONE table for the
+# command line (``--threads``) and experiment files (``[resources] threads``).
+LAUNCH_INT_RANGES: dict[str, tuple[int, int, str]] = {
+    "workers": (0, 1024, "an integer from 0 (load in this process) to 1024"),
+    "threads": (1, 4096, "an integer from 1 to 4096"),
+    "time": (1, 10**7, "a positive number of minutes"),
+    "gpus_per_node": (0, 1024, "an integer from 0 to 1024"),
+    "cpus_per_task": (1, 4096, "an integer from 1 to 4096"),
+    "array_parallelism": (1, 10**6, "a positive integer"),
+    "runs_per_gpu": (1, 256, "an integer from 1 to 256"),
+}
+
+
+def check_device_name(name: Any, flag: str = "--device") -> None:
+    """A device torch knows and the suite supports (cpu, cuda, cuda:N, mps, or auto)."""
+    if name is None or name == "auto":
+        return
+    hint = "use auto, cpu, cuda or cuda:N"
+    if not isinstance(name, str):
+        raise ConfigError(f"{flag} {name!r} is not a device; {hint}")
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"{flag} {name!r} is not a device; {hint}") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"{flag} {name!r} is not supported; {hint}")
+    if device.type == "cuda" and device.index is not None and torch.cuda.is_available() \
+            and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                          f"numbered from 0")
+
+
+def check_launch_option(name: str, value: Any, flag: str | None = None) -> None:
+    """One launch option in range, the same for ``--name`` and ``[resources] name`` (``flag`` names it)."""
+    flag = flag or "--" + name.replace("_", "-")
+    if value is None:
+        return
+    if name in LAUNCH_INT_RANGES:
+        low, high, meaning = LAUNCH_INT_RANGES[name]
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ConfigError(f"{flag} must be {meaning}, got {value!r}")
+    elif name == "mem_gb":
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+            raise ConfigError(f"{flag} must be a finite number of GB > 0, got {value!r}")
+    elif name == "device":
+        check_device_name(value, flag)
+    elif name == "launcher" and value not in ("inline", "local", "slurm"):
+        raise ConfigError(f"{flag} = {value!r} is not one of inline, local, slurm")
+
+
 def launch_options(args: argparse.Namespace | None, file_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Defaults < experiment file ``[resources]`` < command line."""
     options = dict(LAUNCH_DEFAULTS)
@@ -116,6 +182,7 @@ def launch_options(args: argparse.Namespace | None, file_options: dict[str, Any]
         key = key.replace("-", "_")
         if key not in LAUNCH_DEFAULTS:
             raise DfkdError(f"unknown launch/resource option {key!r}; known: {', '.join(sorted(LAUNCH_DEFAULTS))}")
+        check_launch_option(key, value, f"[resources] {key}")
         options[key] = value
     if args is not None:
         for key in LAUNCH_DEFAULTS:
@@ -149,6 +216,11 @@ def packing_environment(runs_per_gpu: int, slot: int | None = None) -> Iterator[
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+# Why a run is not done when nothing says why: its process was killed from outside (SIGKILL, OOM killer).
+NO_ERROR_RECORDED = ("its process stopped without recording an error (killed from outside, e.g. out of memory?); "
+                     "run the same command again: it resumes from its last checkpoint")
 
 
 def describe_failure(error: BaseException) -> str:
@@ -401,7 +473,7 @@ class PackRunner:
             self._print(f"{name}: stopped; checkpoint saved")
         else:
             outcome = {"status": "failed", "message": outcome.get("message") or store.last_error_line()
-                       or "no error recorded"}
+                       or NO_ERROR_RECORDED}
             self._print(f"{name}: failed: {outcome['message']}")
         return outcome
 
@@ -679,6 +751,71 @@ def check_runs_can_start(configs: list["RunConfig"]) -> None:
                 pass
 
 
+def _memory_bytes(device: str) -> tuple[int, str] | None:
+    """The memory a run on ``device`` can have at most, and what it is called; None if unknown."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        index = torch.device(device).index or 0
+        return torch.cuda.get_device_properties(index).total_memory, f"the {torch.cuda.get_device_name(index)}'s memory"
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_todo_can_start(todo: list["RunConfig"], options: dict[str, Any]) -> None:
+    """What the runs to train would only find out once started, checked before any folder exists:
+    the device, the dataset's test split, the generator for the image size, a batch that cannot fit.
+
+    With the SLURM launcher the runs train on other machines: only what does not depend on the
+    machine (the generator) is checked here.
+    """
+    import torch
+
+    from dfkd_bench.data import build_dataset
+    from dfkd_bench.models import build_generator, generator_for_image_size
+
+    here = options["launcher"] in ("inline", "local")
+    device = str(options["device"] or "auto")
+    if here and todo:
+        from dfkd_bench.engine import resolve_device
+
+        device = str(resolve_device(device))  # --device cuda without CUDA: one line, now
+    seen: set[tuple] = set()
+    for config in todo:
+        params = config.params
+        if isinstance(params.get("generator"), str) and isinstance(params.get("noise_dim", 1), int):
+            key = ("generator", params["generator"], params.get("noise_dim"), params.get("conditioning"),
+                   config.channels, config.image_size, config.num_classes)
+            if key not in seen:
+                seen.add(key)
+                name = params["generator"]
+                try:
+                    if name == "auto":
+                        name = generator_for_image_size(config.image_size)
+                    with torch.device("meta"):
+                        build_generator(name, int(params.get("noise_dim", 100)), config.channels, config.image_size,
+                                        conditioning=params.get("conditioning", "uncond"),
+                                        num_classes=config.num_classes)
+                except DfkdError as error:
+                    raise ConfigError(f"{config.method} on {config.dataset}: {error}") from None
+                except Exception:  # noqa: BLE001 - not buildable on the meta device: the run will tell
+                    pass
+        if not here:
+            continue
+        key = ("data", config.dataset, config.data_root, config.image_size)
+        if key not in seen:
+            seen.add(key)
+            build_dataset(config.dataset, config.data_root, "test", image_size=config.image_size)
+        memory = _memory_bytes(device)
+        batch = config.train.batch_size * config.channels * config.image_size ** 2 * 4
+        if memory is not None and batch > memory[0]:
+            raise ConfigError(f"batch_size={config.train.batch_size} needs {batch / 2**30:.1f} GB for one batch of "
+                              f"{config.image_size}x{config.image_size} images alone, more than {memory[1]} "
+                              f"({memory[0] / 2**30:.1f} GB); lower batch_size")
+
+
 def results_hint(results_dir: str | os.PathLike, count: int) -> str:
     """The last line of `run` / `sweep`: where the records are and how to look at them."""
     results_dir = str(results_dir)
@@ -768,8 +905,9 @@ def launch(configs: list["RunConfig"], results_dir: str | os.PathLike, args: arg
     options = launch_options(args, file_options)
     results_dir = Path(results_dir)
     check_runs_can_start(configs)  # before anything is written
+    plan = plan_launch(configs, results_dir)  # reads only
+    check_todo_can_start(plan.todo, options)
     ensure_results_dir(results_dir)
-    plan = plan_launch(configs, results_dir)
     todo, total, packing = plan.todo, plan.total, int(options["runs_per_gpu"])
     line = (f"{total} runs: {len(plan.done)} already done (skipped), {len(todo)} to run "
             f"[{options['launcher']} launcher{f', {packing} runs per GPU' if packing > 1 else ''}] -> {results_dir}")
@@ -888,7 +1026,7 @@ def _raise_if_failed(todo: list["RunConfig"], results_dir: Path, total: int, whe
         except OSError:
             recorded = ""
         # What this launch saw first: it keeps the cause when recording it failed (a read-only folder ...).
-        return failures.get(name) or recorded or "no error recorded"
+        return failures.get(name) or recorded or NO_ERROR_RECORDED
 
     if len(todo) == 1:  # one run: its own error is the message, on one line
         store = RunStore(results_dir, failed[0])

@@ -44,6 +44,9 @@ import json
 import math
 import numbers
 import os
+import pickle
+import shutil
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -130,14 +133,47 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+class DiskFullError(DfkdError):
+    """A file could not be written for lack of space (its partial temporary file is removed)."""
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "unknown free space"
+    return f"{free / 2**20:.1f} MB free"
+
+
+def atomic_write_bytes(path: Path, data: bytes, fault: str | None = None) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync it and rename it over ``path``.
+
+    A failed write removes its temporary file (a full disk stays no fuller than before), and a
+    lack of space is one line naming the file, its size and the free space. ``fault``: the
+    ``DFKD_BENCH_FAULT`` value at which the process kills itself half-way through the write (tests).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            if fault is not None and os.environ.get("DFKD_BENCH_FAULT") == fault:
+                handle.write(data[:len(data) // 2])
+                handle.flush()
+                os.fsync(handle.fileno())
+                os.kill(os.getpid(), signal.SIGKILL)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(
+                f"no space left to write {path} ({len(data) / 2**20:.2f} MB; {_free_space(path.parent)} on its "
+                "file system); free some space and run the same command again (a run resumes from its last "
+                "checkpoint)") from None
+        raise
     _fsync_dir(path.parent)
 
 
@@ -294,6 +330,12 @@ class _TensorBoardLog:
         self.writer.close()
 
 
+# The entries of a run folder the suite writes, replaces or deletes: none may be a symbolic link, so
+# that nothing is ever written or deleted outside the run folder through one.
+OWN_ENTRIES = ("checkpoints", "samples", "lock", "records.jsonl", "checkpoint.json", "config.json", "heartbeat",
+               "student.pt", "done", "error.txt", "submitted.json")
+
+
 class RunStore:
     """The files of one run."""
 
@@ -334,9 +376,11 @@ class RunStore:
         return "pending"
 
     def last_error_line(self) -> str:
-        if not self.error_path.exists():
+        try:
+            text = self.error_path.read_text(errors="replace")
+        except OSError:  # none, or a folder
             return ""
-        lines = [line for line in self.error_path.read_text().splitlines() if line.strip()]
+        lines = [line for line in text.splitlines() if line.strip()]
         return lines[-1] if lines else ""
 
     def write_heartbeat(self) -> None:
@@ -350,9 +394,42 @@ class RunStore:
         else:
             self.write_heartbeat()
 
+    def check_no_links(self) -> None:
+        """Refuse a run folder that is, or holds, a symbolic link where the suite writes or deletes.
+
+        # CHOSEN: refuse, not follow or replace: a link someone made on purpose (a checkpoints folder
+        # on another disk) is not removed behind their back, and nothing outside the run folder is
+        # touched; the error says which link and what to do.
+        """
+        for path in (self.path, *(self.path / name for name in OWN_ENTRIES)):
+            if path.is_symlink():
+                try:
+                    target = os.readlink(path)
+                except OSError:
+                    target = "?"
+                raise DfkdError(f"{path} is a symbolic link (to {target}); a run writes and deletes files only "
+                                "inside its own folder: replace the link by a real folder or file (or remove it) "
+                                "and run the same command again")
+
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Remove the temporary files of writes that a kill interrupted (``.NAME.PID.tmp``); call it
+        while holding the run's lock. Returns what was removed."""
+        removed = []
+        for folder in (self.path, self.checkpoint_dir):
+            if folder.is_symlink() or not folder.is_dir():
+                continue
+            for tmp in folder.glob(".*.tmp"):
+                # submitted.json is written by a launcher, which does not hold the run's lock.
+                if tmp.name.startswith(".submitted.json.") or not (tmp.is_file() or tmp.is_symlink()):
+                    continue
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                    removed.append(tmp)
+        return removed
+
     # ---------------------------------------------------------- lock ---------
     def is_locked(self) -> bool:
-        if not self.lock_path.exists():
+        if not self.lock_path.is_file() or self.lock_path.is_symlink():
             return False
         with open(self.lock_path, "a+") as handle:
             try:
@@ -368,7 +445,12 @@ class RunStore:
     def lock(self) -> Iterator[None]:
         """Exclusive ownership of the run while it trains."""
         self.path.mkdir(parents=True, exist_ok=True)
-        handle = open(self.lock_path, "a+")
+        self.check_no_links()
+        try:
+            handle = open(os.open(self.lock_path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644), "a+")
+        except IsADirectoryError:
+            raise DfkdError(f"{self.lock_path} is a folder, not the run's lock file; remove it and run the same "
+                            "command again") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -399,7 +481,7 @@ class RunStore:
         """Append one record (strict JSON: non-finite numbers as null), and its scalars to TensorBoard if enabled."""
         record = strict_json_value(record)
         line = (dumps_strict(record, sort_keys=True, default=float) + "\n").encode()
-        fd = os.open(self.records_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.records_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             os.write(fd, line)  # one write of one whole line
             os.fsync(fd)
@@ -443,18 +525,32 @@ class RunStore:
     def _checkpoint_file(self, iteration: int, rank: int) -> Path:
         return self.checkpoint_dir / f"it{iteration:08d}.rank{rank}.pt"
 
+    def _own_folder(self, folder: Path) -> Path:
+        """``folder`` of this run, refused if it is a symbolic link (see :meth:`check_no_links`)."""
+        if folder.is_symlink() or self.path.is_symlink():
+            self.check_no_links()
+        return folder
+
+    def samples_folder(self) -> Path:
+        """The samples folder, made if needed (never through a symbolic link)."""
+        folder = self._own_folder(self.samples_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
     def save_checkpoint_shard(self, state: dict[str, Any], iteration: int, rank: int) -> None:
         import torch
 
+        self._own_folder(self.checkpoint_dir)
         buffer = io.BytesIO()
         torch.save(state, buffer)
-        atomic_write_bytes(self._checkpoint_file(iteration, rank), buffer.getvalue())
+        atomic_write_bytes(self._checkpoint_file(iteration, rank), buffer.getvalue(),
+                           fault=f"checkpoint_write@{iteration}")
 
     def commit_checkpoint(self, iteration: int, world_size: int) -> None:
         """Point at the checkpoint of ``iteration`` (all shards written), then drop older ones."""
         atomic_write_json(self.pointer_path, {"iteration": iteration, "world_size": world_size})
         keep = {self._checkpoint_file(iteration, r).name for r in range(world_size)}
-        for old in self.checkpoint_dir.glob("it*.pt"):
+        for old in self._own_folder(self.checkpoint_dir).glob("it*.pt"):
             if old.name not in keep:
                 old.unlink(missing_ok=True)
 
@@ -463,10 +559,17 @@ class RunStore:
             return None
         try:
             pointer = json.loads(self.pointer_path.read_text())
+            if not isinstance(pointer, dict):
+                raise ValueError(f"holds {type(pointer).__name__ if pointer is not None else 'null'}, "
+                                 "not an object with an iteration")
             iteration = int(pointer["iteration"])
-        except (ValueError, KeyError) as error:
+        except IsADirectoryError:
+            raise CheckpointError(f"{self.pointer_path} is a folder, not the run's checkpoint pointer; remove it to "
+                                  f"restart run {self.name} from scratch") from None
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+            reason = f"no {error}" if isinstance(error, KeyError) else str(error).splitlines()[0]
             raise CheckpointError(
-                f"{self.pointer_path} is damaged ({error}); delete it to restart run {self.name} from scratch"
+                f"{self.pointer_path} is damaged ({reason}); delete it to restart run {self.name} from scratch"
             ) from None
         if pointer.get("world_size", 1) != world_size:
             raise CheckpointError(
@@ -477,9 +580,19 @@ class RunStore:
 
         path = self._checkpoint_file(iteration, rank)
         try:
-            return torch.load(path, map_location="cpu", weights_only=False)
+            # Tensors and plain data only: a run folder may be shared, and a planted pickle must not run code.
+            return torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise CheckpointError(f"checkpoint {path} is missing; delete {self.pointer_path} to restart the run") from None
+        except pickle.UnpicklingError as error:
+            if "weights only" not in str(error).lower() and "weights_only" not in str(error).lower():
+                raise CheckpointError(f"checkpoint {path} cannot be read (damaged pickle data); delete "
+                                      f"{self.pointer_path} to restart the run from scratch") from None
+            raise CheckpointError(
+                f"checkpoint {path} holds Python objects, not only tensors and plain data, and is not loaded "
+                f"(loading it could run code planted in it; the suite never writes such a file); delete "
+                f"{self.pointer_path} and the checkpoints folder to restart run {self.name} from scratch"
+            ) from None
         except Exception as error:  # torch raises many types for damaged files
             raise CheckpointError(
                 f"checkpoint {path} cannot be read ({user_message(error)}); "
@@ -500,7 +613,7 @@ class RunStore:
         self.error_path.unlink(missing_ok=True)
         atomic_write_json(self.done_path, summary)
         # Checkpoints are only needed to resume; a finished run keeps its records and weights.
-        for shard in self.checkpoint_dir.glob("it*.pt"):
+        for shard in self._own_folder(self.checkpoint_dir).glob("it*.pt"):
             shard.unlink(missing_ok=True)
         self.pointer_path.unlink(missing_ok=True)
 
@@ -538,6 +651,27 @@ class RunProgress:
         return f"stopped at iteration {where}{of}"
 
 
+def config_mismatch(config: Any, folder_name: str) -> str:
+    """What is wrong when a run's ``config.json`` does not hash to its run id (a hand-edited method or
+    seed would relabel the run in tables); "" when it matches or cannot be checked (not a run config)."""
+    if not isinstance(config, dict) or not {"method", "dataset", "seed", "teacher", "train"} <= set(config):
+        return ""
+    from dfkd_bench.config import RunConfig
+
+    try:
+        computed = RunConfig.from_dict(config).run_id
+    except Exception:  # noqa: BLE001 - settings this version cannot rebuild: nothing to compare
+        return ""
+    stored = config.get("run_id")
+    suffix = folder_name.rsplit("-", 1)[-1]
+    named = len(suffix) == 12 and all(c in "0123456789abcdef" for c in suffix)
+    if (stored is not None and stored != computed) or (named and suffix != computed):
+        expected = stored if stored is not None else suffix
+        return (f"config.json does not match the run id {expected} (it describes run {computed}: edited by hand?); "
+                "restore it, or delete the run folder to run it again")
+    return ""
+
+
 def run_progress(path: Path, now: float | None = None,
                  records: list[dict[str, Any]] | None = None) -> RunProgress:
     """Read a run folder's markers, configuration and records into a :class:`RunProgress`.
@@ -547,23 +681,34 @@ def run_progress(path: Path, now: float | None = None,
     path = Path(path)
     store = RunStore(path.parent, path.name)
     now = time.time() if now is None else now
-    status = store.status()
-    damage, total = "", None
+    try:
+        status = store.status()
+    except OSError as error:  # a marker that is a folder, an unreadable lock ...
+        status = "damaged"
+        damage = f"cannot read the run's files ({user_message(error)})"
+    else:
+        damage = ""
+    total = None
     try:
         config = store.read_config()
         train = config.get("train") or {}
         total = int(train["epochs"]) * int(train["steps_per_epoch"])
     except DfkdError as error:
         if store.config_path.exists():
-            damage = str(error)
+            damage = damage or str(error)
     except (AttributeError, KeyError, TypeError, ValueError):
         pass
+    else:
+        damage = damage or config_mismatch(config, path.name)
     if records is None:
         try:
             records = store.read_records()
         except RecordsError as error:
             records = []
             damage = damage or f"records damaged at line {error.line} ({error.reason}) in {error.path}"
+        except OSError as error:  # records.jsonl is a folder, or unreadable
+            records = []
+            damage = damage or f"records cannot be read ({user_message(error)})"
     summary: dict[str, Any] = {}
     if status == "done":
         try:
@@ -572,6 +717,15 @@ def run_progress(path: Path, now: float | None = None,
             damage = damage or str(error)
         if not damage and not store.records_path.exists():
             damage = f"records.jsonl is missing from {path}"
+        if not damage and isinstance(summary.get("iterations"), int):
+            evals = [r for r in records if r.get("kind") == "eval"]
+            last = evals[-1].get("step") if evals else None
+            if last != summary["iterations"]:
+                # A torn last line (a kill while the final evaluation was written) would otherwise make
+                # the previous evaluation pass for the final one.
+                damage = (f"its records end with the evaluation at step {last}, not at the final iteration "
+                          f"{summary['iterations']} (the last line of {store.records_path} is torn or missing); "
+                          "restore it, or delete the run folder to run it again")
     steps = [int(r["step"]) for r in records if isinstance(r.get("step"), (int, float)) and not isinstance(r.get("step"), bool)]
     step = max(steps) if steps else None
     if status == "done" and isinstance(summary.get("iterations"), int):

@@ -301,8 +301,12 @@ class _Reader:
                 close = difflib.get_close_matches(name, list(LAUNCH_DEFAULTS), n=1)
                 hint = f"; did you mean {close[0]}?" if close else f"; known: {', '.join(sorted(LAUNCH_DEFAULTS))}"
                 raise self.error(f"unknown key {key!r} in [resources]{hint}")
-            if name == "launcher" and value not in ("inline", "local", "slurm"):
-                raise self.error(f"[resources] launcher = {value!r} is not one of inline, local, slurm")
+            from dfkd_bench.launch import check_launch_option
+
+            try:  # the same checks as the command line's --threads, --time, --device ...
+                check_launch_option(name, value, f"[resources] {key}")
+            except ConfigError as error:
+                raise self.error(str(error)) from None
             if name == "slurm_extra":
                 if isinstance(value, dict):
                     value = [f"{k}={'' if v is True else v}" for k, v in value.items()]
@@ -315,14 +319,12 @@ class _Reader:
                 value = [value] if isinstance(value, str) else value
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                     raise self.error("[resources] slurm_setup must be a list of shell lines")
-            if name == "runs_per_gpu" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise self.error(f"[resources] {key} must be a positive integer (runs trained at once on one "
-                                 f"device), got {value!r}")
-            if name in ("time", "gpus_per_node", "cpus_per_task", "workers", "array_parallelism") and (
-                    not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise self.error(f"[resources] {key} must be a non-negative integer, got {value!r}")
-            if name == "mem_gb" and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
-                raise self.error(f"[resources] mem_gb must be a positive number, got {value!r}")
+            from dfkd_bench.launch import check_launch_option
+
+            try:  # the same checks as the command line's --threads, --time, --device ...
+                check_launch_option(name, value, f"[resources] {key}")
+            except ConfigError as error:
+                raise self.error(str(error)) from None
             options[name] = value
         return options
 
@@ -760,8 +762,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from dfkd_bench.config import parse_overrides
     from dfkd_bench.launch import launch, results_hint
 
+    from dfkd_bench.launch import MAX_RUNS_WITHOUT_YES, check_work_size
+
     experiment = load_experiment(args.file)
     experiment = override_experiment(experiment, budget=args.budget, overrides=parse_overrides(args.set or []))
+    # Counted before the expansion, which builds and checks every run (minutes for a huge grid).
+    check_work_size(experiment.combinations, args, f"the combinations of {experiment.path}")
+    if experiment.combinations > MAX_RUNS_WITHOUT_YES // 10:
+        print(f"expanding {experiment.combinations:,} combinations of {experiment.path} ...", flush=True)
     results_dir = args.results_dir or experiment.results_dir
     data_root = args.data_root or experiment.data_root or os.environ.get("DFKD_BENCH_DATA")
     plan = plan_experiment(experiment, teacher_cache=args.teacher_cache, data_root=data_root,

@@ -300,6 +300,17 @@ def _check_shapes(expected: dict[str, Tensor], state: dict[str, Tensor], source,
             f"the architecture expects {tuple(expected[key].shape)}{more}; check --teacher-arch and that the "
             "file was trained for this dataset's number of classes and image size"
         )
+    # Integer weights where the architecture has floating-point ones (a quantised or mangled export)
+    # would be cast silently by load_state_dict and give a teacher that answers nonsense.
+    wrong = [k for k, v in expected.items() if v.is_floating_point() and not state[k].is_floating_point()]
+    if wrong:
+        key = wrong[0]
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise CheckpointError(
+            f"{source} does not fit --teacher-arch {arch}: key {key!r} holds {str(state[key].dtype).removeprefix('torch.')} "
+            f"values where the architecture has floating-point weights{more} (a quantised or damaged export?); "
+            "save the floating-point weights: torch.save(model.float().state_dict(), PATH)"
+        )
 
 
 def load_state_into(model: nn.Module, state: "OrderedDict[str, Tensor]", path: str | os.PathLike,
@@ -345,11 +356,20 @@ def _data_only_globals():
     return torch.serialization.safe_globals(allowed)
 
 
+def not_a_file(path: Path) -> str:
+    """Why ``path`` is not a weights file: ``does not exist``, ``is a folder ...``, ``is not a regular file ...``."""
+    if not path.exists():
+        return "does not exist"
+    if path.is_dir():
+        return "is a folder, not a weights file; pass the .pt/.pth/.safetensors file inside it"
+    return "is not a regular file (a pipe or a device?); pass a .pt/.pth/.safetensors file"
+
+
 def read_checkpoint(path: str | os.PathLike) -> Any:
     """A checkpoint's content: ``torch.load(weights_only=True)``, or the tensors of a .safetensors file."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"teacher checkpoint {path} does not exist")
+        raise CheckpointError(f"teacher checkpoint {path} {not_a_file(path)}")
     if _is_safetensors(path):
         from safetensors.torch import load_file
 
@@ -373,8 +393,8 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
                 shown = ", ".join(objects[:3]) + (", ..." if len(objects) > 3 else "")
                 raise CheckpointError(
                     f"{path} stores Python objects ({shown}), not only weights, and is not loaded (that would run "
-                    "code from the file); if you trust it, load it with torch.load(PATH, weights_only=False) where its code "
-                    "is importable and save the model's weights alone: torch.save(model.state_dict(), NEW_PATH)"
+                    "code from the file); where it comes from, with the code that made it, save the model's weights "
+                    "alone: torch.save(model.state_dict(), NEW_PATH)"
                 ) from None
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(
@@ -517,7 +537,7 @@ def resolve_teacher(dataset: str, arch: str, *, checkpoint: str | None = None, m
     if choice == "checkpoint":
         path = Path(checkpoint).resolve()
         if not path.is_file():
-            raise CheckpointError(f"--teacher-checkpoint {checkpoint} does not exist")
+            raise CheckpointError(f"--teacher-checkpoint {checkpoint} {not_a_file(path)}")
         path, sha = _prepare_external(path, arch, info.num_classes, info.channels, size, rules, cache_dir)
         return TeacherSpec(arch=arch, path=str(path), sha256=sha,
                            mean=list(mean or info.mean), std=list(std or info.std))

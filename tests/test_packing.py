@@ -136,7 +136,7 @@ def test_runs_per_gpu_is_checked(tmp_path):
 
     path = tmp_path / "exp.toml"
     path.write_text('methods = ["abm"]\nseeds = [0]\ndataset = "digits"\n[resources]\nruns_per_gpu = 0\n')
-    with pytest.raises(DfkdError, match=r"\[resources\] runs_per_gpu must be a positive integer"):
+    with pytest.raises(DfkdError, match=r"\[resources\] runs_per_gpu must be an integer from 1 to 256"):
         load_experiment(path)
 
 

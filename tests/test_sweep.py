@@ -335,9 +335,10 @@ no_progress = true
     assert "1 already done (skipped), 0 to run" in capsys.readouterr().out
 
     # a failed run (as a job leaves it: records, a checkpoint pointer, an error), nested one level down
-    failed = results / "other" / "mad-digits-lenet5_half-s3-0123456789ab"
+    mad = build_run_configs(digits_request(methods=["mad"], seeds=[3]))[0]
+    failed = results / "other" / mad.run_name  # a config that matches its run id (else: damaged)
     failed.mkdir(parents=True)
-    config = abm.to_dict() | {"method": "mad", "seed": 3, "run_name": failed.name}
+    config = mad.to_dict() | {"run_id": mad.run_id, "run_name": failed.name}
     (failed / "config.json").write_text(json.dumps(config))
     (failed / "records.jsonl").write_text(json.dumps({"kind": "eval", "step": 0}) + "\n"
                                           + json.dumps({"kind": "eval", "step": 2}) + "\n")

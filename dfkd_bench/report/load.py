@@ -102,8 +102,9 @@ def _read_run(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     problem = ""
     try:
         records = read_jsonl(path / "records.jsonl")
-    except DfkdError as error:
-        records, problem = [], str(error)
+    except (DfkdError, OSError) as error:  # damaged, or records.jsonl is a folder
+        records, problem = [], f"records cannot be read ({user_message(error)})" if isinstance(error, OSError) \
+            else str(error)
     summary = None
     if (path / "done").exists():
         try:
@@ -116,6 +117,8 @@ def _read_run(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             problem = (f"{path / 'records.jsonl'} is missing (the done file says final accuracy "
                        f"{summary.get('final_accuracy')}); restore it, or delete the run folder to run it again")
     progress = run_progress(path, records=None if problem else records)
+    if not problem and progress.status == "damaged":  # a torn final evaluation, a config not of its run id
+        problem = progress.damage.removeprefix("done, ")
     evals = [r for r in records if r.get("kind") == "eval" and r.get("test_accuracy") is not None]
     teacher = config.get("teacher") or {}
     train = config.get("train") or {}

@@ -1,0 +1,549 @@
+"""What a careless or hostile user can do to a results folder, and the faults a run must survive
+(issue 23): nothing lost, nothing run from a file, nothing touched outside the folders named."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dfkd_bench.engine import NONDETERMINISTIC_RECORD_KEYS
+from dfkd_bench.errors import DfkdError
+from dfkd_bench.store import RunStore, atomic_write_bytes, run_progress
+
+# Small digits runs with several checkpoints; the checkpoint at iteration 3 follows a samples record
+# (sample_every=3, no evaluation at 3), the case that once could never resume.
+SETTINGS = ["epochs=3", "steps_per_epoch=4", "eval_every=2", "checkpoint_every=3", "sample_every=3", "drift_every=4",
+            "drift_tau=1", "drift_samples=16", "batch_size=16", "student_steps=2", "generator_steps=2"]
+
+
+def cli(args: list[str], teacher_cache: Path, env_extra: dict | None = None, check: bool = True):
+    env = {k: v for k, v in os.environ.items() if k != "DFKD_BENCH_FAULT"}
+    env.update({"DFKD_BENCH_TEACHERS": str(teacher_cache), "OMP_NUM_THREADS": "1", **(env_extra or {})})
+    return subprocess.run([sys.executable, "-m", "dfkd_bench.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=600, check=check)
+
+
+def run_args(results: Path, method: str = "mad", settings: list[str] = SETTINGS) -> list[str]:
+    sets = [arg for item in settings for arg in ("--set", item)]
+    return ["run", "--methods", method, "--dataset", "digits", "--results-dir", str(results), "--no-progress",
+            "--threads", "1", *sets]
+
+
+def run_folder(results: Path) -> Path:
+    (run,) = [p for p in results.iterdir() if (p / "config.json").exists()]
+    return run
+
+
+def outcome(results: Path) -> tuple[list[dict], dict]:
+    run = run_folder(results)
+    store = RunStore(results, run.name)
+    assert store.is_done(), f"{run} is not done"
+    records = [{k: v for k, v in r.items() if k not in NONDETERMINISTIC_RECORD_KEYS} for r in store.read_records()]
+    return records, torch.load(store.student_path, weights_only=True)
+
+
+def assert_same(a, b) -> None:
+    assert a[0] == b[0]  # same records, nothing duplicated or missing
+    assert a[1].keys() == b[1].keys()
+    for key in a[1]:
+        assert torch.equal(a[1][key], b[1][key]), key
+
+
+def error_lines(result) -> list[str]:
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def killed_at(results: Path, teacher_cache: Path, fault: str) -> Path:
+    killed = cli(run_args(results), teacher_cache, {"DFKD_BENCH_FAULT": fault}, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    return run_folder(results)
+
+
+@pytest.fixture(scope="module")
+def reference_folder(teacher_cache, tmp_path_factory) -> Path:
+    """The results folder of an uninterrupted run (copy it before changing anything in it)."""
+    folder = tmp_path_factory.mktemp("reference")
+    cli(run_args(folder), teacher_cache)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(reference_folder):
+    return outcome(reference_folder)
+
+
+def copy_of(reference_folder: Path, tmp_path: Path, unfinished: bool = False) -> Path:
+    """A copy of the reference results folder; ``unfinished``: as if it had never started training."""
+    results = tmp_path / "runs"
+    shutil.copytree(reference_folder, results, symlinks=True)
+    if unfinished:
+        run = run_folder(results)
+        for name in ("done", "student.pt", "records.jsonl", "checkpoint.json"):
+            (run / name).unlink(missing_ok=True)
+        shutil.rmtree(run / "samples", ignore_errors=True)
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)
+    return results
+
+
+# ------------------------------------------------- 1. a run that can always resume ---
+
+def test_resume_after_a_checkpoint_that_follows_a_samples_record(reference, teacher_cache, tmp_path):
+    """The last record before the checkpoint of iteration 3 is a samples record: the resume used to
+    read its test accuracy and fail with KeyError: 'test_accuracy' at every attempt."""
+    run = killed_at(tmp_path, teacher_cache, "mid_stage@4")
+    records = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
+    assert json.loads((run / "checkpoint.json").read_text())["iteration"] == 3
+    assert [r["kind"] for r in records if r["step"] <= 3][-1] == "samples"
+    resumed = cli(run_args(tmp_path), teacher_cache)
+    assert "resumed from iteration 3" in resumed.stdout + resumed.stderr
+    assert_same(outcome(tmp_path), reference)
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_with_samples_records(reference, teacher_cache, tmp_path):
+    """SIGTERM (checkpoint saved, "run the same command again"), then the same command finishes exactly."""
+    env = {**os.environ, "DFKD_BENCH_TEACHERS": str(teacher_cache), "OMP_NUM_THREADS": "1"}
+    env.pop("DFKD_BENCH_FAULT", None)
+    process = subprocess.Popen([sys.executable, "-m", "dfkd_bench.cli", *run_args(tmp_path)], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # stop it once it has started training (its first record exists)
+        if list(tmp_path.glob("*/records.jsonl")) and list(tmp_path.glob("*/records.jsonl"))[0].stat().st_size:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    if process.returncode == 0:  # finished before the signal arrived: nothing to resume, still exact
+        assert_same(outcome(tmp_path), reference)
+        return
+    assert process.returncode == 2 and "run the same command again" in stderr.lower(), stderr[-2000:]
+    cli(run_args(tmp_path), teacher_cache)
+    assert_same(outcome(tmp_path), reference)
+
+
+# ------------------------------------------------------ 2. nothing runs from a file ---
+
+class _Planted:
+    """Unpickling it creates a file: proof that code from the checkpoint ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_planted_pickle_in_a_run_checkpoint_is_refused_and_runs_nothing(reference_folder, teacher_cache, tmp_path):
+    results = copy_of(reference_folder, tmp_path, unfinished=True)
+    run = run_folder(results)
+    (run / "checkpoint.json").write_text(json.dumps({"iteration": 3, "world_size": 1}))
+    (run / "checkpoints").mkdir()
+    shard = run / "checkpoints" / "it00000003.rank0.pt"
+    marker = tmp_path / "code-ran"
+    torch.save({"iteration": 3, "payload": _Planted(marker)}, shard)
+    result = cli(run_args(results), teacher_cache, check=False)
+    assert not marker.exists(), "code from the checkpoint ran"
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = error_lines(result)
+    assert str(shard) in line and "not loaded" in line and "checkpoint.json" in line, line
+    assert "weights_only=False" not in result.stderr  # torch's advice to load it anyway is not passed on
+    assert not (run / "done").exists()
+
+
+@pytest.mark.slow
+def test_run_checkpoints_hold_only_tensors_and_plain_data(teacher_cache, tmp_path):
+    """Every method's checkpoint (RNG states, optimisers, pools, memory banks) loads weights-only."""
+    from dfkd_bench.method_api import list_methods
+
+    for method in list_methods():
+        results = tmp_path / method
+        killed = cli(run_args(results, method, [*SETTINGS[:2], "checkpoint_every=2", "batch_size=16",
+                                                "student_steps=1", "generator_steps=1", "eval_every=0"]),
+                     teacher_cache, {"DFKD_BENCH_FAULT": "mid_stage@3"}, check=False)
+        assert killed.returncode == -signal.SIGKILL, (method, killed.stderr[-2000:])
+        (shard,) = list((run_folder(results) / "checkpoints").glob("it*.pt"))
+        state = torch.load(shard, map_location="cpu", weights_only=True)
+        assert state["iteration"] == 2, method
+
+
+# ------------------------------------------------ 3. nothing outside the run folder ---
+
+def test_a_symlinked_checkpoints_folder_is_refused_and_nothing_outside_is_deleted(reference_folder, teacher_cache,
+                                                                                tmp_path):
+    """A run whose checkpoints folder links outside --results-dir: it once deleted every it*.pt there."""
+    results = copy_of(reference_folder, tmp_path, unfinished=True)
+    run = run_folder(results)
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    (outside / "it00000999.rank0.pt").write_bytes(b"someone else's file")
+    (outside / "it_important.pt").write_bytes(b"another")
+    (run / "checkpoints").symlink_to(outside, target_is_directory=True)
+    result = cli(run_args(results), teacher_cache, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = error_lines(result)
+    assert "symbolic link" in line and str(run / "checkpoints") in line, line
+    assert sorted(p.name for p in outside.iterdir()) == ["it00000999.rank0.pt", "it_important.pt"]
+    assert not (run / "error.txt").exists()  # refused before training: not a failed run
+
+
+def test_a_symlinked_samples_folder_is_refused_and_nothing_is_written_through_it(reference_folder, teacher_cache,
+                                                                                 tmp_path):
+    results = copy_of(reference_folder, tmp_path, unfinished=True)
+    run = run_folder(results)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (run / "samples").symlink_to(outside, target_is_directory=True)
+    result = cli(run_args(results), teacher_cache, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = error_lines(result)
+    assert "symbolic link" in line and "samples" in line, line
+    assert list(outside.iterdir()) == []
+
+
+def test_a_symlinked_lock_file_is_not_truncated(digits_request, tmp_path):
+    from dfkd_bench.experiment import build_run_configs
+
+    config = build_run_configs(digits_request(["abm"]))[0]
+    store = RunStore(tmp_path / "runs", config.run_name)
+    store.path.mkdir(parents=True)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    store.lock_path.symlink_to(victim)
+    with pytest.raises(DfkdError, match="symbolic link"):
+        with store.lock():
+            pass
+    assert victim.read_text() == "keep me"
+
+
+# --------------------------------------------------------- 7. no silent wrong result ---
+
+def test_a_torn_final_evaluation_line_marks_the_run_damaged(reference_folder, tmp_path, capsys):
+    from dfkd_bench.cli import main
+    from dfkd_bench.report.load import load_runs
+
+    results = copy_of(reference_folder, tmp_path)
+    run = run_folder(results)
+    lines = (run / "records.jsonl").read_text().splitlines(keepends=True)
+    final = max(i for i, line in enumerate(lines) if json.loads(line)["kind"] == "eval")
+    (run / "records.jsonl").write_text("".join(lines[:final]) + lines[final][:len(lines[final]) // 2])
+    progress = run_progress(run)
+    assert progress.status == "damaged" and "torn" in progress.damage, progress
+    frame = load_runs(results)
+    assert frame.loc[0, "status"] == "damaged" and "torn" in frame.loc[0, "state"]
+    assert main(["status", "--results-dir", str(results)]) == 0
+    shown = capsys.readouterr().out
+    assert "damaged" in shown and "torn" in shown
+
+
+@pytest.mark.parametrize("key,value", [("seed", 7), ("method", "abm")])
+def test_a_config_that_does_not_match_its_run_id_is_flagged(key, value, reference_folder, tmp_path):
+    from dfkd_bench.report.load import load_runs
+
+    results = copy_of(reference_folder, tmp_path)
+    run = run_folder(results)
+    config = json.loads((run / "config.json").read_text())
+    assert run_progress(run).status == "done"
+    config[key] = value
+    (run / "config.json").write_text(json.dumps(config))
+    progress = run_progress(run)
+    assert progress.status == "damaged" and "does not match the run id" in progress.damage, progress
+    frame = load_runs(results)
+    assert frame.loc[0, "status"] == "damaged"
+
+
+def test_the_committed_runs_still_match_their_run_ids():
+    """Every committed run folder's config.json hashes to its run id, and its records end at the final
+    evaluation (so the checks above flag no committed run)."""
+    root = Path(__file__).resolve().parent.parent / "results"
+    folders = [p.parent for p in root.rglob("done")]
+    assert folders
+    damaged = [(str(p), run_progress(p).damage) for p in folders if run_progress(p).status != "done"]
+    assert damaged == []
+
+
+def test_a_teacher_with_integer_weights_is_refused(teacher_cache, tmp_path):
+    state = torch.load(teacher_cache / "digits-lenet5.pt", weights_only=True)
+    weights = state.get("state_dict", state)
+    for key, tensor in list(weights.items()):
+        if tensor.is_floating_point():
+            weights[key] = tensor.round().to(torch.int64)
+    path = tmp_path / "int-teacher.pt"
+    torch.save(weights, path)
+    results = tmp_path / "runs"
+    result = cli(["run", "--methods", "abm", "--dataset", "digits", "--budget", "smoke", "--no-progress",
+                  "--teacher-checkpoint", str(path), "--teacher-arch", "lenet5", "--results-dir", str(results)],
+                 teacher_cache, check=False)
+    assert result.returncode == 2
+    (line,) = error_lines(result)
+    assert "int64" in line and "floating-point" in line, line
+    assert not results.exists() or not any(results.iterdir())
+
+
+# ------------------------------------------------------------- 8. nothing leaks ---
+
+def test_a_kill_during_a_checkpoint_write_leaves_no_temp_file_after_the_resume(reference, teacher_cache, tmp_path):
+    run = killed_at(tmp_path, teacher_cache, "checkpoint_write@6")
+    temps = list(run.glob("**/.*.tmp"))
+    assert temps, "the fault should leave a partial temporary checkpoint"
+    cli(run_args(tmp_path), teacher_cache)
+    assert list(run.glob("**/.*.tmp")) == []
+    assert_same(outcome(tmp_path), reference)
+
+
+def test_a_full_disk_names_the_file_and_the_free_space_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "checkpoints" / "it00000004.rank0.pt"
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(DfkdError) as excinfo:
+        atomic_write_bytes(target, b"x" * 100_000)
+    message = str(excinfo.value)
+    assert str(target) in message and "MB free" in message and "no space left" in message, message
+    assert list(target.parent.iterdir()) == []
+
+
+# ------------------------------------------------------------- the fault harness ---
+
+def _kill_at_random_until_done(results: Path, teacher_cache: Path, rng: random.Random, kills: int) -> int:
+    """Start the run, SIGKILL it after a random delay (any moment: a step, an evaluation, a checkpoint
+    write), ``kills`` times; then let it finish. Returns how many kills hit a running process."""
+    env = {**os.environ, "DFKD_BENCH_TEACHERS": str(teacher_cache), "OMP_NUM_THREADS": "1"}
+    env.pop("DFKD_BENCH_FAULT", None)
+    command = [sys.executable, "-m", "dfkd_bench.cli", *run_args(results)]
+    hits = 0
+    for _ in range(kills):
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(3.0, 7.0))
+        if process.poll() is None:
+            hits += 1
+            process.kill()
+        process.wait()
+    cli(run_args(results), teacher_cache)
+    return hits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["checkpoint_write@9", "before_commit@9", "after_record@4", "mid_stage@7"])
+def test_a_kill_at_a_nasty_moment_then_resume_is_exact(fault, reference, teacher_cache, tmp_path):
+    killed_at(tmp_path, teacher_cache, fault)
+    resumed = cli(run_args(tmp_path), teacher_cache)
+    assert "resumed from iteration" in resumed.stdout + resumed.stderr
+    assert_same(outcome(tmp_path), reference)
+    assert list(tmp_path.glob("**/.*.tmp")) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(4))
+def test_random_sigkills_then_resume_is_exact(seed, reference, teacher_cache, tmp_path):
+    _kill_at_random_until_done(tmp_path, teacher_cache, random.Random(seed), kills=3)
+    assert_same(outcome(tmp_path), reference)
+    assert list(tmp_path.glob("**/.*.tmp")) == []
+
+
+# ------------------------------------- 4. every input error before any folder exists ---
+
+def _one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert "Traceback" not in captured.err
+    return lines[0]
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--image-size", "17"], "divisible by 4"),
+    (["--set", "generator=gen256"], "gen256"),
+    (["--set", "batch_size=100000000"], "lower batch_size"),
+    (["--methods", "dfq", "--set", "generator=gen256"], "gen256"),
+])
+def test_input_errors_found_before_any_run_folder_exists(extra, expected, teacher_cache, tmp_path, capsys):
+    from dfkd_bench.cli import main
+
+    results = tmp_path / "runs"
+    code = main(["run", "--methods", "abm", "--dataset", "digits", "--budget", "smoke", "--no-progress",
+                 "--threads", "1", "--teacher-cache", str(teacher_cache), "--results-dir", str(results), *extra])
+    assert code == 2
+    assert expected in _one_error_line(capsys)
+    assert not results.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_cuda_is_refused_before_any_folder(teacher_cache, tmp_path, capsys):
+    from dfkd_bench.cli import main
+
+    results = tmp_path / "runs"
+    assert main(["run", "--methods", "abm", "--budget", "smoke", "--no-progress", "--device", "cuda",
+                 "--teacher-cache", str(teacher_cache), "--results-dir", str(results)]) == 2
+    assert "CUDA is not available" in _one_error_line(capsys)
+    assert not results.exists()
+
+
+def test_a_missing_dataset_is_refused_before_any_folder(tmp_path, capsys):
+    from dfkd_bench.cli import main
+
+    teachers = Path(__file__).resolve().parent.parent / "results" / "zoo" / "teachers"
+    if not (teachers / "mnist-lenet5.pt").exists():
+        pytest.skip("no committed MNIST teacher")
+    results = tmp_path / "runs"
+    assert main(["run", "--methods", "abm", "--dataset", "mnist", "--budget", "smoke", "--no-progress",
+                 "--data-root", str(tmp_path / "nowhere"), "--teacher-cache", str(teachers),
+                 "--results-dir", str(results)]) == 2
+    assert "mnist" in _one_error_line(capsys)
+    assert not results.exists()
+
+
+def test_a_teacher_std_that_makes_inputs_infinite_is_refused(teacher_cache, tmp_path, capsys):
+    from dfkd_bench.cli import main
+
+    results = tmp_path / "runs"
+    assert main(["run", "--methods", "abm", "--budget", "smoke", "--no-progress", "--teacher-arch", "lenet5",
+                 "--teacher-checkpoint", str(teacher_cache / "digits-lenet5.pt"), "--teacher-std", "1e-300",
+                 "--results-dir", str(results)]) == 2
+    assert "--teacher-std" in _one_error_line(capsys)
+    assert not results.exists()
+
+
+BASE_TOML = 'methods = ["abm"]\nseeds = [0]\ndataset = "digits"\nbudget = "smoke"\n[resources]\n'
+
+
+@pytest.mark.parametrize("line,flag_error", [
+    ('threads = "abc"', ("--threads", "abc")),
+    ("threads = -5", ("--threads", "-5")),
+    ("threads = 0", ("--threads", "0")),
+    ("time = 0", ("--time", "0")),
+    ("mem_gb = nan", ("--mem-gb", "nan")),
+    ('device = "tpu"', ("--device", "tpu")),
+])
+def test_experiment_resources_are_checked_as_the_command_line_is(line, flag_error, tmp_path, capsys):
+    """One validator: what the command line refuses, [resources] refuses too, in one line."""
+    from dfkd_bench.cli import main
+
+    path = tmp_path / "exp.toml"
+    path.write_text(BASE_TOML + line + "\n")
+    results = tmp_path / "runs"
+    assert main(["sweep", str(path), "--results-dir", str(results), "--dry-run"]) == 2
+    from_file = _one_error_line(capsys)
+    key = line.split(" =")[0]
+    assert f"[resources] {key} must be" in from_file or f"[resources] {key} " in from_file, from_file
+    assert not results.exists()
+    flag, value = flag_error
+    if flag == "--threads" and value == "abc":
+        return  # argparse refuses it as a type error
+    assert main(["run", "--methods", "abm", "--budget", "smoke", flag, value, "--results-dir", str(results)]) == 2
+    from_cli = _one_error_line(capsys)
+    assert from_cli.split(flag, 1)[1].split(",")[0].split(";")[0].strip().startswith(
+        from_file.split(key, 1)[1].split(",")[0].split(";")[0].strip()[:8]), (from_cli, from_file)
+
+
+# --------------------------------- 5. one damaged folder does not stop status or report ---
+
+@pytest.mark.parametrize("entry", ["records.jsonl", "lock", "error.txt", "checkpoint.json"])
+def test_status_and_report_survive_a_marker_that_is_a_folder(entry, reference_folder, tmp_path, capsys):
+    from dfkd_bench.cli import main
+
+    results = copy_of(reference_folder, tmp_path)
+    good = run_folder(results)
+    bad = results / good.name.replace(good.name.rsplit("-", 1)[1], "0" * 12)
+    shutil.copytree(good, bad)
+    (bad / "done").unlink()
+    (bad / entry).unlink(missing_ok=True)
+    (bad / entry).mkdir()
+    assert main(["status", "--results-dir", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert good.name in out and bad.name in out
+    assert main(["report", "--results-dir", str(results), "--formats", "png"]) == 0, capsys.readouterr().err
+
+
+# ---------------------------------------------------------- 6. no huge work unasked ---
+
+def test_a_huge_grid_is_counted_and_refused_before_it_is_expanded(tmp_path, capsys):
+    from dfkd_bench.cli import main
+
+    path = tmp_path / "huge.toml"
+    values = ", ".join(str(0.001 * (i + 1)) for i in range(1000))
+    path.write_text('methods = ["abm", "mad"]\nseeds = [0, 1]\ndataset = "digits"\n[grid]\nalpha = [' + values
+                    + "]\nlr_S = [" + values + "]\n")
+    started = time.time()
+    assert main(["sweep", str(path), "--dry-run"]) == 2
+    line = _one_error_line(capsys)
+    assert "4,000,000 runs" in line and "--yes" in line, line
+    assert time.time() - started < 10
+
+
+def test_twenty_thousand_seeds_need_yes(tmp_path, capsys):
+    from dfkd_bench.cli import main
+
+    results = tmp_path / "runs"
+    seeds = ",".join(str(i) for i in range(20_000))
+    assert main(["run", "--methods", "abm", "--seeds", seeds, "--results-dir", str(results)]) == 2
+    assert "20,000 runs" in _one_error_line(capsys)
+    assert not results.exists()
+
+
+# ------------------------------------------------------------------- 9. messages ---
+
+def test_an_empty_results_dir_is_refused(tmp_path, capsys, monkeypatch):
+    from dfkd_bench.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--methods", "abm", "--results-dir", ""]) == 2
+    assert "--results-dir is empty" in _one_error_line(capsys)
+    assert main(["report", "--results-dir", ""]) == 2
+    assert "--results-dir is empty" in _one_error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "device"])
+def test_a_teacher_path_that_is_not_a_file_says_what_it_is(kind, tmp_path, capsys):
+    from dfkd_bench.cli import main
+
+    if kind == "folder":
+        path = tmp_path / "weights"
+        path.mkdir()
+        expected = "is a folder"
+    elif kind == "fifo":
+        path = tmp_path / "pipe"
+        os.mkfifo(path)
+        expected = "not a regular file"
+    else:
+        path = Path("/dev/zero")
+        expected = "not a regular file"
+    assert main(["run", "--methods", "abm", "--budget", "smoke", "--teacher-arch", "lenet5",
+                 "--teacher-checkpoint", str(path), "--results-dir", str(tmp_path / "runs")]) == 2
+    line = _one_error_line(capsys)
+    assert expected in line and "does not exist" not in line, line
+
+
+def test_non_ascii_seeds_are_refused_as_set_values_are(capsys):
+    from dfkd_bench.cli import main
+
+    with pytest.raises(SystemExit) as excinfo:  # an argparse usage error
+        main(["run", "--methods", "abm", "--seeds", "\u0663"])
+    assert excinfo.value.code == 2
+    assert "comma-separated integers" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("content", ["[]", "null", '{"iteration": "x"}', "{}"])
+def test_a_damaged_checkpoint_pointer_is_one_line(content, tmp_path):
+    from dfkd_bench.errors import CheckpointError
+
+    store = RunStore(tmp_path, "abm-digits-lenet5_half-s0-000000000000")
+    store.path.mkdir()
+    store.pointer_path.write_text(content)
+    with pytest.raises(CheckpointError, match="is damaged") as excinfo:
+        store.load_checkpoint()
+    assert "\n" not in str(excinfo.value) and "TypeError" not in str(excinfo.value)
