@@ -329,8 +329,22 @@ def cmd_list(args) -> int:
 
         print(render_card(args.card, args.dataset))
         return 0
+    if args.methods is not None or (args.settings and args.dataset):
+        from dfkd_bench.config import parse_overrides
+        from dfkd_bench.method_api import get_method
+        from dfkd_bench.protocol_card import render_resolved
+
+        if not (args.settings and args.methods and args.dataset):
+            raise ConfigError("the values a method receives are listed by --settings --methods M --dataset D "
+                              "(e.g. dfkd-bench list --settings --methods mad --dataset digits)")
+        methods = [name.strip() for name in args.methods.split(",") if name.strip()]
+        for name in methods:
+            get_method(name)  # an unknown method is one line
+        print(render_resolved(methods, args.dataset, args.protocol, args.budget, parse_overrides(args.set or [])))
+        return 0
     if args.dataset:
-        raise ConfigError("--dataset goes with --card METHOD (e.g. dfkd-bench list --card dafl --dataset mnist)")
+        raise ConfigError("--dataset goes with --card METHOD (e.g. dfkd-bench list --card dafl --dataset mnist) "
+                          "or with --settings --methods M")
     from dfkd_bench.config import TrainConfig
     from dfkd_bench.data import list_datasets
     from dfkd_bench.method_api import list_methods, param_fields
@@ -444,7 +458,17 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--settings", action="store_true", help="also list every setting with its default")
     listing.add_argument("--card", metavar="METHOD", help="print METHOD's protocol card: each setting of its paper "
                                                           "protocol with the paper's / official code's value and ours")
-    listing.add_argument("--dataset", help="with --card: only this dataset's paper protocol")
+    listing.add_argument("--dataset", help="with --card: only this dataset's paper protocol; with --settings "
+                                           "--methods M: the values M receives on this dataset")
+    listing.add_argument("--methods", help="with --settings --dataset D: comma-separated methods whose settings are "
+                                           "listed as a run receives them (after preset, protocol, budget, --set), "
+                                           "each with the layer that set it")
+    listing.add_argument("--protocol", choices=["common", "paper"], default="common",
+                         help="with --settings --methods: the protocol (default common)")
+    listing.add_argument("--budget", choices=["smoke", "default", "paper"], default="default",
+                         help="with --settings --methods: the budget (default: default)")
+    listing.add_argument("--set", action="append", metavar="KEY=VALUE",
+                         help="with --settings --methods: an override, as for run")
     listing.set_defaults(func=cmd_list)
 
     from dfkd_bench.bench import add_bench_command

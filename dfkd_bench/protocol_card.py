@@ -81,3 +81,68 @@ def render_card(method: str, dataset: str | None = None) -> str:
         for row in [header, *rows]:
             lines.append(("  " + "  ".join(row[k].ljust(widths[k]) for k in widths) + "  " + row["mark"]).rstrip())
     return "\n".join(lines)
+
+
+# ------------------------------------------------- the values a method actually receives ---
+
+def resolved_rows(method: str, dataset: str, protocol: str = "common", budget: str = "default",
+                  overrides: dict[str, Any] | None = None) -> list[dict[str, str]]:
+    """Every engine setting and every setting of ``method`` as a run of it on ``dataset`` receives it,
+    with the layer that set it last: ``default`` (engine / paper default), ``preset D`` (the
+    dataset's preset, shared by every method that declares a setting of that name), ``D preset value
+    of M`` (``Method.preset_params``), ``paper protocol``, ``budget B``, ``--set``."""
+    import dataclasses
+
+    from dfkd_bench.config import TrainConfig, resolve_method_params
+    from dfkd_bench.experiment import resolve_pair_and_train, resolve_params
+    from dfkd_bench.presets import get_preset
+
+    overrides = dict(overrides or {})
+    preset = get_preset(dataset)
+    first = "paper protocol" if protocol == "paper" else f"preset {dataset}"
+    train_layers = [("default", TrainConfig()),
+                    (first, resolve_pair_and_train(method, dataset, protocol)[3]),
+                    (f"budget {budget}", resolve_pair_and_train(method, dataset, protocol, budget)[3]),
+                    ("--set", resolve_pair_and_train(method, dataset, protocol, budget, overrides)[3])]
+    defaults = dataclasses.asdict(get_method(method).Params())
+    param_layers = [("default", defaults)]
+    if protocol == "common":
+        param_layers += [(f"preset {dataset}", resolve_method_params(method, preset.params, {})),
+                         (f"{dataset} preset value of {method}", resolve_params(method, dataset, protocol))]
+    else:
+        param_layers.append(("paper protocol", resolve_params(method, dataset, protocol)))
+    param_layers += [(f"budget {budget}", resolve_params(method, dataset, protocol, budget)),
+                     ("--set", resolve_params(method, dataset, protocol, budget, overrides))]
+
+    def rows(kind: str, names: list[str], layers: list[tuple[str, Any]], value_of) -> list[dict[str, str]]:
+        out = []
+        for name in names:
+            origin, value = layers[0][0], value_of(layers[0][1], name)
+            for layer, values in layers[1:]:
+                if value_of(values, name) != value:
+                    origin, value = layer, value_of(values, name)
+            out.append({"kind": kind, "setting": name, "value": _text(value), "from": origin})
+        return out
+
+    return (rows("engine", [f.name for f in dataclasses.fields(TrainConfig)], train_layers, getattr)
+            + rows(method, list(defaults), param_layers, lambda values, name: values[name]))
+
+
+def render_resolved(methods: list[str], dataset: str, protocol: str = "common", budget: str = "default",
+                    overrides: dict[str, Any] | None = None) -> str:
+    """``dfkd-bench list --settings --methods M --dataset D``: :func:`resolved_rows` as text."""
+    from dfkd_bench.config import check_override_keys
+
+    check_override_keys(methods, dict(overrides or {}))
+    lines = []
+    for method in methods:
+        rows = resolved_rows(method, dataset, protocol, budget, overrides)
+        lines.append(f"{method} on {dataset} ({protocol} protocol, budget {budget}): the values a run receives, "
+                     f"and the layer that set each last")
+        width = max(len(row["setting"]) for row in rows)
+        for kind in ("engine", method):
+            lines.append(f"  {kind} settings:")
+            lines += [f"    {row['setting']:{width}s} = {row['value']:12s} ({row['from']})"
+                      for row in rows if row["kind"] == kind]
+        lines.append("")
+    return "\n".join(lines).rstrip()

@@ -103,3 +103,41 @@ def test_a_method_dropped_in_as_a_file_gets_the_whole_contract(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:]
     summary = result.stdout.strip().splitlines()[-1]
     assert "4 passed" in summary and "failed" not in summary, summary  # listing + 3 per-method tests
+
+
+def test_list_settings_shows_the_values_a_method_receives_and_where_each_comes_from(capsys):
+    from dfkd_bench.cli import main
+
+    assert main(["list", "--settings", "--methods", "dafl,deepinv", "--dataset", "digits", "--budget", "smoke",
+                 "--set", "lr_S=0.1", "--set", "generator_lr=0.01"]) == 0
+    out = capsys.readouterr().out
+    lines = {" ".join(line.split()[:3]): line for line in out.splitlines() if " = " in line}
+
+    def origin(setting, value):
+        matches = [line for key, line in lines.items() if key == f"{setting} = {value}"]
+        assert matches, (setting, value, out)
+        return matches[0].rsplit("(", 1)[1].rstrip(")")
+
+    assert origin("student_lr", "0.1") == "--set"  # a paper symbol, resolved
+    assert origin("student_steps", "2") == "budget smoke"
+    assert origin("channels_last", "True") == "preset digits"
+    assert origin("generator", "gen_tiny") == "preset digits"  # the preset's shared generator, by name
+    assert origin("generator_lr", "0.01") == "--set"
+    assert origin("entropy_log_base", "10") == "default"
+    assert origin("synthesis_steps", "2") == "budget smoke"  # capped by the smoke budget ...
+    assert main(["list", "--settings", "--methods", "deepinv", "--dataset", "digits"]) == 0
+    own = [line.split() for line in capsys.readouterr().out.splitlines() if "synthesis_steps" in line]
+    assert own == [["synthesis_steps", "=", "20", "(digits", "preset", "value", "of", "deepinv)"]]  # its own value
+    assert main(["list", "--settings", "--methods", "dafl", "--dataset", "mnist", "--protocol", "paper"]) == 0
+    paper = capsys.readouterr().out
+    assert "generator_lr" in paper and "0.2" in paper and "(paper protocol)" in paper
+
+
+def test_list_settings_for_methods_needs_a_dataset_and_known_names(capsys):
+    from dfkd_bench.cli import main
+
+    assert main(["list", "--methods", "mad"]) == 2
+    assert main(["list", "--settings", "--methods", "nosuch", "--dataset", "digits"]) == 2
+    assert main(["list", "--settings", "--methods", "mad", "--dataset", "digits", "--set", "zeta9=1"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert len(errors) == 3 and all(line.startswith("error: ") for line in errors), errors
