@@ -30,28 +30,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dfkd_bench.bench_configs import CONFIGS, FAST, METHODS, REFERENCE  # noqa: F401 (gpu_check reads them here)
+from dfkd_bench.bench_configs import random_teacher as _random_teacher
 from dfkd_bench.store import dumps_strict
 
 # Dense bf16 peaks from the vendors' datasheets, for "achieved vs peak".
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
-
-CONFIGS = {
-    # CPU: the digits preset (LeNet-5 -> LeNet-5-half, 16x16, gen_tiny, batch 128, n_S 5, n_G 1)
-    "cpu": dict(dataset="digits", teacher_arch="lenet5", student_arch="lenet5_half",
-                overrides=dict(batch_size=128, student_steps=5, generator_steps=1)),
-    # GPU: the paper's CIFAR WRN-40-2 -> WRN-16-2 setting
-    "gpu": dict(dataset="cifar10", teacher_arch="wrn40_2", student_arch="wrn16_2",
-                overrides=dict(batch_size=256, student_steps=60, generator_steps=3)),
-}
-# CHOSEN: the CPU fast path uses fused optimisers like a GPU run; CPU runs default to the
-# unfused ones (fused_optimizer=auto) so that they reproduce the stored records bit for bit.
-FAST = {"cpu": dict(fused_forward=True, amp="none", channels_last=True, fused_optimizer=True),
-        "gpu": dict(fused_forward=True, amp="bf16", channels_last=True, fused_optimizer=True, cuda_graphs=True)}
-# The plain path: fp32, eager, one forward per source, unfused optimisers, float32 memory.
-# `deterministic` is process-wide in torch, so every variant of one benchmark shares it (auto).
-REFERENCE = dict(fused_forward=False, amp="none", channels_last=False, compile=False, stage_buffer=False,
-                 fused_optimizer=False, cuda_graphs=False)
-METHODS = ("abm", "mem", "mad")
 
 
 def _peak_rss_reset() -> None:
@@ -109,21 +93,6 @@ class MemoryProbe:
 
             return torch.cuda.max_memory_allocated(self.device) / 2**20
         return _peak_rss_mb()
-
-
-def _random_teacher(arch: str, dataset: str, folder: Path) -> str:
-    import torch
-
-    from dfkd_bench.data import get_dataset_info
-    from dfkd_bench.models import build_model
-    from dfkd_bench.presets import get_preset
-
-    info = get_dataset_info(dataset)
-    torch.manual_seed(0)
-    model = build_model(arch, info.num_classes, info.channels, get_preset(dataset).image_size)
-    path = folder / f"random-{arch}.pt"
-    torch.save(model.state_dict(), path)
-    return str(path)
 
 
 def _student_images_per_iteration(trainer) -> int:
@@ -267,7 +236,7 @@ def run_benchmark(kind: str = "auto", device: str = "auto", iterations: int = 10
                   extra: dict[str, Any] | None = None, out=sys.stdout) -> dict[str, Any]:
     import torch
 
-    from dfkd_bench.engine import resolve_device
+    from dfkd_bench.runtime import resolve_device
     from dfkd_bench.methods.mem import MemoryBank
 
     dev = resolve_device(device)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,7 +50,7 @@ def pack_bench_worker_main() -> int:
     spec = json.loads(sys.stdin.readline())
     import torch
 
-    from dfkd_bench.bench import CONFIGS
+    from dfkd_bench.bench_configs import CONFIGS
     from dfkd_bench.engine import Trainer
     from dfkd_bench.experiment import RunRequest, TeacherOptions, build_run_configs
 
@@ -175,7 +174,7 @@ def run_pack_benchmark(runs: int, *, kind: str = "auto", device: str = "auto", i
     methods = list(methods)
     if not methods:
         raise ConfigError("--methods: give at least one method to pack")
-    from dfkd_bench.bench import CONFIGS, _random_teacher
+    from dfkd_bench.bench_configs import CONFIGS, random_teacher as _random_teacher
     from dfkd_bench.method_api import get_method
 
     for method in methods:

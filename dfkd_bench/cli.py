@@ -298,7 +298,7 @@ def cmd_teacher_eval(args) -> int:
     from torch.utils.data import DataLoader
 
     from dfkd_bench.data import build_dataset, get_dataset_info
-    from dfkd_bench.engine import resolve_device
+    from dfkd_bench.runtime import resolve_device
     from dfkd_bench.presets import get_preset
     from dfkd_bench.teachers import build_teacher, evaluate_classifier, parse_floats, resolve_teacher
 

@@ -45,25 +45,11 @@ from dfkd_bench.graphs import StaticStep
 from dfkd_bench.losses import js_divergence_per_sample
 from dfkd_bench.method_api import DistributedInfo, MethodContext, float32_logits, get_method, make_optimizer
 from dfkd_bench.models import build_model
+from dfkd_bench.runtime import resolve_device, seed_everything  # noqa: F401 (engine.resolve_device)
 from dfkd_bench.store import RunStore
 from dfkd_bench.teachers import NormalizedModel, build_teacher
 
 # ------------------------------------------------------------------ helpers ---
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DfkdError(f"--device {name} was asked for but CUDA is not available on this machine; use --device cpu")
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def derived_seed(seed: int, stream: str, step: int = 0) -> int:

@@ -779,7 +779,7 @@ def check_todo_can_start(todo: list["RunConfig"], options: dict[str, Any]) -> No
     here = options["launcher"] in ("inline", "local")
     device = str(options["device"] or "auto")
     if here and todo:
-        from dfkd_bench.engine import resolve_device
+        from dfkd_bench.runtime import resolve_device
 
         device = str(resolve_device(device))  # --device cuda without CUDA: one line, now
     seen: set[tuple] = set()

@@ -301,12 +301,6 @@ class _Reader:
                 close = difflib.get_close_matches(name, list(LAUNCH_DEFAULTS), n=1)
                 hint = f"; did you mean {close[0]}?" if close else f"; known: {', '.join(sorted(LAUNCH_DEFAULTS))}"
                 raise self.error(f"unknown key {key!r} in [resources]{hint}")
-            from dfkd_bench.launch import check_launch_option
-
-            try:  # the same checks as the command line's --threads, --time, --device ...
-                check_launch_option(name, value, f"[resources] {key}")
-            except ConfigError as error:
-                raise self.error(str(error)) from None
             if name == "slurm_extra":
                 if isinstance(value, dict):
                     value = [f"{k}={'' if v is True else v}" for k, v in value.items()]

@@ -756,7 +756,7 @@ def train_teacher(dataset: str, arch: str, *, data_root: str | None = None, cach
     :func:`tensor_cache_dir`); ``loader`` is the classic DataLoader path; ``auto`` (default) picks
     ``tensors`` for the datasets that fit in memory (digits, MNIST, CIFAR, Tiny-ImageNet).
     """
-    from dfkd_bench.engine import resolve_device, seed_everything
+    from dfkd_bench.runtime import resolve_device, seed_everything
     from dfkd_bench.fast_train import IN_MEMORY_DATASETS, augmentation_for, train_in_memory
 
     if pipeline not in PIPELINES:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from dfkd_bench.experiment import RunRequest, TeacherOptions, build_run_configs

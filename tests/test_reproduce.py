@@ -14,7 +14,6 @@ from dfkd_bench.errors import ConfigError
 from dfkd_bench.experiment import RunRequest, TeacherOptions, build_run_configs
 from dfkd_bench.method_api import get_method
 from conftest import SHARED_DATA, needs_shared_data
-from test_resume import cli
 
 REPO = Path(__file__).resolve().parents[1]
 REPRODUCE = sorted((REPO / "experiments" / "reproduce").glob("*.toml"))

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from dfkd_bench import zoo_losses
 from dfkd_bench.engine import Trainer

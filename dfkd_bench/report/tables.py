@@ -483,10 +483,10 @@ def reproductions_markdown(frame: pd.DataFrame) -> str:
         source = str(row.source).replace("|", "\\|")
         lines.append(f"| {row.label} | {row.dataset} ({row.pair}) | {selection} | {ours} | {ci} | {published} | "
                      f"{'—' if _missing(row.diff) else f'{row.diff:+.2f}'} | {inside} | {teacher} | {source} |")
-    notes = [f"Ours is measured under the paper's own selection rule: \"final\" = the last evaluation; \"best over "
+    notes = ["Ours is measured under the paper's own selection rule: \"final\" = the last evaluation; \"best over "
              "training\" = the best test accuracy over all evaluations of a run, i.e. selected on the test set, as "
              "the paper did (optimistic, and not comparable with the final-accuracy tables).",
-             f"95 % CI: the t-interval of our mean over seeds (none for one seed); \"published in our CI\" says "
+             "95 % CI: the t-interval of our mean over seeds (none for one seed); \"published in our CI\" says "
              "whether the paper's number lies inside it."]
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
