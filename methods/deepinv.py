@@ -76,6 +76,13 @@ class DeepInvParams(PoolParams):
     competition_temperature: float = hparam(3.0, "temperature of ADI's competition term (the authors' code: 3)")
     jitter: int = hparam(2, "random roll of the batch by up to this many pixels before each step (the code's lim)")
 
+    def validate(self) -> None:
+        super().validate()
+        if self.competition_temperature <= 0:
+            raise ConfigError(f"competition_temperature must be positive, got {self.competition_temperature}")
+        if self.jitter < 0:
+            raise ConfigError(f"jitter must be >= 0, got {self.jitter}")
+
 
 @register_method
 class DeepInversion(PoolMethod):
@@ -89,10 +96,6 @@ class DeepInversion(PoolMethod):
     preset_params: ClassVar[dict[str, dict[str, Any]]] = cpu_preset_params(synthesis_steps=20)
 
     def __init__(self, params: DeepInvParams, ctx: MethodContext):
-        if params.competition_temperature <= 0:
-            raise ConfigError(f"competition_temperature must be positive, got {params.competition_temperature}")
-        if params.jitter < 0:
-            raise ConfigError(f"jitter must be >= 0, got {params.jitter}")
         super().__init__(params, ctx)
         self.bn_stats = teacher_batchnorm(ctx, params.bn_weight, "R_feature (DeepInversion Eq. 3)")
         self.mean, self.std = input_normalisation(ctx.teacher)  # the teacher's: x = (image - mean) / std

@@ -69,6 +69,11 @@ class FastParams(GeneratorPoolParams):
     bn_mmt: float = hparam(0.9, "momentum of the past batches' BN statistics blended into L_bn (bn_mmt)")
     reset_l0: bool = hparam(True, "re-initialise G_meta's first layer once, at batch 120 + warmup (reset_l0)")
 
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.bn_mmt < 1.0:
+            raise ConfigError(f"bn_mmt must be in [0, 1), got {self.bn_mmt}")
+
 
 @register_method
 class FastDFKD(GeneratorPoolMethod):
@@ -84,8 +89,6 @@ class FastDFKD(GeneratorPoolMethod):
     bn_term = "L_bn (FastDFKD Eq. 3)"
 
     def __init__(self, params: FastParams, ctx: MethodContext):
-        if not 0.0 <= params.bn_mmt < 1.0:
-            raise ConfigError(f"bn_mmt must be in [0, 1), got {params.bn_mmt}")
         super().__init__(params, ctx)
         self.bn_momentum: tuple[list[Tensor], list[Tensor]] | None = None  # past batches' (means, vars)
         self.last_statistics: tuple[list[Tensor], list[Tensor]] | None = None  # the last step's

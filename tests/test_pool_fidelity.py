@@ -259,3 +259,14 @@ def test_lenet5_bn_adds_batchnorm_and_leaves_lenet5_keys_alone():
                                           "conv2.weight", "fc6.bias", "fc6.weight", "fc7.bias", "fc7.weight"]
     half = build_model("lenet5_half_bn", 10, 1, 16)
     assert half(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("method, setting, value", [
+    ("deepinv", "competition_temperature", 0.0), ("deepinv", "jitter", -1), ("fast", "bn_mmt", 1.0),
+    ("cmi", "pool_augment", "cutout"),
+])
+def test_new_pool_settings_out_of_range_are_one_line_errors_before_any_run(method, setting, value, digits_request):
+    from dfkd_bench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=setting):
+        build_run_configs(digits_request([method], overrides={setting: value}))
