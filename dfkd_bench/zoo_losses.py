@@ -101,7 +101,8 @@ def l2_prior(images: Tensor) -> Tensor:
 def feature_distribution_loss(batch_means: Sequence[Tensor], batch_vars: Sequence[Tensor],
                               running_means: Sequence[Tensor], running_vars: Sequence[Tensor]) -> Tensor:
     """DeepInversion (Eq. 3, R_feature), also CMI's and FastDFKD's L_bn:
-    ``sum_l ||mu_l(x) - E[mu_l]||_2 + ||sigma^2_l(x) - E[sigma^2_l]||_2`` (unsquared norms)."""
+    ``sum_l ||mu_l(x) - E[mu_l]||_2 + ||sigma^2_l(x) - E[sigma^2_l]||_2`` (unsquared norms), with the
+    batch mean and the biased batch variance of each BatchNorm layer's input (the authors' hook)."""
     if not batch_means:
         raise ValueError("feature_distribution_loss needs at least one BatchNorm layer")
     total = batch_means[0].new_zeros((), dtype=torch.float32)
@@ -110,15 +111,49 @@ def feature_distribution_loss(batch_means: Sequence[Tensor], batch_vars: Sequenc
     return total
 
 
+def momentum_statistics(means: Sequence[Tensor], variances: Sequence[Tensor],
+                        momentum_means: Sequence[Tensor] | None, momentum_vars: Sequence[Tensor] | None,
+                        momentum: float) -> tuple[list[Tensor], list[Tensor]]:
+    """FastDFKD's ``bn_mmt`` (the authors' ``DeepInversionHook(module, mmt_rate)``): the batch statistics
+    matched against the teacher's running ones are ``(1 - m) * batch + m * past``, where ``past`` is a
+    moving average over earlier synthesised batches; without a past (the first batch) or at m = 0,
+    the batch statistics themselves."""
+    if momentum_means is None or momentum_vars is None or momentum == 0:
+        return list(means), list(variances)
+    blend = [(1 - momentum) * x + momentum * past.to(x.dtype) for x, past in zip(means, momentum_means, strict=True)]
+    blend_vars = [(1 - momentum) * x + momentum * past.to(x.dtype)
+                  for x, past in zip(variances, momentum_vars, strict=True)]
+    return blend, blend_vars
+
+
 def js_divergence(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
     """Jensen-Shannon divergence between the teacher's and student's softmax, natural log, batch mean
-    (ADI's competition term is ``1 - JS``, Yin et al. 2020, Eq. 6)."""
+    (the textbook JS; ADI's competition term is :func:`adi_competition`)."""
     p = F.softmax(teacher_logits.float(), dim=1)
     q = F.softmax(student_logits.float(), dim=1)
     m = 0.5 * (p + q)
     kl_pm = (torch.special.xlogy(p, p) - torch.special.xlogy(p, m)).sum(dim=1)
     kl_qm = (torch.special.xlogy(q, q) - torch.special.xlogy(q, m)).sum(dim=1)
     return (0.5 * (kl_pm + kl_qm)).mean()
+
+
+def adi_competition(teacher_logits: Tensor, student_logits: Tensor, temperature: float = 3.0) -> Tensor:
+    """ADI's competition term R_compete (Yin et al. 2020, Eq. 6-7) as the authors' code computes it
+    (NVlabs/DeepInversion, ``cifar10/deepinversion_cifar10.py``), to be minimised:
+
+    ``P = softmax(S(x) / T)``, ``Q = softmax(T(x) / T)`` at ``T = 3``, ``M = (P + Q) / 2`` (from the
+    unclamped P and Q); then P, Q and M are clamped to [0.01, 0.99] and
+    ``js = 0.5 * KL(M || P) + 0.5 * KL(M || Q)``, each KL summed over classes and averaged over the
+    batch (``nn.KLDivLoss(reduction='batchmean')(log P, M)``); the term is ``1 - clamp(js, 0, 1)``.
+    (The code's "JS" is KL(M || .), not the textbook KL(. || M): its value is what is minimised.)
+    """
+    p = F.softmax(student_logits.float() / temperature, dim=1)
+    q = F.softmax(teacher_logits.float() / temperature, dim=1)
+    m = 0.5 * (p + q)
+    p, q, m = p.clamp(0.01, 0.99), q.clamp(0.01, 0.99), m.clamp(0.01, 0.99)
+    kl_mp = (m * (m.log() - p.log())).sum(dim=1).mean()
+    kl_mq = (m * (m.log() - q.log())).sum(dim=1).mean()
+    return 1.0 - (0.5 * kl_mp + 0.5 * kl_mq).clamp(0.0, 1.0)
 
 
 def decision_adversarial_loss(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:

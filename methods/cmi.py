@@ -24,13 +24,16 @@ concatenated (as in the authors' code). CHOSEN: a teacher without BatchNorm
 
 Settings (the authors' CIFAR-10 script): 200 iterations per batch, Adam lr 1e-3
 with betas (0.5, 0.999) on G and z, adv 0.5, bn 1, oh 1, cr 0.8, contrastive
-temperature 0.2, a head of 128 dimensions, a memory of 40,960 feature rows and
-4,096 negatives per step, 400 student steps per batch, batch 256.
+temperature 0.2, a head of 256 dimensions (``head_dim=256`` in the code's
+``datafree_kd.py``; the synthesiser's own default is 128), a memory of 40,960
+feature rows and 4,096 negatives per step, 400 student steps per batch, batch
+256. As in the code: the images added to the pool AND the features added to the
+memory are those of the lowest-loss iterate (the local and global views that
+iterate's loss was computed on), the student is in eval mode during synthesis,
+and the pool is read through the data set's train transform (``pool_augment``).
 
-CHOSEN: the images added to the pool are those of the lowest-loss iterate (as
-in the code, tracked on the device); the memory receives the features of those
-images computed afresh after the batch is finished; augmentations are
-:func:`methods.zoo_common.random_views` (square crops, bilinear).
+CHOSEN: augmentations are :func:`methods.zoo_common.random_views` (square
+crops, bilinear).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from dfkd_bench.methods.zoo_common import (
     cpu_preset_params,
     random_views,
     stage_modules,
+    student_eval,
     tapping,
 )
 
@@ -66,7 +70,7 @@ class CMIParams(GeneratorPoolParams):
     adv_weight: float = hparam(0.5, "weight of the decision-adversarial term L_adv")
     cr_weight: float = hparam(0.8, "weight beta of the contrastive loss L_cr (Eq. 7)")
     cr_temperature: float = hparam(0.2, "temperature of the contrastive loss", "tau")
-    head_dim: int = hparam(128, "output dimension of the contrastive MLP head")
+    head_dim: int = hparam(256, "output dimension of the contrastive MLP head")
     feature_memory: int = hparam(40960, "rows of the memory of past instance features")
     negatives: int = hparam(4096, "past instances drawn from the memory per step as negatives")
 
@@ -112,6 +116,8 @@ class CMI(GeneratorPoolMethod):
         self.head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, params.head_dim)).to(ctx.device)
         self.head_optimizer = make_optimizer("adam", self.head.parameters(), ctx.perf, lr=params.synthesis_lr)
         self.memory = FeatureBank(params.feature_memory, 2 * dim, ctx.device)
+        self.step_features: Tensor | None = None  # [local, global] features of the last step's iterate
+        self.best_features: Tensor | None = None  # ... of the lowest-loss iterate of the batch in progress
 
     def new_optimizer(self) -> torch.optim.Optimizer:
         return make_optimizer("adam", [{"params": self.generator.parameters()}, {"params": [self.z]}], self.ctx.perf,
@@ -141,7 +147,11 @@ class CMI(GeneratorPoolMethod):
             else:
                 global_features, teacher_logits = self.instance_features(global_view)
             local_features, _ = self.instance_features(local_view)
-            student_logits = ctx.student_module(global_view) if p.adv_weight > 0 else None
+            student_logits = None
+            if p.adv_weight > 0:
+                with student_eval(ctx.student_module):
+                    student_logits = ctx.student_module(global_view)
+        self.step_features = torch.cat([local_features, global_features], dim=1).detach()
         loss, terms = self.inversion_loss(teacher_logits, student_logits)
         if p.cr_weight > 0:
             cached = self.memory.sample(p.negatives, ctx.rng)
@@ -158,19 +168,25 @@ class CMI(GeneratorPoolMethod):
         self.head_optimizer.step()
         return loss, images, terms
 
+    def track_best(self, better: Tensor | None) -> None:
+        if better is None:
+            self.best_features = self.step_features.clone()
+        else:
+            self.best_features = torch.where(better, self.step_features, self.best_features)
+
     @torch.no_grad()
     def finish_batch(self) -> None:
-        images = self.best_images
-        global_features, _ = self.instance_features(random_views(images, self.ctx.rng, min_area=1.0, max_shift=4.0))
-        local_features, _ = self.instance_features(random_views(images, self.ctx.rng, min_area=0.25))
-        self.memory.push(torch.cat([local_features, global_features], dim=1))
+        self.memory.push(self.best_features)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "head": self.head.state_dict(),
-                "head_optimizer": self.head_optimizer.state_dict(), "memory": self.memory.state_dict()}
+                "head_optimizer": self.head_optimizer.state_dict(), "memory": self.memory.state_dict(),
+                "best_features": self.best_features}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
+        best = state.get("best_features")
+        self.best_features = None if best is None else best.to(self.ctx.device)
         self.head.load_state_dict(state["head"])
         self.head_optimizer.load_state_dict(state["head_optimizer"])
         self.memory.load_state_dict(state["memory"])

@@ -1,32 +1,43 @@
 """DeepInversion and ADI (Yin, Molchanov, Li, Alvarez, Mallya, Hoiem, Jha & Kautz, CVPR 2020).
 
-Images are optimised directly (Sec. 3.2). For a batch of random target labels y,
-the pixels x minimise (Eq. 1-4, 7)::
+Images are optimised directly (Sec. 3.2). For a batch of target labels y (every
+class in turn, as the authors' CIFAR code), the pixels x minimise (Eq. 1-4, 7)::
 
-    CE(T(x), y) + a_tv * R_TV(x) + a_l2 * R_l2(x) + a_f * R_feature(x) + a_c * (1 - JS(T(x), S(x)))
+    CE(T(x), y) + a_tv * R_TV(x) + a_l2 * R_l2(x) + a_f * R_feature(x) + a_c * R_compete(x)
 
 R_TV and R_l2 are the image priors of Eq. 2 (:func:`zoo_losses.total_variation`,
 :func:`zoo_losses.l2_prior`), R_feature the BatchNorm-statistics matching of
 Eq. 3 (:func:`zoo_losses.feature_distribution_loss`), and the last term ADI's
-competition R_compete of Eq. 6 (:func:`zoo_losses.js_divergence`), which makes
-DeepInversion Adaptive DeepInversion (``--set competition_weight=...`` > 0;
-0, the default here, is plain DeepInversion). The student is distilled on the
-growing pool of finished batches (Sec. 4.1, "data-free knowledge transfer").
+competition of Eq. 6 as the authors' code computes it
+(:func:`zoo_losses.adi_competition`: 1 - JS at T = 3, probabilities clamped to
+[0.01, 0.99]), which makes DeepInversion Adaptive DeepInversion
+(``--set competition_weight=...`` > 0; 0, the default here, is plain
+DeepInversion). The student is distilled on the growing pool of finished
+batches (Sec. 4.1, "data-free knowledge transfer").
+
+As in the authors' code (NVlabs/DeepInversion, ``cifar10/deepinversion_cifar10.py``):
+the optimised variable is the image in the teacher's NORMALISED input space,
+initialised from randn and never clipped (Adam's steps are in those units:
+lr 0.05 moves a pixel by 0.05 standard deviations, not 0.05 of the [0, 1]
+range); before each step the batch is rolled by a random offset of up to
+``jitter`` pixels on each axis, and the priors and the teacher see the rolled
+batch; the student is in eval mode while it competes; the pool receives the
+lowest-loss iterate. The engine's images are ``mean + std * x`` in [0, 1] units.
 
 How it fits the engine: see :class:`methods.zoo_common.PoolMethod` -- one
 optimisation step per generator step; a batch is finished after
 ``synthesis_steps`` of them and joins the pool.
 
-Settings (the authors' CIFAR-10 code, "paper parameters"): 2,000 iterations per
-batch, Adam lr 0.05, a_f = 10, a_tv = 2.5e-5, a_l2 = 0, batch 256. The CPU
-presets use 20 steps per batch (``preset_params`` below).
+Settings (the authors' CIFAR-10 README, "paper parameters"): 2,000 iterations per
+batch, Adam lr 0.05, a_f = 10, a_tv = 2.5e-5, a_l2 = 0, batch 256, jitter 2. The
+CPU presets use 20 steps per batch (``preset_params`` below).
 
-CHOSEN: pixels are parameterised in [0, 1] (the suite's image convention),
-initialised uniformly and clamped to [0, 1] after each step (the reference
-clips in normalised space); no random jitter / flip of the batch before the
-teacher (a host-side random shift per step, and digits are not flip-invariant);
-the student's KD uses temperature 20 as in the DataFree re-implementation the
-CMI/FastDFKD papers compare against.
+CHOSEN: no horizontal flip (the CIFAR code has none; digits are not
+flip-invariant); the pool stores 8-bit images clamped to [0, 1] (as the DataFree
+re-implementation's PNG pool), so the student is distilled on valid images while
+synthesis itself is unclipped; the student's KD uses temperature 20 (off the CPU
+presets) as in the DataFree re-implementation the CMI/FastDFKD papers compare
+against.
 """
 
 from __future__ import annotations
@@ -40,7 +51,17 @@ from torch import Tensor
 
 from dfkd_bench import zoo_losses
 from dfkd_bench.method_api import MethodContext, hparam, make_optimizer, register_method
-from dfkd_bench.methods.zoo_common import PoolMethod, PoolParams, cpu_preset_params, teacher_batchnorm
+from dfkd_bench.errors import ConfigError
+from dfkd_bench.methods.zoo_common import (
+    PoolMethod,
+    PoolParams,
+    balanced_labels,
+    cpu_preset_params,
+    input_normalisation,
+    random_roll,
+    student_eval,
+    teacher_batchnorm,
+)
 
 
 @dataclass
@@ -52,6 +73,15 @@ class DeepInvParams(PoolParams):
     tv_weight: float = hparam(2.5e-5, "weight a_tv of the total-variation prior (Eq. 2)", "alpha_tv")
     l2_weight: float = hparam(0.0, "weight a_l2 of the L2 prior (Eq. 2)", "alpha_l2")
     competition_weight: float = hparam(0.0, "weight a_c of ADI's competition 1 - JS(T, S) (Eq. 6-7); 0 = DeepInversion", "alpha_c")
+    competition_temperature: float = hparam(3.0, "temperature of ADI's competition term (the authors' code: 3)")
+    jitter: int = hparam(2, "random roll of the batch by up to this many pixels before each step (the code's lim)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.competition_temperature <= 0:
+            raise ConfigError(f"competition_temperature must be positive, got {self.competition_temperature}")
+        if self.jitter < 0:
+            raise ConfigError(f"jitter must be >= 0, got {self.jitter}")
 
 
 @register_method
@@ -68,7 +98,8 @@ class DeepInversion(PoolMethod):
     def __init__(self, params: DeepInvParams, ctx: MethodContext):
         super().__init__(params, ctx)
         self.bn_stats = teacher_batchnorm(ctx, params.bn_weight, "R_feature (DeepInversion Eq. 3)")
-        self.pixels: Tensor | None = None
+        self.mean, self.std = input_normalisation(ctx.teacher)  # the teacher's: x = (image - mean) / std
+        self.pixels: Tensor | None = None  # x, in the teacher's normalised input space
         self.labels: Tensor | None = None
         self.optimizer: torch.optim.Optimizer | None = None
 
@@ -78,42 +109,49 @@ class DeepInversion(PoolMethod):
     def start_batch(self) -> None:
         ctx = self.ctx
         shape = (ctx.batch_size, *ctx.image_shape)
-        self.pixels = torch.rand(shape, generator=ctx.rng, device=ctx.device).requires_grad_()
-        self.labels = ctx.randint(ctx.num_classes, ctx.batch_size)
+        self.pixels = torch.randn(shape, generator=ctx.rng, device=ctx.device).requires_grad_()
+        self.labels = balanced_labels(ctx, ctx.batch_size)
         self.optimizer = self._new_optimizer()
 
+    def to_images(self, pixels: Tensor) -> Tensor:
+        """Normalised pixels -> the engine's image units (unclipped)."""
+        return self.mean + self.std * pixels
+
     def current_images(self) -> Tensor:
-        return self.pixels.detach()
+        return self.to_images(self.pixels.detach())
 
     def synthesis_step(self) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         ctx, p = self.ctx, self.params
-        images = self.pixels
+        jittered = random_roll(self.pixels, p.jitter, ctx.rng)
+        images = self.to_images(jittered)
         with ctx.perf.autocast(ctx.device):
             if self.bn_stats is not None:
                 with self.bn_stats.recording():
                     teacher_logits = ctx.teacher(images)
             else:
                 teacher_logits = ctx.teacher(images)
-            student_logits = ctx.student_module(images) if p.competition_weight > 0 else None
+            student_logits = None
+            if p.competition_weight > 0:
+                with student_eval(ctx.student_module):
+                    student_logits = ctx.student_module(images)
         terms = {"gen_ce": F.cross_entropy(teacher_logits.float(), self.labels),
-                 "gen_tv": zoo_losses.total_variation(images)}
+                 "gen_tv": zoo_losses.total_variation(jittered)}
         loss = p.ce_weight * terms["gen_ce"] + p.tv_weight * terms["gen_tv"]
         if p.l2_weight > 0:
-            terms["gen_l2"] = zoo_losses.l2_prior(images)
+            terms["gen_l2"] = zoo_losses.l2_prior(jittered)
             loss = loss + p.l2_weight * terms["gen_l2"]
         if self.bn_stats is not None:
             terms["gen_bn"] = zoo_losses.feature_distribution_loss(
                 self.bn_stats.means, self.bn_stats.vars, self.bn_stats.running_means, self.bn_stats.running_vars)
             loss = loss + p.bn_weight * terms["gen_bn"]
         if student_logits is not None:
-            terms["gen_competition"] = 1.0 - zoo_losses.js_divergence(teacher_logits, student_logits)
+            terms["gen_competition"] = zoo_losses.adi_competition(teacher_logits, student_logits,
+                                                                  p.competition_temperature)
             loss = loss + p.competition_weight * terms["gen_competition"]
-        before = images.detach().clone()
+        before = self.current_images().clone()  # the iterate the loss belongs to, not jittered
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward(inputs=[self.pixels])
         self.optimizer.step()
-        with torch.no_grad():
-            self.pixels.clamp_(0.0, 1.0)
         return loss, before, terms
 
     def batch_state(self) -> dict[str, Any]:

@@ -8,7 +8,8 @@ lr_g for G and lr_z for z) on the inversion loss (Eq. 3)::
     bn * L_bn + oh * L_oh + adv * L_adv
 
 (DeepInversion's BatchNorm matching, cross-entropy to the sampled labels, and
-the decision-adversarial term of CMI, off for the first ``warmup`` batches);
+the decision-adversarial term of CMI, off for the first ``warmup - 1`` batches:
+the code switches it on at its ``warmup``-th synthesis, counting from 1);
 the finished batch joins the pool the student is distilled on (KD, T = 20).
 G_meta is then updated by the first-order meta gradient (Sec. 3.3, Eq. 8-9, the
 Reptile / first-order MAML approximation): the sum of the fast generator's
@@ -17,13 +18,18 @@ lr_g x synthesis_steps and betas (0.5, 0.999), as in the authors' code.
 
 Settings (the authors' CIFAR script, WRN-40-2 teacher, "Fast-5"): 5 steps per
 batch, lr_g 3e-3, lr_z 0.01, adv 1.1, bn 10, oh 0.4, warmup 20 batches,
-400 student steps per batch, batch 256, T 20.
+bn_mmt 0.9, reset_l0 1, 400 student steps per batch, batch 256, T 20.
 
-CHOSEN: no momentum-averaged BN statistics (the script's bn_mmt 0.9) and no
-re-initialisation of G_meta's first layer after 120 batches (reset_l0); the
-pool receives the lowest-loss iterate as in the code; the teacher sees a
-random crop (padding 4) and flip of each image
-(:func:`methods.zoo_common.random_views`), as in the code.
+As in the code: L_bn matches the teacher's running statistics against
+``(1 - bn_mmt) * batch + bn_mmt * past`` (:func:`zoo_losses.momentum_statistics`),
+``past`` being a moving average (rate bn_mmt) of the statistics of each earlier
+batch's last step; the first layer of G_meta (its first Linear) is
+re-initialised (N(0, 0.02), bias 0) once, at the start of batch
+``120 + warmup`` (``reset_l0``); the student is in eval mode during synthesis;
+the pool receives the lowest-loss iterate and is read through the data set's
+train transform (``pool_augment``); the teacher sees a random crop (padding 4)
+and flip of each image (:func:`methods.zoo_common.random_views`; CHOSEN:
+sub-pixel positions, bilinear).
 """
 
 from __future__ import annotations
@@ -33,15 +39,22 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
+from dfkd_bench import zoo_losses
+from dfkd_bench.errors import ConfigError
 from dfkd_bench.method_api import MethodContext, hparam, make_optimizer, register_method
 from dfkd_bench.methods.zoo_common import (
     GeneratorPoolMethod,
     GeneratorPoolParams,
     cpu_preset_params,
     random_views,
+    student_eval,
 )
+
+RESET_L0_AFTER_WARMUP = 120
+"""FastDFKD's code re-initialises G_meta's first layer at synthesis number 120 + warmup (hard-coded)."""
 
 
 @dataclass
@@ -52,7 +65,14 @@ class FastParams(GeneratorPoolParams):
     bn_weight: float = hparam(10.0, "weight of BatchNorm matching L_bn")
     oh_weight: float = hparam(0.4, "weight of the cross-entropy to the sampled labels L_oh")
     adv_weight: float = hparam(1.1, "weight of the decision-adversarial term L_adv")
-    warmup: int = hparam(20, "batches synthesised before L_adv is switched on")
+    warmup: int = hparam(20, "L_adv is on from this batch on, counting from 1 (the code's warmup)")
+    bn_mmt: float = hparam(0.9, "momentum of the past batches' BN statistics blended into L_bn (bn_mmt)")
+    reset_l0: bool = hparam(True, "re-initialise G_meta's first layer once, at batch 120 + warmup (reset_l0)")
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.bn_mmt < 1.0:
+            raise ConfigError(f"bn_mmt must be in [0, 1), got {self.bn_mmt}")
 
 
 @register_method
@@ -70,6 +90,8 @@ class FastDFKD(GeneratorPoolMethod):
 
     def __init__(self, params: FastParams, ctx: MethodContext):
         super().__init__(params, ctx)
+        self.bn_momentum: tuple[list[Tensor], list[Tensor]] | None = None  # past batches' (means, vars)
+        self.last_statistics: tuple[list[Tensor], list[Tensor]] | None = None  # the last step's
         self.meta_generator = copy.deepcopy(self.generator)  # G_meta; the fast copy starts each batch from it
         self.meta_optimizer = make_optimizer("adam", self.meta_generator.parameters(), ctx.perf,
                                              lr=params.synthesis_lr * params.synthesis_steps, betas=(0.5, 0.999))
@@ -80,14 +102,39 @@ class FastDFKD(GeneratorPoolMethod):
                                        {"params": [self.z], "lr": self.params.z_lr}],
                               self.ctx.perf, lr=self.params.synthesis_lr, betas=(0.5, 0.999))
 
+    def inversion_loss(self, teacher_logits: Tensor, student_logits: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The shared inversion loss, with L_bn on the momentum-blended statistics (bn_mmt)."""
+        if self.bn_stats is None:
+            return super().inversion_loss(teacher_logits, student_logits)
+        p = self.params
+        means, variances = list(self.bn_stats.means), list(self.bn_stats.vars)
+        self.last_statistics = ([m.detach() for m in means], [v.detach() for v in variances])
+        past_means, past_vars = self.bn_momentum if self.bn_momentum is not None else (None, None)
+        means, variances = zoo_losses.momentum_statistics(means, variances, past_means, past_vars, p.bn_mmt)
+        terms = {"gen_oh": F.cross_entropy(teacher_logits.float(), self.labels),
+                 "gen_bn": zoo_losses.feature_distribution_loss(means, variances, self.bn_stats.running_means,
+                                                                self.bn_stats.running_vars)}
+        loss = p.oh_weight * terms["gen_oh"] + p.bn_weight * terms["gen_bn"]
+        if student_logits is not None:
+            terms["gen_adv"] = zoo_losses.decision_adversarial_loss(teacher_logits, student_logits)
+            loss = loss + p.adv_weight * terms["gen_adv"]
+        return loss, terms
+
     def prepare_generator(self) -> None:
+        if self.params.reset_l0 and self.batches_done + 1 == RESET_L0_AFTER_WARMUP + self.params.warmup:
+            first = next(m for m in self.meta_generator.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+            with torch.no_grad():
+                first.weight.copy_(0.02 * torch.randn(first.weight.shape, generator=self.ctx.rng,
+                                                      device=first.weight.device))
+                if first.bias is not None:
+                    first.bias.zero_()
         self.generator.load_state_dict(self.meta_generator.state_dict())
         for grad in self.meta_grads:
             grad.zero_()
 
     def synthesis_step(self) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         ctx, p = self.ctx, self.params
-        adversarial = p.adv_weight > 0 and self.batches_done >= p.warmup
+        adversarial = p.adv_weight > 0 and self.batches_done + 1 >= p.warmup  # the code's ep >= warmup
         with ctx.perf.autocast(ctx.device):
             images = torch.sigmoid(self.generator(self.z).float())
             view = random_views(images, ctx.rng, min_area=1.0, max_shift=4.0)
@@ -96,7 +143,10 @@ class FastDFKD(GeneratorPoolMethod):
                     teacher_logits = ctx.teacher(view)
             else:
                 teacher_logits = ctx.teacher(view)
-            student_logits = ctx.student_module(view) if adversarial else None
+            student_logits = None
+            if adversarial:
+                with student_eval(ctx.student_module):
+                    student_logits = ctx.student_module(view)
         loss, terms = self.inversion_loss(teacher_logits, student_logits)
         params = list(self.generator.parameters())
         self.optimizer.zero_grad(set_to_none=True)
@@ -107,6 +157,14 @@ class FastDFKD(GeneratorPoolMethod):
         return loss, images, terms
 
     def finish_batch(self) -> None:
+        if self.params.bn_mmt > 0 and self.last_statistics is not None:
+            # the code's update_mmt(): the last step's statistics into the moving average
+            if self.bn_momentum is None:
+                self.bn_momentum = (list(self.last_statistics[0]), list(self.last_statistics[1]))
+            else:
+                m = self.params.bn_mmt
+                self.bn_momentum = tuple([m * past + (1 - m) * new for past, new in zip(pasts, news, strict=True)]
+                                         for pasts, news in zip(self.bn_momentum, self.last_statistics, strict=True))
         self.meta_optimizer.zero_grad(set_to_none=False)
         for parameter, grad in zip(self.meta_generator.parameters(), self.meta_grads, strict=True):
             parameter.grad = grad.clone()
@@ -114,19 +172,29 @@ class FastDFKD(GeneratorPoolMethod):
         self.meta_optimizer.zero_grad(set_to_none=True)
 
     def batch_state(self) -> dict[str, Any]:
-        return {**super().batch_state(), "meta_grads": [g.clone() for g in self.meta_grads]}
+        return {**super().batch_state(), "meta_grads": [g.clone() for g in self.meta_grads],
+                "last_statistics": self.last_statistics}
 
     def load_batch_state(self, state: dict[str, Any]) -> None:
         super().load_batch_state(state)
         for grad, saved in zip(self.meta_grads, state["meta_grads"], strict=True):
             grad.copy_(saved)
+        self.last_statistics = _to_device(state.get("last_statistics"), self.ctx.device)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "meta_generator": self.meta_generator.state_dict(),
-                "meta_optimizer": self.meta_optimizer.state_dict()}
+                "meta_optimizer": self.meta_optimizer.state_dict(), "bn_momentum": self.bn_momentum}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # The meta generator first: the batch state then restores the fast copy over it.
         self.meta_generator.load_state_dict(state["meta_generator"])
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        self.bn_momentum = _to_device(state.get("bn_momentum"), self.ctx.device)
         super().load_state_dict(state)
+
+
+def _to_device(statistics, device: torch.device):
+    """``(means, vars)`` lists (or None) moved to ``device``."""
+    if statistics is None:
+        return None
+    return tuple([t.to(device) for t in part] for part in statistics)

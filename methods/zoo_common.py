@@ -334,6 +334,59 @@ class ZooGeneratorMethod(AdversarialMethod):
 
 # --------------------------------------------------------------------- pool methods ---
 
+POOL_AUGMENTATIONS = ("crop_flip", "none")
+
+
+class student_eval:
+    """``with student_eval(module): ...`` -- the student in eval mode inside the block (BatchNorm on
+    running statistics, no running-statistics update), its previous mode restored after. The pool
+    methods' reference code synthesises with ``student.eval()`` and trains it with ``student.train()``."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.was_training = module.training
+
+    def __enter__(self):
+        self.was_training = self.module.training
+        self.module.eval()
+        return self.module
+
+    def __exit__(self, *exc):
+        self.module.train(self.was_training)
+
+
+def input_normalisation(model: nn.Module) -> tuple[Tensor, Tensor]:
+    """``(mean, std)``, each ``1 x C x 1 x 1``, of the input normalisation a model applies to [0, 1]
+    images (the engine's :class:`dfkd_bench.teachers.NormalizedModel` wrapper); 0 and 1 without one."""
+    from dfkd_bench.teachers import NormalizedModel
+
+    for module in model.modules():
+        if isinstance(module, NormalizedModel):
+            return module.mean.detach().float(), module.std.detach().float()
+    parameter = next(model.parameters())
+    one = torch.ones((1, 1, 1, 1), device=parameter.device)
+    return one * 0, one
+
+
+def balanced_labels(ctx: MethodContext, rows: int) -> Tensor:
+    """This rank's share of ``0, 1, ..., C-1, 0, 1, ...`` over the global batch: DeepInversion's CIFAR code
+    inverts columns of every class (``[0..9] * 25 + [0..5]`` at batch 256), not random labels."""
+    world, rank = ctx.distributed.world_size, ctx.distributed.rank
+    labels = torch.arange(rows * world, device=ctx.device) % ctx.num_classes
+    return labels[rank * rows:(rank + 1) * rows]
+
+
+def random_roll(images: Tensor, limit: int, rng: torch.Generator) -> Tensor:
+    """DeepInversion's jitter: the whole batch rolled (circular shift) by the same random offsets in
+    ``[-limit, limit]`` pixels on each axis, drawn on the device (``torch.roll`` as an index gather)."""
+    if limit <= 0:
+        return images
+    _, _, height, width = images.shape
+    offsets = torch.randint(-limit, limit + 1, (2,), generator=rng, device=images.device)
+    rows = (torch.arange(height, device=images.device) - offsets[0]) % height
+    cols = (torch.arange(width, device=images.device) - offsets[1]) % width
+    return images[:, :, rows][:, :, :, cols]
+
 @dataclass
 class PoolParams:
     """Settings every pool method has (each method sets its paper's defaults)."""
@@ -342,8 +395,14 @@ class PoolParams:
     synthesis_lr: float = hparam(0.05, "Adam learning rate of the synthesis optimiser")
     kd_temperature: float = hparam(20.0, "temperature T of the student's KD on the pool (T^2 * KL)", "T")
     memory_size: int = hparam(50000, "capacity of the pool in images (FIFO past it); stored as uint8")
+    pool_augment: str = hparam("crop_flip", "augmentation of pool images in the student's KD: crop_flip "
+                               "(random crop, padding size/8, and flip: the reference code's CIFAR train "
+                               "transform) or none (its MNIST transform)")
 
     def validate(self) -> None:
+        if self.pool_augment not in POOL_AUGMENTATIONS:
+            raise ConfigError(f"pool_augment must be one of {', '.join(POOL_AUGMENTATIONS)}, "
+                              f"got {self.pool_augment!r}")
         if self.synthesis_steps <= 0:
             raise ConfigError(f"synthesis_steps must be positive, got {self.synthesis_steps}")
         if self.kd_temperature <= 0:
@@ -391,6 +450,10 @@ class PoolMethod(Method):
     def finish_batch(self) -> None:
         """After a batch joined the pool (e.g. FastDFKD's meta update, CMI's feature bank)."""
 
+    def track_best(self, better: Tensor | None) -> None:
+        """After each synthesis step: keep what belongs to the lowest-loss iterate besides its images
+        (CMI: its features). ``better`` is a 0-d bool tensor on the device, None on a batch's first step."""
+
     def batch_state(self) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -412,10 +475,12 @@ class PoolMethod(Method):
         images = images.detach().float()
         if self.best_loss is None:
             self.best_loss, self.best_images = loss.clone(), images.clone()
+            self.track_best(None)
         else:
             better = loss < self.best_loss  # on the device: no host read
             self.best_images = torch.where(better, images, self.best_images)
             self.best_loss = torch.minimum(loss, self.best_loss)
+            self.track_best(better)
         self.steps_on_batch += 1
         self.counters["synthetic_images"] += images.shape[0]
         terms["gen_loss"] = loss
@@ -435,7 +500,14 @@ class PoolMethod(Method):
     def student_images(self) -> Tensor:
         if self.pool.size == 0:  # host-side count: no sync
             return self.best_images if self.best_images is not None else self.current_images()
-        return self.pool.sample(self.ctx.batch_size, self.ctx.rng)
+        images = self.pool.sample(self.ctx.batch_size, self.ctx.rng)
+        if self.params.pool_augment == "crop_flip":
+            # The reference code reads the pool through the data set's train transform (CIFAR:
+            # RandomCrop(32, padding=4) + RandomHorizontalFlip); the same distribution, batched.
+            from dfkd_bench.fast_train import random_crop_flip
+
+            images = random_crop_flip(images, images.shape[-1] // 8, self.ctx.rng).contiguous()
+        return images
 
     def current_images(self) -> Tensor:
         raise NotImplementedError
@@ -548,10 +620,13 @@ def cpu_preset_params(**values: Any) -> dict[str, dict[str, Any]]:
 
     CHOSEN for every pool method there: the student's KD at T = 1 (``kd_temperature=1``), the KL
     every other method of the suite distils with, so that the comparison isolates the synthesis.
-    T = 20 did worse in an exploratory 300-iteration digits run (seed 0): DeepInversion 10.8 % vs
-    30.6 %, CMI 31.4 % vs 35.3 %, FastDFKD 48.6 % vs 50.3 %.
+    T = 20 did worse in an exploratory 300-iteration digits run (seed 0, before the issue-19
+    fidelity fixes): DeepInversion 10.8 % vs 30.6 %, CMI 31.4 % vs 35.3 %, FastDFKD 48.6 % vs 50.3 %.
+
+    CHOSEN there too: no augmentation of pool images in KD (``pool_augment=none``): the reference
+    code's MNIST train transform has none (only a resize), and a flip changes digits.
     """
-    return {name: {"kd_temperature": 1.0, **values} for name in CPU_PRESETS}
+    return {name: {"kd_temperature": 1.0, "pool_augment": "none", **values} for name in CPU_PRESETS}
 
 
 @dataclass

@@ -24,6 +24,7 @@ EXPECTED_MODELS = {
     "resnet18", "resnet34", "wrn16_1", "wrn16_2", "wrn40_1", "wrn40_2",
     "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
     "lenet5", "lenet5_half", "alexnet",
+    "lenet5_bn", "lenet5_half_bn",
 }  # fmt: skip
 
 

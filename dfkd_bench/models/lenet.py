@@ -24,6 +24,12 @@ is *size-adaptive*:
 Because C5's input size is fixed at construction, a model built for one
 ``image_size`` only accepts inputs of that size. Any size of at least 12
 (with padding) works; 1 or 3 input channels (or any other number) are fine.
+
+``lenet5_bn`` / ``lenet5_half_bn`` (ours, not DAFL's) add a BatchNorm2d after
+each conv (conv -> BN -> ReLU -> pool), the order of the ResNets and WRNs
+the pool methods were published with. They exist so that the methods which
+need the teacher's BatchNorm statistics (DeepInversion, CMI, FastDFKD, DFQ)
+have a CPU-sized teacher to invert (README, "BatchNorm teacher").
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ class LeNet5(nn.Module):
         in_channels: int = 1,
         image_size: int = 32,
         width: tuple[int, int, int, int] = (6, 16, 120, 84),
+        batchnorm: bool = False,
     ) -> None:
         super().__init__()
         c1, c2, c5, f6 = width
@@ -69,6 +76,11 @@ class LeNet5(nn.Module):
         self.image_size = image_size
         self.conv1 = nn.Conv2d(in_channels, c1, 5, padding=padding)
         self.conv2 = nn.Conv2d(c1, c2, 5)
+        # Attributes only with batchnorm=True, so the plain LeNet-5's state_dict keys are unchanged.
+        if batchnorm:
+            self.bn1 = nn.BatchNorm2d(c1)
+            self.bn2 = nn.BatchNorm2d(c2)
+        self.batchnorm = batchnorm
         self.c5 = nn.Linear(c2 * side * side, c5)
         self.fc6 = nn.Linear(c5, f6)
         self.fc7 = nn.Linear(f6, num_classes)
@@ -80,8 +92,12 @@ class LeNet5(nn.Module):
                 f"this LeNet-5 was built for {self.image_size}x{self.image_size} inputs, "
                 f"got {tuple(x.shape[-2:])}"
             )
-        out = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        out = F.max_pool2d(F.relu(self.conv2(out)), 2)
+        if self.batchnorm:
+            out = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+            out = F.max_pool2d(F.relu(self.bn2(self.conv2(out))), 2)
+        else:
+            out = F.max_pool2d(F.relu(self.conv1(x)), 2)
+            out = F.max_pool2d(F.relu(self.conv2(out)), 2)
         out = self.c5_relu(self.c5(torch.flatten(out, 1)))
         out = F.relu(self.fc6(out))
         return self.fc7(out)
@@ -105,3 +121,23 @@ def lenet5(num_classes: int, in_channels: int = 1, image_size: int = 32) -> nn.M
 )
 def lenet5_half(num_classes: int, in_channels: int = 1, image_size: int = 32) -> nn.Module:
     return LeNet5(num_classes, in_channels, image_size, width=(3, 8, 60, 42))
+
+
+@register_model(
+    "lenet5_bn",
+    family="lenet",
+    default_image_size=32,
+    description="LeNet-5 with BatchNorm after each conv (ours: a CPU teacher with BN statistics)",
+)
+def lenet5_bn(num_classes: int, in_channels: int = 1, image_size: int = 32) -> nn.Module:
+    return LeNet5(num_classes, in_channels, image_size, width=(6, 16, 120, 84), batchnorm=True)
+
+
+@register_model(
+    "lenet5_half_bn",
+    family="lenet",
+    default_image_size=32,
+    description="LeNet-5-half with BatchNorm after each conv (the student of lenet5_bn)",
+)
+def lenet5_half_bn(num_classes: int, in_channels: int = 1, image_size: int = 32) -> nn.Module:
+    return LeNet5(num_classes, in_channels, image_size, width=(3, 8, 60, 42), batchnorm=True)
