@@ -40,7 +40,7 @@ dafl_mnist.toml``). CIFAR (its README): 2,000 epochs, batch 1024, lr_G 0.02, S S
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import Tensor
 
@@ -63,6 +63,24 @@ class DAFLParams(ZooGeneratorParams):
         super().validate()
         if not self.entropy_log_base > 1:
             raise ConfigError(f"entropy_log_base must be > 1, got {self.entropy_log_base}")
+
+
+# CIFAR-10 and CIFAR-100 share the protocol (DAFL README commands); weights and numbers differ.
+_DAFL_CIFAR10 = PaperProtocol(
+    source="DAFL (Chen et al., ICCV 2019), Table 3: CIFAR-10, ResNet-34 -> ResNet-18",
+    accuracy=92.22, std=None, teacher_accuracy=95.58, selection="best",
+    teacher_arch="resnet34", student_arch="resnet18", image_size=32,
+    train=dict(epochs=2000, steps_per_epoch=120, generator_steps=1, student_steps=1, batch_size=1024,
+               student_optimizer="sgd", student_lr=0.1, student_weight_decay=5e-4, student_momentum=0.9,
+               lr_decay=0.1, lr_milestones=[800, 1600], eval_every=120, amp="none"),
+    params=dict(generator="dafl_gen", noise_dim=1000, generator_lr=0.02, oh_weight=0.05,
+                activation_weight=0.01, entropy_weight=5.0, entropy_log_base=10.0,
+                student_batch="generator_batch"),
+    official={"normalisation": "mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010)"},
+    deviations={"normalisation": "the dataset's statistics of this suite (the teacher's own)"},
+    code="DAFL README: DAFL-train.py --dataset cifar10 --channels 3 --n_epochs 2000 --batch_size 1024 "
+         "--lr_G 0.02 --lr_S 0.1 --latent_dim 1000 --oh 0.05 --ie 5 --a 0.01",
+)
 
 
 @register_method
@@ -96,33 +114,12 @@ class DAFL(ZooGeneratorMethod):
             code="huawei-noah/Efficient-Computing, Data-Efficient-Model-Compression/DAFL/DAFL-train.py "
                  "(defaults = the MNIST run)",
         ),
-        "cifar10": PaperProtocol(
-            source="DAFL (Chen et al., ICCV 2019), Table 3: CIFAR-10, ResNet-34 -> ResNet-18",
-            accuracy=92.22, std=None, teacher_accuracy=95.58, selection="best",
-            teacher_arch="resnet34", student_arch="resnet18", image_size=32,
-            train=dict(epochs=2000, steps_per_epoch=120, generator_steps=1, student_steps=1, batch_size=1024,
-                       student_optimizer="sgd", student_lr=0.1, student_weight_decay=5e-4, student_momentum=0.9,
-                       lr_decay=0.1, lr_milestones=[800, 1600], eval_every=120, amp="none"),
-            params=dict(generator="dafl_gen", noise_dim=1000, generator_lr=0.02, oh_weight=0.05,
-                        activation_weight=0.01, entropy_weight=5.0, entropy_log_base=10.0,
-                        student_batch="generator_batch"),
-            official={"normalisation": "mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010)"},
-            deviations={"normalisation": "the dataset's statistics of this suite (the teacher's own)"},
-            code="DAFL README: DAFL-train.py --dataset cifar10 --channels 3 --n_epochs 2000 --batch_size 1024 "
-                 "--lr_G 0.02 --lr_S 0.1 --latent_dim 1000 --oh 0.05 --ie 5 --a 0.01",
-        ),
-        "cifar100": PaperProtocol(
+        "cifar10": _DAFL_CIFAR10,
+        "cifar100": replace(
+            _DAFL_CIFAR10,
             source="DAFL (Chen et al., ICCV 2019), Table 3: CIFAR-100, ResNet-34 -> ResNet-18",
-            accuracy=74.47, std=None, teacher_accuracy=77.84, selection="best",
-            teacher_arch="resnet34", student_arch="resnet18", image_size=32,
-            train=dict(epochs=2000, steps_per_epoch=120, generator_steps=1, student_steps=1, batch_size=1024,
-                       student_optimizer="sgd", student_lr=0.1, student_weight_decay=5e-4, student_momentum=0.9,
-                       lr_decay=0.1, lr_milestones=[800, 1600], eval_every=120, amp="none"),
-            params=dict(generator="dafl_gen", noise_dim=1000, generator_lr=0.02, oh_weight=0.5,
-                        activation_weight=0.1, entropy_weight=20.0, entropy_log_base=10.0,
-                        student_batch="generator_batch"),
-            official={"normalisation": "mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010)"},
-            deviations={"normalisation": "the dataset's statistics of this suite (the teacher's own)"},
+            accuracy=74.47, teacher_accuracy=77.84,
+            params=dict(_DAFL_CIFAR10.params, oh_weight=0.5, activation_weight=0.1, entropy_weight=20.0),
             code="DAFL README: DAFL-train.py --dataset cifar100 --channels 3 --n_epochs 2000 --batch_size 1024 "
                  "--lr_G 0.02 --lr_S 0.1 --latent_dim 1000 --oh 0.5 --ie 20 --a 0.1",
         ),

@@ -26,7 +26,7 @@ which ends in tanh + BatchNorm in the teacher's normalised space.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import Tensor
 
@@ -38,6 +38,24 @@ from dfkd_bench.methods.zoo_common import ZooGeneratorMethod, ZooGeneratorParams
 @dataclass
 class DFADParams(ZooGeneratorParams):
     """DFAD's own settings are the generator's (Sec. 4.1: Adam, lr 1e-3, d_z 256)."""
+
+
+# CIFAR-10 and CIFAR-100 share the protocol (the official DFAD_cifar.py); only the numbers differ.
+_DFAD_CIFAR10 = PaperProtocol(
+    source="DFAD (Fang et al., arXiv:1912.11006), Table 2: CIFAR-10, ResNet-34 -> ResNet-18 "
+           "(also the official repository's images/classification-results.png)",
+    accuracy=93.3, std=0.0, teacher_accuracy=95.5, selection="best",
+    teacher_arch="resnet34", student_arch="resnet18", image_size=32,
+    train=dict(epochs=500, steps_per_epoch=50, generator_steps=1, student_steps=5, batch_size=256,
+               student_optimizer="sgd", student_lr=0.1, student_weight_decay=5e-4, student_momentum=0.9,
+               lr_decay=0.1, lr_milestones=[100, 200], eval_every=50, amp="none"),
+    params=dict(generator="dfad_gen", noise_dim=256, generator_lr=1e-3),
+    official={"generator lr schedule": "x0.1 at epochs 100, 200 (MultiStepLR on G too, --scheduler)",
+               "normalisation": "mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010)"},
+    deviations={"generator lr schedule": "the engine decays the student's lr only; G keeps 1e-3",
+                 "normalisation": "the dataset's statistics of this suite (the teacher's own)"},
+    code="DFAD_cifar.py --dataset cifar10 --scheduler (README)",
+)
 
 
 @register_method
@@ -67,35 +85,12 @@ class DFAD(ZooGeneratorMethod):
                         "order": "generator stage first (the same alternation shifted by one generator step)"},
             code="VainF/Data-Free-Adversarial-Distillation, DFAD_mnist.py (defaults; run_mnist.sh)",
         ),
-        "cifar10": PaperProtocol(
-            source="DFAD (Fang et al., arXiv:1912.11006), Table 2: CIFAR-10, ResNet-34 -> ResNet-18 "
-                   "(also the official repository's images/classification-results.png)",
-            accuracy=93.3, std=0.0, teacher_accuracy=95.5, selection="best",
-            teacher_arch="resnet34", student_arch="resnet18", image_size=32,
-            train=dict(epochs=500, steps_per_epoch=50, generator_steps=1, student_steps=5, batch_size=256,
-                       student_optimizer="sgd", student_lr=0.1, student_weight_decay=5e-4, student_momentum=0.9,
-                       lr_decay=0.1, lr_milestones=[100, 200], eval_every=50, amp="none"),
-            params=dict(generator="dfad_gen", noise_dim=256, generator_lr=1e-3),
-            official={"generator lr schedule": "x0.1 at epochs 100, 200 (MultiStepLR on G too, --scheduler)",
-                       "normalisation": "mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010)"},
-            deviations={"generator lr schedule": "the engine decays the student's lr only; G keeps 1e-3",
-                         "normalisation": "the dataset's statistics of this suite (the teacher's own)"},
-            code="DFAD_cifar.py --dataset cifar10 --scheduler (README)",
-        ),
-        "cifar100": PaperProtocol(
+        "cifar10": _DFAD_CIFAR10,
+        "cifar100": replace(
+            _DFAD_CIFAR10,
             source="DFAD (Fang et al., arXiv:1912.11006), Table 2: CIFAR-100, ResNet-34 -> ResNet-18 "
                    "(also the official repository's images/classification-results.png)",
-            accuracy=67.7, std=0.3, teacher_accuracy=77.5, selection="best",
-            teacher_arch="resnet34", student_arch="resnet18", image_size=32,
-            train=dict(epochs=500, steps_per_epoch=50, generator_steps=1, student_steps=5, batch_size=256,
-                       student_optimizer="sgd", student_lr=0.1, student_weight_decay=5e-4, student_momentum=0.9,
-                       lr_decay=0.1, lr_milestones=[100, 200], eval_every=50, amp="none"),
-            params=dict(generator="dfad_gen", noise_dim=256, generator_lr=1e-3),
-            official={"generator lr schedule": "x0.1 at epochs 100, 200 (MultiStepLR on G too, --scheduler)",
-                       "normalisation": "mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010)"},
-            deviations={"generator lr schedule": "the engine decays the student's lr only; G keeps 1e-3",
-                         "normalisation": "the dataset's statistics of this suite (the teacher's own)"},
-            code="DFAD_cifar.py --dataset cifar100 --scheduler (README)",
+            accuracy=67.7, std=0.3, teacher_accuracy=77.5, code="DFAD_cifar.py --dataset cifar100 --scheduler (README)",
         ),
     }
 
