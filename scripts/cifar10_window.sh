@@ -35,18 +35,10 @@
 #   WINDOW_GRACE_S           seconds between a step's SIGTERM and SIGKILL (default 20)
 set -euo pipefail
 
-if [[ $# -lt 2 || "$1" == -* || "$2" == -* ]]; then
-    echo "usage: scripts/cifar10_window.sh DATA OUT_DIR [--device cpu] [--deadline S]" >&2
-    exit 2
-fi
-DATA_ARG="$1"
-if [[ ! -e "$DATA_ARG" ]]; then
-    echo "error: data $DATA_ARG does not exist; pass the CIFAR-10 folder or the archive of scripts/pack_data.sh" >&2
-    exit 2
-fi
-DATA_ARG="$(cd "$(dirname "$DATA_ARG")" && pwd)/$(basename "$DATA_ARG")"
 # shellcheck source=scripts/window_lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/window_lib.sh"
+window_data_arg "scripts/cifar10_window.sh DATA OUT_DIR [--device cpu] [--deadline S]" \
+    "pass the CIFAR-10 folder or the archive of scripts/pack_data.sh" "$@"
 window_init cifar10_window "$2" "${WINDOW_DEADLINE_S:-510}" "${@:3}"
 if [[ ${#WINDOW_ARGS[@]} -gt 0 ]]; then
     echo "error: unknown option ${WINDOW_ARGS[0]}; use --device cpu or --deadline S" >&2

@@ -30,18 +30,10 @@
 # WINDOW_BUDGET_OVERRIDES, WINDOW_REPORT_RESERVE_S (default 45), WINDOW_GRACE_S (default 20).
 set -euo pipefail
 
-if [[ $# -lt 2 || "$1" == -* || "$2" == -* ]]; then
-    echo "usage: scripts/reproduce_window.sh DATA OUT_DIR [--device cpu] [--deadline S] [--papers dafl,dfad]" >&2
-    exit 2
-fi
-DATA_ARG="$1"
-if [[ ! -e "$DATA_ARG" ]]; then
-    echo "error: data $DATA_ARG does not exist; pass the folder holding MNIST/raw/ or the archive of scripts/pack_data.sh" >&2
-    exit 2
-fi
-DATA_ARG="$(cd "$(dirname "$DATA_ARG")" && pwd)/$(basename "$DATA_ARG")"
 # shellcheck source=scripts/window_lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/window_lib.sh"
+window_data_arg "scripts/reproduce_window.sh DATA OUT_DIR [--device cpu] [--deadline S] [--papers dafl,dfad]" \
+    "pass the folder holding MNIST/raw/ or the archive of scripts/pack_data.sh" "$@"
 window_init reproduce_window "$2" "${WINDOW_DEADLINE_S:-510}" "${@:3}"
 PAPERS="dafl,dfad"
 set -- "${WINDOW_ARGS[@]+"${WINDOW_ARGS[@]}"}"

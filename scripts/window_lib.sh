@@ -15,6 +15,7 @@
 #     never checkpoints) and NAME.json (the summary: status, steps, device, per-step results), also
 #     when a step fails or the deadline cuts it short (an EXIT trap writes them).
 #
+#   window_data_arg USAGE HINT "$@"                   DATA_ARG from DATA OUT_DIR ..., or usage / one error line
 #   window_init NAME OUT_DIR DEFAULT_DEADLINE_S "$@"   parses --device cpu|cuda and --deadline S
 #   log MESSAGE                                       a timestamped progress line
 #   window_check_device                               the one-line failure without a GPU
@@ -40,6 +41,22 @@
 #
 # Environment: PYTHON (python3), WINDOW_DIR (REPO/.window: site, data, teachers, runs -- ignored by
 # git, kept between calls on a warm machine), WINDOW_GRACE_S (20: SIGTERM -> SIGKILL grace).
+
+# window_data_arg USAGE HINT "$@": DATA_ARG, the script's first argument as an absolute path; with fewer
+# than two arguments (DATA OUT_DIR), or a DATA that does not exist, one line and exit status 2.
+window_data_arg() {
+    local usage="$1" hint="$2"
+    shift 2
+    if [[ $# -lt 2 || "$1" == -* || "$2" == -* ]]; then
+        echo "usage: $usage" >&2
+        exit 2
+    fi
+    if [[ ! -e "$1" ]]; then
+        echo "error: data $1 does not exist; $hint" >&2
+        exit 2
+    fi
+    DATA_ARG="$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"
+}
 
 window_init() {
     WINDOW_NAME="$1"
