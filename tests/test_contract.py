@@ -36,7 +36,7 @@ SHORT = {"synthesis_steps": 2}
 
 
 def overrides_for(method: str) -> dict:
-    return dict(SHORT) if method in POOL else {}
+    return dict(SHORT) if list_methods()[method].pool_based else {}
 
 
 def make_trainer(digits_request, folder, method: str, **overrides) -> Trainer:

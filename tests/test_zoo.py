@@ -15,24 +15,7 @@ from dfkd_bench.experiment import build_run_configs
 from dfkd_bench.method_api import list_methods
 from dfkd_bench.methods.zoo_common import random_views, stage_modules
 from dfkd_bench.models import build_model
-
-POOL = {name for name, method in list_methods().items() if method.pool_based}
-# Pool methods finish a batch every 2 synthesis steps here, so a smoke run fills the pool,
-# restarts a batch (CMI: re-initialised G; FastDFKD: a meta update) and trains on the pool.
-# CMI at 2 steps per batch with n_G = 1 finishes a batch at the end of iteration 2, 4.
-SHORT = {"synthesis_steps": 2}
-
-
-def overrides_for(method: str) -> dict:
-    return dict(SHORT) if method in POOL else {}
-
-
-def make_trainer(digits_request, folder, method: str, **overrides) -> Trainer:
-    config = build_run_configs(digits_request([method], overrides={**overrides_for(method), **overrides}))[0]
-    trainer = Trainer(config, folder, device="cpu", progress=False)
-    trainer.setup()
-    return trainer
-
+from test_contract import make_trainer, overrides_for  # pool methods finish a batch every 2 steps there
 
 # ------------------------------------------------------------ loss terms by hand ---
 
