@@ -35,6 +35,15 @@ def _figure(nrows: int, ncols: int, panel: tuple[float, float] = (5.2, 3.6), leg
     return fig, axes
 
 
+PNG_MAX_PIXELS = 8e6  # a many-panel figure (every series of ten methods) stays a ~1 MB file
+
+
+def _png_dpi(fig) -> float:
+    """150 dpi, lowered for a figure so large that it would pass PNG_MAX_PIXELS (its PDF is exact)."""
+    width, height = fig.get_size_inches()
+    return min(150.0, (PNG_MAX_PIXELS / (width * height)) ** 0.5)
+
+
 def _save(fig, out_dir: Path, stem: str, formats: Sequence[str]) -> list[Path]:
     paths = []
     for fmt in formats:
@@ -42,7 +51,7 @@ def _save(fig, out_dir: Path, stem: str, formats: Sequence[str]) -> list[Path]:
         # No creation date (PDF) or software stamp: the same records give byte-identical figures,
         # so a regenerated report shows in git only where its numbers changed.
         metadata = {"CreationDate": None} if fmt == "pdf" else {"Software": None} if fmt == "png" else None
-        fig.savefig(path, dpi=150 if fmt == "png" else None, metadata=metadata)
+        fig.savefig(path, dpi=_png_dpi(fig) if fmt == "png" else None, metadata=metadata)
         paths.append(path)
     fig.clear()
     return paths
