@@ -52,15 +52,10 @@ def root_model(module: nn.Module) -> nn.Module:
     return module
 
 
-def stage_modules(model: nn.Module, image_shape: tuple[int, int, int]) -> dict[tuple[int, int], nn.Module]:
-    """The matched blocks of a network: for each spatial resolution larger than 1x1, the LAST
-    direct child of the network (in forward order) whose output is a 4-D map of that resolution.
-
-    For a WRN / CIFAR ResNet these are the outputs of its groups (``block1..3`` /
-    ``layer1..4``; for WRN's last group, the final BN-ReLU that follows it); for LeNet-5, the
-    two conv stages (``conv1``, ``conv2``, before their ReLU and pooling). A teacher and a
-    student are matched at the resolutions both have (ZSKT's three WRN groups).
-    """
+def forward_stages(model: nn.Module, image_shape: tuple[int, int, int]) -> list[tuple[tuple[int, int], nn.Module]]:
+    """The direct children of a network whose output is a 4-D map larger than 1x1, in the order
+    they run (not the order they were registered: LeNet-5-BN registers ``bn1`` after ``conv2``),
+    each with its output resolution; one dry forward pass in eval mode, buffers untouched."""
     root = root_model(model)
     order: list[tuple[tuple[int, int], nn.Module]] = []
     handles = []
@@ -79,8 +74,20 @@ def stage_modules(model: nn.Module, image_shape: tuple[int, int, int]) -> dict[t
         root.train(was_training)
         for handle in handles:
             handle.remove()
+    return order
+
+
+def stage_modules(model: nn.Module, image_shape: tuple[int, int, int]) -> dict[tuple[int, int], nn.Module]:
+    """The matched blocks of a network: for each spatial resolution larger than 1x1, the LAST
+    direct child of the network (in forward order) whose output is a 4-D map of that resolution.
+
+    For a WRN / CIFAR ResNet these are the outputs of its groups (``block1..3`` /
+    ``layer1..4``; for WRN's last group, the final BN-ReLU that follows it); for LeNet-5, the
+    two conv stages (``conv1``, ``conv2``, before their ReLU and pooling). A teacher and a
+    student are matched at the resolutions both have (ZSKT's three WRN groups).
+    """
     stages: dict[tuple[int, int], nn.Module] = {}
-    for resolution, module in order:
+    for resolution, module in forward_stages(model, image_shape):
         stages[resolution] = module  # the last one wins
     return stages
 

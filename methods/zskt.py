@@ -41,8 +41,8 @@ the cosine schedules of both learning rates.
 Attention taps: the official ones are the raw outputs of the three WRN groups
 (``activation1..3`` of its wresnet.py, before the final BN-ReLU). The suite's matching rule
 (:func:`stage_modules`) would take the final BatchNorm at the last resolution, so ZSKT
-replaces a normalisation or activation layer chosen by the rule by the block before it
-(:func:`attention_blocks`): WRN ``block1..3``, as in the official code.
+takes per resolution the last block in forward order that is not a normalisation or activation
+layer (:func:`attention_blocks`): WRN ``block1..3``, as in the official code.
 """
 
 from __future__ import annotations
@@ -56,25 +56,25 @@ from dfkd_bench import losses, zoo_losses
 from dfkd_bench.errors import ConfigError
 from dfkd_bench.method_api import MethodContext, hparam, register_method
 from dfkd_bench.methods.common import Source
-from dfkd_bench.methods.zoo_common import (FeatureTap, ZooGeneratorMethod, ZooGeneratorParams, root_model,
-                                            stage_modules, tapping)
+from dfkd_bench.methods.zoo_common import FeatureTap, ZooGeneratorMethod, ZooGeneratorParams, forward_stages, tapping
 
 
 _NOT_A_BLOCK = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.LeakyReLU, nn.Identity)
 
 
 def attention_blocks(model: nn.Module, image_shape: tuple[int, int, int]) -> dict[tuple[int, int], nn.Module]:
-    """ZSKT's attention taps: :func:`stage_modules`, except that a normalisation or activation layer
-    it picks is replaced by the direct child registered before it (the block whose output it
-    normalises; such layers keep the resolution). WRN: ``block1``, ``block2``, ``block3``."""
-    stages = stage_modules(model, image_shape)
-    children = list(root_model(model).children())
-    for resolution, module in list(stages.items()):
-        if isinstance(module, _NOT_A_BLOCK):
-            before = [c for c in children[:children.index(module)] if not isinstance(c, _NOT_A_BLOCK)]
-            if before:
-                stages[resolution] = before[-1]
-    return stages
+    """ZSKT's attention taps: per resolution, the last direct child in FORWARD order that is not a
+    normalisation or activation layer (the block whose output such a layer normalises; they keep
+    the resolution). WRN: ``block1``, ``block2``, ``block3``; LeNet-5(-BN): ``conv1``, ``conv2``.
+    (Forward order, not registration order: LeNet-5-BN registers ``bn1`` after ``conv2``, and a
+    rule by registration order tapped ``conv2`` twice there, a 4x4 map at the 16x16 key.)"""
+    stages: dict[tuple[int, int], nn.Module] = {}
+    fallback: dict[tuple[int, int], nn.Module] = {}
+    for resolution, module in forward_stages(model, image_shape):
+        fallback[resolution] = module
+        if not isinstance(module, _NOT_A_BLOCK):
+            stages[resolution] = module
+    return {resolution: stages.get(resolution, module) for resolution, module in fallback.items()}
 
 
 @dataclass

@@ -229,3 +229,13 @@ def test_zskt_attention_taps_are_the_three_wrn_groups():
         assert attention_blocks(wrn, (3, 32, 32)) == {(32, 32): wrn.block1, (16, 16): wrn.block2, (8, 8): wrn.block3}
     lenet = build_model("lenet5", 10, in_channels=1, image_size=28)
     assert list(attention_blocks(lenet, (1, 28, 28)).values()) == [lenet.conv1, lenet.conv2]
+
+
+def test_zskt_attention_taps_follow_forward_order_on_batchnorm_lenet():
+    # LeNet-5-BN registers bn1, bn2 after conv2; a registration-order rule tapped conv2 twice
+    # (a 4x4 map under the 16x16 key) and a BN teacher with a plain student crashed.
+    from dfkd_bench.methods.zskt import attention_blocks
+
+    for arch in ("lenet5_bn", "lenet5_half_bn"):
+        lenet = build_model(arch, 10, in_channels=1, image_size=16)
+        assert attention_blocks(lenet, (1, 16, 16)) == {(16, 16): lenet.conv1, (4, 4): lenet.conv2}

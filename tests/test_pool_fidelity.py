@@ -136,6 +136,18 @@ def make_method(bn_lenet_teacher, tmp_path, method: str, **overrides):
     return trainer, trainer.method
 
 
+def test_zskt_runs_with_a_batchnorm_teacher_and_a_plain_student(bn_lenet_teacher, tmp_path):
+    # Its attention taps once tapped the teacher's conv2 (4x4) at the 16x16 key: a shape error.
+    request = RunRequest(methods=["zskt"], dataset="digits", seeds=[0], budget="smoke", teacher_arch="lenet5_bn",
+                         student_arch="lenet5_half", teacher=TeacherOptions(checkpoint=bn_lenet_teacher))
+    trainer = Trainer(build_run_configs(request)[0], tmp_path, device="cpu", progress=False)
+    trainer.setup()
+    trainer.method.pretrain()
+    trainer.run_iteration()
+    assert [tuple(f.shape[-2:]) for f in trainer.method.teacher_tap.take()] == []  # taken during the step
+    assert trainer.method.resolutions == [(16, 16), (4, 4)]
+
+
 def _student_bn_buffers(trainer) -> list[torch.Tensor]:
     return [b.detach().clone() for name, b in trainer.student_module.named_buffers() if "running" in name]
 
