@@ -19,7 +19,7 @@ from dfkd_bench.errors import ConfigError, DfkdError, user_message
 from dfkd_bench.store import DEFAULT_RESULTS_DIR
 
 if TYPE_CHECKING:
-    from dfkd_bench.experiment import RunRequest
+    from dfkd_bench.cluster.experiment import RunRequest
 
 
 def _csv(text: str) -> list[str]:
@@ -68,7 +68,7 @@ def _check_int(args, name: str, low: int, high: int, flag: str, meaning: str) ->
 
 
 def _check_device(name: str | None) -> None:
-    from dfkd_bench.launch import check_device_name
+    from dfkd_bench.cluster.launch import check_device_name
 
     check_device_name(name)
 
@@ -102,7 +102,7 @@ def _check_paths(args: argparse.Namespace) -> None:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Every numeric and path option of every sub-command, in range, before the command runs."""
-    from dfkd_bench.experiment import SEED_LIMIT, check_image_size, check_seeds
+    from dfkd_bench.cluster.experiment import SEED_LIMIT, check_image_size, check_seeds
 
     _check_paths(args)
 
@@ -115,7 +115,7 @@ def validate_args(args: argparse.Namespace) -> None:
     lr = getattr(args, "lr", None)
     if lr is not None and not (lr > 0 and lr < float("inf")):
         raise ConfigError(f"--lr must be a finite number > 0, got {lr}")
-    from dfkd_bench.launch import LAUNCH_INT_RANGES, check_launch_option
+    from dfkd_bench.cluster.launch import LAUNCH_INT_RANGES, check_launch_option
 
     # The launch options: the same checks as an experiment file's [resources] (launch.check_launch_option).
     for name in (*LAUNCH_INT_RANGES, "mem_gb"):
@@ -126,9 +126,9 @@ def validate_args(args: argparse.Namespace) -> None:
     _check_device(getattr(args, "device", None))
 
     if getattr(args, "teacher_mean", None) is not None or getattr(args, "teacher_std", None) is not None:
-        from dfkd_bench.data import get_dataset_info
-        from dfkd_bench.experiment import check_teacher_normalisation
-        from dfkd_bench.teachers import parse_floats
+        from dfkd_bench.data.catalog import get_dataset_info
+        from dfkd_bench.cluster.experiment import check_teacher_normalisation
+        from dfkd_bench.teachers.loading import parse_floats
 
         mean = parse_floats(args.teacher_mean, "--teacher-mean")
         std = parse_floats(args.teacher_std, "--teacher-std")
@@ -139,16 +139,16 @@ def validate_args(args: argparse.Namespace) -> None:
                                     arch=getattr(args, "teacher_arch", None))
     checkpoint = getattr(args, "teacher_checkpoint", None)
     if checkpoint is not None and os.path.isfile(checkpoint):
-        from dfkd_bench.experiment import check_teacher_weights
+        from dfkd_bench.cluster.experiment import check_teacher_weights
 
         check_teacher_weights(checkpoint)
 
     if getattr(args, "command", None) == "teacher" and getattr(args, "teacher_command", None) == "train":
         # Last, so that a bad option is reported without touching the disk: a cache that cannot
         # be written fails now, not after the whole teacher has been trained.
-        from dfkd_bench.data import get_dataset_info
-        from dfkd_bench.experiment import check_model_name
-        from dfkd_bench.teachers import teacher_cache_dir
+        from dfkd_bench.data.catalog import get_dataset_info
+        from dfkd_bench.cluster.experiment import check_model_name
+        from dfkd_bench.teachers.loading import teacher_cache_dir
 
         get_dataset_info(args.dataset)
         check_model_name(args.arch, "--arch")
@@ -187,7 +187,7 @@ def _add_teacher_args(parser: argparse.ArgumentParser, arch_required: bool = Fal
 
 
 def _add_launch_args(parser: argparse.ArgumentParser) -> None:
-    from dfkd_bench.launch import add_launcher_arguments
+    from dfkd_bench.cluster.launch import add_launcher_arguments
 
     add_launcher_arguments(parser)  # with --tensorboard, for run and sweep alike
 
@@ -196,8 +196,8 @@ def _add_launch_args(parser: argparse.ArgumentParser) -> None:
 
 def _request_from_args(args) -> "RunRequest":
     from dfkd_bench.config import parse_overrides
-    from dfkd_bench.experiment import RunRequest, TeacherOptions
-    from dfkd_bench.teachers import parse_floats
+    from dfkd_bench.cluster.experiment import RunRequest, TeacherOptions
+    from dfkd_bench.teachers.loading import parse_floats
 
     return RunRequest(
         methods=_csv(args.methods), dataset=args.dataset, seeds=args.seeds, teacher_arch=args.teacher_arch,
@@ -239,10 +239,10 @@ def print_summary(summaries: list[dict]) -> None:
 
 
 def cmd_run(args) -> int:
-    from dfkd_bench.experiment import build_run_configs
-    from dfkd_bench.launch import launch, results_hint
+    from dfkd_bench.cluster.experiment import build_run_configs
+    from dfkd_bench.cluster.launch import launch, results_hint
 
-    from dfkd_bench.launch import check_work_size
+    from dfkd_bench.cluster.launch import check_work_size
 
     check_work_size(len(_csv(args.methods)) * len(args.seeds), args, "methods x seeds")
     configs = build_run_configs(_request_from_args(args))
@@ -258,7 +258,7 @@ def cmd_run(args) -> int:
 def cmd_teacher_train(args) -> int:
     import signal as _signal
 
-    from dfkd_bench.teachers import TeacherInterrupted, TeacherStop, train_teacher
+    from dfkd_bench.teachers.training import TeacherInterrupted, TeacherStop, train_teacher
 
     # Ctrl-C / SIGTERM: while the data are read, stop at once (nothing is lost); during the epochs,
     # finish the epoch, checkpoint it and stop; the same command resumes. A second Ctrl-C stops at once.
@@ -297,10 +297,11 @@ def cmd_teacher_train(args) -> int:
 def cmd_teacher_eval(args) -> int:
     from torch.utils.data import DataLoader
 
-    from dfkd_bench.data import build_dataset, get_dataset_info
+    from dfkd_bench.data.catalog import get_dataset_info
+    from dfkd_bench.data.loaders import build_dataset
     from dfkd_bench.runtime import resolve_device
     from dfkd_bench.presets import get_preset
-    from dfkd_bench.teachers import build_teacher, evaluate_classifier, parse_floats, resolve_teacher
+    from dfkd_bench.teachers.loading import build_teacher, evaluate_classifier, parse_floats, resolve_teacher
 
     info = get_dataset_info(args.dataset)
     arch = args.teacher_arch or get_preset(args.dataset).teacher_arch
@@ -325,14 +326,14 @@ def cmd_teacher_eval(args) -> int:
 
 def cmd_list(args) -> int:
     if args.card:
-        from dfkd_bench.protocol_card import render_card
+        from dfkd_bench.cluster.protocol_card import render_card
 
         print(render_card(args.card, args.dataset))
         return 0
     if args.methods is not None or (args.settings and args.dataset):
         from dfkd_bench.config import parse_overrides
         from dfkd_bench.method_api import get_method
-        from dfkd_bench.protocol_card import render_resolved
+        from dfkd_bench.cluster.protocol_card import render_resolved
 
         if not (args.settings and args.methods and args.dataset):
             raise ConfigError("the values a method receives are listed by --settings --methods M --dataset D "
@@ -346,7 +347,7 @@ def cmd_list(args) -> int:
         raise ConfigError("--dataset goes with --card METHOD (e.g. dfkd-bench list --card dafl --dataset mnist) "
                           "or with --settings --methods M")
     from dfkd_bench.config import TrainConfig
-    from dfkd_bench.data import list_datasets
+    from dfkd_bench.data.catalog import list_datasets
     from dfkd_bench.method_api import list_methods, param_fields
     from dfkd_bench.models import list_generators, list_models
     from dfkd_bench.presets import PRESETS
@@ -471,9 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="with --settings --methods: an override, as for run")
     listing.set_defaults(func=cmd_list)
 
-    from dfkd_bench.bench import add_bench_command
+    from dfkd_bench.bench.benchmark import add_bench_command
     from dfkd_bench.report import add_report_command
-    from dfkd_bench.sweep import add_status_command, add_sweep_command
+    from dfkd_bench.cluster.sweep import add_status_command, add_sweep_command
 
     add_sweep_command(sub)
     add_status_command(sub)

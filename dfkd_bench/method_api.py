@@ -1,6 +1,6 @@
 """The one interface every DFKD method implements, and the method registry.
 
-The engine (``dfkd_bench/engine.py``) owns everything that must be identical
+The engine (``dfkd_bench/train/engine.py``) owns everything that must be identical
 across methods -- the student, its optimiser and schedule, the budget, the
 alternation of stages, evaluation, seeds, records and checkpoints -- and never
 names a method. A method owns what differs:
@@ -66,7 +66,7 @@ class PerfOptions:
     normalised with its own BatchNorm statistics, so the images are the same."""
 
     cuda_graphs: bool = False
-    """Replay student steps from CUDA graphs (dfkd_bench/graphs.py) for methods whose class
+    """Replay student steps from CUDA graphs (dfkd_bench/train/graphs.py) for methods whose class
     sets ``static_student_step``; on a CPU the same static-input code path runs without graphs."""
 
     fused_optimizer: bool = False

@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dfkd_bench import zoo_losses
-from dfkd_bench.batchnorm import has_batchnorm
+from dfkd_bench.train import zoo_losses
+from dfkd_bench.train.batchnorm import has_batchnorm
 from dfkd_bench.method_api import MethodContext, hparam, make_optimizer, register_method
 from dfkd_bench.methods.zoo_common import (
     FeatureBank,

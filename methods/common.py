@@ -35,14 +35,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from dfkd_bench import losses
-from dfkd_bench.batchnorm import (
-    BatchNormStatistics,
-    batchnorm_groups,
-    frozen_batchnorm_buffers,
-    has_batchnorm,
-    make_groupable,
-)
+from dfkd_bench.train import losses
+from dfkd_bench.train.batchnorm import (BatchNormStatistics, batchnorm_groups, frozen_batchnorm_buffers,
+                                        has_batchnorm, make_groupable)
 from dfkd_bench.errors import ConfigError
 from dfkd_bench.method_api import Method, MethodContext, hparam, make_optimizer
 from dfkd_bench.models import build_generator, generator_for_image_size

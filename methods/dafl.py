@@ -9,7 +9,7 @@ with the one-hot loss L_oh (Eq. 2: cross-entropy of T(x) to its own argmax),
 the activation loss L_a (Eq. 3: minus the L1 norm of the teacher's features
 before its classifier) and the information-entropy loss L_ie (Eq. 4: minus the
 entropy of the batch-mean teacher distribution), all in
-:mod:`dfkd_bench.zoo_losses`. The student minimises KD on samples of G (Sec. 3.3,
+:mod:`dfkd_bench.train.zoo_losses`. The student minimises KD on samples of G (Sec. 3.3,
 Eq. 6: cross-entropy between the softened outputs, here KL(T || S) at
 temperature 1, the same gradient).
 
@@ -44,7 +44,7 @@ from dataclasses import dataclass, replace
 
 from torch import Tensor
 
-from dfkd_bench import zoo_losses
+from dfkd_bench.train import zoo_losses
 from dfkd_bench.method_api import MethodContext, PaperProtocol, hparam, register_method
 from dfkd_bench.errors import ConfigError
 from dfkd_bench.methods.zoo_common import ZooGeneratorMethod, ZooGeneratorParams, feature_tap, tapping

@@ -3,7 +3,7 @@
 A generator G and the student S play a min-max game on the discrepancy between
 teacher and student outputs (Sec. 3, Eq. 3). DFAD's discrepancy is the mean
 absolute error between the logits (Sec. 3.2, Eq. 4: ``1/n ||y_T - y_S||_1``,
-:func:`dfkd_bench.zoo_losses.l1_discrepancy`): the student minimises it on
+:func:`dfkd_bench.train.zoo_losses.l1_discrepancy`): the student minimises it on
 fresh samples of G, G maximises it (the "imitation" and "generation" stages,
 Alg. 1). Nothing else enters either loss: no BatchNorm matching, no logit bounds.
 
@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 
 from torch import Tensor
 
-from dfkd_bench import zoo_losses
+from dfkd_bench.train import zoo_losses
 from dfkd_bench.method_api import PaperProtocol, register_method
 from dfkd_bench.methods.zoo_common import ZooGeneratorMethod, ZooGeneratorParams
 

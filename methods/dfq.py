@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from dfkd_bench import losses, zoo_losses
+from dfkd_bench.train import losses, zoo_losses
 from dfkd_bench.method_api import MethodContext, hparam, register_method
 from dfkd_bench.methods.zoo_common import ZooGeneratorMethod, ZooGeneratorParams, teacher_batchnorm
 

@@ -34,13 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dfkd_bench import losses
-from dfkd_bench.batchnorm import BatchNormStatistics, batchnorm_groups, frozen_batchnorm_buffers, has_batchnorm
+from dfkd_bench.train import losses
+from dfkd_bench.train.batchnorm import (BatchNormStatistics, batchnorm_groups, frozen_batchnorm_buffers,
+                                        has_batchnorm)
 from dfkd_bench.errors import ConfigError
 from dfkd_bench.method_api import Method, MethodContext, hparam
 from dfkd_bench.methods.common import AdversarialMethod, Source, teacher_student_logits
 from dfkd_bench.methods.mem import MemoryBank
-from dfkd_bench import zoo_losses
+from dfkd_bench.train import zoo_losses
 
 
 def root_model(module: nn.Module) -> nn.Module:
@@ -364,8 +365,8 @@ class student_eval:
 
 def input_normalisation(model: nn.Module) -> tuple[Tensor, Tensor]:
     """``(mean, std)``, each ``1 x C x 1 x 1``, of the input normalisation a model applies to [0, 1]
-    images (the engine's :class:`dfkd_bench.teachers.NormalizedModel` wrapper); 0 and 1 without one."""
-    from dfkd_bench.teachers import NormalizedModel
+    images (the engine's :class:`dfkd_bench.teachers.loading.NormalizedModel` wrapper); 0 and 1 without one."""
+    from dfkd_bench.teachers.loading import NormalizedModel
 
     for module in model.modules():
         if isinstance(module, NormalizedModel):
@@ -511,7 +512,7 @@ class PoolMethod(Method):
         if self.params.pool_augment == "crop_flip":
             # The reference code reads the pool through the data set's train transform (CIFAR:
             # RandomCrop(32, padding=4) + RandomHorizontalFlip); the same distribution, batched.
-            from dfkd_bench.fast_train import random_crop_flip
+            from dfkd_bench.teachers.fast_train import random_crop_flip
 
             images = random_crop_flip(images, images.shape[-1] // 8, self.ctx.rng).contiguous()
         return images

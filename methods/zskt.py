@@ -6,7 +6,7 @@ ABM with attention transfer. The generator maximises KL(T || S) on its samples
     KL(T(x) || S(x)) + beta * sum_l || f(A_l^T)/||f(A_l^T)|| - f(A_l^S)/||f(A_l^S)|| ||^2
 
 over matched blocks l, ``f(A) = mean_c A_c^2`` the spatial attention map of a
-block's activations (:func:`dfkd_bench.zoo_losses.attention_transfer`).
+block's activations (:func:`dfkd_bench.train.zoo_losses.attention_transfer`).
 
 Matching rule (:func:`dfkd_bench.methods.zoo_common.stage_modules`): for each
 spatial resolution the last direct child of the network whose output has that
@@ -28,7 +28,7 @@ trains only the student). Unlike this suite's ABM, no logit bounds or BNmm.
 
 From the official code (polo5/ZeroShotKnowledgeTransfer, solver.py), as defaults here:
 * the KL is ``F.kl_div`` with PyTorch's default reduction 'mean', i.e. the batch-mean KL
-  divided by the number of classes (:func:`dfkd_bench.zoo_losses.kl_mean_over_entries`),
+  divided by the number of classes (:func:`dfkd_bench.train.zoo_losses.kl_mean_over_entries`),
   in the student's AND the generator's loss; beta = 250 is tuned against it
   (``kl_reduction = "mean"``; ``"batchmean"`` is the plain batch-mean KL);
 * one pseudo-batch z per iteration: the generator step and every student step of the
@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dfkd_bench import losses, zoo_losses
+from dfkd_bench.train import losses, zoo_losses
 from dfkd_bench.errors import ConfigError
 from dfkd_bench.method_api import MethodContext, hparam, register_method
 from dfkd_bench.methods.common import Source

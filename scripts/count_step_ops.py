@@ -32,7 +32,7 @@ def main(root: str) -> None:
     methods.__path__ = [root + "/methods"]
     sys.modules["dfkd_bench.methods"] = methods
     dfkd_bench.methods = methods
-    import dfkd_bench.bench as bench
+    import dfkd_bench.bench.benchmark as bench
 
     fast = {**bench.FAST["gpu"], "compile": False, "stage_buffer": False}
     if "cuda_graphs" in fast:

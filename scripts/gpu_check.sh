@@ -47,11 +47,11 @@ CUDA=1
 [[ "$WINDOW_DEVICE" == cpu ]] && CUDA=0
 
 # 1. environment
-window_step env 150 "$PYSITE" -m dfkd_bench.gpu_check env "$STAGE/env.json" --device "$WINDOW_DEVICE"
+window_step env 150 "$PYSITE" -m dfkd_bench.bench.gpu_check env "$STAGE/env.json" --device "$WINDOW_DEVICE"
 window_result env "$STAGE/env.json"
 
 # 2. capture + replay against eager, per method
-window_step capture 120 "$PYSITE" -m dfkd_bench.gpu_check capture "$STAGE/capture.json" --device "$WINDOW_DEVICE"
+window_step capture 120 "$PYSITE" -m dfkd_bench.bench.gpu_check capture "$STAGE/capture.json" --device "$WINDOW_DEVICE"
 window_result capture "$STAGE/capture.json"
 
 # 3. bench --config gpu (a CPU check: the same pair, tiny)
@@ -83,7 +83,7 @@ mkdir -p "$STAGE/runs"
     --exclude=heartbeat --exclude=_submitit .) | (cd "$STAGE/runs" && tar xf -)
 
 # 5. verdicts
-"$PYSITE" -m dfkd_bench.gpu_check verdicts "$STAGE/verdicts.json" --bench "$STAGE/bench.json" \
+"$PYSITE" -m dfkd_bench.bench.gpu_check verdicts "$STAGE/verdicts.json" --bench "$STAGE/bench.json" \
     --env "$STAGE/env.json" --capture "$STAGE/capture.json" || true
 window_result verdicts "$STAGE/verdicts.json"
 window_result bench "$STAGE/bench.json"

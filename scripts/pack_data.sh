@@ -49,6 +49,7 @@ tar -C "$PARENT" --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 -cf 
 mv "$ARCHIVE.tmp" "$ARCHIVE"
 FILES=$(cd "$PARENT" && find "${MEMBERS[@]}" -type f | wc -l)
 BYTES=$(cd "$PARENT" && find "${MEMBERS[@]}" -type f -printf '%s\n' | awk '{s += $1} END {print s}')
-TRACKED=$(git -C "$REPO" ls-files -z | (cd "$REPO" && xargs -0 stat -c %s 2>/dev/null) | awk '{s += $1} END {print s}')
+# (a tracked file deleted in the working tree has no size: not an error, it does not travel)
+TRACKED=$(git -C "$REPO" ls-files -z | (cd "$REPO" && xargs -0 stat -c %s 2>/dev/null; true) | awk '{s += $1} END {print s}')
 echo "[$(date -u +%H:%M:%S)] $FILES files, $BYTES bytes -> $(stat -c %s "$ARCHIVE") bytes; tracked tree $TRACKED bytes;" \
      "together $(( (TRACKED + $(stat -c %s "$ARCHIVE")) / 1048576 )) MiB of the 64 MiB a device call carries"

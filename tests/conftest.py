@@ -17,7 +17,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture(scope="session")
 def teacher_cache(tmp_path_factory) -> Path:
     """A teacher cache holding a LeNet-5 digits teacher trained for a few epochs (~5 s)."""
-    from dfkd_bench.teachers import train_teacher
+    from dfkd_bench.teachers.training import train_teacher
 
     cache = tmp_path_factory.mktemp("teachers")
     train_teacher("digits", "lenet5", cache_dir=str(cache), epochs=4, workers=0, progress=False)
@@ -27,7 +27,7 @@ def teacher_cache(tmp_path_factory) -> Path:
 @pytest.fixture()
 def digits_request(teacher_cache):
     """A factory of smoke-budget RunRequests on digits using the session teacher."""
-    from dfkd_bench.experiment import RunRequest, TeacherOptions
+    from dfkd_bench.cluster.experiment import RunRequest, TeacherOptions
 
     def make(methods=("abm", "mem", "mad"), seeds=(0,), overrides=None, budget="smoke"):
         return RunRequest(methods=list(methods), dataset="digits", seeds=list(seeds), budget=budget,

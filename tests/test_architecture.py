@@ -86,5 +86,82 @@ def test_the_import_graph_finds_a_planted_circle():
 
 def test_no_import_circle_in_the_package():
     graph = import_graph()
-    assert "dfkd_bench.engine" in graph and graph["dfkd_bench.cli"]  # the graph was read
+    assert "dfkd_bench.train.engine" in graph and graph["dfkd_bench.cli"]  # the graph was read
     assert cycles(graph) == []
+
+
+# ------------------------------------------------------------------ layers ---
+
+def row_names(line: str) -> list[str]:
+    """The names of a table row: the words before the run of two or more spaces."""
+    return line.strip().split("  ")[0].split()
+
+
+def unit_of(module: str) -> str:
+    """The table name a module belongs to: its subpackage, or its own name for a top-level module."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "dfkd_bench"
+
+
+def package_rule(unit: str) -> set[str] | None:
+    """The names a subpackage's ``__init__`` docstring allows after "May import:"."""
+    path = REPO_ROOT / ("methods" if unit == "methods" else f"dfkd_bench/{unit}") / "__init__.py"
+    if not path.exists():
+        return None
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    assert "May import:" in doc, f"{path} does not say what it may import"
+    line = doc.split("May import:", 1)[1].split(".\n", 1)[0].split("(", 1)[0]
+    return {name.strip(" .") for name in line.replace("\n", " ").split(",") if name.strip(" .")}
+
+
+def allowed_imports() -> dict[str, set[str]]:
+    rows = [row_names(line) for line in _table_lines()]
+    allowed: dict[str, set[str]] = {}
+    for i, row in enumerate(rows):
+        below = {name for lower in rows[i + 1:] for name in lower}
+        for name in row:
+            rule = package_rule(name)
+            if rule is not None:
+                assert rule <= below, f"{name}/__init__.py allows {sorted(rule - below)}, which are not below it"
+                allowed[name] = rule
+            else:
+                allowed[name] = below
+    return allowed
+
+
+def _table_lines() -> list[str]:
+    doc = ast.get_docstring(ast.parse((REPO_ROOT / "dfkd_bench" / "__init__.py").read_text()))
+    block = doc.split("Layers:\n", 1)[1].split("\n\n", 1)[0]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def layer_violations(graph: dict[str, set[str]], allowed: dict[str, set[str]]) -> list[str]:
+    found = []
+    for module, targets in sorted(graph.items()):
+        unit = unit_of(module)
+        for target in sorted(targets):
+            other = unit_of(target)
+            if target == "dfkd_bench" or other == unit:
+                continue  # the root package (its version) and a module's own package
+            if other not in allowed.get(unit, set()):
+                found.append(f"{module} imports {target}")
+    return found
+
+
+def test_every_package_and_top_level_module_is_in_the_layer_table():
+    names = {name for line in _table_lines() for name in row_names(line)}
+    units = {unit_of(module) for module in module_files()} - {"dfkd_bench"}
+    assert units == names, f"not in the table: {sorted(units - names)}; in the table only: {sorted(names - units)}"
+
+
+def test_imports_only_go_down_the_layers():
+    assert layer_violations(import_graph(), allowed_imports()) == []
+
+
+def test_the_layer_check_finds_an_upward_import():
+    graph = {"dfkd_bench.train.engine": {"dfkd_bench.cluster.launch", "dfkd_bench.train.graphs"},
+             "dfkd_bench.data.loaders": {"dfkd_bench.models.registry"},
+             "dfkd_bench.cli": {"dfkd_bench.report.writer"}}
+    assert layer_violations(graph, allowed_imports()) == [
+        "dfkd_bench.data.loaders imports dfkd_bench.models.registry",  # same row: beside, not below
+        "dfkd_bench.train.engine imports dfkd_bench.cluster.launch"]

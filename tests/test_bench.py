@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 
-from dfkd_bench.bench import run_benchmark
+from dfkd_bench.bench.benchmark import run_benchmark
 
 PER_MODE = ("iter_s_median", "images_per_s", "peak_mem_mb", "ms_per_student_step", "aten_ops_per_student_step",
             "host_syncs_per_iteration")
@@ -75,7 +75,7 @@ class _Stage:
 
 
 def test_flops_are_counted_on_the_eager_variant_not_on_graph_replays():
-    from dfkd_bench.bench import flops_per_iteration
+    from dfkd_bench.bench.benchmark import flops_per_iteration
 
     variants = {("mad", "fast"): _Stage(eager=False), ("mad", "fast_eager"): _Stage(eager=True)}
     # a replay dispatches nothing a dispatch mode could count; the eager form computes the same step
@@ -86,7 +86,7 @@ def test_flops_are_counted_on_the_eager_variant_not_on_graph_replays():
 def test_peak_memory_is_per_variant_not_the_whole_process():
     import torch
 
-    from dfkd_bench.bench import MemoryProbe, time_variants
+    from dfkd_bench.bench.benchmark import MemoryProbe, time_variants
 
     probe = MemoryProbe(torch.device("cpu"))
     before = probe.now()
@@ -109,8 +109,8 @@ def _bench(argv, capsys):
 
 
 def test_bench_refuses_an_empty_method_list_a_huge_pack_and_a_folder_as_json_out(tmp_path, capsys, monkeypatch):
-    import dfkd_bench.bench as bench
-    import dfkd_bench.bench_pack as bench_pack
+    import dfkd_bench.bench.benchmark as bench
+    import dfkd_bench.bench.pack as bench_pack
 
     def never(*args, **kwargs):
         raise AssertionError("the benchmark must not start")
@@ -134,7 +134,7 @@ def test_bench_refuses_an_empty_method_list_a_huge_pack_and_a_folder_as_json_out
 def test_a_benchmark_that_judged_nothing_does_not_say_its_targets_are_met():
     import io
 
-    from dfkd_bench.bench import _print_table
+    from dfkd_bench.bench.benchmark import _print_table
 
     results = {"config": {"dataset": "digits", "teacher_arch": "a", "student_arch": "b", "overrides": {}, "set": {},
                           "fast": {}, "reference": {}},

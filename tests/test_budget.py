@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dfkd_bench.engine import train_run
-from dfkd_bench.experiment import build_run_configs
+from dfkd_bench.train.engine import train_run
+from dfkd_bench.cluster.experiment import build_run_configs
 from dfkd_bench.store import RunStore
 
 

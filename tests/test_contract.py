@@ -21,8 +21,8 @@ import time
 import pytest
 import torch
 
-from dfkd_bench.engine import Trainer
-from dfkd_bench.experiment import build_run_configs
+from dfkd_bench.train.engine import Trainer
+from dfkd_bench.cluster.experiment import build_run_configs
 from dfkd_bench.method_api import list_methods
 from dfkd_bench.models import build_model
 from test_resume import assert_same, cli
@@ -143,7 +143,7 @@ def killed_and_resumed(teacher_cache, tmp_path_factory):
 
 
 def outcome_of(results, run_name: str):
-    from dfkd_bench.engine import NONDETERMINISTIC_RECORD_KEYS
+    from dfkd_bench.train.engine import NONDETERMINISTIC_RECORD_KEYS
     from dfkd_bench.store import RunStore
 
     store = RunStore(results, run_name)
@@ -178,8 +178,8 @@ def bn_teacher(tmp_path_factory) -> str:
 def test_iterations_never_synchronise_the_host(method, bn_teacher, tmp_path):
     """Generator and student steps of every method, with a BatchNorm teacher and the switches a GPU
     gets (but bf16), under the guard that refuses .item(), float(), torch.tensor(number), .cpu() ..."""
-    from dfkd_bench.experiment import RunRequest, TeacherOptions
-    from dfkd_bench.profiling import HostSyncGuard
+    from dfkd_bench.cluster.experiment import RunRequest, TeacherOptions
+    from dfkd_bench.train.profiling import HostSyncGuard
 
     # bf16 autocast is left out: it changes no code path of the methods and is slow on a CPU.
     switches = dict(channels_last=True, fused_optimizer=True, fused_forward=True, cuda_graphs=True)

@@ -23,13 +23,8 @@ import torch
 import torchvision.datasets.cifar as tv_cifar
 from PIL import Image
 
-from dfkd_bench.data import (
-    DatasetInfo,
-    build_dataset,
-    get_dataset_info,
-    list_datasets,
-    load_as_tensors,
-)
+from dfkd_bench.data.catalog import DatasetInfo, get_dataset_info, list_datasets
+from dfkd_bench.data.loaders import build_dataset, load_as_tensors
 from dfkd_bench.errors import ConfigError, DatasetNotFoundError
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -9,8 +9,8 @@ import torch
 import torch.multiprocessing as mp
 
 from dfkd_bench.config import RunConfig
-from dfkd_bench.engine import train_run
-from dfkd_bench.experiment import RunRequest, TeacherOptions, build_run_configs
+from dfkd_bench.train.engine import train_run
+from dfkd_bench.cluster.experiment import RunRequest, TeacherOptions, build_run_configs
 from dfkd_bench.method_api import DistributedInfo
 from dfkd_bench.store import RunStore
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from dfkd_bench.engine import RunDiverged, train_run
-from dfkd_bench.experiment import build_run_configs
+from dfkd_bench.train.engine import RunDiverged, train_run
+from dfkd_bench.cluster.experiment import build_run_configs
 from dfkd_bench.store import RunStore
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from dfkd_bench.batchnorm import batchnorm_groups, make_groupable
-from dfkd_bench.engine import Trainer
-from dfkd_bench.experiment import RunRequest, TeacherOptions, build_run_configs
+from dfkd_bench.train.batchnorm import batchnorm_groups, make_groupable
+from dfkd_bench.train.engine import Trainer
+from dfkd_bench.cluster.experiment import RunRequest, TeacherOptions, build_run_configs
 from dfkd_bench.methods.common import Source
 
 

@@ -13,10 +13,11 @@ from PIL import Image
 
 from dfkd_bench.cli import main
 from dfkd_bench.errors import ConfigError
-from dfkd_bench.fast_train import augment_batch, random_affine, random_crop_flip
+from dfkd_bench.teachers.fast_train import augment_batch, random_affine, random_crop_flip
 from dfkd_bench.presets import teacher_recipes
-from dfkd_bench.tensor_cache import cache_paths, split_tensors
-from dfkd_bench.teachers import learning_rate, read_checkpoint, recipe_for, train_teacher
+from dfkd_bench.teachers.tensor_cache import cache_paths, split_tensors
+from dfkd_bench.teachers.checkpoints import read_checkpoint
+from dfkd_bench.teachers.training import learning_rate, recipe_for, train_teacher
 
 CLASSES = [f"c{i}" for i in range(10)]
 
@@ -38,7 +39,7 @@ def make_image_folder(root, per_class=2, size=8):
 
 
 def load(root, cache, size=8):
-    from dfkd_bench.data import build_dataset
+    from dfkd_bench.data.loaders import build_dataset
 
     dataset = build_dataset("cifar10", str(root), "train", image_size=size)
     return split_tensors(dataset, name="cifar10", split="train", image_size=size, cache_dir=cache)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dfkd_bench import zoo_losses
+from dfkd_bench.train import zoo_losses
 from dfkd_bench.method_api import get_method
 from dfkd_bench.models import build_generator, build_model
 
@@ -132,9 +132,9 @@ def test_paper_generator_layers_follow_the_official_code():
 
 
 def test_a_normalised_space_generator_is_refused_by_abm(digits_request, tmp_path):
-    from dfkd_bench.engine import Trainer
+    from dfkd_bench.train.engine import Trainer
     from dfkd_bench.errors import ConfigError
-    from dfkd_bench.experiment import build_run_configs
+    from dfkd_bench.cluster.experiment import build_run_configs
 
     config = build_run_configs(digits_request(["abm"], overrides={"generator": "dfad_gen"}))[0]
     with pytest.raises(ConfigError, match="normalised space"):
@@ -144,8 +144,8 @@ def test_a_normalised_space_generator_is_refused_by_abm(digits_request, tmp_path
 # ------------------------------------------------ what the student trains on, as in the official loops ---
 
 def _trainer(digits_request, folder, method, **overrides):
-    from dfkd_bench.engine import Trainer
-    from dfkd_bench.experiment import build_run_configs
+    from dfkd_bench.train.engine import Trainer
+    from dfkd_bench.cluster.experiment import build_run_configs
 
     config = build_run_configs(digits_request([method], overrides=overrides))[0]
     trainer = Trainer(config, folder, device="cpu", progress=False)

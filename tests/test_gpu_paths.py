@@ -7,14 +7,14 @@ import json
 
 import torch
 
-from dfkd_bench.experiment import RunRequest, TeacherOptions, build_run_configs
+from dfkd_bench.cluster.experiment import RunRequest, TeacherOptions, build_run_configs
 
 TINY = {"epochs": 1, "steps_per_epoch": 2, "student_steps": 1, "batch_size": 16, "eval_every": 0, "drift_every": 0}
 
 
 def test_a_fused_optimiser_the_torch_lacks_runs_unfused_and_config_json_says_so(teacher_cache, tmp_path,
                                                                                  monkeypatch):
-    from dfkd_bench.engine import train_run
+    from dfkd_bench.train.engine import train_run
 
     real_adam = torch.optim.Adam
 
@@ -40,7 +40,7 @@ def test_a_fused_optimiser_the_torch_lacks_runs_unfused_and_config_json_says_so(
 
 
 def test_a_run_whose_optimisers_fuse_records_no_fallback(teacher_cache, tmp_path):
-    from dfkd_bench.engine import train_run
+    from dfkd_bench.train.engine import train_run
 
     request = RunRequest(methods=["abm"], dataset="digits", seeds=[0], budget="smoke", overrides=TINY,
                          teacher=TeacherOptions(cache_dir=str(teacher_cache)))
@@ -51,7 +51,7 @@ def test_a_run_whose_optimisers_fuse_records_no_fallback(teacher_cache, tmp_path
 
 
 def _trainer(teacher_cache, tmp_path, amp, method="mad"):
-    from dfkd_bench.engine import Trainer
+    from dfkd_bench.train.engine import Trainer
 
     request = RunRequest(methods=[method], dataset="digits", seeds=[0], budget="smoke",
                          overrides={**TINY, "amp": amp, "batch_size": 64},

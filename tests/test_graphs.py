@@ -1,10 +1,10 @@
-"""The bookkeeping of CUDA-graph replay (dfkd_bench/graphs.py), with a stand-in for the graph."""
+"""The bookkeeping of CUDA-graph replay (dfkd_bench/train/graphs.py), with a stand-in for the graph."""
 
 from __future__ import annotations
 
 import torch
 
-from dfkd_bench.graphs import StaticStep, _Captured
+from dfkd_bench.train.graphs import StaticStep, _Captured
 
 
 class FakeGraph:

@@ -3,7 +3,7 @@
 On a GPU every ``.item()``, every tensor built from a Python number and every
 copy to or from the CPU makes the host wait for the device and stalls the
 launch queue. These tests run the engine's iteration on the CPU under
-:class:`~dfkd_bench.profiling.HostSyncGuard`, which refuses each of them (and
+:class:`~dfkd_bench.train.profiling.HostSyncGuard`, which refuses each of them (and
 on a machine with CUDA also enables ``torch.cuda.set_sync_debug_mode``).
 """
 
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from dfkd_bench.engine import Trainer
-from dfkd_bench.experiment import RunRequest, TeacherOptions, build_run_configs
+from dfkd_bench.train.engine import Trainer
+from dfkd_bench.cluster.experiment import RunRequest, TeacherOptions, build_run_configs
 from dfkd_bench.models import build_model
-from dfkd_bench.profiling import HostSyncError, HostSyncGuard, OpCounter, no_host_sync
+from dfkd_bench.train.profiling import HostSyncError, HostSyncGuard, OpCounter, no_host_sync
 
 # The switches a CUDA device gets from "auto" (config.TrainConfig.resolved), on the CPU.
 GPU_SWITCHES = dict(amp="bf16", channels_last=True, fused_optimizer=True, fused_forward=True, cuda_graphs=True)

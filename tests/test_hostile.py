@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dfkd_bench.engine import NONDETERMINISTIC_RECORD_KEYS
+from dfkd_bench.train.engine import NONDETERMINISTIC_RECORD_KEYS
 from dfkd_bench.errors import DfkdError
 from dfkd_bench.store import RunStore, atomic_write_bytes, run_progress
 
@@ -213,7 +213,7 @@ def test_a_symlinked_samples_folder_is_refused_and_nothing_is_written_through_it
 
 
 def test_a_symlinked_lock_file_is_not_truncated(digits_request, tmp_path):
-    from dfkd_bench.experiment import build_run_configs
+    from dfkd_bench.cluster.experiment import build_run_configs
 
     config = build_run_configs(digits_request(["abm"]))[0]
     store = RunStore(tmp_path / "runs", config.run_name)

@@ -7,8 +7,8 @@ import shutil
 import pytest
 
 from dfkd_bench.errors import DfkdError
-from dfkd_bench.experiment import RunRequest, TeacherOptions, build_run_configs
-from dfkd_bench.launch import launch, pending_configs
+from dfkd_bench.cluster.experiment import RunRequest, TeacherOptions, build_run_configs
+from dfkd_bench.cluster.launch import launch, pending_configs
 from dfkd_bench.store import RunStore
 
 

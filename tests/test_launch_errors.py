@@ -13,8 +13,8 @@ import torch
 
 from dfkd_bench.cli import main
 from dfkd_bench.errors import DfkdError
-from dfkd_bench.experiment import RunRequest, TeacherOptions, build_run_configs
-from dfkd_bench.launch import launch
+from dfkd_bench.cluster.experiment import RunRequest, TeacherOptions, build_run_configs
+from dfkd_bench.cluster.launch import launch
 from dfkd_bench.store import RunStore
 
 SMOKE = ["--dataset", "digits", "--budget", "smoke", "--no-progress", "--threads", "1"]
@@ -104,7 +104,7 @@ def test_a_failed_write_keeps_the_cause_of_the_failure(teacher_cache, tmp_path):
 
 
 def test_sweep_given_a_folder_says_so(tmp_path):
-    from dfkd_bench.sweep import load_experiment
+    from dfkd_bench.cluster.sweep import load_experiment
 
     (tmp_path / "a.toml").write_text("")
     with pytest.raises(DfkdError, match=f"^{tmp_path} is a folder, not an experiment file; pass one file "

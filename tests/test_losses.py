@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from dfkd_bench import losses
-from dfkd_bench.batchnorm import BatchNormStatistics
+from dfkd_bench.train import losses
+from dfkd_bench.train.batchnorm import BatchNormStatistics
 
 
 def test_kl_eq3_by_hand():

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from dfkd_bench.engine import Trainer, train_run
+from dfkd_bench.train.engine import Trainer, train_run
 from dfkd_bench.errors import ConfigError
-from dfkd_bench.experiment import build_run_configs
+from dfkd_bench.cluster.experiment import build_run_configs
 from dfkd_bench.method_api import list_methods
 from dfkd_bench.methods.mad import ema_update, make_ema_copy
 from dfkd_bench.methods.mem import MemoryBank

@@ -6,15 +6,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from dfkd_bench.experiment import RunRequest, TeacherOptions, build_run_configs
-from dfkd_bench.launch import PackRunner, _SetupAwareStop, _stop_in_worker
+from dfkd_bench.cluster.experiment import RunRequest, TeacherOptions, build_run_configs
+from dfkd_bench.cluster.launch import PackRunner, _SetupAwareStop, _stop_in_worker
 from dfkd_bench.store import RunStore
 
 SLOW_SETUP = '''
 import os, time
 marker = os.environ.get("I21_SETUP_MARKER")
 if marker:
-    import dfkd_bench.engine as engine
+    import dfkd_bench.train.engine as engine
 
     real = engine.TestSet.__init__
 
@@ -70,7 +70,7 @@ def test_a_stop_after_the_first_iteration_waits_for_the_checkpoint():
 def test_a_stop_during_setup_raises_at_once():
     import pytest
 
-    from dfkd_bench.engine import RunInterrupted
+    from dfkd_bench.train.engine import RunInterrupted
 
     stop = _SetupAwareStop()
     with pytest.raises(RunInterrupted, match="while setting up"):
@@ -94,7 +94,7 @@ def test_a_worker_whose_launcher_is_killed_gets_sigterm_not_sigkill(tmp_path):
              f"open({str(tmp_path / 'up')!r}, 'w').write('up')\n"
              f"time.sleep(60)\n")
     launcher = ("import subprocess, sys, time\n"
-                "from dfkd_bench.launch import _worker_preexec\n"
+                "from dfkd_bench.cluster.launch import _worker_preexec\n"
                 f"subprocess.Popen([sys.executable, '-c', {child!r}], start_new_session=True, "
                 "preexec_fn=_worker_preexec())\n"
                 "time.sleep(60)\n")

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dfkd_bench.engine import NONDETERMINISTIC_RECORD_KEYS
+from dfkd_bench.train.engine import NONDETERMINISTIC_RECORD_KEYS
 from dfkd_bench.errors import ConfigError, DfkdError
-from dfkd_bench.experiment import RunRequest, TeacherOptions, build_run_configs
-from dfkd_bench.launch import PackJob, launch, launch_options
+from dfkd_bench.cluster.experiment import RunRequest, TeacherOptions, build_run_configs
+from dfkd_bench.cluster.launch import PackJob, launch, launch_options
 from dfkd_bench.store import RunStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -132,7 +132,7 @@ def test_runs_per_gpu_is_checked(tmp_path):
     with pytest.raises(ConfigError, match="--gpus-per-node 2"):
         launch_options(_args(runs_per_gpu=3, gpus_per_node=2))
     assert launch_options(None, {"runs_per_gpu": 3})["runs_per_gpu"] == 3
-    from dfkd_bench.sweep import load_experiment
+    from dfkd_bench.cluster.sweep import load_experiment
 
     path = tmp_path / "exp.toml"
     path.write_text('methods = ["abm"]\nseeds = [0]\ndataset = "digits"\n[resources]\nruns_per_gpu = 0\n')
@@ -157,8 +157,8 @@ def test_a_stop_with_runs_still_queued_ends_the_pack(separate, tmp_path):
     """A stop requested while runs wait in the queue must not keep the launcher looping."""
     import threading
 
-    from dfkd_bench.engine import StopRequest
-    from dfkd_bench.launch import PackRunner
+    from dfkd_bench.train.engine import StopRequest
+    from dfkd_bench.cluster.launch import PackRunner
 
     configs, _ = separate
     stop = StopRequest()

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfkd_bench import zoo_losses
-from dfkd_bench.batchnorm import BatchNormStatistics
-from dfkd_bench.engine import Trainer
-from dfkd_bench.experiment import RunRequest, TeacherOptions, build_run_configs
+from dfkd_bench.train import zoo_losses
+from dfkd_bench.train.batchnorm import BatchNormStatistics
+from dfkd_bench.train.engine import Trainer
+from dfkd_bench.cluster.experiment import RunRequest, TeacherOptions, build_run_configs
 from dfkd_bench.models import build_model
 
 

@@ -6,8 +6,8 @@ import re
 import sys
 import types
 
-from dfkd_bench.engine import train_run
-from dfkd_bench.experiment import build_run_configs
+from dfkd_bench.train.engine import train_run
+from dfkd_bench.cluster.experiment import build_run_configs
 from dfkd_bench.method_api import get_method
 from conftest import REPO_ROOT
 

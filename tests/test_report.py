@@ -401,7 +401,7 @@ def test_damaged_records_name_file_and_line(tmp_path):
 
 
 def _run_status(results: Path, capsys) -> tuple[dict[str, str], str]:
-    from dfkd_bench.sweep import print_status, scan_results
+    from dfkd_bench.cluster.sweep import print_status, scan_results
 
     print_status(scan_results(results), results)
     lines = capsys.readouterr().out.splitlines()

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from dfkd_bench import sweep
+from dfkd_bench.cluster import sweep
 from dfkd_bench.config import RunConfig
 from dfkd_bench.errors import ConfigError
-from dfkd_bench.experiment import RunRequest, TeacherOptions, build_run_configs
+from dfkd_bench.cluster.experiment import RunRequest, TeacherOptions, build_run_configs
 from dfkd_bench.method_api import get_method
 from conftest import SHARED_DATA, needs_shared_data
 
@@ -143,7 +143,7 @@ def test_tiny_mnist_paper_protocol_run_records_protocol_and_published(method, tm
 
 def test_protocol_card_shows_paper_official_and_ours_with_differences_marked(capsys):
     from dfkd_bench.cli import main
-    from dfkd_bench.protocol_card import card_rows
+    from dfkd_bench.cluster.protocol_card import card_rows
 
     rows = {row["setting"]: row for row in card_rows("dafl", "mnist")}
     assert rows["generator_lr"]["paper"] == "0.2" and rows["generator_lr"]["ours_paper"] == "0.2"

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dfkd_bench.engine import NONDETERMINISTIC_RECORD_KEYS, train_run
-from dfkd_bench.experiment import build_run_configs
+from dfkd_bench.train.engine import NONDETERMINISTIC_RECORD_KEYS, train_run
+from dfkd_bench.cluster.experiment import build_run_configs
 from dfkd_bench.store import RunStore
 
 # A run with several checkpoints, evaluations and drift measurements, small enough for CPU tests.

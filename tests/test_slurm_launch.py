@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from dfkd_bench.engine import NONDETERMINISTIC_RECORD_KEYS
+from dfkd_bench.train.engine import NONDETERMINISTIC_RECORD_KEYS
 import torch
 
 REPO = Path(__file__).resolve().parent.parent

@@ -43,7 +43,7 @@ def run_args(method: str, results: Path) -> list[str]:
 def config_of(method: str, teacher_cache: Path):
     """The RunConfig the command line of ``run_args`` builds."""
     from dfkd_bench.config import parse_overrides
-    from dfkd_bench.experiment import RunRequest, TeacherOptions, build_run_configs
+    from dfkd_bench.cluster.experiment import RunRequest, TeacherOptions, build_run_configs
 
     request = RunRequest(methods=[method], dataset="digits", seeds=[0], overrides=parse_overrides(SETTINGS),
                          teacher=TeacherOptions(cache_dir=str(teacher_cache)))
@@ -52,7 +52,7 @@ def config_of(method: str, teacher_cache: Path):
 
 def train_inline(method: str, results: Path, teacher_cache: Path) -> None:
     """Train (or resume) in this process, with TensorBoard on, as ``run --tensorboard`` would."""
-    from dfkd_bench.engine import train_run
+    from dfkd_bench.train.engine import train_run
 
     before = os.environ.get(TENSORBOARD_ENV)
     os.environ[TENSORBOARD_ENV] = "1"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dfkd_bench import sweep
+from dfkd_bench.cluster import sweep
 from dfkd_bench.config import TrainConfig
 from dfkd_bench.errors import ConfigError, DfkdError
 from dfkd_bench.method_api import get_method, param_fields
@@ -178,7 +178,7 @@ alpha = [0.9, 0.99]
     assert [r.swept for r in plan.runs if r.config.method == "abm"] == [{}, {}]
     # the same run as `dfkd-bench run --set n_S=3` (same id)
     from dfkd_bench.config import parse_overrides
-    from dfkd_bench.experiment import RunRequest, TeacherOptions, build_run_configs
+    from dfkd_bench.cluster.experiment import RunRequest, TeacherOptions, build_run_configs
 
     request = RunRequest(methods=["abm", "mad"], dataset="digits", seeds=[0, 1], budget="smoke",
                          overrides=parse_overrides(["n_S=3", "lambda1=0.5", "alpha=0.99"]),
@@ -295,7 +295,7 @@ def test_sweep_without_teacher_is_one_line_error(tmp_path):
 
 
 def test_sweep_status_end_to_end(tmp_path, teacher_cache, digits_request, capsys):
-    from dfkd_bench.experiment import build_run_configs
+    from dfkd_bench.cluster.experiment import build_run_configs
 
     results = tmp_path / "results"
     path = write(tmp_path, """
@@ -386,7 +386,7 @@ def test_status_without_runs_is_one_line_error(tmp_path):
 
 def test_sweep_launcher_flags_override_resources(tmp_path, monkeypatch):
     """The file's [resources] reach launch(); command-line flags win over them."""
-    from dfkd_bench import launch as launch_module
+    from dfkd_bench.cluster import launch as launch_module
 
     seen = {}
 

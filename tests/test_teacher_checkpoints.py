@@ -18,14 +18,8 @@ from dfkd_bench.cli import main
 from dfkd_bench.config import TeacherSpec
 from dfkd_bench.errors import CheckpointError, ConfigError
 from dfkd_bench.models import build_model
-from dfkd_bench.teachers import (
-    build_teacher,
-    cached_teacher_path,
-    fit_state_dict,
-    read_checkpoint,
-    resolve_teacher,
-    state_sha256,
-)
+from dfkd_bench.teachers.checkpoints import fit_state_dict, read_checkpoint, state_sha256
+from dfkd_bench.teachers.loading import build_teacher, cached_teacher_path, resolve_teacher
 
 
 @pytest.fixture(autouse=True)
@@ -246,7 +240,7 @@ def test_key_map_through_the_cli(teacher_cache, tmp_path, capsys, monkeypatch):
 
 
 def test_key_map_keeps_the_teacher_identity_and_reaches_the_runs(teacher_cache, tmp_path):
-    from dfkd_bench.experiment import RunRequest, TeacherOptions, build_run_configs
+    from dfkd_bench.cluster.experiment import RunRequest, TeacherOptions, build_run_configs
 
     path = _renamed_lenet(teacher_cache, tmp_path / "other.pt")
     options = TeacherOptions(checkpoint=str(path), key_map=["backbone.=", "classifier.=fc7."],
@@ -349,7 +343,7 @@ def test_torchvision_weights_are_read_from_torch_home(tmp_path):
     assert spec.mean == [0.485, 0.456, 0.406] and spec.std == [0.229, 0.224, 0.225]
     assert spec.sha256 == state_sha256(reference.state_dict())
     _loads_the_same(spec, reference, classes=1000, size=64)
-    from dfkd_bench.experiment import RunRequest, TeacherOptions, build_run_configs
+    from dfkd_bench.cluster.experiment import RunRequest, TeacherOptions, build_run_configs
 
     configs = build_run_configs(RunRequest(methods=["abm", "mem", "mad"], dataset="imagenet", seeds=[0],
                                            teacher_arch="torchvision:squeezenet1_1", budget="smoke",

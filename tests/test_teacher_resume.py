@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dfkd_bench import teachers
-from dfkd_bench.teachers import TeacherInterrupted, TeacherStop, train_teacher, training_checkpoint_path
+from dfkd_bench.teachers import training as teachers
+from dfkd_bench.teachers.training import TeacherInterrupted, TeacherStop, train_teacher, training_checkpoint_path
 
 EPOCHS = 3
 

@@ -8,13 +8,8 @@ import torch
 from dfkd_bench.cli import main
 from dfkd_bench.errors import CheckpointError
 from dfkd_bench.models import build_model
-from dfkd_bench.teachers import (
-    build_teacher,
-    cached_teacher_path,
-    evaluate_classifier,
-    read_checkpoint,
-    resolve_teacher,
-)
+from dfkd_bench.teachers.checkpoints import read_checkpoint
+from dfkd_bench.teachers.loading import build_teacher, cached_teacher_path, evaluate_classifier, resolve_teacher
 
 
 @pytest.fixture()
@@ -101,7 +96,7 @@ def test_cached_teacher_has_its_accuracy_and_evaluates(teacher_cache):
     meta = read_checkpoint(spec.path)["meta"]
     from torch.utils.data import DataLoader
 
-    from dfkd_bench.data import build_dataset
+    from dfkd_bench.data.loaders import build_dataset
 
     teacher = build_teacher(spec, 10, 1, 16)
     metrics = evaluate_classifier(teacher, DataLoader(build_dataset("digits", None, "test"), batch_size=128),

@@ -228,7 +228,7 @@ def test_nan_teacher_checkpoint_is_refused_at_load(sandbox, capsys, teacher_cach
 
 
 def test_inf_in_one_tensor_is_enough_to_refuse(tmp_path):
-    from dfkd_bench.experiment import check_teacher_weights
+    from dfkd_bench.cluster.experiment import check_teacher_weights
 
     path = lenet_rgb_checkpoint(tmp_path / "ok.pt")
     check_teacher_weights(path)  # finite: accepted
@@ -254,9 +254,9 @@ def test_inf_in_one_tensor_is_enough_to_refuse(tmp_path):
     (("--workers", "-2"), ("--workers",)),
 ])
 def test_teacher_train_refuses_bad_values_before_training(sandbox, capsys, monkeypatch, args, fragments):
-    import dfkd_bench.teachers
+    import dfkd_bench.teachers.training
 
-    monkeypatch.setattr(dfkd_bench.teachers, "train_teacher", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(dfkd_bench.teachers.training, "train_teacher", lambda *a, **k: pytest.fail("training started"))
     cache = sandbox / "cache"
     code, out, err = run_cli(capsys, "teacher", "train", "--dataset", "digits", "--arch", "lenet5",
                              "--teacher-cache", str(cache), *args)
@@ -265,9 +265,9 @@ def test_teacher_train_refuses_bad_values_before_training(sandbox, capsys, monke
 
 
 def test_teacher_train_with_an_unwritable_cache_fails_before_training(sandbox, capsys, monkeypatch):
-    import dfkd_bench.teachers
+    import dfkd_bench.teachers.training
 
-    monkeypatch.setattr(dfkd_bench.teachers, "train_teacher", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(dfkd_bench.teachers.training, "train_teacher", lambda *a, **k: pytest.fail("training started"))
     blocker = sandbox / "a-file"
     blocker.write_text("not a folder")
     code, out, err = run_cli(capsys, "teacher", "train", "--dataset", "digits", "--arch", "lenet5",
@@ -280,9 +280,9 @@ def test_teacher_train_with_an_unwritable_cache_fails_before_training(sandbox, c
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_teacher_train_with_a_read_only_cache_fails_before_training(sandbox, capsys, monkeypatch):
-    import dfkd_bench.teachers
+    import dfkd_bench.teachers.training
 
-    monkeypatch.setattr(dfkd_bench.teachers, "train_teacher", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(dfkd_bench.teachers.training, "train_teacher", lambda *a, **k: pytest.fail("training started"))
     cache = sandbox / "ro"
     cache.mkdir()
     cache.chmod(0o500)
@@ -326,7 +326,7 @@ def test_truncated_image_inside_run_names_the_file(sandbox, capsys, tmp_path):
 
 
 def test_truncated_image_read_by_a_dataloader_worker_is_still_one_line(tmp_path):
-    from dfkd_bench.data import build_dataset, load_as_tensors
+    from dfkd_bench.data.loaders import build_dataset, load_as_tensors
 
     bad = write_cifar_tree(tmp_path, broken="test")
     dataset = build_dataset("cifar10", str(tmp_path), "test")
@@ -338,7 +338,7 @@ def test_truncated_image_read_by_a_dataloader_worker_is_still_one_line(tmp_path)
 
 
 def test_a_file_that_is_not_an_image_names_the_file(tmp_path):
-    from dfkd_bench.data import build_dataset
+    from dfkd_bench.data.loaders import build_dataset
 
     write_cifar_tree(tmp_path)
     junk = tmp_path / "cifar10" / "test" / "dog" / "0.png"
@@ -727,7 +727,7 @@ def test_property_status_report_sweep(sandbox, capsys, data):
 
 
 def test_teacher_normalisation_applies_to_published_weights_too():
-    from dfkd_bench.experiment import check_teacher_normalisation
+    from dfkd_bench.cluster.experiment import check_teacher_normalisation
 
     check_teacher_normalisation([0.5], [0.25], 1, None, "digits", weights="torchvision")
     check_teacher_normalisation([0.5], [0.25], 1, "t.pt", "digits")

@@ -131,7 +131,7 @@ def _bench_json(device: str) -> dict:
 
 
 def test_gpu_check_verdicts_judge_each_target_on_a_gpu_and_none_on_a_cpu():
-    from dfkd_bench.gpu_check import print_verdicts, verdicts
+    from dfkd_bench.bench.gpu_check import print_verdicts, verdicts
 
     capture = {"tolerance": 0.05, "methods": {"mad": {"update_relative_difference": 0.01, "same_step": True}}}
     on_gpu = verdicts(_bench_json("cuda:0"), {"gpu": "NVIDIA H200", "bf16_matmul_tflops_measured": 780.0}, capture)

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from dfkd_bench import zoo_losses
-from dfkd_bench.engine import Trainer
-from dfkd_bench.experiment import build_run_configs
+from dfkd_bench.train import zoo_losses
+from dfkd_bench.train.engine import Trainer
+from dfkd_bench.cluster.experiment import build_run_configs
 from dfkd_bench.method_api import list_methods
 from dfkd_bench.methods.zoo_common import random_views, stage_modules
 from dfkd_bench.models import build_model
@@ -132,7 +132,7 @@ def test_zoo_paper_symbols_are_unambiguous():
 def test_a_methods_preset_values_sit_between_the_preset_and_the_budget_and_set(digits_request):
     """Paper default < the preset's shared values < the method's own preset values < the budget's
     caps < ``--set``; other presets keep the paper defaults, other methods are untouched."""
-    from dfkd_bench.experiment import build_run_configs
+    from dfkd_bench.cluster.experiment import build_run_configs
 
     def params(method, budget="default", **overrides):
         return build_run_configs(digits_request([method], overrides=overrides, budget=budget))[0].params
@@ -238,7 +238,7 @@ def test_zskt_attention_term_reaches_the_student(digits_request, tmp_path):
 
 def test_bn_matching_methods_match_a_batchnorm_teachers_statistics(tmp_path):
     """DFQ, DeepInversion, CMI and FastDFKD add a BatchNorm-statistics term when the teacher has BN."""
-    from dfkd_bench.experiment import RunRequest, TeacherOptions
+    from dfkd_bench.cluster.experiment import RunRequest, TeacherOptions
 
     torch.manual_seed(0)
     teacher = tmp_path / "resnet20.pt"

@@ -12,6 +12,8 @@ Public API::
 Registered names are listed by ``dfkd-bench list``; any timm model is reachable
 as ``timm:<name>`` and any torchvision classifier as ``torchvision:<name>``
 (or ``tv:<name>``), always without pretrained weights.
+
+May import: errors.
 """
 
 from dfkd_bench.models.generators import (

@@ -67,7 +67,7 @@ class KeyMap:
     A teacher file from another code base holds the same tensors under other names (``linear.*``
     where we say ``fc.*``, ``block1.layer.0.*`` where we say ``block1.0.*`` ...). ``rules`` are
     ``(pattern, replacement)`` pairs for :func:`re.sub`, applied in order to every key; the loader
-    (:func:`dfkd_bench.teachers.fit_state_dict`) tries each known map of the architecture and
+    (:func:`dfkd_bench.teachers.checkpoints.fit_state_dict`) tries each known map of the architecture and
     keeps the one under which the file fits exactly.
     """
 

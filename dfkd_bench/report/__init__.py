@@ -43,6 +43,8 @@ The package is split so that each part can be read alone:
 * :mod:`~dfkd_bench.report.tables`: accuracy, baseline, rank, reproduction and compute tables;
 * :mod:`~dfkd_bench.report.figures`: curves, sample grids, sweep plots;
 * :mod:`~dfkd_bench.report.writer`: ``write_report`` and the ``dfkd-bench report`` command.
+
+May import: cluster, store, presets, config, method_api, errors (and nothing that trains).
 """
 
 from dfkd_bench.report.common import (DEFAULT_FORMATS, DEFAULT_REPORT_DIR, METHOD_ORDER, METRICS,

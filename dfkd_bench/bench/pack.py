@@ -1,7 +1,7 @@
 """``dfkd-bench bench --packed K``: K runs packed on one device against one run alone.
 
 Small students leave a big GPU mostly idle; ``--runs-per-gpu K`` trains K runs
-at once, each in its own process (:class:`dfkd_bench.launch.PackRunner`). This
+at once, each in its own process (:class:`dfkd_bench.cluster.launch.PackRunner`). This
 benchmark measures what that buys, in one process tree: worker processes
 exactly like the packed runs' (one process per run, same thread count), each
 building one run of the benchmark's configuration (``--config cpu``: the digits
@@ -14,7 +14,7 @@ randomly initialised teacher (speed does not depend on its weights).
    and warm up, wait at a barrier, start together and time the same number of
    iterations each.
 
-An iteration is what the engine runs (:meth:`dfkd_bench.engine.Trainer.run_iteration`);
+An iteration is what the engine runs (:meth:`dfkd_bench.train.engine.Trainer.run_iteration`);
 on CUDA each one is synchronised before its time stamp. The ratio printed is
 the work of the K runs timed alone one after another (the sum of their alone
 times) divided by the wall time of the K packed runs, from the first start to
@@ -50,9 +50,9 @@ def pack_bench_worker_main() -> int:
     spec = json.loads(sys.stdin.readline())
     import torch
 
-    from dfkd_bench.bench_configs import CONFIGS
-    from dfkd_bench.engine import Trainer
-    from dfkd_bench.experiment import RunRequest, TeacherOptions, build_run_configs
+    from dfkd_bench.bench.configs import CONFIGS
+    from dfkd_bench.train.engine import Trainer
+    from dfkd_bench.cluster.experiment import RunRequest, TeacherOptions, build_run_configs
 
     torch.set_num_threads(int(spec["threads"]))
     config_spec = CONFIGS[spec["kind"]]
@@ -96,7 +96,7 @@ class _Worker:
         package_parent = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
         command = [sys.executable, "-c",
-                   "import sys; from dfkd_bench.bench_pack import pack_bench_worker_main; "
+                   "import sys; from dfkd_bench.bench.pack import pack_bench_worker_main; "
                    "sys.exit(pack_bench_worker_main())", str(write_fd)]
         try:
             self.process = subprocess.Popen(command, stdin=subprocess.PIPE, env=env, pass_fds=(write_fd,))
@@ -174,7 +174,7 @@ def run_pack_benchmark(runs: int, *, kind: str = "auto", device: str = "auto", i
     methods = list(methods)
     if not methods:
         raise ConfigError("--methods: give at least one method to pack")
-    from dfkd_bench.bench_configs import CONFIGS, random_teacher as _random_teacher
+    from dfkd_bench.bench.configs import CONFIGS, random_teacher as _random_teacher
     from dfkd_bench.method_api import get_method
 
     for method in methods:

@@ -277,7 +277,7 @@ class _PreemptionSignal:
     then requeues the job (it calls the job's ``checkpoint()`` and exits)."""
 
     def __init__(self) -> None:
-        from dfkd_bench.engine import StopRequest
+        from dfkd_bench.train.engine import StopRequest
 
         self.stop = StopRequest()
         self._submitit_handler = signal.getsignal(signal.SIGUSR2)
@@ -306,7 +306,7 @@ class RunJob:
         import torch
 
         from dfkd_bench.config import RunConfig
-        from dfkd_bench.engine import RunInterrupted, train_run
+        from dfkd_bench.train.engine import RunInterrupted, train_run
         from dfkd_bench.method_api import DistributedInfo
 
         if self.threads:
@@ -441,7 +441,7 @@ class PackRunner:
         payload = {"config": config.to_dict(), "results_dir": self.results_dir, "device": self.device,
                    "workers": self.workers, "threads": self.threads}
         command = [sys.executable, "-c",
-                   "import sys; from dfkd_bench.launch import pack_worker_main; sys.exit(pack_worker_main())",
+                   "import sys; from dfkd_bench.cluster.launch import pack_worker_main; sys.exit(pack_worker_main())",
                    str(write_fd)]
         try:
             process = subprocess.Popen(command, stdin=subprocess.PIPE, env=env, pass_fds=(write_fd,),
@@ -480,7 +480,7 @@ class PackRunner:
     def run(self, configs: list["RunConfig"], stop) -> dict[str, dict[str, Any]]:
         """``{run name: {"status": done | failed | interrupted | not started, "message": ...}}``.
 
-        ``stop`` is the launcher's :class:`~dfkd_bench.engine.StopRequest`: once set, no new run
+        ``stop`` is the launcher's :class:`~dfkd_bench.train.engine.StopRequest`: once set, no new run
         starts and every worker is asked (SIGTERM) to checkpoint and stop.
         """
         queue = list(configs)
@@ -557,7 +557,7 @@ class _SetupAwareStop:
 
 
 def _stop_in_worker(stop: _SetupAwareStop, signum: int) -> None:
-    from dfkd_bench.engine import RunInterrupted
+    from dfkd_bench.train.engine import RunInterrupted
 
     if stop._requested and signum == signal.SIGINT and stop.training:
         raise KeyboardInterrupt
@@ -568,7 +568,7 @@ def _stop_in_worker(stop: _SetupAwareStop, signum: int) -> None:
 
 
 def _train_in_worker(job: dict[str, Any], early: list[int]) -> dict[str, Any]:
-    from dfkd_bench.engine import RunInterrupted
+    from dfkd_bench.train.engine import RunInterrupted
 
     stop = _SetupAwareStop()
     previous = {}
@@ -581,7 +581,7 @@ def _train_in_worker(job: dict[str, Any], early: list[int]) -> dict[str, Any]:
         import torch
 
         from dfkd_bench.config import RunConfig
-        from dfkd_bench.engine import train_run
+        from dfkd_bench.train.engine import train_run
 
         if job.get("threads"):
             torch.set_num_threads(int(job["threads"]))
@@ -773,7 +773,7 @@ def check_todo_can_start(todo: list["RunConfig"], options: dict[str, Any]) -> No
     """
     import torch
 
-    from dfkd_bench.data import build_dataset
+    from dfkd_bench.data.loaders import build_dataset
     from dfkd_bench.models import build_generator, generator_for_image_size
 
     here = options["launcher"] in ("inline", "local")
@@ -971,7 +971,7 @@ def launch(configs: list["RunConfig"], results_dir: str | os.PathLike, args: arg
 def _launch_inline(todo: list["RunConfig"], results_dir: Path, options: dict[str, Any],
                    failures: dict[str, str]) -> None:
     """One run after another in this process, with progress bars."""
-    from dfkd_bench.engine import RunInterrupted, StopRequest, stop_on_signals, train_run
+    from dfkd_bench.train.engine import RunInterrupted, StopRequest, stop_on_signals, train_run
 
     if options["threads"]:
         import torch
@@ -998,7 +998,7 @@ def _launch_inline(todo: list["RunConfig"], results_dir: Path, options: dict[str
 def _launch_packed_inline(todo: list["RunConfig"], results_dir: Path, options: dict[str, Any],
                           failures: dict[str, str]) -> None:
     """K runs at once, each in a worker process of this one (see :class:`PackRunner`)."""
-    from dfkd_bench.engine import StopRequest, stop_on_signals
+    from dfkd_bench.train.engine import StopRequest, stop_on_signals
 
     stop = StopRequest()
     runner = PackRunner(results_dir, int(options["runs_per_gpu"]), device=options["device"],

@@ -29,7 +29,7 @@ def _text(value: Any) -> str:
 
 def card_rows(method: str, dataset: str) -> list[dict[str, str]]:
     """One row per setting: ``setting``, ``paper``, ``ours_paper``, ``ours_common``, ``mark``."""
-    from dfkd_bench.experiment import paper_protocol, resolve_settings
+    from dfkd_bench.cluster.experiment import paper_protocol, resolve_settings
 
     protocol = paper_protocol(method, dataset)
     teacher, student, size, train, params = resolve_settings(method, dataset, "paper")
@@ -94,7 +94,7 @@ def resolved_rows(method: str, dataset: str, protocol: str = "common", budget: s
     import dataclasses
 
     from dfkd_bench.config import TrainConfig, resolve_method_params
-    from dfkd_bench.experiment import resolve_pair_and_train, resolve_params
+    from dfkd_bench.cluster.experiment import resolve_pair_and_train, resolve_params
     from dfkd_bench.presets import get_preset
 
     overrides = dict(overrides or {})

@@ -23,17 +23,17 @@ from dfkd_bench.config import (
     check_override_keys,
     resolve_method_params,
 )
-from dfkd_bench.data import get_dataset_info
+from dfkd_bench.data.catalog import get_dataset_info
 from dfkd_bench.errors import CheckpointError, ConfigError
 from dfkd_bench.method_api import get_method
 from dfkd_bench.presets import budget_param_overrides, budget_train_overrides, get_preset, preset_method_params
-from dfkd_bench.teachers import resolve_teacher
+from dfkd_bench.teachers.loading import PRESET_TEACHER_WEIGHTS, resolve_teacher
 
 
 @dataclass
 class TeacherOptions:
     """Which teacher: ``checkpoint`` (a file, with ``key_map`` prefix renames ``OLD=NEW``), ``weights``
-    (``cache``, ``torchvision``[``:<WEIGHTS>``]; default: the preset's, see teachers.PRESET_TEACHER_WEIGHTS),
+    (``cache``, ``torchvision``[``:<WEIGHTS>``]; default: the preset's, see teachers.loading.PRESET_TEACHER_WEIGHTS),
     or the teacher cache; ``download`` lets published weights be fetched into the torch hub cache."""
 
     checkpoint: str | None = None
@@ -160,9 +160,7 @@ def _external_teacher(dataset: str, arch: str | None, checkpoint: str | None, we
         return True
     if weights is not None:
         return weights.strip() != "cache"
-    from dfkd_bench import teachers
-
-    default = getattr(teachers, "PRESET_TEACHER_WEIGHTS", {}).get(dataset)
+    default = PRESET_TEACHER_WEIGHTS.get(dataset)
     preset_arch = get_preset(dataset).teacher_arch
     return bool(default) and default != "cache" and (arch or preset_arch).strip().lower() == preset_arch
 
@@ -227,7 +225,7 @@ def check_teacher_weights(path: str | os.PathLike) -> None:
 def _check_teacher_weights_cached(path: str, size: int, mtime_ns: int) -> None:
     import torch
 
-    from dfkd_bench.teachers import extract_state_dict, read_checkpoint
+    from dfkd_bench.teachers.checkpoints import extract_state_dict, read_checkpoint
 
     try:
         state = extract_state_dict(read_checkpoint(path), path)

@@ -96,7 +96,7 @@ def _check_stored(tensor_path: Path, meta_path: Path, fingerprint: str) -> tuple
 
 
 def _decode(dataset: Dataset, workers: int, progress: bool) -> tuple[Tensor, Tensor]:
-    from dfkd_bench.data import load_as_tensors
+    from dfkd_bench.data.loaders import load_as_tensors
 
     return load_as_tensors(dataset, num_workers=workers, progress=progress)
 
@@ -109,7 +109,7 @@ def split_tensors(dataset: Dataset, *, name: str, split: str, image_size: int,
     corrupt; reused otherwise); without ``cache_dir`` they are decoded every time. Other datasets
     are converted in memory.
     """
-    from dfkd_bench.data import DigitsDataset
+    from dfkd_bench.data.loaders import DigitsDataset
 
     if isinstance(dataset, DigitsDataset):  # float pixels (resized in float): keep them exact
         return SplitTensors(dataset.images.clone(), torch.as_tensor(dataset.targets, dtype=torch.int64), "memory")

@@ -5,7 +5,7 @@ datasets/architecture pairs x seeds x hyper-parameter values x budget x
 resources. :func:`load_experiment` reads and checks it (every unknown key is a
 one-line :class:`~dfkd_bench.errors.ConfigError` naming the file and the key);
 :func:`plan_experiment` expands it into one :class:`~dfkd_bench.config.RunConfig`
-per distinct run, through :func:`dfkd_bench.experiment.build_run_configs`, so a
+per distinct run, through :func:`dfkd_bench.cluster.experiment.build_run_configs`, so a
 run of a sweep is the very same run (same id, same folder) as the equivalent
 ``dfkd-bench run --set ...``.
 
@@ -290,7 +290,7 @@ class _Reader:
         return axes
 
     def resources(self, table: Any) -> dict[str, Any]:
-        from dfkd_bench.launch import LAUNCH_DEFAULTS
+        from dfkd_bench.cluster.launch import LAUNCH_DEFAULTS
 
         if not isinstance(table, dict):
             raise self.error("[resources] must be a table of launcher options")
@@ -313,7 +313,7 @@ class _Reader:
                 value = [value] if isinstance(value, str) else value
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                     raise self.error("[resources] slurm_setup must be a list of shell lines")
-            from dfkd_bench.launch import check_launch_option
+            from dfkd_bench.cluster.launch import check_launch_option
 
             try:  # the same checks as the command line's --threads, --time, --device ...
                 check_launch_option(name, value, f"[resources] {key}")
@@ -502,7 +502,7 @@ def _swept_values(config, point: dict[str, Any]) -> dict[str, Any]:
 def plan_experiment(experiment: Experiment, *, teacher_cache: str | None = None, data_root: str | None = None,
                     allow_missing_teacher: bool = False) -> Plan:
     """Every distinct run of the experiment, in file order (cell, method, grid point, seed)."""
-    from dfkd_bench.experiment import MISSING_TEACHER, RunRequest, TeacherOptions, build_run_configs
+    from dfkd_bench.cluster.experiment import MISSING_TEACHER, RunRequest, TeacherOptions, build_run_configs
 
     data_root = data_root or experiment.data_root
     runs: list[PlannedRun] = []
@@ -754,9 +754,9 @@ def print_status(runs: list[RunInfo], results_dir: str | os.PathLike) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from dfkd_bench.config import parse_overrides
-    from dfkd_bench.launch import launch, results_hint
+    from dfkd_bench.cluster.launch import launch, results_hint
 
-    from dfkd_bench.launch import MAX_RUNS_WITHOUT_YES, check_work_size
+    from dfkd_bench.cluster.launch import MAX_RUNS_WITHOUT_YES, check_work_size
 
     experiment = load_experiment(args.file)
     experiment = override_experiment(experiment, budget=args.budget, overrides=parse_overrides(args.set or []))
@@ -790,7 +790,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def add_sweep_command(subparsers) -> argparse.ArgumentParser:
-    from dfkd_bench.launch import add_launcher_arguments
+    from dfkd_bench.cluster.launch import add_launcher_arguments
 
     parser = subparsers.add_parser(
         "sweep", help="run an experiment file (methods x datasets x seeds x settings); --dry-run lists its runs",

@@ -5,7 +5,7 @@ fast path and the plain reference path (fp32, eager, one forward per source,
 float32 memory bank) -- on the same configuration, and interleaves timed
 iterations of all of them round-robin after a warm-up, so that a slow
 moment of the machine hits every variant alike. An iteration is exactly what
-the engine runs (:meth:`dfkd_bench.engine.Trainer.run_iteration`): one
+the engine runs (:meth:`dfkd_bench.train.engine.Trainer.run_iteration`): one
 generator stage and one student stage.
 
 No data and no trained teacher are needed: speed does not depend on the
@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dfkd_bench.bench_configs import CONFIGS, FAST, METHODS, REFERENCE  # noqa: F401 (gpu_check reads them here)
-from dfkd_bench.bench_configs import random_teacher as _random_teacher
+from dfkd_bench.bench.configs import CONFIGS, FAST, METHODS, REFERENCE
+from dfkd_bench.bench.configs import random_teacher as _random_teacher
 from dfkd_bench.store import dumps_strict
 
 # Dense bf16 peaks from the vendors' datasheets, for "achieved vs peak".
@@ -48,7 +48,7 @@ def _peak_rss_reset() -> None:
 def _peak_rss_mb() -> float:
     import torch
 
-    from dfkd_bench.engine import peak_memory_mb
+    from dfkd_bench.train.engine import peak_memory_mb
 
     return peak_memory_mb(torch.device("cpu"))
 
@@ -108,8 +108,8 @@ def build_variants(kind: str, device: str, methods, fast_overrides: dict[str, An
                    resident: dict | None = None, probe: MemoryProbe | None = None):
     """Build every (method, mode) trainer; ``resident[(method, mode)]`` gets the memory (MB) its
     build added (see :class:`MemoryProbe`)."""
-    from dfkd_bench.engine import Trainer
-    from dfkd_bench.experiment import RunRequest, TeacherOptions, build_run_configs
+    from dfkd_bench.train.engine import Trainer
+    from dfkd_bench.cluster.experiment import RunRequest, TeacherOptions, build_run_configs
 
     spec = CONFIGS[kind]
     teacher = _random_teacher(spec["teacher_arch"], spec["dataset"], folder)
@@ -216,7 +216,7 @@ def measured_bf16_peak_tflops(device, size: int = 8192, repeats: int = 20) -> fl
 def count_step_work(trainer) -> dict[str, float]:
     """ATen ops per student step (counted over one student stage) and host synchronisations
     in one whole iteration (generator stage + student stage), both with dispatch modes."""
-    from dfkd_bench.profiling import HostSyncGuard, OpCounter
+    from dfkd_bench.train.profiling import HostSyncGuard, OpCounter
 
     trainer.generator_stage()
     with OpCounter() as ops:
@@ -468,7 +468,7 @@ def _cmd_bench(args) -> int:
 
     methods = check_bench_args(args)
     if args.packed is not None:
-        from dfkd_bench.bench_pack import run_pack_benchmark
+        from dfkd_bench.bench.pack import run_pack_benchmark
 
         results = run_pack_benchmark(args.packed, kind=args.config, device=args.device, iterations=args.iterations,
                                      warmup=args.warmup, methods=methods,

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dfkd_bench.losses import kl_per_sample
+from dfkd_bench.train.losses import kl_per_sample
 
 
 def l1_discrepancy(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:

@@ -1,5 +1,5 @@
-"""The configurations ``dfkd-bench bench`` times (one process, ``dfkd_bench.bench``) and packs (several
-processes, ``dfkd_bench.bench_pack``), and the randomly initialised teacher both use: speed does not
+"""The configurations ``dfkd-bench bench`` times (one process, ``dfkd_bench.bench.benchmark``) and packs (several
+processes, ``dfkd_bench.bench.pack``), and the randomly initialised teacher both use: speed does not
 depend on the teacher's weights. Both benchmark modules import this one, not each other."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ METHODS = ("abm", "mem", "mad")
 def random_teacher(arch: str, dataset: str, folder: Path) -> str:
     import torch
 
-    from dfkd_bench.data import get_dataset_info
+    from dfkd_bench.data.catalog import get_dataset_info
     from dfkd_bench.models import build_model
     from dfkd_bench.presets import get_preset
 

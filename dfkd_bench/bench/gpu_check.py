@@ -1,13 +1,13 @@
 """The Python steps of ``scripts/gpu_check.sh`` (issue 21): what a first GPU window measures.
 
-``python -m dfkd_bench.gpu_check env OUT.json --device D``
+``python -m dfkd_bench.bench.gpu_check env OUT.json --device D``
     torch, CUDA and the GPU's name, and the dense bf16 matmul rate measured here.
-``python -m dfkd_bench.gpu_check capture OUT.json --device D``
+``python -m dfkd_bench.bench.gpu_check capture OUT.json --device D``
     per method (ABM, DFKD-Mem, MAD), one student stage with CUDA graphs (3 eager warm-up steps,
     one capture, replays) against the same stage with eager steps, from the same weights and the
     same inputs: how far the graph's weights and loss are from the eager ones, captures made,
     whether a capture failed (and its note).
-``python -m dfkd_bench.gpu_check verdicts OUT.json --bench BENCH.json --env ENV.json [--capture C.json]``
+``python -m dfkd_bench.bench.gpu_check verdicts OUT.json --bench BENCH.json --env ENV.json [--capture C.json]``
     one verdict line per target of the GPU-speed work (MAD student step <= 4 ms at the CIFAR
     configuration, fast >= 3x the reference images/s, MAD/ABM per student image <= 1.10, 0 host
     syncs, TFLOP/s against the measured peak), ``not judged on CPU`` where the device is a CPU.
@@ -47,7 +47,7 @@ def environment(device: str) -> dict[str, Any]:
                             "cuda_runtime": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
                             "device": device}
     if device.startswith("cuda"):
-        from dfkd_bench.bench import measured_bf16_peak_tflops
+        from dfkd_bench.bench.benchmark import measured_bf16_peak_tflops
 
         dev = torch.device(device)
         info["gpu"] = torch.cuda.get_device_name(dev)
@@ -61,9 +61,9 @@ def environment(device: str) -> dict[str, Any]:
 
 
 def _trainer(method: str, device: str, graphs: bool, folder: Path, teacher: str):
-    from dfkd_bench.bench import CONFIGS, FAST
-    from dfkd_bench.engine import Trainer
-    from dfkd_bench.experiment import RunRequest, TeacherOptions, build_run_configs
+    from dfkd_bench.bench.benchmark import CONFIGS, FAST
+    from dfkd_bench.train.engine import Trainer
+    from dfkd_bench.cluster.experiment import RunRequest, TeacherOptions, build_run_configs
 
     spec = CONFIGS["gpu"]
     cuda = device.startswith("cuda")
@@ -85,7 +85,7 @@ def capture_check(device: str) -> dict[str, Any]:
     """Per method: a student stage with graphs against the same stage eagerly, same weights and inputs."""
     import torch
 
-    from dfkd_bench.bench import CONFIGS, _random_teacher
+    from dfkd_bench.bench.benchmark import CONFIGS, _random_teacher
 
     results: dict[str, Any] = {"device": device, "tolerance": CAPTURE_TOLERANCE["cuda" if device.startswith("cuda")
                                                                                 else "cpu"], "methods": {}}
@@ -189,7 +189,7 @@ def print_verdicts(result: dict[str, Any], out=sys.stdout) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dfkd_bench.gpu_check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dfkd_bench.bench.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("step", choices=("env", "capture", "verdicts"))
     parser.add_argument("out")
     parser.add_argument("--device", default="cuda")

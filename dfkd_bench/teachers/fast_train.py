@@ -3,7 +3,7 @@
 The data-loader path decodes, augments and collates every image in Python on
 the CPU for every epoch; for 32-pixel images that costs more than the network
 on a GPU. Here (the default wherever a dataset fits in memory, on CPU as on
-CUDA) both splits are loaded once as tensors (:mod:`dfkd_bench.tensor_cache`,
+CUDA) both splits are loaded once as tensors (:mod:`dfkd_bench.teachers.tensor_cache`,
 uint8 decoded JPEGs cached beside the teacher cache), moved to the device,
 and each batch is augmented there, on the whole batch at once:
 

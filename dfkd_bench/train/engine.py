@@ -37,17 +37,17 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dfkd_bench import __version__
-from dfkd_bench.batchnorm import no_batchnorm_sync, synchronise_batchnorm
+from dfkd_bench.train.batchnorm import no_batchnorm_sync, synchronise_batchnorm
 from dfkd_bench.config import RunConfig
-from dfkd_bench.data import build_dataset, load_as_tensors
+from dfkd_bench.data.loaders import build_dataset, load_as_tensors
 from dfkd_bench.errors import DfkdError
-from dfkd_bench.graphs import StaticStep
-from dfkd_bench.losses import js_divergence_per_sample
+from dfkd_bench.train.graphs import StaticStep
+from dfkd_bench.train.losses import js_divergence_per_sample
 from dfkd_bench.method_api import DistributedInfo, MethodContext, float32_logits, get_method, make_optimizer
 from dfkd_bench.models import build_model
 from dfkd_bench.runtime import resolve_device, seed_everything  # noqa: F401 (engine.resolve_device)
 from dfkd_bench.store import RunStore
-from dfkd_bench.teachers import NormalizedModel, build_teacher
+from dfkd_bench.teachers.loading import NormalizedModel, build_teacher
 
 # ------------------------------------------------------------------ helpers ---
 
