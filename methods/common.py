@@ -236,10 +236,14 @@ class AdversarialMethod(Method):
         with self.ctx.perf.autocast(self.ctx.device):
             if groups > 1:
                 with batchnorm_groups(generator, [z.shape[0] // groups] * groups):
-                    logits = generator(z, embedding)
+                    out = generator(z, embedding)
             else:
-                logits = generator(z, embedding)
-        return torch.sigmoid(logits.float())
+                out = generator(z, embedding)
+        return self.generator_images(out)
+
+    def generator_images(self, out: Tensor) -> Tensor:
+        """A generator's output -> images in [0, 1]: the sigmoid of its logits (Sec. 4.2)."""
+        return torch.sigmoid(out.float())
 
     def measurement_sources(self, num_samples: int, rng: torch.Generator) -> dict[str, Tensor]:
         images = {}
@@ -398,36 +402,44 @@ class AdversarialMethod(Method):
     def after_student_step(self, sources: list[Source]) -> None:
         """Hook for methods that keep what the student saw (DFKD-Mem's memory)."""
 
-    def distill(self, sources: list[Source]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Eq. 10: sum over sources of weight * (KD + zeta0 * student logit bound)."""
-        ctx, p = self.ctx, self.params
-        if ctx.perf.fused_forward and self.student_groupable and len(sources) > 1:
-            images = torch.cat([s.images for s in sources])
-            if ctx.perf.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            sizes = [s.images.shape[0] for s in sources]
-            with ctx.perf.autocast(ctx.device):
-                with torch.inference_mode():
-                    teacher_all = ctx.teacher(images)
-                with batchnorm_groups(ctx.student_module, sizes):
-                    student_all = ctx.student(images)
-            pairs = zip(teacher_all.split(sizes), student_all.split(sizes))
-            teacher_student = [(t.clone(), s) for t, s in pairs]
-        else:
-            teacher_student = [teacher_student_logits(ctx, source.images) for source in sources]
+    def source_logits(self, sources: list[Source]) -> list[tuple[Tensor, Tensor]]:
+        """Teacher and student logits of each source: with the fused forward (several sources,
+        a groupable student) one pass over all of them, BatchNorm statistics per source."""
+        ctx = self.ctx
+        if not (ctx.perf.fused_forward and self.student_groupable and len(sources) > 1):
+            return [teacher_student_logits(ctx, source.images) for source in sources]
+        images = torch.cat([s.images for s in sources])
+        if ctx.perf.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        sizes = [s.images.shape[0] for s in sources]
+        with ctx.perf.autocast(ctx.device):
+            with torch.inference_mode():
+                teacher_all = ctx.teacher(images)
+            with batchnorm_groups(ctx.student_module, sizes):
+                student_all = ctx.student(images)
+        return [(t.clone(), s) for t, s in zip(teacher_all.split(sizes), student_all.split(sizes))]
 
+    def source_loss(self, source: Source, teacher_logits: Tensor,
+                    student_logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """One source's term of Eq. 10, KD + zeta0 * student logit bound, and its logged parts
+        (``kd_<source>``; ``student_bound``, summed over the sources by :meth:`distill`)."""
+        p = self.params
+        kd = losses.kl_divergence(teacher_logits, student_logits)
+        if p.student_bound_weight <= 0:
+            return kd, {f"kd_{source.name}": kd.detach(), "student_bound": kd.new_zeros((), dtype=torch.float32)}
+        bound = losses.bound_penalty(student_logits, p.logit_bound)
+        return kd + p.student_bound_weight * bound, {f"kd_{source.name}": kd.detach(), "student_bound": bound.detach()}
+
+    def distill(self, sources: list[Source]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Eq. 10: the sum over sources of weight * :meth:`source_loss`; a part logged by several
+        sources is summed."""
         loss = sources[0].images.new_zeros((), dtype=torch.float32)
         terms: dict[str, Tensor] = {}
-        bound_total = loss.detach().clone()
-        for source, (teacher_logits, student_logits) in zip(sources, teacher_student):
-            kd = losses.kl_divergence(teacher_logits, student_logits)
-            bound = losses.bound_penalty(student_logits, p.logit_bound) if p.student_bound_weight > 0 else None
-            term = kd if bound is None else kd + p.student_bound_weight * bound
+        for source, (teacher_logits, student_logits) in zip(sources, self.source_logits(sources)):
+            term, parts = self.source_loss(source, teacher_logits, student_logits)
             loss = loss + source.weight * term
-            terms[f"kd_{source.name}"] = kd.detach()
-            if bound is not None:
-                bound_total = bound_total + bound.detach()
-        terms["student_bound"] = bound_total
+            for name, value in parts.items():
+                terms[name] = terms[name] + value if name in terms else value
         terms["student_loss"] = loss.detach()
         return loss, terms
 

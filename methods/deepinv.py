@@ -95,23 +95,24 @@ class DeepInversion(PoolMethod):
     # batches join the pool (the paper's 2,000 would finish none in 1,200 iterations).
     preset_params: ClassVar[dict[str, dict[str, Any]]] = cpu_preset_params(synthesis_steps=20)
 
+    batch_tensors = ("pixels", "labels")
+    optimised_tensors = ("pixels",)
+
     def __init__(self, params: DeepInvParams, ctx: MethodContext):
         super().__init__(params, ctx)
         self.bn_stats = teacher_batchnorm(ctx, params.bn_weight, "R_feature (DeepInversion Eq. 3)")
         self.mean, self.std = input_normalisation(ctx.teacher)  # the teacher's: x = (image - mean) / std
         self.pixels: Tensor | None = None  # x, in the teacher's normalised input space
         self.labels: Tensor | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
 
-    def _new_optimizer(self) -> torch.optim.Optimizer:
+    def new_optimizer(self) -> torch.optim.Optimizer:
         return make_optimizer("adam", [self.pixels], self.ctx.perf, lr=self.params.synthesis_lr)
 
-    def start_batch(self) -> None:
+    def init_batch(self) -> None:
         ctx = self.ctx
         shape = (ctx.batch_size, *ctx.image_shape)
         self.pixels = torch.randn(shape, generator=ctx.rng, device=ctx.device).requires_grad_()
         self.labels = balanced_labels(ctx, ctx.batch_size)
-        self.optimizer = self._new_optimizer()
 
     def to_images(self, pixels: Tensor) -> Tensor:
         """Normalised pixels -> the engine's image units (unclipped)."""
@@ -153,14 +154,3 @@ class DeepInversion(PoolMethod):
         loss.backward(inputs=[self.pixels])
         self.optimizer.step()
         return loss, before, terms
-
-    def batch_state(self) -> dict[str, Any]:
-        return {"pixels": self.pixels.detach().clone(), "labels": self.labels.clone(),
-                "optimizer": self.optimizer.state_dict()}
-
-    def load_batch_state(self, state: dict[str, Any]) -> None:
-        device = self.ctx.device
-        self.pixels = state["pixels"].to(device).requires_grad_()
-        self.labels = state["labels"].to(device)
-        self.optimizer = self._new_optimizer()
-        self.optimizer.load_state_dict(state["optimizer"])

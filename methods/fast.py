@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dfkd_bench.train import zoo_losses
@@ -102,23 +101,13 @@ class FastDFKD(GeneratorPoolMethod):
                                        {"params": [self.z], "lr": self.params.z_lr}],
                               self.ctx.perf, lr=self.params.synthesis_lr, betas=(0.5, 0.999))
 
-    def inversion_loss(self, teacher_logits: Tensor, student_logits: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
-        """The shared inversion loss, with L_bn on the momentum-blended statistics (bn_mmt)."""
-        if self.bn_stats is None:
-            return super().inversion_loss(teacher_logits, student_logits)
-        p = self.params
-        means, variances = list(self.bn_stats.means), list(self.bn_stats.vars)
+    def bn_matching_statistics(self) -> tuple[list[Tensor], list[Tensor]]:
+        """This forward's statistics blended with the past batches' (bn_mmt); the unblended ones
+        are kept for the blend of the next batch."""
+        means, variances = super().bn_matching_statistics()
         self.last_statistics = ([m.detach() for m in means], [v.detach() for v in variances])
         past_means, past_vars = self.bn_momentum if self.bn_momentum is not None else (None, None)
-        means, variances = zoo_losses.momentum_statistics(means, variances, past_means, past_vars, p.bn_mmt)
-        terms = {"gen_oh": F.cross_entropy(teacher_logits.float(), self.labels),
-                 "gen_bn": zoo_losses.feature_distribution_loss(means, variances, self.bn_stats.running_means,
-                                                                self.bn_stats.running_vars)}
-        loss = p.oh_weight * terms["gen_oh"] + p.bn_weight * terms["gen_bn"]
-        if student_logits is not None:
-            terms["gen_adv"] = zoo_losses.decision_adversarial_loss(teacher_logits, student_logits)
-            loss = loss + p.adv_weight * terms["gen_adv"]
-        return loss, terms
+        return zoo_losses.momentum_statistics(means, variances, past_means, past_vars, self.params.bn_mmt)
 
     def prepare_generator(self) -> None:
         if self.params.reset_l0 and self.batches_done + 1 == RESET_L0_AFTER_WARMUP + self.params.warmup:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dfkd_bench.train import losses
-from dfkd_bench.train.batchnorm import (BatchNormStatistics, batchnorm_groups, frozen_batchnorm_buffers,
+from dfkd_bench.train.batchnorm import (BatchNormStatistics, frozen_batchnorm_buffers,
                                         has_batchnorm)
 from dfkd_bench.errors import ConfigError
 from dfkd_bench.method_api import Method, MethodContext, hparam
@@ -253,20 +253,7 @@ class ZooGeneratorMethod(AdversarialMethod):
         """Generator output -> images in [0, 1]-space (see the class docstring)."""
         if self.normalized_output:
             return out.float() * self._std + self._mean
-        return torch.sigmoid(out.float())
-
-    @torch.no_grad()
-    def synthesize(self, generator: nn.Module, noise: tuple[Tensor, Tensor | None], groups: int = 1) -> Tensor:
-        if not self.normalized_output:
-            return super().synthesize(generator, noise, groups)
-        z, _ = noise
-        with self.ctx.perf.autocast(self.ctx.device):
-            if groups > 1:
-                with batchnorm_groups(generator, [z.shape[0] // groups] * groups):
-                    out = generator(z, None)
-            else:
-                out = generator(z, None)
-        return self.generator_images(out)
+        return super().generator_images(out)
 
     def _begin_student_stage(self) -> None:
         mode = self.student_batch_mode
@@ -329,15 +316,9 @@ class ZooGeneratorMethod(AdversarialMethod):
     def student_sources(self) -> list[Source]:
         return [Source("gen", self.stage_samples("gen"), 1.0)]
 
-    def distill(self, sources: list[Source]) -> tuple[Tensor, dict[str, Tensor]]:
-        loss = sources[0].images.new_zeros((), dtype=torch.float32)
-        terms: dict[str, Tensor] = {}
-        for source in sources:
-            term, parts = self.student_discrepancy(*teacher_student_logits(self.ctx, source.images))
-            loss = loss + source.weight * term
-            terms.update(parts)
-        terms["student_loss"] = loss.detach()
-        return loss, terms
+    def source_loss(self, source: Source, teacher_logits: Tensor,
+                    student_logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.student_discrepancy(teacher_logits, student_logits)
 
 
 # --------------------------------------------------------------------- pool methods ---
@@ -445,14 +426,29 @@ class PoolMethod(Method):
         self.best_loss: Tensor | None = None  # lowest synthesis loss of the batch in progress (device)
         self.best_images: Tensor | None = None  # its images
         self.counters = {"synthetic_images": 0, "pool_images": 0}
+        self.optimizer: torch.optim.Optimizer | None = None  # the synthesis optimiser of the batch in progress
 
     # ---- what a method defines ----
-    def start_batch(self) -> None:
-        """Initialise the batch in progress (images / noise, labels, optimiser) from ``ctx.rng``."""
+    batch_tensors: ClassVar[tuple[str, ...]] = ()
+    """Attributes that hold the batch in progress (tensors: pixels or noise, labels ...); the
+    default :meth:`batch_state` checkpoints them with the synthesis optimiser."""
+    optimised_tensors: ClassVar[tuple[str, ...]] = ()
+    """Those of :attr:`batch_tensors` the synthesis optimiser updates (restored with gradients)."""
+
+    def init_batch(self) -> None:
+        """Set the :attr:`batch_tensors` of a new batch, drawn from ``ctx.rng`` (``ctx.randn`` ...)."""
+        raise NotImplementedError
+
+    def new_optimizer(self) -> torch.optim.Optimizer:
+        """The synthesis optimiser over the batch in progress (built after :meth:`init_batch`)."""
         raise NotImplementedError
 
     def synthesis_step(self) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """One optimisation step on the batch in progress: ``(loss before the step, images it was computed on, terms)``."""
+        raise NotImplementedError
+
+    def current_images(self) -> Tensor:
+        """The batch in progress as images in [0, 1]-space (a look, no step)."""
         raise NotImplementedError
 
     def finish_batch(self) -> None:
@@ -462,11 +458,22 @@ class PoolMethod(Method):
         """After each synthesis step: keep what belongs to the lowest-loss iterate besides its images
         (CMI: its features). ``better`` is a 0-d bool tensor on the device, None on a batch's first step."""
 
+    def start_batch(self) -> None:
+        self.init_batch()
+        self.optimizer = self.new_optimizer()
+
     def batch_state(self) -> dict[str, Any]:
-        raise NotImplementedError
+        state: dict[str, Any] = {name: getattr(self, name).detach().clone() for name in self.batch_tensors}
+        state["optimizer"] = self.optimizer.state_dict()
+        return state
 
     def load_batch_state(self, state: dict[str, Any]) -> None:
-        raise NotImplementedError
+        device = self.ctx.device
+        for name in self.batch_tensors:
+            value = state[name].to(device)
+            setattr(self, name, value.requires_grad_() if name in self.optimised_tensors else value)
+        self.optimizer = self.new_optimizer()
+        self.optimizer.load_state_dict(state["optimizer"])
 
     # ---- the engine's interface ----
     def _start(self) -> None:
@@ -516,9 +523,6 @@ class PoolMethod(Method):
 
             images = random_crop_flip(images, images.shape[-1] // 8, self.ctx.rng).contiguous()
         return images
-
-    def current_images(self) -> Tensor:
-        raise NotImplementedError
 
     def student_loss(self) -> tuple[Tensor, dict[str, Tensor]]:
         teacher_logits, student_logits = teacher_student_logits(self.ctx, self.student_images())
@@ -651,6 +655,8 @@ class GeneratorPoolMethod(PoolMethod):
 
     bn_term: ClassVar[str] = "L_bn"
     """How the method's paper names its BatchNorm-matching term (for the note when the teacher has none)."""
+    batch_tensors = ("z", "labels")
+    optimised_tensors = ("z",)
 
     def __init__(self, params: GeneratorPoolParams, ctx: MethodContext):
         super().__init__(params, ctx)
@@ -673,40 +679,37 @@ class GeneratorPoolMethod(PoolMethod):
         terms = {"gen_oh": F.cross_entropy(teacher_logits.float(), self.labels)}
         loss = p.oh_weight * terms["gen_oh"]
         if self.bn_stats is not None:
+            means, variances = self.bn_matching_statistics()
             terms["gen_bn"] = zoo_losses.feature_distribution_loss(
-                self.bn_stats.means, self.bn_stats.vars, self.bn_stats.running_means, self.bn_stats.running_vars)
+                means, variances, self.bn_stats.running_means, self.bn_stats.running_vars)
             loss = loss + p.bn_weight * terms["gen_bn"]
         if student_logits is not None:
             terms["gen_adv"] = zoo_losses.decision_adversarial_loss(teacher_logits, student_logits)
             loss = loss + p.adv_weight * terms["gen_adv"]
         return loss, terms
 
+    def bn_matching_statistics(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The batch statistics L_bn matches to the teacher's running ones: this forward's
+        (FastDFKD blends in its past batches')."""
+        return list(self.bn_stats.means), list(self.bn_stats.vars)
+
     def prepare_generator(self) -> None:
         """Set G up for a new batch (CMI: re-initialise it; FastDFKD: copy the meta generator)."""
         raise NotImplementedError
 
-    def new_optimizer(self) -> torch.optim.Optimizer:
-        raise NotImplementedError
-
-    def start_batch(self) -> None:
+    def init_batch(self) -> None:
         ctx = self.ctx
         self.prepare_generator()
         self.z = ctx.randn(ctx.batch_size, self.params.noise_dim).requires_grad_()
         self.labels = ctx.randint(ctx.num_classes, ctx.batch_size)
-        self.optimizer = self.new_optimizer()
 
     def current_images(self) -> Tensor:
         with torch.no_grad(), frozen_batchnorm_buffers(self.generator):  # a look, not a step
             return torch.sigmoid(self.generator(self.z).float())
 
     def batch_state(self) -> dict[str, Any]:
-        return {"generator": copy.deepcopy(self.generator.state_dict()), "z": self.z.detach().clone(),
-                "labels": self.labels.clone(), "optimizer": self.optimizer.state_dict()}
+        return {"generator": copy.deepcopy(self.generator.state_dict()), **super().batch_state()}
 
     def load_batch_state(self, state: dict[str, Any]) -> None:
-        device = self.ctx.device
         self.generator.load_state_dict(state["generator"])
-        self.z = state["z"].to(device).requires_grad_()
-        self.labels = state["labels"].to(device)
-        self.optimizer = self.new_optimizer()
-        self.optimizer.load_state_dict(state["optimizer"])
+        super().load_batch_state(state)
