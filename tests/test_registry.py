@@ -89,20 +89,23 @@ def test_an_undecorated_params_in_a_dropped_file_is_one_warning_line(tmp_path):
             "extra but is not decorated with @dataclass") in listing.stderr
 
 
-def test_a_method_dropped_in_as_a_file_gets_the_whole_contract(tmp_path):
-    """The README's example method, as a file in a folder of $DFKD_BENCH_METHOD_PATH, runs every test
-    of tests/test_contract.py (listing, state round trip, SIGKILL + exact resume, no host sync)."""
-    from test_readme import readme_method_example
+@pytest.mark.parametrize("name", ["abm_noise", "pixel_ce"])
+def test_a_method_dropped_in_as_a_file_gets_the_whole_contract(tmp_path, name):
+    """The README's example methods (a generator method and a pool method), each as a file in a folder
+    of $DFKD_BENCH_METHOD_PATH, run every test of tests/test_contract.py (listing, state round trip,
+    SIGKILL + exact resume, no host sync; for the pool method, measurements that leave it alone)."""
+    from test_readme import readme_method_examples
 
-    (tmp_path / "abm_noise.py").write_text(readme_method_example())
+    (tmp_path / f"{name}.py").write_text(readme_method_examples()[name])
     tests = Path(__file__).parent
-    env = {**os.environ, "DFKD_BENCH_METHOD_PATH": str(tmp_path), "DFKD_BENCH_CONTRACT_ONLY": "abm_noise"}
+    env = {**os.environ, "DFKD_BENCH_METHOD_PATH": str(tmp_path), "DFKD_BENCH_CONTRACT_ONLY": name}
     result = subprocess.run([sys.executable, "-m", "pytest", str(tests / "test_contract.py"), "-q", "-p",
                              "no:cacheprovider", "--rootdir", str(tests.parent)],
                             capture_output=True, text=True, timeout=600, env=env, cwd=tests.parent)
     assert result.returncode == 0, result.stdout[-3000:]
     summary = result.stdout.strip().splitlines()[-1]
-    assert "4 passed" in summary and "failed" not in summary, summary  # listing + 3 per-method tests
+    expected = 5 if name == "pixel_ce" else 4  # listing + 3 per-method tests (+ pool measurements)
+    assert f"{expected} passed" in summary and "failed" not in summary, summary
 
 
 def test_list_settings_shows_the_values_a_method_receives_and_where_each_comes_from(capsys):
