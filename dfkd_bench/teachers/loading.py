@@ -1,4 +1,4 @@
-"""Teachers: training (Table 4), the teacher cache, external checkpoints, evaluation.
+"""A ready teacher: the teacher cache, external checkpoints and torchvision weights, evaluation.
 
 Models in dfkd-bench take images in [0, 1]; :class:`NormalizedModel` applies
 the normalisation a network was trained with. For the teachers we train that
@@ -8,7 +8,8 @@ one, so it is configurable (``--teacher-mean/--teacher-std``).
 The teacher cache is a folder (``$DFKD_BENCH_TEACHERS``, default
 ``~/.cache/dfkd-bench/teachers``) of ``<dataset>-<arch>.pt`` files, each a
 dict with ``state_dict`` and ``meta`` (accuracy, normalisation, recipe,
-versions), readable with ``torch.load(weights_only=True)``.
+versions), readable with ``torch.load(weights_only=True)``; training them is
+:mod:`dfkd_bench.teachers.training`, reading checkpoint files :mod:`dfkd_bench.teachers.checkpoints`.
 """
 
 from __future__ import annotations
