@@ -47,7 +47,9 @@ layer (:func:`attention_blocks`): WRN ``block1..3``, as in the official code.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -86,11 +88,20 @@ class ZSKTParams(ZooGeneratorParams):
                                                "official), generator_batch or fresh")
     generator_grad_clip: float = hparam(5.0, "clip the generator's gradient norm at this value (official: 5); "
                                              "0: no clipping")
+    generator_cosine_iterations: int = hparam(0, "cosine-anneal the generator's lr to 0 over this many iterations "
+                                                  "(official: CosineAnnealingLR(T_max=total_n_pseudo_batches), "
+                                                  "the run's iterations); 0: a constant lr")
+
+    # Added after ZSKT runs were stored: left out of the run id while at this default (config._hashed_params).
+    HASH_OMIT_DEFAULT = {"generator_cosine_iterations": 0}
 
     def validate(self) -> None:
         super().validate()
         if self.kl_reduction not in ("mean", "batchmean"):
             raise ConfigError(f"kl_reduction={self.kl_reduction!r} is not one of mean, batchmean")
+        if self.generator_cosine_iterations < 0:
+            raise ConfigError(f"generator_cosine_iterations must be >= 0 (0: a constant lr), "
+                              f"got {self.generator_cosine_iterations}")
 
 
 @register_method
@@ -112,6 +123,33 @@ class ZSKT(ZooGeneratorMethod):
         self.teacher_tap = FeatureTap([teacher_stages[r] for r in common])
         self.student_tap = FeatureTap([student_stages[r] for r in common])
         ctx.note(f"zskt: attention transfer at resolutions {common}", show=False)
+        self.generator_stages = 0  # finished generator stages (= iterations): the generator schedule's clock
+
+    def generator_lr(self) -> float:
+        """The generator's lr for the coming stage: ``lr_G (1 + cos(pi t / T)) / 2`` after t stages, T =
+        ``generator_cosine_iterations`` (the official CosineAnnealingLR, stepped once per pseudo-batch)."""
+        p = self.params
+        if p.generator_cosine_iterations <= 0:
+            return p.generator_lr
+        t = min(self.generator_stages, p.generator_cosine_iterations)
+        return p.generator_lr * 0.5 * (1.0 + math.cos(math.pi * t / p.generator_cosine_iterations))
+
+    def generator_step(self, kd_weight: float | None = None) -> dict[str, Tensor]:
+        if self.params.generator_cosine_iterations > 0:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.generator_lr()
+        return super().generator_step(kd_weight)
+
+    def end_generator_stage(self) -> None:
+        super().end_generator_stage()
+        self.generator_stages += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "generator_stages": self.generator_stages}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.generator_stages = state.get("generator_stages", 0)
 
     def kl(self, teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
         if self.params.kl_reduction == "mean":
