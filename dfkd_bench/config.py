@@ -60,6 +60,9 @@ class TrainConfig:
                                        "the cosine ones ignore lr_decay and lr_milestones")
     student_grad_clip: float = setting(0.0, "clip the student's gradient norm at this value before each step "
                                             "(ZSKT's official code: 5); 0: no clipping")
+    lr_min: float = setting(0.0, "the cosine schedules' floor (PyTorch's eta_min; FastDFKD's code: 2e-4)")
+    student_warmup_epochs: int = setting(0, "epochs at the start that run the generator stage only: the student is "
+                                            "not trained and its schedule starts after them (FastDFKD's --warmup)")
     eval_every: int = setting(50, "evaluate the student on the real test split every this many iterations (and at the end)")
     eval_batch_size: int = setting(1000, "batch size of evaluation", in_hash=False)
     drift_every: int = setting(500, "measure JS drift (Sec. 5.2.3) every this many iterations; 0 disables it")
@@ -96,7 +99,8 @@ class TrainConfig:
     _HASH_AS: ClassVar[dict[str, Any]] = {"amp": "none", "channels_last": False}
     # Settings added after runs were stored: left out of the run id while at their default.
     _HASH_OMIT_DEFAULT: ClassVar[dict[str, Any]] = {"student_images_per_step": 0, "lr_schedule": "step",
-                                                    "student_grad_clip": 0.0}
+                                                    "student_grad_clip": 0.0, "lr_min": 0.0,
+                                                    "student_warmup_epochs": 0}
 
     def __post_init__(self) -> None:
         for name in ("channels_last", "deterministic", "fused_optimizer", "cuda_graphs"):
@@ -107,14 +111,19 @@ class TrainConfig:
     def learning_rate(self, iteration: int) -> float:
         """The student's learning rate at ``iteration`` (counting from 0), from the iteration number alone,
         so a resumed run needs no scheduler state. ``cosine``: ``lr_S (1 + cos(pi t / T)) / 2`` with t the
-        iteration and T the run's iterations (PyTorch's CosineAnnealingLR, eta_min 0, stepped once per
-        iteration); ``cosine_epoch``: the same with t the epoch and T the epochs (stepped once per epoch)."""
+        iteration and T the run's iterations (PyTorch's CosineAnnealingLR, stepped once per iteration);
+        ``cosine_epoch``: the same with t the epoch and T the epochs (stepped once per epoch). Both decay to
+        ``lr_min`` (eta_min) and count from the end of ``student_warmup_epochs``."""
         epoch = iteration // self.steps_per_epoch
-        if self.lr_schedule == "cosine":
-            return self.student_lr * 0.5 * (1.0 + math.cos(math.pi * min(iteration, self.total_iterations)
-                                                            / self.total_iterations))
-        if self.lr_schedule == "cosine_epoch":
-            return self.student_lr * 0.5 * (1.0 + math.cos(math.pi * min(epoch, self.epochs) / self.epochs))
+        if self.lr_schedule in ("cosine", "cosine_epoch"):
+            # the clock starts after the student's warm-up epochs (FastDFKD steps its scheduler only after them)
+            warmup = self.student_warmup_epochs
+            if self.lr_schedule == "cosine":
+                t, horizon = iteration - warmup * self.steps_per_epoch, self.total_iterations - warmup * self.steps_per_epoch
+            else:
+                t, horizon = epoch - warmup, self.epochs - warmup
+            t = min(max(t, 0), horizon)
+            return self.lr_min + (self.student_lr - self.lr_min) * 0.5 * (1.0 + math.cos(math.pi * t / horizon))
         decays = sum(1 for milestone in self.lr_milestones if epoch >= milestone)
         return self.student_lr * self.lr_decay ** decays
 
@@ -182,6 +191,11 @@ class TrainConfig:
             raise ConfigError(f"lr_schedule={self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
         if not self.student_grad_clip >= 0:
             raise ConfigError(f"student_grad_clip must be >= 0 (0: no clipping), got {self.student_grad_clip}")
+        if not 0 <= self.lr_min <= self.student_lr:
+            raise ConfigError(f"lr_min must be in [0, student_lr = {self.student_lr}], got {self.lr_min}")
+        if not 0 <= self.student_warmup_epochs < self.epochs:
+            raise ConfigError(f"student_warmup_epochs must be in [0, epochs = {self.epochs}), "
+                              f"got {self.student_warmup_epochs}")
         if self.student_optimizer not in ("sgd", "adam"):
             raise ConfigError(f"student_optimizer={self.student_optimizer!r} is not one of sgd, adam")
         if self.amp not in ("auto", "none", "bf16"):

@@ -389,7 +389,9 @@ class Trainer:
         tensors copied over): tests/test_host_sync.py fails if something does.
         """
         self.generator_stage()
-        self.student_stage()
+        # student_warmup_epochs: the first epochs only synthesise (FastDFKD's --warmup); a host-side integer test
+        if self.iteration >= self.train_cfg.student_warmup_epochs * self.train_cfg.steps_per_epoch:
+            self.student_stage()
 
     def generator_stage(self) -> None:
         with self._stage("synthesis"):
