@@ -64,6 +64,25 @@ OFFICIAL_ZOO = {
                     feature_memory=40960, negatives=4096),
         published=dict(accuracy=57.91, std=None, teacher_accuracy=75.83, selection="best"),
         iterations=200),
+    # Fast-Datafree scripts/fast_cifar.sh, line wrnS162-5 (teacher: datafree_kd.py's default wrn40_2); its
+    # datafree_kd.py: CosineAnnealingLR(optimizer, 200, eta_min=2e-4) stepped after the --warmup epochs, during
+    # which the student is not trained; FastMetaSynthesizer: nz 256
+    ("fast", "cifar10"): dict(
+        pair=("wrn40_2", "wrn16_2"),
+        train=dict(_DATAFREE_TRAIN, epochs=220, steps_per_epoch=400 // 400, generator_steps=5, student_steps=400,
+                   batch_size=256, student_lr=0.2, lr_min=2e-4, student_warmup_epochs=20, eval_every=1),
+        params=dict(noise_dim=256, synthesis_steps=5, synthesis_lr=3e-3, z_lr=0.01, adv_weight=1.1, bn_weight=10.0,
+                    oh_weight=0.4, warmup=20, bn_mmt=0.9, reset_l0=True, kd_temperature=20.0),
+        published=dict(accuracy=91.96, std=None, teacher_accuracy=94.87, selection="best"),
+        iterations=220),
+    ("fast", "cifar100"): dict(
+        pair=("wrn40_2", "wrn16_2"),
+        train=dict(_DATAFREE_TRAIN, epochs=220, steps_per_epoch=1, generator_steps=5, student_steps=400,
+                   batch_size=256, student_lr=0.2, lr_min=2e-4, student_warmup_epochs=20, eval_every=1),
+        params=dict(noise_dim=256, synthesis_steps=5, synthesis_lr=3e-3, z_lr=0.01, adv_weight=1.1, bn_weight=10.0,
+                    oh_weight=0.4, warmup=20, bn_mmt=0.9, reset_l0=True, kd_temperature=20.0),
+        published=dict(accuracy=63.83, std=None, teacher_accuracy=75.83, selection="best"),
+        iterations=220),
 }
 
 
@@ -119,8 +138,9 @@ def test_zoo_paper_protocol_is_exactly_the_official_script(method, dataset):
         assert "Table 1" in config.published["source"] or "table" in config.published["source"]
 
 
-def test_cmi_pool_holds_every_batch_of_the_run_as_the_unbounded_official_pool():
-    (config, *_) = _configs(REPO / "experiments" / "reproduce" / "cmi_cifar10.toml")
+@pytest.mark.parametrize("method", ["cmi", "fast"])
+def test_the_pool_holds_every_batch_of_the_run_as_the_unbounded_official_pool(method):
+    (config, *_) = _configs(REPO / "experiments" / "reproduce" / f"{method}_cifar10.toml")
     assert config.params["memory_size"] >= config.train.total_iterations * config.train.batch_size
 
 
@@ -151,6 +171,32 @@ def test_cosine_learning_rate_at_hand_computed_iterations():
     assert (step.learning_rate(29), step.learning_rate(30)) == (0.1, 0.05)
     assert TrainConfig(epochs=10, steps_per_epoch=10, lr_milestones=[3], lr_schedule="cosine").learning_rate(30) \
         == pytest.approx(0.01 * (1 + math.cos(math.pi * 0.3)) / 2)
+
+
+def test_fasts_schedule_warm_up_and_floor_by_hand():
+    """FastDFKD: no student training in epochs 0..19, then CosineAnnealingLR(T_max=200, eta_min=2e-4) from epoch 20."""
+    train = TrainConfig(epochs=220, steps_per_epoch=1, student_lr=0.2, lr_schedule="cosine_epoch", lr_min=2e-4,
+                        student_warmup_epochs=20)
+    # 2e-4 + (0.2 - 2e-4) (1 + cos(pi (e - 20) / 200)) / 2, by hand
+    for epoch, lr in ((0, 0.2), (20, 0.2), (120, 0.1001), (219, 0.000212324415)):
+        assert train.learning_rate(epoch) == pytest.approx(lr, abs=1e-9), epoch
+    for changes, match in (({"student_warmup_epochs": 220}, "student_warmup_epochs must be in"),
+                           ({"lr_min": 0.5}, "lr_min must be in")):
+        with pytest.raises(ConfigError, match=match):
+            TrainConfig(**{**dict(epochs=220, student_lr=0.2), **changes}).validate()
+
+
+def test_the_student_is_not_trained_in_its_warm_up_epochs(digits_request, tmp_path):
+    steps = []
+
+    def watch(trainer):
+        _wrap_step(trainer.optimizer, lambda: steps.append(trainer.iteration))
+
+    trainer = _train_watching(digits_request, tmp_path, "fast", watch, epochs=3, steps_per_epoch=2,
+                              student_warmup_epochs=2)
+    assert trainer.iteration == 6
+    assert sorted(set(steps)) == [4, 5]  # epochs 0 and 1 only synthesise
+    assert trainer.method.batches_done > 0
 
 
 @pytest.mark.parametrize("schedule, per", [("cosine", "iteration"), ("cosine_epoch", "epoch")])
