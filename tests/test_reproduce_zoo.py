@@ -326,3 +326,23 @@ def test_zskt_generator_schedule_off_by_default_is_the_constant_lr(digits_reques
     assert method.generator_lr() == 0.01
     with pytest.raises(ConfigError, match="generator_cosine_iterations must be >= 0"):
         get_method("zskt").Params(generator_cosine_iterations=-1).validate()
+
+
+# ------------------------------------------------------------ resume ---
+
+def test_sigkill_then_resume_is_exact_with_the_cosine_schedules_clipping_and_warm_up(teacher_cache, tmp_path):
+    """Every new setting derives from the iteration number (or the method's checkpointed stage count), so a
+    run killed mid-stage and resumed equals the uninterrupted one, record for record and bit for bit."""
+    import signal
+
+    from test_resume import assert_same, cli, outcome, run_args
+
+    extra = ["--set", "lr_schedule=cosine", "--set", "lr_min=0.001", "--set", "student_grad_clip=0.5",
+             "--set", "student_warmup_epochs=1", "--set", "generator_cosine_iterations=12"]
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    cli([*run_args("zskt", reference), *extra], teacher_cache)
+    run = cli([*run_args("zskt", killed), *extra], teacher_cache, {"DFKD_BENCH_FAULT": "mid_stage@9"}, check=False)
+    assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
+    resumed = cli([*run_args("zskt", killed), *extra], teacher_cache)
+    assert "resumed from iteration" in resumed.stdout + resumed.stderr
+    assert_same(outcome(killed), outcome(reference))
