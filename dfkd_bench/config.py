@@ -32,6 +32,9 @@ def setting(default: Any, doc: str, paper: str | None = None, *, in_hash: bool =
     return field(default=default, metadata=metadata)
 
 
+LR_SCHEDULES = ("step", "cosine", "cosine_epoch")
+
+
 @dataclass
 class TrainConfig:
     """What the engine does, identically for every method (Tables 5-6 of the paper)."""
@@ -50,6 +53,16 @@ class TrainConfig:
     student_momentum: float = setting(0.9, "student SGD momentum (ignored by adam)", "mo_S")
     lr_decay: float = setting(0.1, "factor applied to the student learning rate at each milestone", "ld")
     lr_milestones: list[int] = setting([100, 200], "epochs at which the student learning rate is decayed", "ldep")
+    lr_schedule: str = setting("step", "student learning-rate schedule: step (x lr_decay at each of lr_milestones), "
+                                       "cosine (lr_S * (1 + cos(pi * t / T)) / 2 at iteration t of T: ZSKT's official "
+                                       "CosineAnnealingLR stepped per pseudo-batch) or cosine_epoch (the same over epochs, "
+                                       "set once per epoch: the DataFree code's CosineAnnealingLR(T_max=epochs)); "
+                                       "the cosine ones ignore lr_decay and lr_milestones")
+    student_grad_clip: float = setting(0.0, "clip the student's gradient norm at this value before each step "
+                                            "(ZSKT's official code: 5); 0: no clipping")
+    lr_min: float = setting(0.0, "the cosine schedules' floor (PyTorch's eta_min; FastDFKD's code: 2e-4)")
+    student_warmup_epochs: int = setting(0, "epochs at the start that run the generator stage only: the student is "
+                                            "not trained and its schedule starts after them (FastDFKD's --warmup)")
     eval_every: int = setting(50, "evaluate the student on the real test split every this many iterations (and at the end)")
     eval_batch_size: int = setting(1000, "batch size of evaluation", in_hash=False)
     drift_every: int = setting(500, "measure JS drift (Sec. 5.2.3) every this many iterations; 0 disables it")
@@ -85,13 +98,34 @@ class TrainConfig:
     # device is not in the run id either; config.json records what a run actually used.
     _HASH_AS: ClassVar[dict[str, Any]] = {"amp": "none", "channels_last": False}
     # Settings added after runs were stored: left out of the run id while at their default.
-    _HASH_OMIT_DEFAULT: ClassVar[dict[str, Any]] = {"student_images_per_step": 0}
+    _HASH_OMIT_DEFAULT: ClassVar[dict[str, Any]] = {"student_images_per_step": 0, "lr_schedule": "step",
+                                                    "student_grad_clip": 0.0, "lr_min": 0.0,
+                                                    "student_warmup_epochs": 0}
 
     def __post_init__(self) -> None:
         for name in ("channels_last", "deterministic", "fused_optimizer", "cuda_graphs"):
             value = getattr(self, name)
             if isinstance(value, str) and value.lower() in ("true", "false"):
                 setattr(self, name, value.lower() == "true")
+
+    def learning_rate(self, iteration: int) -> float:
+        """The student's learning rate at ``iteration`` (counting from 0), from the iteration number alone,
+        so a resumed run needs no scheduler state. ``cosine``: ``lr_S (1 + cos(pi t / T)) / 2`` with t the
+        iteration and T the run's iterations (PyTorch's CosineAnnealingLR, stepped once per iteration);
+        ``cosine_epoch``: the same with t the epoch and T the epochs (stepped once per epoch). Both decay to
+        ``lr_min`` (eta_min) and count from the end of ``student_warmup_epochs``."""
+        epoch = iteration // self.steps_per_epoch
+        if self.lr_schedule in ("cosine", "cosine_epoch"):
+            # the clock starts after the student's warm-up epochs (FastDFKD steps its scheduler only after them)
+            warmup = self.student_warmup_epochs
+            if self.lr_schedule == "cosine":
+                t, horizon = iteration - warmup * self.steps_per_epoch, self.total_iterations - warmup * self.steps_per_epoch
+            else:
+                t, horizon = epoch - warmup, self.epochs - warmup
+            t = min(max(t, 0), horizon)
+            return self.lr_min + (self.student_lr - self.lr_min) * 0.5 * (1.0 + math.cos(math.pi * t / horizon))
+        decays = sum(1 for milestone in self.lr_milestones if epoch >= milestone)
+        return self.student_lr * self.lr_decay ** decays
 
     def hashed_value(self, name: str) -> Any:
         value = getattr(self, name)
@@ -153,6 +187,15 @@ class TrainConfig:
                      "student_images_per_step"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule={self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+        if not self.student_grad_clip >= 0:
+            raise ConfigError(f"student_grad_clip must be >= 0 (0: no clipping), got {self.student_grad_clip}")
+        if not 0 <= self.lr_min <= self.student_lr:
+            raise ConfigError(f"lr_min must be in [0, student_lr = {self.student_lr}], got {self.lr_min}")
+        if not 0 <= self.student_warmup_epochs < self.epochs:
+            raise ConfigError(f"student_warmup_epochs must be in [0, epochs = {self.epochs}), "
+                              f"got {self.student_warmup_epochs}")
         if self.student_optimizer not in ("sgd", "adam"):
             raise ConfigError(f"student_optimizer={self.student_optimizer!r} is not one of sgd, adam")
         if self.amp not in ("auto", "none", "bf16"):
@@ -213,7 +256,7 @@ class RunConfig:
             "method": self.method, "dataset": self.dataset, "seed": self.seed, "teacher": teacher,
             "student_arch": self.student_arch, "image_size": self.image_size, "num_classes": self.num_classes,
             "channels": self.channels, "student_mean": self.student_mean, "student_std": self.student_std,
-            "train": train, "params": self.params,
+            "train": train, "params": _hashed_params(self.method, self.params),
             # CHOSEN: the protocol enters the run id only when it is not "common", so every run id
             # made before protocols existed stays the same; ``published`` never enters it.
             **({"protocol": self.protocol} if self.protocol != "common" else {}),
@@ -248,6 +291,17 @@ class RunConfig:
         """The method's ``Params`` dataclass instance built from ``self.params``."""
         method = get_method(self.method)
         return method.Params(**self.params)
+
+
+def _hashed_params(method_name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The method's parameters as the run id sees them: those its ``Params`` class lists in
+    ``HASH_OMIT_DEFAULT`` (parameters added after runs were stored, as TrainConfig._HASH_OMIT_DEFAULT)
+    are left out while at that default, so every run made before they existed keeps its id."""
+    from dfkd_bench.method_api import list_methods
+
+    method = list_methods().get(method_name)
+    omit = getattr(getattr(method, "Params", None), "HASH_OMIT_DEFAULT", {}) if method is not None else {}
+    return {k: v for k, v in params.items() if not (k in omit and v == omit[k])}
 
 
 # ---------------------------------------------------------------- overrides ---

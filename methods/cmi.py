@@ -59,6 +59,7 @@ from dfkd_bench.methods.zoo_common import (
     student_eval,
     tapping,
 )
+from dfkd_bench.method_api import PaperProtocol
 
 
 @dataclass
@@ -88,12 +89,60 @@ def reset_generator(generator: nn.Module, rng: torch.Generator) -> None:
                 module.bias.zero_()
 
 
+# CMI's protocols: the official script scripts/cmi/cmi_cifar10.sh of zju-vipa/CMI (datafree_kd.py defaults:
+# 200 epochs, SGD momentum 0.9, weight decay 1e-4, CosineAnnealingLR(T_max=epochs) stepped per epoch,
+# evaluation after every epoch, best top-1 kept). One epoch is ep_steps / kd_steps = 400 / 400 = 1 iteration:
+# one batch synthesised in g_steps = 200 steps, then kd_steps = 400 student steps on the pool.
+_CMI_CIFAR10 = PaperProtocol(
+    source="CMI (Fang et al., IJCAI 2021), Table 1 as printed in the official README (zju-vipa/CMI): "
+           "CIFAR-10, WRN-40-2 -> WRN-16-1",
+    accuracy=90.01, std=None, teacher_accuracy=94.87, selection="best",
+    teacher_arch="wrn40_2", student_arch="wrn16_1", image_size=32,
+    train=dict(epochs=200, steps_per_epoch=1, generator_steps=200, student_steps=400, batch_size=256,
+               student_optimizer="sgd", student_lr=0.1, student_weight_decay=1e-4, student_momentum=0.9,
+               lr_schedule="cosine_epoch", lr_decay=1.0, lr_milestones=[], eval_every=1, amp="none"),
+    params=dict(generator="gen32", noise_dim=256, synthesis_steps=200, synthesis_lr=1e-3, adv_weight=0.5,
+                bn_weight=1.0, oh_weight=1.0, cr_weight=0.8, cr_temperature=0.2, head_dim=256, feature_memory=40960,
+                # memory_size: the official pool is unbounded (every batch is kept as PNG files); 200 epochs x 256
+                # images = 51,200 hold every batch of the run, so nothing leaves the pool, as there.
+                negatives=4096, kd_temperature=20.0, memory_size=51200, pool_augment="crop_flip"),
+    official={"procedure": "Table 1's 90.01 is adversarial CMI started from ~50k pre-inverted images "
+                           "(adv_cmi_cifar10_wrn402_wrn161.sh, --cmi_init); from scratch the README expects ~88.82",
+              "generator": "Generator(nz=256, ngf=64): Linear -> 128x8x8, BN, up, conv 128, BN, LReLU, up, conv 64, "
+                           "BN, LReLU, conv 3, sigmoid",
+              "normalisation": "CIFAR mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010)"},
+    deviations={"procedure": "from scratch (cmi_cifar10.sh): the suite has no pre-inverted initial pool",
+                # CHOSEN: the suite's 32-px generator; the same output space (sigmoid images), another body.
+                "generator": "gen32 (MAD Table 8a; the suite has no DataFree Generator)",
+                "normalisation": "the dataset's statistics of this suite (the teacher's own)"},
+    code="zju-vipa/CMI scripts/cmi/cmi_cifar10.sh (datafree_kd.py --method cmi --batch_size 256 --teacher wrn40_2 "
+         "--student wrn16_1 --lr 0.1 --kd_steps 400 --ep_steps 400 --g_steps 200 --lr_g 1e-3 --adv 0.5 --bn 1.0 "
+         "--oh 1.0 --cr 0.8 --cr_T 0.2 --T 20)",
+)
+_CMI_CIFAR100 = PaperProtocol(
+    source="CMI (Fang et al., IJCAI 2021), Table 1 as printed in the official README (zju-vipa/CMI): "
+           "CIFAR-100, WRN-40-2 -> WRN-16-1",
+    accuracy=57.91, std=None, teacher_accuracy=75.83, selection="best",
+    teacher_arch="wrn40_2", student_arch="wrn16_1", image_size=32,
+    train=dict(_CMI_CIFAR10.train), params=dict(_CMI_CIFAR10.params),
+    official={**_CMI_CIFAR10.official,
+              "procedure": "Table 1's numbers are adversarial CMI from pre-inverted images (README); no CIFAR-100 "
+                           "procedure published",
+              "settings": "no CIFAR-100 script (README: only the CIFAR-10 WRN-40-2 -> WRN-16-1 hyper-parameters)"},
+    deviations={**_CMI_CIFAR10.deviations,
+                "procedure": "from scratch with the CIFAR-10 script's settings",
+                "settings": "the CIFAR-10 script's (the only CMI settings the authors published)"},
+    code="zju-vipa/CMI scripts/cmi/cmi_cifar10.sh with --dataset cifar100 (no CIFAR-100 script published)",
+)
+
+
 @register_method
 class CMI(GeneratorPoolMethod):
     name = "cmi"
     label = "CMI"
     summary = "CMI (Fang et al. 2021): generator inversion with BN matching and a contrastive loss; KD on the pool"
     Params = CMIParams
+    paper_protocols = {"cifar10": _CMI_CIFAR10, "cifar100": _CMI_CIFAR100}
 
     # CHOSEN, on the CPU presets (zoo_common.cpu_preset_params): 20 steps per batch, so that 60
     # batches join the pool (the paper's 200 would finish 6 in 1,200 iterations).

@@ -62,6 +62,7 @@ from dfkd_bench.methods.zoo_common import (
     student_eval,
     teacher_batchnorm,
 )
+from dfkd_bench.method_api import PaperProtocol
 
 
 @dataclass
@@ -84,12 +85,64 @@ class DeepInvParams(PoolParams):
             raise ConfigError(f"jitter must be >= 0, got {self.jitter}")
 
 
+# DeepInversion's protocols. The official code (NVlabs/DeepInversion) has no knowledge-distillation code and its
+# README no KD number; these are the DataFree collection's script scripts/deepinv/deepinv_cifar10_wrn402_wrn161.sh
+# (zju-vipa/CMI, datafree_kd.py: 200 epochs, SGD momentum 0.9, weight decay 1e-4, CosineAnnealingLR(T_max=epochs)
+# stepped per epoch, evaluation after every epoch, best top-1 kept). One epoch is ep_steps / kd_steps = 400 / 400
+# = 1 iteration: one batch of 256 optimised for g_steps = 1000 steps, then kd_steps = 400 KD steps (T 20).
+# DeepInvSyntheiszer: Adam on the pixels (normalised space, randn start), loss bn * R_feature + oh * CE
+# + adv * (-JS(S, T) at T 3, clamped: the suite's 1 - JS, the same gradient) + tv * R_TV + l2 * ||x||, jitter
+# by up to 32 / 8 = 4 pixels.
+_DEEPINV_CIFAR10 = PaperProtocol(
+    source="DataFree README table (zju-vipa/CMI; = the CMI paper's Table 1, a re-implementation): "
+           "CIFAR-10, WRN-40-2 -> WRN-16-1; DeepInversion's own paper not read here, its code has no KD",
+    accuracy=83.04, std=None, teacher_accuracy=94.87, selection="best",
+    teacher_arch="wrn40_2", student_arch="wrn16_1", image_size=32,
+    train=dict(epochs=200, steps_per_epoch=1, generator_steps=1000, student_steps=400, batch_size=256,
+               student_optimizer="sgd", student_lr=0.1, student_weight_decay=1e-4, student_momentum=0.9,
+               lr_schedule="cosine_epoch", lr_decay=1.0, lr_milestones=[], eval_every=1, amp="none"),
+    params=dict(synthesis_steps=1000, synthesis_lr=0.1, ce_weight=1.0, bn_weight=10.0, competition_weight=1.0,
+                competition_temperature=3.0, l2_weight=0.0, jitter=4, kd_temperature=20.0,
+                # CHOSEN: R_TV at the DeepInversion paper's own weight (see deviations)
+                tv_weight=2.5e-5,
+                # the official pool is unbounded (PNG files): 200 batches x 256 = 51,200 images hold them all
+                memory_size=51200, pool_augment="crop_flip"),
+    official={"tv_weight": "0.001 on an L1 total variation (mean |difference| over the four neighbours)",
+              "synthesis optimiser": "Adam betas (0.5, 0.99)",
+              "labels": "uniformly random, sorted",
+              "augmentation": "roll by up to 4 px and a random horizontal flip",
+              "pixels": "clipped to the valid image range after every step",
+              "normalisation": "CIFAR mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010)"},
+    deviations={"tv_weight": "the suite's R_TV is the L2 form of NVlabs' code (about 1,000x the L1 form's gradient "
+                             "at a randn start), so it keeps the DeepInversion paper's a_tv = 2.5e-5, not 0.001",
+                "synthesis optimiser": "Adam betas (0.9, 0.999), as the NVlabs CIFAR-10 code",
+                "labels": "every class in turn (NVlabs' CIFAR-10 code)",
+                "augmentation": "roll only (NVlabs' CIFAR-10 code has no flip)",
+                "pixels": "unclipped during synthesis; the pool stores them clamped to [0, 1]",
+                "normalisation": "the dataset's statistics of this suite (the teacher's own)"},
+    code="zju-vipa/CMI scripts/deepinv/deepinv_cifar10_wrn402_wrn161.sh (datafree_kd.py --method deepinv "
+         "--batch_size 256 --lr 0.1 --epochs 200 --kd_steps 400 --ep_steps 400 --g_steps 1000 --lr_g 0.1 --adv 1 "
+         "--bn 10 --oh 1 --T 20; tv=0.001, l2=0.0 in datafree_kd.py); NVlabs/DeepInversion has no KD code",
+)
+_DEEPINV_CIFAR100 = PaperProtocol(
+    source="DataFree README table (zju-vipa/CMI; = the CMI paper's Table 1, a re-implementation): "
+           "CIFAR-100, WRN-40-2 -> WRN-16-1; DeepInversion's own paper not read here, its code has no KD",
+    accuracy=53.77, std=None, teacher_accuracy=75.83, selection="best",
+    teacher_arch="wrn40_2", student_arch="wrn16_1", image_size=32,
+    train=dict(_DEEPINV_CIFAR10.train), params=dict(_DEEPINV_CIFAR10.params),
+    official={**_DEEPINV_CIFAR10.official, "settings": "no CIFAR-100 script in the DataFree collection"},
+    deviations={**_DEEPINV_CIFAR10.deviations, "settings": "the CIFAR-10 script's (the only ones published)"},
+    code="zju-vipa/CMI scripts/deepinv/deepinv_cifar10_wrn402_wrn161.sh with --dataset cifar100 (no CIFAR-100 script)",
+)
+
+
 @register_method
 class DeepInversion(PoolMethod):
     name = "deepinv"
     label = "DeepInversion"
     summary = "DeepInversion / ADI (Yin et al. 2020): pixels optimised by CE + BN matching + priors; KD on the pool"
     Params = DeepInvParams
+    paper_protocols = {"cifar10": _DEEPINV_CIFAR10, "cifar100": _DEEPINV_CIFAR100}
 
     # CHOSEN, on the CPU presets (zoo_common.cpu_preset_params): 20 steps per batch, so that 60
     # batches join the pool (the paper's 2,000 would finish none in 1,200 iterations).

@@ -20,9 +20,13 @@ whose generator Adam uses betas (0.5, 0.999) (datafree/synthesis/generative.py);
 balance term uses the natural log (``class_balance_loss``). CHOSEN (kept): the student
 trains on G in training mode (batch statistics), as the official DFAD, DAFL and ZSKT code
 and the other zoo generators do; the re-implementation samples student batches with G in
-eval mode (running statistics). Its student KD temperature (T = 20 for WRN, 1 for ResNet)
-and 10 student steps would be settings of a DFQ paper protocol, not method defaults; there
-is none yet (DFQ's published numbers could not be checked against its paper here). CHOSEN: L_BN is the sum over teacher
+eval mode (running statistics). The scripts' ``--T`` (20 for WRN, 1 for ResNet) does not
+reach DFQ: datafree_kd.py re-binds ``criterion = KLDiv()`` (T = 1, batch-mean) for the
+generator methods, and that criterion is also the student's, as here. The paper protocols
+(``dfkd-bench list --card dfq --dataset cifar10``) are those two scripts: 200 epochs x 40
+iterations of 1 generator step and 10 student steps, S SGD (momentum 0.9, wd 1e-4) with the
+per-epoch cosine schedule, best test accuracy kept; the published numbers are the DataFree
+README's table (the CMI paper's Table 1), DFQ's own tables could not be read here. CHOSEN: L_BN is the sum over teacher
 BatchNorm layers of the L2 norms of the mean and variance gaps (DeepInversion's
 R_feature; the paper matches the same statistics). A teacher without BatchNorm
 (the digits/MNIST LeNet-5) skips L_BN with a note in the run's config.
@@ -35,7 +39,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from dfkd_bench.train import losses, zoo_losses
-from dfkd_bench.method_api import MethodContext, hparam, register_method
+from dfkd_bench.method_api import MethodContext, PaperProtocol, hparam, register_method
 from dfkd_bench.methods.zoo_common import ZooGeneratorMethod, ZooGeneratorParams, teacher_batchnorm
 
 
@@ -49,6 +53,55 @@ class DFQParams(ZooGeneratorParams):
     generator_beta1 = 0.5  # the DataFree re-implementation's generator Adam betas (0.5, 0.999); not a setting
 
 
+# DFQ has no official code: both protocols are the DataFree collection's DFQ scripts (zju-vipa/CMI,
+# datafree_kd.py; its defaults: SGD momentum 0.9, weight decay 1e-4, CosineAnnealingLR(T_max=epochs)
+# stepped once per epoch, evaluation after every epoch, best top-1 kept). One epoch is ep_steps / kd_steps
+# = 400 / 10 = 40 iterations of g_steps = 1 generator step and kd_steps = 10 student steps.
+_DATAFREE_OFFICIAL = {
+    "generator": "LargeGenerator(nz=256, ngf=64): Linear -> 256x8x8, BN, up, conv 128, BN, LReLU, up, conv 64, "
+                 "BN, LReLU, conv 3, sigmoid",
+    "student batches": "fresh z through G in eval mode (synthesizer.sample)",
+    "normalisation": "CIFAR mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010)",
+}
+_DATAFREE_DEVIATIONS = {
+    # CHOSEN: the suite's 32-px generator (gen32, MAD Table 8a) is the nearest one it has; same output space
+    # (sigmoid images normalised for the teacher), a different body.
+    "generator": "gen32 (MAD Table 8a; the suite has no LargeGenerator)",
+    # CHOSEN: as the official DFAD, DAFL and ZSKT code and every zoo generator (module docstring).
+    "student batches": "fresh z through G in training mode (batch statistics)",
+    "normalisation": "the dataset's statistics of this suite (the teacher's own)",
+}
+_DFQ_CIFAR10 = PaperProtocol(
+    source="DataFree README table (zju-vipa/CMI; = the CMI paper's Table 1, a re-implementation): "
+           "CIFAR-10, WRN-40-2 -> WRN-16-1; DFQ's own paper not read here",
+    accuracy=86.14, std=None, teacher_accuracy=94.87, selection="best",
+    teacher_arch="wrn40_2", student_arch="wrn16_1", image_size=32,
+    train=dict(epochs=200, steps_per_epoch=40, generator_steps=1, student_steps=10, batch_size=256,
+               student_optimizer="sgd", student_lr=0.1, student_weight_decay=1e-4, student_momentum=0.9,
+               lr_schedule="cosine_epoch", lr_decay=1.0, lr_milestones=[], eval_every=40, amp="none"),
+    params=dict(generator="gen32", noise_dim=256, generator_lr=1e-3, adv_weight=1.0, bn_weight=1.0, oh_weight=1.0,
+                balance_weight=20.0),
+    official={**_DATAFREE_OFFICIAL, "T": "20 on the command line, unused (criterion re-bound to KLDiv(T=1))"},
+    deviations=dict(_DATAFREE_DEVIATIONS),
+    code="no official DFQ code; zju-vipa/CMI scripts/dfq/dfq_cifar10_wrn402_wrn161.sh (datafree_kd.py --method dfq "
+         "--batch_size 256 --lr 0.1 --epochs 200 --kd_steps 10 --ep_steps 400 --g_steps 1 --lr_g 1e-3 --adv 1 --bn 1 "
+         "--oh 1 --balance 20)",
+)
+_DFQ_CIFAR100 = PaperProtocol(
+    source="DataFree README table (zju-vipa/CMI; = the CMI paper's Table 1, a re-implementation): "
+           "CIFAR-100, ResNet-34 -> ResNet-18; DFQ's own paper not read here",
+    accuracy=77.01, std=None, teacher_accuracy=78.05, selection="best",
+    teacher_arch="resnet34", student_arch="resnet18", image_size=32,
+    train=dict(_DFQ_CIFAR10.train, student_lr=0.05),
+    params=dict(_DFQ_CIFAR10.params),
+    official={**_DATAFREE_OFFICIAL, "script": "named dfq_cifar10_res34_res18.sh, but it passes --dataset cifar100"},
+    deviations=dict(_DATAFREE_DEVIATIONS),
+    code="no official DFQ code; zju-vipa/CMI scripts/dfq/dfq_cifar10_res34_res18.sh (datafree_kd.py --method dfq "
+         "--dataset cifar100 --teacher resnet34 --student resnet18 --batch_size 256 --lr 0.05 --epochs 200 "
+         "--kd_steps 10 --ep_steps 400 --g_steps 1 --lr_g 1e-3 --adv 1 --T 1 --bn 1 --oh 1 --balance 20)",
+)
+
+
 @register_method
 class DFQ(ZooGeneratorMethod):
     name = "dfq"
@@ -56,6 +109,8 @@ class DFQ(ZooGeneratorMethod):
     summary = "DFQ (Choi et al. 2020): adversarial KD with teacher BatchNorm-statistics matching for G"
     Params = DFQParams
     static_student_step = True
+    # float32 as the DataFree code (amp="none"; see methods/dafl.py).
+    paper_protocols = {"cifar10": _DFQ_CIFAR10, "cifar100": _DFQ_CIFAR100}
 
     def __init__(self, params: DFQParams, ctx: MethodContext):
         super().__init__(params, ctx)

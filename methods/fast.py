@@ -51,6 +51,7 @@ from dfkd_bench.methods.zoo_common import (
     random_views,
     student_eval,
 )
+from dfkd_bench.method_api import PaperProtocol
 
 RESET_L0_AFTER_WARMUP = 120
 """FastDFKD's code re-initialises G_meta's first layer at synthesis number 120 + warmup (hard-coded)."""
@@ -74,12 +75,56 @@ class FastParams(GeneratorPoolParams):
             raise ConfigError(f"bn_mmt must be in [0, 1), got {self.bn_mmt}")
 
 
+# FastDFKD's protocols: the official scripts/fast_cifar.sh of zju-vipa/Fast-Datafree, its WRN-40-2 -> WRN-16-2
+# "Fast-5" line (--student wrn16_2 --g_steps 5; the teacher is datafree_kd.py's default wrn40_2), written for
+# CIFAR-100 ("modify --dataset (and nothing else) to apply to CIFAR10"). datafree_kd.py: SGD momentum 0.9,
+# weight decay 1e-4, CosineAnnealingLR(T_max=200, eta_min=2e-4) stepped per epoch from epoch --warmup on,
+# no student training during the first --warmup epochs, evaluation after every epoch, best top-1 kept. One
+# epoch is ep_steps / kd_steps = 400 / 400 = 1 iteration: one batch in g_steps = 5 steps, then 400 KD steps.
+_FAST_CIFAR10 = PaperProtocol(
+    source="FastDFKD README results table (zju-vipa/Fast-Datafree), Fast-5: CIFAR-10, WRN-40-2 -> WRN-16-2; "
+           "the paper's own table not read here",
+    accuracy=91.96, std=None, teacher_accuracy=94.87, selection="best",
+    teacher_arch="wrn40_2", student_arch="wrn16_2", image_size=32,
+    train=dict(epochs=220, steps_per_epoch=1, generator_steps=5, student_steps=400, batch_size=256,
+               student_optimizer="sgd", student_lr=0.2, student_weight_decay=1e-4, student_momentum=0.9,
+               lr_schedule="cosine_epoch", lr_min=2e-4, student_warmup_epochs=20, lr_decay=1.0, lr_milestones=[],
+               eval_every=1, amp="none"),
+    params=dict(generator="gen32", noise_dim=256, synthesis_steps=5, synthesis_lr=3e-3, z_lr=0.01, adv_weight=1.1,
+                bn_weight=10.0, oh_weight=0.4, warmup=20, bn_mmt=0.9, reset_l0=True, kd_temperature=20.0,
+                # the official pool is unbounded (PNG files): 220 batches x 256 = 56,320 images hold them all
+                memory_size=56320, pool_augment="crop_flip"),
+    official={"generator": "Generator(nz=256, ngf=64): Linear -> 128x8x8, BN, up, conv 128, BN, LReLU, up, conv 64, "
+                           "BN, LReLU, conv 3, sigmoid",
+              "meta gradient": "is_maml 1 (first-order MAML), reset_bn 0",
+              "normalisation": "CIFAR mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010)"},
+    deviations={
+        # CHOSEN: the suite's 32-px generator; the same output space (sigmoid images), another body.
+        "generator": "gen32 (MAD Table 8a; the suite has no DataFree Generator)",
+        "normalisation": "the dataset's statistics of this suite (the teacher's own)"},
+    code="zju-vipa/Fast-Datafree scripts/fast_cifar.sh, line wrnS162-5 with --dataset cifar10 (datafree_kd.py "
+         "--batch_size 256 --lr 0.2 --kd_steps 400 --ep_steps 400 --adv 1.1 --bn 10.0 --oh 0.4 --T 20 --bn_mmt 0.9 "
+         "--warmup 20 --epochs 220 --method fast_meta --g_steps 5 --lr_z 0.01 --lr_g 3e-3 --student wrn16_2 "
+         "--is_maml 1 --reset_l0 1 --reset_bn 0)",
+)
+_FAST_CIFAR100 = PaperProtocol(
+    source="FastDFKD README results table (zju-vipa/Fast-Datafree), Fast-5: CIFAR-100, WRN-40-2 -> WRN-16-2; "
+           "the paper's own table not read here",
+    accuracy=63.83, std=None, teacher_accuracy=75.83, selection="best",
+    teacher_arch="wrn40_2", student_arch="wrn16_2", image_size=32,
+    train=dict(_FAST_CIFAR10.train), params=dict(_FAST_CIFAR10.params),
+    official=dict(_FAST_CIFAR10.official), deviations=dict(_FAST_CIFAR10.deviations),
+    code="zju-vipa/Fast-Datafree scripts/fast_cifar.sh, line wrnS162-5 (--dataset cifar100, as written)",
+)
+
+
 @register_method
 class FastDFKD(GeneratorPoolMethod):
     name = "fast"
     label = "FastDFKD"
     summary = "FastDFKD (Fang et al. 2022): meta-learned generator initialisation, a few steps per batch; KD on the pool"
     Params = FastParams
+    paper_protocols = {"cifar10": _FAST_CIFAR10, "cifar100": _FAST_CIFAR100}
 
     # On the CPU presets (zoo_common.cpu_preset_params): the paper's 5 steps per batch (240 batches
     # in 1,200 iterations).

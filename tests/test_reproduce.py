@@ -3,13 +3,14 @@ dry-runs, and a tiny paper-protocol run records ``protocol`` and ``published``."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
 from dfkd_bench.cluster import sweep
-from dfkd_bench.config import RunConfig
+from dfkd_bench.config import RunConfig, TrainConfig
 from dfkd_bench.errors import ConfigError
 from dfkd_bench.cluster.experiment import RunRequest, TeacherOptions, build_run_configs
 from dfkd_bench.method_api import get_method
@@ -174,9 +175,14 @@ def test_every_paper_protocol_fixes_every_setting_a_protocol_needs():
         for dataset, protocol in method.paper_protocols.items():
             declared += 1
             assert REQUIRED_TRAIN <= set(protocol.train), (name, dataset, REQUIRED_TRAIN - set(protocol.train))
-            assert {"noise_dim", "generator_lr"} <= set(protocol.params), (name, dataset)
+            # the generator's size and lr, or a pool method's synthesis steps and lr, where the method has them
+            own = {f.name for f in dataclasses.fields(method.Params)}
+            needed = {"noise_dim", "generator_lr", "synthesis_steps", "synthesis_lr"} & own
+            assert needed and needed <= set(protocol.params), (name, dataset, needed - set(protocol.params))
+            for key in protocol.train:  # a misspelt engine setting would silently not apply
+                assert key in {f.name for f in dataclasses.fields(TrainConfig)}, (name, dataset, key)
             assert (REPO / "experiments" / "reproduce" / f"{name}_{dataset}.toml").exists(), (name, dataset)
-    assert declared >= 12
+    assert declared >= 16
 
 
 def test_run_protocol_paper_without_a_protocol_is_one_line_before_any_folder(tmp_path, capsys):

@@ -372,10 +372,15 @@ class Trainer:
             self.teacher_test_accuracy = 100.0 * (self.teacher_predictions == labels).float().mean().item()
 
     def learning_rate(self, iteration: int) -> float:
-        """Step decay at the milestone epochs (derived from the iteration, so resume needs no scheduler state)."""
-        epoch = iteration // self.train_cfg.steps_per_epoch
-        decays = sum(1 for milestone in self.train_cfg.lr_milestones if epoch >= milestone)
-        return self.train_cfg.student_lr * self.train_cfg.lr_decay ** decays
+        """The student's learning rate (``TrainConfig.learning_rate``: step decay at the milestone epochs, or
+        cosine; derived from the iteration, so resume needs no scheduler state)."""
+        return self.train_cfg.learning_rate(iteration)
+
+    def clip_student_gradients(self) -> None:
+        """``student_grad_clip`` > 0: clip the student's gradient norm (ZSKT: clip_grad_norm_(S, 5)), on the
+        device (no host read), after backward and before the optimiser step."""
+        if self.train_cfg.student_grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.student_module.parameters(), self.train_cfg.student_grad_clip)
 
     def run_iteration(self) -> None:
         """One iteration: the generator stage, then the student stage. The benchmark times exactly this.
@@ -384,7 +389,9 @@ class Trainer:
         tensors copied over): tests/test_host_sync.py fails if something does.
         """
         self.generator_stage()
-        self.student_stage()
+        # student_warmup_epochs: the first epochs only synthesise (FastDFKD's --warmup); a host-side integer test
+        if self.iteration >= self.train_cfg.student_warmup_epochs * self.train_cfg.steps_per_epoch:
+            self.student_stage()
 
     def generator_stage(self) -> None:
         with self._stage("synthesis"):
@@ -457,6 +464,7 @@ class Trainer:
         def step(batch: dict[str, Tensor]):
             loss, terms, keep = self.method.student_loss_from(batch)
             loss.backward()
+            self.clip_student_gradients()
             self.optimizer.step()
             return terms, keep
 
@@ -475,6 +483,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         fault_point("mid_stage", self.iteration)
+        self.clip_student_gradients()
         self.optimizer.step()
         self.accumulate(terms)
 
