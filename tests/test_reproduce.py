@@ -41,6 +41,17 @@ OFFICIAL_MNIST = {
 }
 
 
+def assert_official_settings(config: RunConfig, expected: dict) -> None:
+    """The run's engine settings, iterations, method settings and published block are the official ones."""
+    for name, value in expected["train"].items():
+        assert getattr(config.train, name) == value, name
+    assert config.train.total_iterations == expected["iterations"]
+    for name, value in expected["params"].items():
+        assert config.params[name] == value, name
+    for name, value in expected["published"].items():
+        assert config.published[name] == value, name
+
+
 def _configs(path: Path) -> list[RunConfig]:
     plan = sweep.plan_experiment(sweep.load_experiment(path), teacher_cache=str(COMMITTED_TEACHERS),
                                  allow_missing_teacher=True)
@@ -59,13 +70,7 @@ def test_mnist_paper_protocol_is_exactly_the_official_settings(method):
     for config in configs:
         assert config.protocol == "paper"
         assert (config.teacher.arch, config.student_arch) == ("lenet5", "lenet5_half")
-        for name, value in expected["train"].items():
-            assert getattr(config.train, name) == value, name
-        assert config.train.total_iterations == expected["iterations"]
-        for name, value in expected["params"].items():
-            assert config.params[name] == value, name
-        for name, value in expected["published"].items():
-            assert config.published[name] == value, name
+        assert_official_settings(config, expected)
         # the method's paper defaults apply where the protocol says nothing (not the preset's gen_tiny etc.)
         defaults = get_method(method).Params()
         for name, value in config.params.items():

@@ -10,15 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from dfkd_bench.cluster import sweep
 from dfkd_bench.config import RunConfig, TrainConfig
 from dfkd_bench.errors import ConfigError
 from dfkd_bench.method_api import get_method
 from dfkd_bench.train.engine import Trainer
 from test_contract import make_trainer, overrides_for
+from test_reproduce import _configs, assert_official_settings
 
 REPO = Path(__file__).resolve().parents[1]
-COMMITTED_TEACHERS = REPO / "results" / "zoo" / "teachers"
 
 # Typed in from the official scripts (zju-vipa/CMI, HEAD 9e79fa9), NOT from the method files. datafree_kd.py
 # defaults: --epochs 200, SGD momentum 0.9, --wd 1e-4, CosineAnnealingLR(T_max=epochs) stepped per epoch,
@@ -132,12 +131,6 @@ def _wrap_step(optimizer, before) -> None:
     optimizer.step = watched_step
 
 
-def _configs(path: Path) -> list[RunConfig]:
-    plan = sweep.plan_experiment(sweep.load_experiment(path), teacher_cache=str(COMMITTED_TEACHERS),
-                                 allow_missing_teacher=True)
-    return [run.config for run in plan.runs]
-
-
 @pytest.mark.parametrize("method, dataset", sorted(OFFICIAL_ZOO), ids=[f"{m}_{d}" for m, d in sorted(OFFICIAL_ZOO)])
 def test_zoo_paper_protocol_is_exactly_the_official_script(method, dataset):
     expected = OFFICIAL_ZOO[method, dataset]
@@ -146,13 +139,7 @@ def test_zoo_paper_protocol_is_exactly_the_official_script(method, dataset):
     for config in configs:
         assert config.protocol == "paper" and (config.method, config.dataset) == (method, dataset)
         assert (config.teacher.arch, config.student_arch, config.image_size) == (*expected["pair"], 32)
-        for name, value in expected["train"].items():
-            assert getattr(config.train, name) == value, name
-        assert config.train.total_iterations == expected["iterations"]
-        for name, value in expected["params"].items():
-            assert config.params[name] == value, name
-        for name, value in expected["published"].items():
-            assert config.published[name] == value, name
+        assert_official_settings(config, expected)
         assert "Table 1" in config.published["source"] or "table" in config.published["source"]
 
 
