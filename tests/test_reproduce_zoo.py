@@ -213,6 +213,7 @@ def test_cosine_schedules_equal_pytorchs_cosine_annealing(schedule, per):
         optimizer, T_max=train.total_iterations if per == "iteration" else train.epochs)
     for t in range(train.total_iterations):
         assert train.learning_rate(t) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-9, abs=1e-15), t
+        optimizer.step()  # a step with no gradient: the official order, and no scheduler warning
         if per == "iteration" or (t + 1) % train.steps_per_epoch == 0:
             scheduler.step()
 
