@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from dfkd_bench.train import zoo_losses
 from dfkd_bench.train.batchnorm import has_batchnorm
-from dfkd_bench.method_api import MethodContext, hparam, make_optimizer, register_method
+from dfkd_bench.method_api import MethodContext, PaperProtocol, hparam, make_optimizer, register_method
 from dfkd_bench.methods.zoo_common import (
     FeatureBank,
     FeatureTap,
@@ -59,7 +59,6 @@ from dfkd_bench.methods.zoo_common import (
     student_eval,
     tapping,
 )
-from dfkd_bench.method_api import PaperProtocol
 
 
 @dataclass

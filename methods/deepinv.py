@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dfkd_bench.train import zoo_losses
-from dfkd_bench.method_api import MethodContext, hparam, make_optimizer, register_method
+from dfkd_bench.method_api import MethodContext, PaperProtocol, hparam, make_optimizer, register_method
 from dfkd_bench.errors import ConfigError
 from dfkd_bench.methods.zoo_common import (
     PoolMethod,
@@ -62,7 +62,6 @@ from dfkd_bench.methods.zoo_common import (
     student_eval,
     teacher_batchnorm,
 )
-from dfkd_bench.method_api import PaperProtocol
 
 
 @dataclass

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from dfkd_bench.train import zoo_losses
 from dfkd_bench.errors import ConfigError
-from dfkd_bench.method_api import MethodContext, hparam, make_optimizer, register_method
+from dfkd_bench.method_api import MethodContext, PaperProtocol, hparam, make_optimizer, register_method
 from dfkd_bench.methods.zoo_common import (
     GeneratorPoolMethod,
     GeneratorPoolParams,
@@ -51,7 +51,6 @@ from dfkd_bench.methods.zoo_common import (
     random_views,
     student_eval,
 )
-from dfkd_bench.method_api import PaperProtocol
 
 RESET_L0_AFTER_WARMUP = 120
 """FastDFKD's code re-initialises G_meta's first layer at synthesis number 120 + warmup (hard-coded)."""
