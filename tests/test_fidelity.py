@@ -239,3 +239,27 @@ def test_zskt_attention_taps_follow_forward_order_on_batchnorm_lenet():
     for arch in ("lenet5_bn", "lenet5_half_bn"):
         lenet = build_model(arch, 10, in_channels=1, image_size=16)
         assert attention_blocks(lenet, (1, 16, 16)) == {(16, 16): lenet.conv1, (4, 4): lenet.conv2}
+
+
+def test_dfq_student_batches_use_the_generators_running_statistics_in_eval_mode(digits_request, tmp_path):
+    # DataFree's synthesizer.sample draws student batches with G.eval(); the common protocol keeps train mode.
+    import copy
+
+    eval_mode = _trainer(digits_request, tmp_path / "eval", "dfq", student_generator_mode="eval")
+    train_mode = _trainer(digits_request, tmp_path / "train", "dfq")
+    eval_mode.method.net.load_state_dict(train_mode.method.net.state_dict())
+    generator = eval_mode.method.net.generator
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in generator.modules())
+    for module in generator.modules():  # running statistics unlike any batch's
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.fill_(3.0)
+    buffers = copy.deepcopy(dict(generator.named_buffers()))
+    z = torch.randn(16, eval_mode.method.params.noise_dim)
+    expected_eval = torch.sigmoid(copy.deepcopy(generator).eval()(z, None).float())
+    torch.testing.assert_close(eval_mode.method.synthesize(generator, (z, None)), expected_eval)
+    assert generator.training  # put back
+    assert all(torch.equal(buffers[k], v) for k, v in generator.named_buffers())  # eval: nothing updated
+    trained = train_mode.method.synthesize(train_mode.method.net.generator, (z, None))
+    assert not torch.allclose(trained, expected_eval)  # train mode: batch statistics, another image
+    assert "student_generator_mode" not in train_mode.config.hashed_dict()["params"]  # default: old run ids
+

@@ -31,7 +31,7 @@ OFFICIAL_ZOO = {
         train=dict(_DATAFREE_TRAIN, epochs=200, steps_per_epoch=400 // 10, generator_steps=1, student_steps=10,
                    batch_size=256, student_lr=0.1, eval_every=400 // 10),
         params=dict(noise_dim=256, generator_lr=1e-3, adv_weight=1.0, bn_weight=1.0, oh_weight=1.0,
-                    balance_weight=20.0),
+                    balance_weight=20.0, student_generator_mode="eval"),  # synthesizer.sample: G.eval()
         published=dict(accuracy=86.14, std=None, teacher_accuracy=94.87, selection="best"),
         iterations=8_000),
     # scripts/dfq/dfq_cifar10_res34_res18.sh (--dataset cifar100 inside)
@@ -40,7 +40,7 @@ OFFICIAL_ZOO = {
         train=dict(_DATAFREE_TRAIN, epochs=200, steps_per_epoch=40, generator_steps=1, student_steps=10,
                    batch_size=256, student_lr=0.05, eval_every=40),
         params=dict(noise_dim=256, generator_lr=1e-3, adv_weight=1.0, bn_weight=1.0, oh_weight=1.0,
-                    balance_weight=20.0),
+                    balance_weight=20.0, student_generator_mode="eval"),  # synthesizer.sample: G.eval()
         published=dict(accuracy=77.01, std=None, teacher_accuracy=78.05, selection="best"),
         iterations=8_000),
     # scripts/cmi/cmi_cifar10.sh (CMISynthesizer in datafree_kd.py: nz 256, bank_size 40960, n_neg 4096, head_dim 256)
