@@ -293,14 +293,27 @@ class RunConfig:
         return method.Params(**self.params)
 
 
+def _later_params(method_name: str) -> dict[str, Any]:
+    """A method's parameters added after runs were stored, with the default they had implicitly."""
+    from dfkd_bench.method_api import list_methods
+
+    method = list_methods().get(method_name)
+    return dict(getattr(getattr(method, "Params", None), "HASH_OMIT_DEFAULT", {})) if method is not None else {}
+
+
+def with_later_defaults(method_name: str, train: dict[str, Any],
+                        params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A stored configuration's engine and method settings with those added after it was made filled in
+    at the default it ran with (the settings the run id leaves out at their default): a run stored
+    before ``lr_schedule`` existed ran the ``step`` schedule. For reading stored runs (the report)."""
+    return {**TrainConfig._HASH_OMIT_DEFAULT, **train}, {**_later_params(method_name), **params}
+
+
 def _hashed_params(method_name: str, params: dict[str, Any]) -> dict[str, Any]:
     """The method's parameters as the run id sees them: those its ``Params`` class lists in
     ``HASH_OMIT_DEFAULT`` (parameters added after runs were stored, as TrainConfig._HASH_OMIT_DEFAULT)
     are left out while at that default, so every run made before they existed keeps its id."""
-    from dfkd_bench.method_api import list_methods
-
-    method = list_methods().get(method_name)
-    omit = getattr(getattr(method, "Params", None), "HASH_OMIT_DEFAULT", {}) if method is not None else {}
+    omit = _later_params(method_name)
     return {k: v for k, v in params.items() if not (k in omit and v == omit[k])}
 
 

@@ -687,3 +687,21 @@ def test_sweep_points_are_tested_against_the_table_configuration(report):
     text = (out / "report.md").read_text()
     assert "## Sweeps: each configuration against the table's" in text
     assert "| MAD | digits (lenet5→lenet5_half) | ema_momentum=0.9 (ema_momentum=0.95) | 81.00 ± 1.41 " in text
+
+
+def test_settings_added_after_a_run_was_stored_read_as_their_default():
+    """results/zoo_bn holds DFQ runs made before lr_schedule, student_grad_clip, ... and
+    student_generator_mode existed and three made after (student_generator_mode=eval): the report
+    sees one setting varying, not every setting the older config.json lacks."""
+    from dfkd_bench.config import with_later_defaults
+    from dfkd_bench.report.configs import analyse_configs
+    from dfkd_bench.report.load import load_runs
+
+    train, params = with_later_defaults("zskt", {"epochs": 3}, {"at_weight": 250.0})
+    assert train["lr_schedule"] == "step" and train["student_grad_clip"] == 0.0 and train["epochs"] == 3
+    assert params == {"generator_cosine_iterations": 0, "at_weight": 250.0}
+    assert with_later_defaults("zskt", {"lr_schedule": "cosine"}, {})[0]["lr_schedule"] == "cosine"
+    runs = load_runs(Path(__file__).resolve().parents[1] / "results" / "zoo_bn")
+    cells, _ = analyse_configs(runs)
+    (dfq,) = [cell for cell in cells if cell.method == "dfq"]
+    assert dfq.varying == ["params.student_generator_mode"]

@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from dfkd_bench.config import with_later_defaults
 from dfkd_bench.errors import DfkdError, user_message
 from dfkd_bench.report.common import (SKIP_DIRS, _missing, _norm, dataset_sort_key, method_label, method_sort_key,
                                       setting_columns)
@@ -144,6 +145,7 @@ def _read_run(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     if wall is None and evals:
         wall = evals[-1].get("wall_time")
     epochs, per_epoch = train.get("epochs"), train.get("steps_per_epoch")
+    later = with_later_defaults(config["method"], train, config.get("params") or {})
     teacher_arch = teacher.get("arch", "?")
     student_arch = config.get("student_arch", "?")
     row = {
@@ -174,7 +176,9 @@ def _read_run(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         "finished_at": (path / "done").stat().st_mtime if summary is not None else None,
         # A paper protocol's run carries its paper's number (the report's "Reproductions" table).
         "protocol": config.get("protocol") or "common", "published": _published(config.get("published")),
-        **_flatten("train", train), **_flatten("params", config.get("params") or {}),
+        # Settings added after a run was stored count at the default it ran with, so that an old and a
+        # new run of the same configuration are one configuration (as their run ids say).
+        **_flatten("train", later[0]), **_flatten("params", later[1]),
     }
     return row, records
 
