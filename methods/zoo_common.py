@@ -675,7 +675,6 @@ class GeneratorPoolMethod(PoolMethod):
         self.bn_stats = teacher_batchnorm(ctx, params.bn_weight, self.bn_term)
         self.z: Tensor | None = None
         self.labels: Tensor | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
 
     def inversion_loss(self, teacher_logits: Tensor, student_logits: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
         """The inversion loss CMI (Eq. 3-4) and FastDFKD (Eq. 3) share, on the teacher forward that
