@@ -18,8 +18,12 @@ momentum 0.9, wd 1e-4, no schedule, G Adam 1e-3 (default betas), nz 100, Generat
 (``dfad_gen``), 32 x 32 inputs normalised (0.1307, 0.3081), best test accuracy kept.
 
 CHOSEN: the official loop runs the 5 student steps before the generator step of an
-iteration; the engine runs the generator stage first (the same alternation, shifted by
-one generator step at the start). CHOSEN for the common protocol: the preset's generator
+iteration; the engine runs the generator stage first. Over N iterations the two are the
+same alternation, S G S G ... S G against G S G S ... G S: both hold the N - 1
+interior pairs, and they differ only in where one student stage of N falls, before the
+first generator step (official: on the untrained G) or after the last (here; the official
+last generator step is never seen by the student). One stage of N (N = 2,000 in the MNIST
+protocol): too small to measure, and not measured. CHOSEN for the common protocol: the preset's generator
 (pre-sigmoid logits, images in [0, 1]); the paper protocol uses DFAD's own GeneratorA,
 which ends in tanh + BatchNorm in the teacher's normalised space.
 """

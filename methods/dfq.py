@@ -20,8 +20,9 @@ whose generator Adam uses betas (0.5, 0.999) (datafree/synthesis/generative.py);
 balance term uses the natural log (``class_balance_loss``). CHOSEN (kept) under the common
 protocol: the student trains on G in training mode (batch statistics), as the official DFAD,
 DAFL and ZSKT code and the other zoo generators do; the re-implementation samples student
-batches with G in eval mode (running statistics), ``student_generator_mode = eval``, which its
-paper protocols use. Measured on the BN digits teacher: README, "the zoo with a BatchNorm teacher". The scripts' ``--T`` (20 for WRN, 1 for ResNet) does not
+batches with G in eval mode (running statistics), ``student_generator_mode = eval``, and runs its
+generator step with the student in eval mode, ``generator_step_student_mode = eval`` (both settings of
+every zoo generator method, zoo_common.ZooGeneratorParams), which its paper protocols use. Measured on the BN digits teacher: README, "the zoo with a BatchNorm teacher". The scripts' ``--T`` (20 for WRN, 1 for ResNet) does not
 reach DFQ: datafree_kd.py re-binds ``criterion = KLDiv()`` (T = 1, batch-mean) for the
 generator methods, and that criterion is also the student's, as here. The paper protocols
 (``dfkd-bench list --card dfq --dataset cifar10``) are those two scripts: 200 epochs x 40
@@ -37,13 +38,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from dfkd_bench.train import losses, zoo_losses
-from dfkd_bench.errors import ConfigError
 from dfkd_bench.method_api import MethodContext, PaperProtocol, hparam, register_method
-from dfkd_bench.methods.zoo_common import ZooGeneratorMethod, ZooGeneratorParams, teacher_batchnorm
+from dfkd_bench.methods.zoo_common import (DATAFREE_GENERATIVE_DEVIATIONS, DATAFREE_GENERATIVE_OFFICIAL,
+                                           DATAFREE_GENERATIVE_PARAMS, ZooGeneratorMethod, ZooGeneratorParams,
+                                           datafree_generative_train, teacher_batchnorm)
 
 
 @dataclass
@@ -53,48 +54,26 @@ class DFQParams(ZooGeneratorParams):
     oh_weight: float = hparam(1.0, "weight of the instance categorical entropy / one-hot loss (Eq. 7)")  # CHOSEN
     balance_weight: float = hparam(20.0, "weight of the batch categorical entropy / balance loss (Eq. 7; "
                                          "20 in both DataFree DFQ scripts)")
-    student_generator_mode: str = hparam("train", "mode of G when it draws the student's batches: train (batch "
-                                                  "statistics, CHOSEN: as DFAD, DAFL and ZSKT) or eval (running "
-                                                  "statistics, the DataFree re-implementation's synthesizer.sample)")
-    generator_beta1 = 0.5  # the DataFree re-implementation's generator Adam betas (0.5, 0.999); not a setting
+    generator_beta1: float = hparam(0.5, "Adam beta1 of the generator (the DataFree re-implementation's "
+                                         "GenerativeSynthesizer: betas (0.5, 0.999))")
 
-    # Added after DFQ runs were stored: left out of the run id while at this default (config._hashed_params).
-    HASH_OMIT_DEFAULT = {"student_generator_mode": "train"}
-
-    def validate(self) -> None:
-        super().validate()
-        if self.student_generator_mode not in ("train", "eval"):
-            raise ConfigError(f"student_generator_mode={self.student_generator_mode!r} is not one of train, eval")
+    # Left out of the run id while at these defaults (config._hashed_params): DFQ runs were stored before them.
+    HASH_OMIT_DEFAULT = {**ZooGeneratorParams.HASH_OMIT_DEFAULT, "generator_beta1": 0.5}
 
 
-# DFQ has no official code: both protocols are the DataFree collection's DFQ scripts (zju-vipa/CMI,
-# datafree_kd.py; its defaults: SGD momentum 0.9, weight decay 1e-4, CosineAnnealingLR(T_max=epochs)
-# stepped once per epoch, evaluation after every epoch, best top-1 kept). One epoch is ep_steps / kd_steps
-# = 400 / 10 = 40 iterations of g_steps = 1 generator step and kd_steps = 10 student steps.
-_DATAFREE_OFFICIAL = {
-    "generator": "LargeGenerator(nz=256, ngf=64): Linear -> 256x8x8, BN, up, conv 128, BN, LReLU, up, conv 64, "
-                 "BN, LReLU, conv 3, sigmoid",
-    "student batches": "fresh z through G in eval mode (synthesizer.sample)",
-    "normalisation": "CIFAR mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010)",
-}
-_DATAFREE_DEVIATIONS = {
-    # CHOSEN: the suite's 32-px generator (gen32, MAD Table 8a) is the nearest one it has; same output space
-    # (sigmoid images normalised for the teacher), a different body.
-    "generator": "gen32 (MAD Table 8a; the suite has no LargeGenerator)",
-    "normalisation": "the dataset's statistics of this suite (the teacher's own)",
-}
+# DFQ has no official code: both protocols are the DataFree collection's DFQ scripts (zju-vipa/CMI; the
+# shared settings of its generator re-implementations: zoo_common.datafree_generative_train/_PARAMS). One
+# epoch is ep_steps / kd_steps = 400 / 10 = 40 iterations of g_steps = 1 generator step and kd_steps = 10
+# student steps.
 _DFQ_CIFAR10 = PaperProtocol(
     source="DataFree README table (zju-vipa/CMI; = the CMI paper's Table 1, a re-implementation): "
            "CIFAR-10, WRN-40-2 -> WRN-16-1; DFQ's own paper not read here",
     accuracy=86.14, std=None, teacher_accuracy=94.87, selection="best",
     teacher_arch="wrn40_2", student_arch="wrn16_1", image_size=32,
-    train=dict(epochs=200, steps_per_epoch=40, generator_steps=1, student_steps=10, batch_size=256,
-               student_optimizer="sgd", student_lr=0.1, student_weight_decay=1e-4, student_momentum=0.9,
-               lr_schedule="cosine_epoch", lr_decay=1.0, lr_milestones=[], eval_every=40, amp="none"),
-    params=dict(generator="gen32", noise_dim=256, generator_lr=1e-3, adv_weight=1.0, bn_weight=1.0, oh_weight=1.0,
-                balance_weight=20.0, student_generator_mode="eval"),
-    official={**_DATAFREE_OFFICIAL, "T": "20 on the command line, unused (criterion re-bound to KLDiv(T=1))"},
-    deviations=dict(_DATAFREE_DEVIATIONS),
+    train=datafree_generative_train(kd_steps=10, student_lr=0.1),
+    params=dict(DATAFREE_GENERATIVE_PARAMS, adv_weight=1.0, bn_weight=1.0, oh_weight=1.0, balance_weight=20.0),
+    official={**DATAFREE_GENERATIVE_OFFICIAL, "T": "20 on the command line, unused (criterion re-bound to KLDiv(T=1))"},
+    deviations=dict(DATAFREE_GENERATIVE_DEVIATIONS),
     code="no official DFQ code; zju-vipa/CMI scripts/dfq/dfq_cifar10_wrn402_wrn161.sh (datafree_kd.py --method dfq "
          "--batch_size 256 --lr 0.1 --epochs 200 --kd_steps 10 --ep_steps 400 --g_steps 1 --lr_g 1e-3 --adv 1 --bn 1 "
          "--oh 1 --balance 20)",
@@ -106,8 +85,8 @@ _DFQ_CIFAR100 = PaperProtocol(
     teacher_arch="resnet34", student_arch="resnet18", image_size=32,
     train=dict(_DFQ_CIFAR10.train, student_lr=0.05),
     params=dict(_DFQ_CIFAR10.params),
-    official={**_DATAFREE_OFFICIAL, "script": "named dfq_cifar10_res34_res18.sh, but it passes --dataset cifar100"},
-    deviations=dict(_DATAFREE_DEVIATIONS),
+    official={**DATAFREE_GENERATIVE_OFFICIAL, "script": "named dfq_cifar10_res34_res18.sh, but it passes --dataset cifar100"},
+    deviations=dict(DATAFREE_GENERATIVE_DEVIATIONS),
     code="no official DFQ code; zju-vipa/CMI scripts/dfq/dfq_cifar10_res34_res18.sh (datafree_kd.py --method dfq "
          "--dataset cifar100 --teacher resnet34 --student resnet18 --batch_size 256 --lr 0.05 --epochs 200 "
          "--kd_steps 10 --ep_steps 400 --g_steps 1 --lr_g 1e-3 --adv 1 --T 1 --bn 1 --oh 1 --balance 20)",
@@ -127,17 +106,6 @@ class DFQ(ZooGeneratorMethod):
     def __init__(self, params: DFQParams, ctx: MethodContext):
         super().__init__(params, ctx)
         self.bn_stats = teacher_batchnorm(ctx, params.bn_weight, "BatchNorm-statistics (DFQ Eq. 6)")
-
-    @torch.no_grad()
-    def synthesize(self, generator: nn.Module, noise: tuple[Tensor, Tensor | None], groups: int = 1) -> Tensor:
-        """``student_generator_mode = eval``: G draws on its running BatchNorm statistics (one group)."""
-        if self.params.student_generator_mode == "train" or not generator.training:
-            return super().synthesize(generator, noise, groups)
-        generator.eval()
-        try:
-            return super().synthesize(generator, noise, 1)
-        finally:
-            generator.train()
 
     def teacher_context(self):
         return self.bn_stats.recording() if self.bn_stats is not None else super().teacher_context()

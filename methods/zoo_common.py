@@ -26,6 +26,7 @@ BatchNorm) use one rule for every architecture, documented in
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -188,6 +189,24 @@ class ZooGeneratorParams:
     generator: str = hparam("auto", "generator architecture: gen_small, gen_tiny, gen32, gen64, gen256, or auto by image size")
     noise_dim: int = hparam(256, "dimension of the noise z", "d_z")
     generator_lr: float = hparam(1e-3, "Adam learning rate of the generator", "lr_G")
+    generator_beta1: float = hparam(0.9, "Adam beta1 of the generator (official DFAD, DAFL, ZSKT: Adam's default 0.9; "
+                                         "the DataFree collection's GenerativeSynthesizer: 0.5)")
+    # The DataFree collection (zju-vipa/CMI, datafree/synthesis/generative.py) runs its re-implementations
+    # (DFQ, ZSKT, ...) with the student in eval mode during synthesize() and the generator in eval mode in
+    # sample(); the official DFAD, DAFL and ZSKT code keep both in train mode throughout. CHOSEN under the
+    # common protocol: train mode, as the official code (and the suite's ABM, DFKD-Mem, MAD); the DataFree
+    # paper protocols set eval.
+    student_generator_mode: str = hparam("train", "mode of G when it draws the student's batches: train (batch "
+                                                  "statistics, CHOSEN: as the official DFAD, DAFL and ZSKT code) or "
+                                                  "eval (running statistics, the DataFree collection's sample())")
+    generator_step_student_mode: str = hparam("train", "mode of S in the generator step: train (batch statistics, "
+                                                       "its running statistics updated; the official DFAD, DAFL and "
+                                                       "ZSKT code) or eval (the DataFree collection's synthesize())")
+
+    # Added after zoo runs were stored: left out of the run id while at these defaults (config._hashed_params).
+    # A subclass with its own HASH_OMIT_DEFAULT extends this one.
+    HASH_OMIT_DEFAULT = {"generator_beta1": 0.9, "student_generator_mode": "train",
+                         "generator_step_student_mode": "train"}
 
     # What AdversarialMethod reads and the zoo methods do not use (not settings).
     # A method's Params may declare (as fields) ``student_batch`` and ``generator_grad_clip``,
@@ -196,7 +215,6 @@ class ZooGeneratorParams:
     pretrain_steps = 0
     bnmm_weight = 0.0  # BN matching is each method's own term (teacher_batchnorm)
     generator_weight_decay = 0.0
-    generator_beta1 = 0.9
     generator_beta2 = 0.999
 
     def validate(self) -> None:
@@ -212,6 +230,11 @@ class ZooGeneratorParams:
             raise ConfigError(f"student_batch={mode!r} is not one of {', '.join(STUDENT_BATCH_MODES)}")
         if getattr(self, "generator_grad_clip", 0.0) < 0:
             raise ConfigError(f"generator_grad_clip must be >= 0 (0: no clipping), got {self.generator_grad_clip}")
+        if not 0 <= self.generator_beta1 < 1:
+            raise ConfigError(f"generator_beta1 must be in [0, 1), got {self.generator_beta1}")
+        for name in ("student_generator_mode", "generator_step_student_mode"):
+            if getattr(self, name) not in ("train", "eval"):
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of train, eval")
 
 
 STUDENT_BATCH_MODES = ("fresh", "generator_z", "generator_batch")
@@ -248,6 +271,10 @@ class ZooGeneratorMethod(AdversarialMethod):
                               f"student_images_per_step")
         self._last_noise: tuple[Tensor, Tensor | None] | None = None
         self._last_images: Tensor | None = None
+        if params.generator_step_student_mode != "train" and not self.uses_student_in_generator:
+            raise ConfigError(f"{self.name}'s generator step does not run the student, so "
+                              f"generator_step_student_mode={params.generator_step_student_mode} would change "
+                              f"nothing; leave it at train")
 
     def generator_images(self, out: Tensor) -> Tensor:
         """Generator output -> images in [0, 1]-space (see the class docstring)."""
@@ -288,10 +315,24 @@ class ZooGeneratorMethod(AdversarialMethod):
         """A context manager around the teacher forward of a generator step (hooks)."""
         return tapping()
 
+    @torch.no_grad()
+    def synthesize(self, generator: nn.Module, noise: tuple[Tensor, Tensor | None], groups: int = 1) -> Tensor:
+        """``student_generator_mode = eval``: G draws the student's batches on its running BatchNorm
+        statistics (one group), updating none of them."""
+        if self.params.student_generator_mode == "train" or not generator.training:
+            return super().synthesize(generator, noise, groups)
+        generator.eval()
+        try:
+            return super().synthesize(generator, noise, 1)
+        finally:
+            generator.train()
+
     def generator_step(self, kd_weight: float | None = None) -> dict[str, Tensor]:
         ctx = self.ctx
         z, labels = self.draw_noise(ctx.batch_size)
         self.counters["synthetic_images"] += z.shape[0]
+        student_mode = (student_eval(ctx.student_module) if self.params.generator_step_student_mode == "eval"
+                        else contextlib.nullcontext())
         with ctx.perf.autocast(ctx.device):
             logits = self.net_parallel(z, labels)
             images = self.generator_images(logits)
@@ -299,7 +340,8 @@ class ZooGeneratorMethod(AdversarialMethod):
                 images = images.contiguous(memory_format=torch.channels_last)
             with self.teacher_context():
                 teacher_logits = ctx.teacher(images)
-            student_logits = ctx.student_module(images) if self.uses_student_in_generator else None
+            with student_mode:
+                student_logits = ctx.student_module(images) if self.uses_student_in_generator else None
         loss, terms = self.generator_objective(images, teacher_logits, student_logits)
         terms["gen_loss"] = loss
         self.optimizer.zero_grad(set_to_none=True)
@@ -319,6 +361,40 @@ class ZooGeneratorMethod(AdversarialMethod):
     def source_loss(self, source: Source, teacher_logits: Tensor,
                     student_logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         return self.student_discrepancy(teacher_logits, student_logits)
+
+
+# The DataFree collection's generator re-implementations (zju-vipa/CMI, datafree_kd.py with
+# GenerativeSynthesizer: DFQ, ZSKT), shared by their paper protocols. datafree_kd.py's defaults: 200 epochs
+# of ep_steps // kd_steps iterations (g_steps generator steps, then kd_steps student steps), S SGD momentum
+# 0.9, weight decay 1e-4, CosineAnnealingLR(T_max=epochs) stepped once per epoch, evaluation after every
+# epoch, best top-1 kept, float32; G LargeGenerator(nz=256), Adam lr_g betas (0.5, 0.999), the student in eval
+# mode in synthesize(), G in eval mode in sample(); the student's criterion re-bound to KLDiv() (T = 1,
+# batch mean) for these methods, whatever --T says.
+def datafree_generative_train(kd_steps: int, student_lr: float, batch_size: int = 256,
+                              ep_steps: int = 400, epochs: int = 200) -> dict[str, Any]:
+    """The engine settings of a datafree_kd.py generator script (g_steps 1)."""
+    iterations_per_epoch = ep_steps // kd_steps
+    return dict(epochs=epochs, steps_per_epoch=iterations_per_epoch, generator_steps=1, student_steps=kd_steps,
+                batch_size=batch_size, student_optimizer="sgd", student_lr=student_lr, student_weight_decay=1e-4,
+                student_momentum=0.9, lr_schedule="cosine_epoch", lr_decay=1.0, lr_milestones=[],
+                eval_every=iterations_per_epoch, amp="none")
+
+
+DATAFREE_GENERATIVE_PARAMS = dict(generator="gen32", noise_dim=256, generator_lr=1e-3, generator_beta1=0.5,
+                                  student_generator_mode="eval", generator_step_student_mode="eval")
+DATAFREE_GENERATIVE_OFFICIAL = {
+    "generator": "LargeGenerator(nz=256, ngf=64): Linear -> 256x8x8, BN, up, conv 128, BN, LReLU, up, conv 64, "
+                 "BN, LReLU, conv 3, sigmoid",
+    "student batches": "fresh z through G in eval mode (synthesizer.sample)",
+    "generator step": "the student in eval mode (synthesize: self.student.eval())",
+    "normalisation": "CIFAR mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010)",
+}
+DATAFREE_GENERATIVE_DEVIATIONS = {
+    # CHOSEN: the suite's 32-px generator (gen32, MAD Table 8a) is the nearest one it has; same output space
+    # (sigmoid images normalised for the teacher), a different body.
+    "generator": "gen32 (MAD Table 8a; the suite has no LargeGenerator)",
+    "normalisation": "the dataset's statistics of this suite (the teacher's own)",
+}
 
 
 # --------------------------------------------------------------------- pool methods ---

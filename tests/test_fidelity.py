@@ -241,12 +241,13 @@ def test_zskt_attention_taps_follow_forward_order_on_batchnorm_lenet():
         assert attention_blocks(lenet, (1, 16, 16)) == {(16, 16): lenet.conv1, (4, 4): lenet.conv2}
 
 
-def test_dfq_student_batches_use_the_generators_running_statistics_in_eval_mode(digits_request, tmp_path):
+@pytest.mark.parametrize("method", ["dfq", "zskt"])
+def test_student_batches_use_the_generators_running_statistics_in_eval_mode(digits_request, tmp_path, method):
     # DataFree's synthesizer.sample draws student batches with G.eval(); the common protocol keeps train mode.
     import copy
 
-    eval_mode = _trainer(digits_request, tmp_path / "eval", "dfq", student_generator_mode="eval")
-    train_mode = _trainer(digits_request, tmp_path / "train", "dfq")
+    eval_mode = _trainer(digits_request, tmp_path / "eval", method, student_generator_mode="eval")
+    train_mode = _trainer(digits_request, tmp_path / "train", method)
     eval_mode.method.net.load_state_dict(train_mode.method.net.state_dict())
     generator = eval_mode.method.net.generator
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in generator.modules())
@@ -263,3 +264,78 @@ def test_dfq_student_batches_use_the_generators_running_statistics_in_eval_mode(
     assert not torch.allclose(trained, expected_eval)  # train mode: batch statistics, another image
     assert "student_generator_mode" not in train_mode.config.hashed_dict()["params"]  # default: old run ids
 
+
+
+@pytest.mark.parametrize("method", ["dfq", "zskt", "dfad"])
+def test_the_generator_step_sees_the_student_in_eval_mode_only_when_asked(digits_request, tmp_path, method):
+    # DataFree's GenerativeSynthesizer.synthesize() calls self.student.eval(); the official DFAD, DAFL and ZSKT
+    # code (and the default here) keep the student in train mode in the generator step.
+    for mode in ("train", "eval"):
+        trainer = _trainer(digits_request, tmp_path / mode, method, generator_step_student_mode=mode)
+        student = trainer.method.ctx.student_module
+        seen = []
+        hook = student.register_forward_pre_hook(lambda module, _inputs: seen.append(module.training))
+        try:
+            trainer.method.generator_step()
+        finally:
+            hook.remove()
+        assert seen == [mode == "train"], (mode, seen)  # one student forward, in the asked mode
+        assert student.training  # put back for the student stage
+    defaults = _trainer(digits_request, tmp_path / "default", method).config.hashed_dict()["params"]
+    for name in ("generator_beta1", "student_generator_mode", "generator_step_student_mode"):
+        assert name not in defaults, name  # at their defaults: the run ids of earlier runs
+
+
+def test_student_mode_in_a_generator_step_without_the_student_is_refused(digits_request, tmp_path):
+    from dfkd_bench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="dafl's generator step does not run the student"):
+        _trainer(digits_request, tmp_path, "dafl", generator_step_student_mode="eval")
+
+
+@pytest.mark.parametrize("method, overrides, betas", [
+    ("dfq", {}, (0.5, 0.999)),  # the DataFree re-implementation's GenerativeSynthesizer
+    ("zskt", {}, (0.9, 0.999)),  # polo5's solver.py: optim.Adam(generator, lr) -- Adam's defaults
+    ("zskt", {"generator_beta1": 0.5}, (0.5, 0.999)),  # ZSKT's DataFree protocol
+    ("dafl", {}, (0.9, 0.999)),
+])
+def test_the_generators_adam_betas_reach_its_optimiser(digits_request, tmp_path, method, overrides, betas):
+    trainer = _trainer(digits_request, tmp_path, method, **overrides)
+    assert tuple(trainer.method.optimizer.param_groups[0]["betas"]) == betas
+
+
+def test_zskt_without_attention_is_the_batch_mean_kl_at_temperature_one(digits_request, tmp_path):
+    """The DataFree re-implementation's ZSKT (its paper protocol): student loss KLDiv() = batch-mean
+    KL(T || S), no attention term, so nothing is tapped."""
+    from dfkd_bench.methods.common import Source
+
+    trainer = _trainer(digits_request, tmp_path, "zskt", at_weight=0.0, kl_reduction="batchmean")
+    method = trainer.method
+    assert method.resolutions == [] and not method.teacher_tap._handles and not method.student_tap._handles
+    images = torch.rand(4, *trainer.method.ctx.image_shape)
+    with torch.no_grad():
+        teacher, student = method.ctx.teacher(images), method.ctx.student(images)
+        loss, terms = method.distill([Source("gen", images, 1.0)])
+    p, log_q = F.softmax(teacher, 1), F.log_softmax(student, 1)
+    by_hand = sum(float((p[i] * (p[i].log() - log_q[i])).sum()) for i in range(4)) / 4
+    assert float(loss) == pytest.approx(by_hand, rel=1e-5)
+    assert float(terms["at_gen"]) == 0.0
+
+
+def test_zskt_datafree_protocol_settings_train_end_to_end(digits_request, tmp_path):
+    """The method settings of ZSKT's paper protocol (the DataFree re-implementation's) together, on a smoke
+    digits run: it trains, and its records say it ran without attention and with the DataFree modes."""
+    import json
+
+    protocol = get_method("zskt").paper_protocols["cifar10"]
+    params = {k: v for k, v in protocol.params.items() if k not in ("generator", "noise_dim")}  # 32-px sizes
+    trainer = _trainer(digits_request, tmp_path, "zskt", **params)
+    trainer.train()
+    config = json.loads(trainer.store.config_path.read_text())
+    for name in ("at_weight", "kl_reduction", "student_batch", "generator_beta1", "student_generator_mode",
+                 "generator_step_student_mode"):
+        assert config["params"][name] == protocol.params[name], name
+    records = [json.loads(line) for line in trainer.store.records_path.read_text().splitlines()]
+    trained = [r for r in records if "loss/kd_gen" in r]  # the step-0 evaluation has no losses yet
+    assert trained and all(r["loss/at_gen"] == 0.0 and math.isfinite(r["loss/kd_gen"]) for r in trained)
+    assert all(math.isfinite(r["test_accuracy"]) for r in records if r.get("kind") == "eval")

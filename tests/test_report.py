@@ -699,7 +699,9 @@ def test_settings_added_after_a_run_was_stored_read_as_their_default():
 
     train, params = with_later_defaults("zskt", {"epochs": 3}, {"at_weight": 250.0})
     assert train["lr_schedule"] == "step" and train["student_grad_clip"] == 0.0 and train["epochs"] == 3
-    assert params == {"generator_cosine_iterations": 0, "at_weight": 250.0}
+    assert params == {"generator_cosine_iterations": 0, "generator_beta1": 0.9, "student_generator_mode": "train",
+                      "generator_step_student_mode": "train", "at_weight": 250.0}
+    assert with_later_defaults("dfq", {}, {})[1]["generator_beta1"] == 0.5  # DFQ ran with the DataFree betas
     assert with_later_defaults("zskt", {"lr_schedule": "cosine"}, {})[0]["lr_schedule"] == "cosine"
     runs = load_runs(Path(__file__).resolve().parents[1] / "results" / "zoo_bn")
     cells, _ = analyse_configs(runs)
