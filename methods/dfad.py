@@ -86,7 +86,8 @@ class DFAD(ZooGeneratorMethod):
                       "order": "5 student steps, then 1 generator step"},
             deviations={"image_size": "28 px with conv1 padding 2: the committed 28-px teacher (99.21 %) serves",
                         "teacher": "the committed MNIST teacher (99.21 %), not the paper's (98.9 %)",
-                        "order": "generator stage first (the same alternation shifted by one generator step)"},
+                        "order": "generator stage first: the same alternation, one student stage of 2,000 moved from "
+                                 "before the first generator step to after the last"},
             code="VainF/Data-Free-Adversarial-Distillation, DFAD_mnist.py (defaults; run_mnist.sh)",
         ),
         "cifar10": _DFAD_CIFAR10,

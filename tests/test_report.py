@@ -670,7 +670,13 @@ def test_reproductions_table_under_the_papers_own_selection(tmp_path):
     assert "| 93.00 ± 0.50 | +1.00 | yes | 98.50 / 99.00 | Paper X, Table 2 |" in text
     assert "| 99.90 | -6.90 | no | 98.50 / — | Paper Y, Sec. 4 |" in text
     assert "selected on the test set" in text
-    assert "## Reproductions" in Path(result["report"]).read_text()
+    report = Path(result["report"]).read_text()
+    assert "## Reproductions" in report
+    # no protocol card for a protocol the code does not declare (ABM and MAD have none on digits): said once each
+    assert "- ABM on digits (lenet5→lenet5_half): no protocol card (abm has no paper protocol for digits" in report
+    assert "- MAD on digits (lenet5→lenet5_half): no protocol card" in report
+    assert not (tmp_path / "report" / "table_protocol_cards.csv").exists() or \
+        pd.read_csv(tmp_path / "report" / "table_protocol_cards.csv").empty
 
 
 def test_sweep_points_are_tested_against_the_table_configuration(report):

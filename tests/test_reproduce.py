@@ -7,6 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from dfkd_bench.cluster import sweep
@@ -145,6 +146,20 @@ def test_tiny_mnist_paper_protocol_run_records_protocol_and_published(method, tm
     assert config["params"]["generator"] == f"{method}_gen"
     records = [json.loads(line) for line in (folders[0] / "records.jsonl").read_text().splitlines()]
     assert any("test_accuracy" in r for r in records)
+    # The report's protocol card of these runs: the tiny override shows as a difference from the paper and
+    # from the code's protocol; what the runs kept of the protocol is unmarked; CHOSEN deviations keep their reason.
+    assert main(["report", "--results-dir", str(results), "--out", str(tmp_path / "report"), "--formats", "png"]) == 0
+    cards = pd.read_csv(tmp_path / "report" / "table_protocol_cards.csv", keep_default_na=False)
+    rows = cards.set_index("setting")
+    expected_epochs = str(OFFICIAL_MNIST[method]["train"]["epochs"])
+    assert rows.loc["epochs", "runs"] == "1" and rows.loc["epochs", "paper"] == expected_epochs
+    assert rows.loc["epochs", "mark"] == f"differs from the paper; differs from the code's protocol ({expected_epochs})"
+    lr = f"{OFFICIAL_MNIST[method]['params']['generator_lr']:g}"
+    assert (rows.loc["generator_lr", "runs"], rows.loc["generator_lr", "mark"]) == (lr, "")
+    assert rows.loc["image_size", "runs"] == "28" and rows.loc["image_size", "mark"].startswith("CHOSEN: 28 px")
+    assert rows.loc["teacher", "runs"] == "-" and rows.loc["teacher", "mark"].startswith("CHOSEN")
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## Protocol cards of the reproductions" in report and "| epochs | " + expected_epochs + " | 1 |" in report
 
 
 def test_protocol_card_shows_paper_official_and_ours_with_differences_marked(capsys):

@@ -19,8 +19,9 @@ from dfkd_bench.errors import ConfigError
 from dfkd_bench.method_api import get_method
 
 
-def _text(value: Any) -> str:
-    if isinstance(value, list):
+def setting_text(value: Any) -> str:
+    """A setting's value as the card writes it (also what the report compares with a run's config.json)."""
+    if isinstance(value, (list, tuple)):
         return "[" + ", ".join(str(v) for v in value) + "]" if value else "[]"
     if isinstance(value, float):
         return f"{value:g}"
@@ -44,16 +45,16 @@ def card_rows(method: str, dataset: str) -> list[dict[str, str]]:
     for name, value in declared.items():
         paper = protocol.official.get(name, value)
         mark = f"CHOSEN: {protocol.deviations[name]}" if name in protocol.deviations else (
-            "differs" if _text(ours[name]) != _text(paper) else "")
-        if _text(common[name]) != _text(paper) and not mark:
+            "differs" if setting_text(ours[name]) != setting_text(paper) else "")
+        if setting_text(common[name]) != setting_text(paper) and not mark:
             mark = "* common differs"
-        elif _text(common[name]) != _text(paper):
+        elif setting_text(common[name]) != setting_text(paper):
             mark += "; * common differs"
-        rows.append({"setting": name, "paper": _text(paper), "ours_paper": _text(ours[name]),
-                     "ours_common": _text(common[name]), "mark": mark})
+        rows.append({"setting": name, "paper": setting_text(paper), "ours_paper": setting_text(ours[name]),
+                     "ours_common": setting_text(common[name]), "mark": mark})
     for name, value in protocol.official.items():  # official-code facts that are not settings here
         if name not in declared:
-            rows.append({"setting": name, "paper": _text(value), "ours_paper": "-", "ours_common": "-",
+            rows.append({"setting": name, "paper": setting_text(value), "ours_paper": "-", "ours_common": "-",
                          "mark": f"CHOSEN: {protocol.deviations[name]}" if name in protocol.deviations else ""})
     return rows
 
@@ -121,7 +122,7 @@ def resolved_rows(method: str, dataset: str, protocol: str = "common", budget: s
             for layer, values in layers[1:]:
                 if value_of(values, name) != value:
                     origin, value = layer, value_of(values, name)
-            out.append({"kind": kind, "setting": name, "value": _text(value), "from": origin})
+            out.append({"kind": kind, "setting": name, "value": setting_text(value), "from": origin})
         return out
 
     return (rows("engine", [f.name for f in dataclasses.fields(TrainConfig)], train_layers, getattr)

@@ -491,6 +491,76 @@ def reproductions_markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
+def _run_setting(group: pd.DataFrame, name: str) -> str:
+    """What the runs of one configuration ran for a protocol-card setting (their config.json), as the card writes it."""
+    from dfkd_bench.cluster.protocol_card import setting_text
+
+    for column in (name, f"train.{name}", f"params.{name}"):
+        if column in group.columns:
+            values = {setting_text(v) for v in group[column] if not _missing(v)}
+            if values:
+                return " / ".join(sorted(values))
+    return "-"
+
+
+def protocol_cards_table(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The protocol card (``dfkd-bench list --card``) of each configuration of paper-protocol runs (the
+    Reproductions table's groups): every setting the method's paper protocol fixes, with the paper's /
+    official code's value, what THESE runs ran (their config.json) and what the code's protocol is today;
+    ``mark``: ``CHOSEN: reason`` for a deviation the suite keeps, ``differs from the paper`` where the runs
+    ran another value (e.g. a tiny ``--set`` override), ``differs from the code's protocol`` where the
+    protocol changed since the runs were made. Also notes for groups whose protocol the code no longer has."""
+    from dfkd_bench.cluster.protocol_card import card_rows
+    from dfkd_bench.errors import DfkdError
+
+    columns = ["method", "label", "dataset", "pair", "config_id", "setting", "paper", "runs", "code", "mark"]
+    notes: list[str] = []
+    if "published" not in runs.columns:
+        return pd.DataFrame(columns=columns), notes
+    paper = runs[(runs["status"] == "done") & runs["published"].notna() & (runs["protocol"] == "paper")]
+    rows = []
+    for (method, dataset, pair, config_id), group in paper.groupby(["method", "dataset", "pair", "config_id"],
+                                                                   sort=False):
+        try:
+            card = card_rows(method, dataset)
+        except DfkdError as error:  # a method or protocol this code does not have (any more)
+            notes.append(f"{method_label(method)} on {dataset} ({pair}): no protocol card ({error})")
+            continue
+        for row in card:
+            ran = _run_setting(group, row["setting"]) if row["ours_paper"] != "-" else "-"
+            marks = [row["mark"].split("; * common differs")[0]] if row["mark"].startswith("CHOSEN") else []
+            if ran != "-" and ran != row["paper"] and not marks:
+                marks.append("differs from the paper")
+            if ran != "-" and ran != row["ours_paper"]:
+                marks.append(f"differs from the code's protocol ({row['ours_paper']})")
+            rows.append({"method": method, "label": method_label(method), "dataset": dataset, "pair": pair,
+                         "config_id": config_id, "setting": row["setting"], "paper": row["paper"], "runs": ran,
+                         "code": row["ours_paper"], "mark": "; ".join(marks)})
+    return pd.DataFrame(rows, columns=columns), notes
+
+
+def protocol_cards_markdown(frame: pd.DataFrame, notes: list[str]) -> str:
+    if frame.empty and not notes:
+        return ""
+    lines: list[str] = []
+    for (label, dataset, pair, _config), group in frame.groupby(["label", "dataset", "pair", "config_id"],
+                                                                 sort=False):
+        marked = int((group["mark"] != "").sum())
+        lines += [f"**{label} on {dataset} ({pair})**: {len(group)} settings, {marked} marked", "",
+                  "| setting | paper / official code | these runs | mark |", "|:--|:--|:--|:--|"]
+        for row in group.itertuples():
+            cells = [str(v).replace("|", "\\|") for v in (row.setting, row.paper, row.runs, row.mark)]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [f"- {note}" for note in notes]
+    lines += ["- From the code's protocol declarations (`dfkd-bench list --card METHOD --dataset D`) and the "
+              "runs' config.json: \"differs from the paper\" marks a value the runs ran instead of the paper's "
+              "(e.g. a `--set` override), \"differs from the code's protocol\" a value the code's protocol "
+              "sets otherwise today (an override, or a protocol changed since the runs); CHOSEN marks a "
+              "deviation this suite keeps, with its reason."]
+    return "\n".join(lines) + "\n"
+
+
 def sweep_table(cells, metric: str = "final_accuracy") -> pd.DataFrame:
     """Every other configuration of a cell (a sweep point) against the cell's table configuration:
     Δ with its 95 % interval, the test (paired over seeds when both share teacher and seeds, else

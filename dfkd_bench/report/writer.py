@@ -23,7 +23,8 @@ from dfkd_bench.report.figures import (plot_accuracy_curves, plot_budget_curves,
 from dfkd_bench.report.load import _records_frame, _scan, results_roots
 from dfkd_bench.report.tables import (UNFINISHED_MARK, _cost_markdown, _plain_table, _write_tables, accuracy_table,
                                      baseline_markdown, baseline_table, cost_table, rank_table, ranks_markdown,
-                                     reproductions_markdown, reproductions_table, sweep_markdown, sweep_table,
+                                     protocol_cards_markdown, protocol_cards_table, reproductions_markdown,
+                                     reproductions_table, sweep_markdown, sweep_table,
                                      unfinished_markdown)
 from dfkd_bench.store import DEFAULT_RESULTS_DIR
 
@@ -180,6 +181,13 @@ def _write_report(scan, results_dir, out: Path, formats: tuple[str, ...], comman
         (out / "table_reproductions.md").write_text(text)
         tables += [out / "table_reproductions.csv", out / "table_reproductions.md"]
         extra_sections["reproductions"] = text
+        cards, card_notes = protocol_cards_table(runs)
+        text = protocol_cards_markdown(cards, card_notes)
+        if text:
+            cards.to_csv(out / "table_protocol_cards.csv", index=False)
+            (out / "table_protocol_cards.md").write_text(text)
+            tables += [out / "table_protocol_cards.csv", out / "table_protocol_cards.md"]
+            extra_sections["protocol_cards"] = text
 
     figures: list[Path] = []
     drawn = set(done["run_name"]) | {name for line in unfinished for name in line.run_names}
@@ -263,6 +271,8 @@ def _report_markdown(results_dir, runs: pd.DataFrame, sections: dict, figures: l
            "Files: [CSV](table_sweeps.csv).", ""] if extra and "sweeps" in extra else []),
         *(["## Reproductions", "", extra["reproductions"], "Files: [CSV](table_reproductions.csv).", ""]
           if extra and "reproductions" in extra else []),
+        *(["## Protocol cards of the reproductions", "", extra["protocol_cards"],
+           "Files: [CSV](table_protocol_cards.csv).", ""] if extra and "protocol_cards" in extra else []),
         "## Compute", "", cost_text, "Files: [CSV](table_cost.csv).", "",
         "## Figures", "",
         f"Curves: {BAND_TEXT} (legend: n = number of seeds). Losses are running means over the iterations "
