@@ -100,19 +100,18 @@ _CMI_CIFAR10 = PaperProtocol(
     train=dict(epochs=200, steps_per_epoch=1, generator_steps=200, student_steps=400, batch_size=256,
                student_optimizer="sgd", student_lr=0.1, student_weight_decay=1e-4, student_momentum=0.9,
                lr_schedule="cosine_epoch", lr_decay=1.0, lr_milestones=[], eval_every=1, amp="none"),
-    params=dict(generator="gen32", noise_dim=256, synthesis_steps=200, synthesis_lr=1e-3, adv_weight=0.5,
+    params=dict(generator="datafree_gen", noise_dim=256, synthesis_steps=200, synthesis_lr=1e-3, adv_weight=0.5,
                 bn_weight=1.0, oh_weight=1.0, cr_weight=0.8, cr_temperature=0.2, head_dim=256, feature_memory=40960,
                 # memory_size: the official pool is unbounded (every batch is kept as PNG files); 200 epochs x 256
                 # images = 51,200 hold every batch of the run, so nothing leaves the pool, as there.
                 negatives=4096, kd_temperature=20.0, memory_size=51200, pool_augment="crop_flip"),
     official={"procedure": "Table 1's 90.01 is adversarial CMI started from ~50k pre-inverted images "
                            "(adv_cmi_cifar10_wrn402_wrn161.sh, --cmi_init); from scratch the README expects ~88.82",
-              "generator": "Generator(nz=256, ngf=64): Linear -> 128x8x8, BN, up, conv 128, BN, LReLU, up, conv 64, "
-                           "BN, LReLU, conv 3, sigmoid",
+              "generator architecture": "Generator(nz=256, ngf=64) of datafree/models/generator.py: Linear -> "
+                                        "128x8x8, BN, up, conv 128, BN, LReLU, up, conv 64, BN, LReLU, conv 3, "
+                                        "sigmoid (= datafree_gen; the sigmoid is the method's)",
               "normalisation": "CIFAR mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010)"},
     deviations={"procedure": "from scratch (cmi_cifar10.sh): the suite has no pre-inverted initial pool",
-                # CHOSEN: the suite's 32-px generator; the same output space (sigmoid images), another body.
-                "generator": "gen32 (MAD Table 8a; the suite has no DataFree Generator)",
                 "normalisation": "the dataset's statistics of this suite (the teacher's own)"},
     code="zju-vipa/CMI scripts/cmi/cmi_cifar10.sh (datafree_kd.py --method cmi --batch_size 256 --teacher wrn40_2 "
          "--student wrn16_1 --lr 0.1 --kd_steps 400 --ep_steps 400 --g_steps 200 --lr_g 1e-3 --adv 0.5 --bn 1.0 "

@@ -85,7 +85,8 @@ _DFQ_CIFAR100 = PaperProtocol(
     teacher_arch="resnet34", student_arch="resnet18", image_size=32,
     train=dict(_DFQ_CIFAR10.train, student_lr=0.05),
     params=dict(_DFQ_CIFAR10.params),
-    official={**DATAFREE_GENERATIVE_OFFICIAL, "script": "named dfq_cifar10_res34_res18.sh, but it passes --dataset cifar100"},
+    official={**DATAFREE_GENERATIVE_OFFICIAL,
+              "script": "named dfq_cifar10_res34_res18.sh, but it passes --dataset cifar100"},
     deviations=dict(DATAFREE_GENERATIVE_DEVIATIONS),
     code="no official DFQ code; zju-vipa/CMI scripts/dfq/dfq_cifar10_res34_res18.sh (datafree_kd.py --method dfq "
          "--dataset cifar100 --teacher resnet34 --student resnet18 --batch_size 256 --lr 0.05 --epochs 200 "

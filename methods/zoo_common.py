@@ -186,7 +186,9 @@ class ZooGeneratorParams:
     ``noise_dim`` and ``generator_lr`` are the preset's, so a dataset preset's generator
     (e.g. ``gen_tiny`` on CPU) applies to them as it does to ABM."""
 
-    generator: str = hparam("auto", "generator architecture: gen_small, gen_tiny, gen32, gen64, gen256, or auto by image size")
+    generator: str = hparam("auto", "generator architecture: gen_small, gen_tiny, gen32, gen64, gen256, a "
+                                    "paper's own (dfad_gen, dafl_gen, zskt_gen, datafree_gen, datafree_large_gen; "
+                                    "`dfkd-bench list`), or auto by image size")
     noise_dim: int = hparam(256, "dimension of the noise z", "d_z")
     generator_lr: float = hparam(1e-3, "Adam learning rate of the generator", "lr_G")
     generator_beta1: float = hparam(0.9, "Adam beta1 of the generator (official DFAD, DAFL, ZSKT: Adam's default 0.9; "
@@ -367,7 +369,7 @@ class ZooGeneratorMethod(AdversarialMethod):
 # GenerativeSynthesizer: DFQ, ZSKT), shared by their paper protocols. datafree_kd.py's defaults: 200 epochs
 # of ep_steps // kd_steps iterations (g_steps generator steps, then kd_steps student steps), S SGD momentum
 # 0.9, weight decay 1e-4, CosineAnnealingLR(T_max=epochs) stepped once per epoch, evaluation after every
-# epoch, best top-1 kept, float32; G LargeGenerator(nz=256), Adam lr_g betas (0.5, 0.999), the student in eval
+# epoch, best top-1 kept, float32; G LargeGenerator(nz=256) (``datafree_large_gen``), Adam lr_g betas (0.5, 0.999), the student in eval
 # mode in synthesize(), G in eval mode in sample(); the student's criterion re-bound to KLDiv() (T = 1,
 # batch mean) for these methods, whatever --T says.
 def datafree_generative_train(kd_steps: int, student_lr: float, batch_size: int = 256,
@@ -380,19 +382,17 @@ def datafree_generative_train(kd_steps: int, student_lr: float, batch_size: int 
                 eval_every=iterations_per_epoch, amp="none")
 
 
-DATAFREE_GENERATIVE_PARAMS = dict(generator="gen32", noise_dim=256, generator_lr=1e-3, generator_beta1=0.5,
+DATAFREE_GENERATIVE_PARAMS = dict(generator="datafree_large_gen", noise_dim=256, generator_lr=1e-3, generator_beta1=0.5,
                                   student_generator_mode="eval", generator_step_student_mode="eval")
 DATAFREE_GENERATIVE_OFFICIAL = {
-    "generator": "LargeGenerator(nz=256, ngf=64): Linear -> 256x8x8, BN, up, conv 128, BN, LReLU, up, conv 64, "
-                 "BN, LReLU, conv 3, sigmoid",
+    "generator architecture": "LargeGenerator(nz=256, ngf=64) of datafree/models/generator.py: Linear -> 256x8x8, "
+                              "BN, up, conv 128, BN, LReLU, up, conv 64, BN, LReLU, conv 3, sigmoid "
+                              "(= datafree_large_gen; the sigmoid is the method's)",
     "student batches": "fresh z through G in eval mode (synthesizer.sample)",
     "generator step": "the student in eval mode (synthesize: self.student.eval())",
     "normalisation": "CIFAR mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010)",
 }
 DATAFREE_GENERATIVE_DEVIATIONS = {
-    # CHOSEN: the suite's 32-px generator (gen32, MAD Table 8a) is the nearest one it has; same output space
-    # (sigmoid images normalised for the teacher), a different body.
-    "generator": "gen32 (MAD Table 8a; the suite has no LargeGenerator)",
     "normalisation": "the dataset's statistics of this suite (the teacher's own)",
 }
 
@@ -727,7 +727,8 @@ def cpu_preset_params(**values: Any) -> dict[str, dict[str, Any]]:
 class GeneratorPoolParams(PoolParams):
     """Pool methods whose batches come from a generator and its noise (CMI, FastDFKD)."""
 
-    generator: str = hparam("auto", "generator architecture (gen_small, gen_tiny, gen32, ...), auto by image size")
+    generator: str = hparam("auto", "generator architecture (gen_small, gen_tiny, gen32, ..., the DataFree "
+                                    "collection's datafree_gen; `dfkd-bench list`), auto by image size")
     noise_dim: int = hparam(256, "dimension of the noise z", "d_z")
 
 

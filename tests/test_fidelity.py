@@ -131,6 +131,51 @@ def test_paper_generator_layers_follow_the_official_code():
     assert dfad.l1[0].out_features == 128 * 8 * 8
 
 
+def _datafree_layers_by_hand(nz: int, ngf: int, width: int, channels: int, side: int) -> torch.nn.Module:
+    """The layer list of datafree/models/generator.py (zju-vipa/CMI, Fast-Datafree), typed in as facts:
+    l1 = Sequential(Linear(nz, width * (side/4)^2)); conv_blocks = BN(width), Upsample x2, Conv(width, 2 ngf, 3,
+    pad 1, no bias), BN, LeakyReLU(0.2), Upsample x2, Conv(2 ngf, ngf, no bias), BN, LeakyReLU(0.2),
+    Conv(ngf, C, bias), Sigmoid; width = 2 ngf (Generator) or 4 ngf (LargeGenerator)."""
+    nn = torch.nn
+
+    class ByHand(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1 = nn.Sequential(nn.Linear(nz, width * (side // 4) ** 2))
+            self.conv_blocks = nn.Sequential(
+                nn.BatchNorm2d(width), nn.Upsample(scale_factor=2), nn.Conv2d(width, 2 * ngf, 3, 1, 1, bias=False),
+                nn.BatchNorm2d(2 * ngf), nn.LeakyReLU(0.2), nn.Upsample(scale_factor=2),
+                nn.Conv2d(2 * ngf, ngf, 3, 1, 1, bias=False), nn.BatchNorm2d(ngf), nn.LeakyReLU(0.2),
+                nn.Conv2d(ngf, channels, 3, 1, 1), nn.Sigmoid())
+
+        def forward(self, z):
+            return self.conv_blocks(self.l1(z).view(z.shape[0], width, side // 4, side // 4))
+
+    return ByHand()
+
+
+@pytest.mark.parametrize("name, width", [("datafree_gen", 128), ("datafree_large_gen", 256)])
+@pytest.mark.parametrize("nz, channels, side", [(256, 3, 32), (100, 1, 28)])
+def test_datafree_generators_are_the_official_layers(name, width, nz, channels, side):
+    # parameters by hand: Linear, BN(width), conv width->128 (no bias), BN(128), conv 128->64 (no bias), BN(64),
+    # conv 64->C (bias); e.g. datafree_gen at nz 256, C 3, 32 px: 2,105,344 + 256 + 147,456 + 256 + 73,728 + 128
+    # + 1,731 = 2,328,899
+    s = side // 4
+    by_count = (nz * width * s * s + width * s * s) + 2 * width + width * 128 * 9 + 2 * 128 + 128 * 64 * 9 + 2 * 64 \
+        + 64 * channels * 9 + channels
+    torch.manual_seed(0)
+    generator = build_generator(name, nz, channels, side)
+    assert sum(p.numel() for p in generator.parameters()) == by_count
+    if (name, nz, channels, side) == ("datafree_gen", 256, 3, 32):
+        assert by_count == 2_328_899
+    official = _datafree_layers_by_hand(nz, 64, width, channels, side)
+    official.load_state_dict(generator.state_dict())  # the official module names: a published state dict loads
+    generator.train(), official.train()
+    z = torch.randn(6, nz)
+    torch.testing.assert_close(torch.sigmoid(generator(z)), official(z))  # ours ends before the sigmoid
+    assert generator.output_space == "logits"
+
+
 def test_a_normalised_space_generator_is_refused_by_abm(digits_request, tmp_path):
     from dfkd_bench.train.engine import Trainer
     from dfkd_bench.errors import ConfigError
@@ -328,7 +373,7 @@ def test_zskt_datafree_protocol_settings_train_end_to_end(digits_request, tmp_pa
     import json
 
     protocol = get_method("zskt").paper_protocols["cifar10"]
-    params = {k: v for k, v in protocol.params.items() if k not in ("generator", "noise_dim")}  # 32-px sizes
+    params = dict(protocol.params)  # datafree_large_gen at digits' 16 px as at CIFAR's 32
     trainer = _trainer(digits_request, tmp_path, "zskt", **params)
     trainer.train()
     config = json.loads(trainer.store.config_path.read_text())
@@ -339,3 +384,25 @@ def test_zskt_datafree_protocol_settings_train_end_to_end(digits_request, tmp_pa
     trained = [r for r in records if "loss/kd_gen" in r]  # the step-0 evaluation has no losses yet
     assert trained and all(r["loss/at_gen"] == 0.0 and math.isfinite(r["loss/kd_gen"]) for r in trained)
     assert all(math.isfinite(r["test_accuracy"]) for r in records if r.get("kind") == "eval")
+
+
+def test_fast_reset_l0_reinitialises_the_official_modules_of_the_datafree_generator(digits_request, tmp_path):
+    # Fast-Datafree datafree/synthesis/fast_meta.py, reset_l0: for n, m in named_modules(): if n == "l1.0" or
+    # n == "conv_blocks.0": normal_(m.weight, 0, 0.02); constant_(m.bias, 0) -- at ep == 120 + ep_start.
+    trainer = _trainer(digits_request, tmp_path / "datafree", "fast", generator="datafree_gen", warmup=0)
+    method = trainer.method
+    linear, bn = method.meta_generator.l1[0], method.meta_generator.conv_blocks[0]
+    assert method.reset_l0_modules() == [linear, bn]
+    with torch.no_grad():
+        for module in (linear, bn):
+            module.weight.fill_(5.0), module.bias.fill_(5.0)
+    method.batches_done = 119  # the batch about to start is the 120th after the warm-up
+    method.prepare_generator()
+    for module in (linear, bn):
+        assert module.bias.abs().max().item() == 0.0
+        assert module.weight.abs().max().item() < 0.2 and 0.01 < module.weight.std().item() < 0.03
+    untouched = method.meta_generator.conv_blocks[3]  # the next BatchNorm keeps its values
+    assert torch.equal(untouched.weight, torch.ones_like(untouched.weight))
+    # the suite's generators have neither name: their first Linear, as before (the committed runs)
+    tiny = _trainer(digits_request, tmp_path / "tiny", "fast")
+    assert tiny.method.reset_l0_modules() == [tiny.method.meta_generator.fc]

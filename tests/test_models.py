@@ -56,7 +56,8 @@ def test_registry_lists_every_required_model():
     with pytest.raises(AttributeError):  # frozen
         infos[0].name = "x"  # type: ignore[misc]
     assert {i.name for i in list_generators()} == {"gen32", "gen64", "gen256", "gen_small", "gen_tiny",
-                                                  "dfad_gen", "dafl_gen", "zskt_gen"}
+                                                  "dfad_gen", "dafl_gen", "zskt_gen", "datafree_gen",
+                                                  "datafree_large_gen"}
 
 
 @pytest.mark.parametrize("info", list_models(), ids=lambda i: i.name)

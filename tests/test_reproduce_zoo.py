@@ -1,6 +1,6 @@
 """Issue 19: the zoo methods' paper protocols (DFQ, ZSKT, DeepInversion, CMI, FastDFKD) resolve to exactly
-the settings of the official scripts, and the engine settings they (and ZSKT's official code) need -- the cosine schedules and the
-student's gradient clipping -- do what they say without changing any existing run id."""
+the settings of the official scripts, and the engine settings they (and ZSKT's official code) need -- the
+cosine schedules and the student's gradient clipping -- do what they say without changing any existing run id."""
 
 from __future__ import annotations
 
@@ -25,9 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 _DATAFREE_TRAIN = dict(student_optimizer="sgd", student_momentum=0.9, student_weight_decay=1e-4,
                        lr_schedule="cosine_epoch", drift_every=0, amp="none")
 # GenerativeSynthesizer (datafree/synthesis/generative.py): Adam(G, lr_g, betas=(0.5, 0.999)); synthesize() puts the
-# student in eval mode, sample() draws fresh z through G in eval mode; LargeGenerator(nz=256) for these methods.
-_DATAFREE_GENERATIVE = dict(noise_dim=256, generator_lr=1e-3, generator_beta1=0.5, student_generator_mode="eval",
-                            generator_step_student_mode="eval")
+# student in eval mode, sample() draws fresh z through G in eval mode; datafree_kd.py builds LargeGenerator(nz=256) for
+# these methods and Generator(nz=256) for CMI (and Fast-Datafree's for FastDFKD).
+_DATAFREE_GENERATIVE = dict(generator="datafree_large_gen", noise_dim=256, generator_lr=1e-3, generator_beta1=0.5,
+                            student_generator_mode="eval", generator_step_student_mode="eval")
 OFFICIAL_ZOO = {
     # scripts/dfq/dfq_cifar10_wrn402_wrn161.sh
     ("dfq", "cifar10"): dict(
@@ -70,7 +71,8 @@ OFFICIAL_ZOO = {
         pair=("wrn40_2", "wrn16_1"),
         train=dict(_DATAFREE_TRAIN, epochs=200, steps_per_epoch=400 // 400, generator_steps=200, student_steps=400,
                    batch_size=256, student_lr=0.1, eval_every=1),
-        params=dict(noise_dim=256, synthesis_steps=200, synthesis_lr=1e-3, adv_weight=0.5, bn_weight=1.0,
+        params=dict(generator="datafree_gen", noise_dim=256, synthesis_steps=200, synthesis_lr=1e-3, adv_weight=0.5,
+                    bn_weight=1.0,
                     oh_weight=1.0, cr_weight=0.8, cr_temperature=0.2, kd_temperature=20.0, head_dim=256,
                     feature_memory=40960, negatives=4096),
         published=dict(accuracy=90.01, std=None, teacher_accuracy=94.87, selection="best"),
@@ -80,7 +82,8 @@ OFFICIAL_ZOO = {
         pair=("wrn40_2", "wrn16_1"),
         train=dict(_DATAFREE_TRAIN, epochs=200, steps_per_epoch=1, generator_steps=200, student_steps=400,
                    batch_size=256, student_lr=0.1, eval_every=1),
-        params=dict(noise_dim=256, synthesis_steps=200, synthesis_lr=1e-3, adv_weight=0.5, bn_weight=1.0,
+        params=dict(generator="datafree_gen", noise_dim=256, synthesis_steps=200, synthesis_lr=1e-3, adv_weight=0.5,
+                    bn_weight=1.0,
                     oh_weight=1.0, cr_weight=0.8, cr_temperature=0.2, kd_temperature=20.0, head_dim=256,
                     feature_memory=40960, negatives=4096),
         published=dict(accuracy=57.91, std=None, teacher_accuracy=75.83, selection="best"),
@@ -110,7 +113,8 @@ OFFICIAL_ZOO = {
         pair=("wrn40_2", "wrn16_2"),
         train=dict(_DATAFREE_TRAIN, epochs=220, steps_per_epoch=400 // 400, generator_steps=5, student_steps=400,
                    batch_size=256, student_lr=0.2, lr_min=2e-4, student_warmup_epochs=20, eval_every=1),
-        params=dict(noise_dim=256, synthesis_steps=5, synthesis_lr=3e-3, z_lr=0.01, adv_weight=1.1, bn_weight=10.0,
+        params=dict(generator="datafree_gen", noise_dim=256, synthesis_steps=5, synthesis_lr=3e-3, z_lr=0.01,
+                    adv_weight=1.1, bn_weight=10.0,
                     oh_weight=0.4, warmup=20, bn_mmt=0.9, reset_l0=True, kd_temperature=20.0),
         published=dict(accuracy=91.96, std=None, teacher_accuracy=94.87, selection="best"),
         iterations=220),
@@ -118,7 +122,8 @@ OFFICIAL_ZOO = {
         pair=("wrn40_2", "wrn16_2"),
         train=dict(_DATAFREE_TRAIN, epochs=220, steps_per_epoch=1, generator_steps=5, student_steps=400,
                    batch_size=256, student_lr=0.2, lr_min=2e-4, student_warmup_epochs=20, eval_every=1),
-        params=dict(noise_dim=256, synthesis_steps=5, synthesis_lr=3e-3, z_lr=0.01, adv_weight=1.1, bn_weight=10.0,
+        params=dict(generator="datafree_gen", noise_dim=256, synthesis_steps=5, synthesis_lr=3e-3, z_lr=0.01,
+                    adv_weight=1.1, bn_weight=10.0,
                     oh_weight=0.4, warmup=20, bn_mmt=0.9, reset_l0=True, kd_temperature=20.0),
         published=dict(accuracy=63.83, std=None, teacher_accuracy=75.83, selection="best"),
         iterations=220),

@@ -457,3 +457,72 @@ def dafl_gen(*, noise_dim: int, out_channels: int, image_size: int, **kwargs) ->
                     description="ZSKT's generator: DFAD's shape without tanh, ending in an affine BatchNorm")
 def zskt_gen(*, noise_dim: int, out_channels: int, image_size: int, **kwargs) -> PaperGenerator:
     return _paper_generator("zskt", noise_dim, out_channels, image_size, **kwargs)
+
+
+# ---- the DataFree collection's generators (zju-vipa/CMI and zju-vipa/Fast-Datafree) ---------
+# datafree/models/generator.py of both repositories: ``Generator`` (CMI, FastDFKD) and
+# ``LargeGenerator`` (the collection's DFQ, ZSKT, DAFL, DFAD re-implementations), built from their layer
+# lists (facts, not code) with the official module names (``l1``, ``conv_blocks`` and its indices), so a
+# published generator's state dict loads as it is. They end in a sigmoid there; here they end before it
+# (``output_space = "logits"``, as gen32): every method applies the sigmoid itself, the same images.
+
+
+class DataFreeGenerator(nn.Module):
+    """``Linear(nz, w * (s/4)^2)`` -> w x s/4 x s/4 -> BN(w) -> nearest x2 -> conv w->2*ngf (no bias), BN, LReLU(0.2)
+    -> nearest x2 -> conv 2*ngf->ngf (no bias), BN, LReLU(0.2) -> conv ngf->C (bias) [-> sigmoid, applied by the
+    method]; ngf = 64 and w = 2 * ngf (``Generator``) or 4 * ngf (``LargeGenerator``)."""
+
+    output_space = "logits"
+
+    def __init__(self, large: bool, noise_dim: int, out_channels: int, image_size: int, ngf: int = 64) -> None:
+        super().__init__()
+        name = "datafree_large_gen" if large else "datafree_gen"
+        if image_size % 4 != 0:
+            raise ConfigError(f"generator '{name}' needs an image_size divisible by 4 (two x2 upsamplings), "
+                              f"got image_size={image_size}")
+        self.name, self.noise_dim, self.out_channels, self.image_size = name, noise_dim, out_channels, image_size
+        self.init_size = image_size // 4
+        width = ngf * (4 if large else 2)
+        self.l1 = nn.Sequential(nn.Linear(noise_dim, width * self.init_size ** 2))
+        self.conv_blocks = nn.Sequential(
+            nn.BatchNorm2d(width), nn.Upsample(scale_factor=2),
+            nn.Conv2d(width, ngf * 2, 3, stride=1, padding=1, bias=False), nn.BatchNorm2d(ngf * 2),
+            nn.LeakyReLU(0.2), nn.Upsample(scale_factor=2),
+            nn.Conv2d(ngf * 2, ngf, 3, stride=1, padding=1, bias=False), nn.BatchNorm2d(ngf),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(ngf, out_channels, 3, stride=1, padding=1),
+        )
+
+    def forward(self, z: torch.Tensor, class_embedding: torch.Tensor | None = None) -> torch.Tensor:
+        if class_embedding is not None:
+            raise ValueError(f"{self.name} is unconditional; it takes no class embedding")
+        if z.dim() != 2 or z.shape[1] != self.noise_dim:
+            raise ValueError(f"z must have shape (N, {self.noise_dim}), got {tuple(z.shape)}")
+        out = self.l1(z).view(z.shape[0], -1, self.init_size, self.init_size)
+        return self.conv_blocks(out)
+
+    def extra_repr(self) -> str:
+        return f"noise_dim={self.noise_dim}, out_channels={self.out_channels}, image_size={self.image_size}, " \
+               f"output_space='logits' (pre-sigmoid)"
+
+
+def _datafree_generator(large: bool, noise_dim: int, out_channels: int, image_size: int,
+                        conditioning: str = "uncond", **_ignored) -> DataFreeGenerator:
+    if conditioning != "uncond":
+        raise ConfigError(f"generator '{'datafree_large_gen' if large else 'datafree_gen'}' is unconditional (as in "
+                          f"its code); use conditioning=uncond or another generator")
+    return DataFreeGenerator(large, noise_dim, out_channels, image_size)
+
+
+@register_generator("datafree_gen", family="paper", default_image_size=32,
+                    description="the DataFree collection's Generator (CMI, FastDFKD): 128 ch at s/4, convs "
+                                "128-128-64-C, pre-sigmoid")
+def datafree_gen(*, noise_dim: int, out_channels: int, image_size: int, **kwargs) -> DataFreeGenerator:
+    return _datafree_generator(False, noise_dim, out_channels, image_size, **kwargs)
+
+
+@register_generator("datafree_large_gen", family="paper", default_image_size=32,
+                    description="the DataFree collection's LargeGenerator (its DFQ, ZSKT re-implementations): "
+                                "256 ch at s/4, convs 256-128-64-C, pre-sigmoid")
+def datafree_large_gen(*, noise_dim: int, out_channels: int, image_size: int, **kwargs) -> DataFreeGenerator:
+    return _datafree_generator(True, noise_dim, out_channels, image_size, **kwargs)
