@@ -369,9 +369,9 @@ class ZooGeneratorMethod(AdversarialMethod):
 # GenerativeSynthesizer: DFQ, ZSKT), shared by their paper protocols. datafree_kd.py's defaults: 200 epochs
 # of ep_steps // kd_steps iterations (g_steps generator steps, then kd_steps student steps), S SGD momentum
 # 0.9, weight decay 1e-4, CosineAnnealingLR(T_max=epochs) stepped once per epoch, evaluation after every
-# epoch, best top-1 kept, float32; G LargeGenerator(nz=256) (``datafree_large_gen``), Adam lr_g betas (0.5, 0.999), the student in eval
-# mode in synthesize(), G in eval mode in sample(); the student's criterion re-bound to KLDiv() (T = 1,
-# batch mean) for these methods, whatever --T says.
+# epoch, best top-1 kept, float32; G LargeGenerator(nz=256) (``datafree_large_gen``), Adam lr_g betas
+# (0.5, 0.999), the student in eval mode in synthesize(), G in eval mode in sample(); the student's
+# criterion re-bound to KLDiv() (T = 1, batch mean) for these methods, whatever --T says.
 def datafree_generative_train(kd_steps: int, student_lr: float, batch_size: int = 256,
                               ep_steps: int = 400, epochs: int = 200) -> dict[str, Any]:
     """The engine settings of a datafree_kd.py generator script (g_steps 1)."""
@@ -382,8 +382,9 @@ def datafree_generative_train(kd_steps: int, student_lr: float, batch_size: int 
                 eval_every=iterations_per_epoch, amp="none")
 
 
-DATAFREE_GENERATIVE_PARAMS = dict(generator="datafree_large_gen", noise_dim=256, generator_lr=1e-3, generator_beta1=0.5,
-                                  student_generator_mode="eval", generator_step_student_mode="eval")
+DATAFREE_GENERATIVE_PARAMS = dict(generator="datafree_large_gen", noise_dim=256, generator_lr=1e-3,
+                                  generator_beta1=0.5, student_generator_mode="eval",
+                                  generator_step_student_mode="eval")
 DATAFREE_GENERATIVE_OFFICIAL = {
     "generator architecture": "LargeGenerator(nz=256, ngf=64) of datafree/models/generator.py: Linear -> 256x8x8, "
                               "BN, up, conv 128, BN, LReLU, up, conv 64, BN, LReLU, conv 3, sigmoid "
@@ -439,6 +440,21 @@ def balanced_labels(ctx: MethodContext, rows: int) -> Tensor:
     world, rank = ctx.distributed.world_size, ctx.distributed.rank
     labels = torch.arange(rows * world, device=ctx.device) % ctx.num_classes
     return labels[rank * rows:(rank + 1) * rows]
+
+
+def random_sorted_labels(ctx: MethodContext, rows: int) -> Tensor:
+    """This rank's share of uniformly random labels over the global batch, sorted (the DataFree
+    re-implementation's DeepInvSyntheiszer: ``torch.randint(0, C, (N,)).sort()``)."""
+    world, rank = ctx.distributed.world_size, ctx.distributed.rank
+    labels = torch.randint(0, ctx.num_classes, (rows * world,), generator=ctx.rng, device=ctx.device).sort().values
+    return labels[rank * rows:(rank + 1) * rows]
+
+
+def random_flip(images: Tensor, rng: torch.Generator) -> Tensor:
+    """The whole batch flipped horizontally with probability 1/2 (the DataFree re-implementation's
+    jitter_and_flip), the coin drawn on the device (no host read)."""
+    heads = torch.rand((), generator=rng, device=images.device) < 0.5
+    return torch.where(heads, images.flip(3), images)
 
 
 def random_roll(images: Tensor, limit: int, rng: torch.Generator) -> Tensor:
@@ -530,6 +546,10 @@ class PoolMethod(Method):
     def finish_batch(self) -> None:
         """After a batch joined the pool (e.g. FastDFKD's meta update, CMI's feature bank)."""
 
+    def finished_images(self) -> Tensor:
+        """What joins the pool when a batch is finished: the lowest-loss iterate (the methods' papers)."""
+        return self.best_images
+
     def track_best(self, better: Tensor | None) -> None:
         """After each synthesis step: keep what belongs to the lowest-loss iterate besides its images
         (CMI: its features). ``better`` is a 0-d bool tensor on the device, None on a batch's first step."""
@@ -579,8 +599,9 @@ class PoolMethod(Method):
 
     def end_generator_stage(self) -> None:
         if self.steps_on_batch >= self.params.synthesis_steps and self.best_images is not None:
-            self.pool.push(self.best_images)
-            self.counters["pool_images"] += self.best_images.shape[0]
+            finished = self.finished_images()
+            self.pool.push(finished)
+            self.counters["pool_images"] += finished.shape[0]
             self.batches_done += 1
             self.finish_batch()
             self._start()

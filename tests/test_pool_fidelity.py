@@ -282,3 +282,55 @@ def test_new_pool_settings_out_of_range_are_one_line_errors_before_any_run(metho
 
     with pytest.raises(ConfigError, match=setting):
         build_run_configs(digits_request([method], overrides={setting: value}))
+
+
+# ------------------------------------------- DeepInversion as the DataFree re-implementation synthesises ---
+
+def test_total_variation_l1_is_the_datafree_mean_absolute_form_by_hand():
+    # criterions.get_image_prior_losses: sum over 4 neighbour differences of mean(|d| / 255) * 255 = mean |d|.
+    x = torch.tensor([[[[0.0, 1.0], [3.0, 7.0]]]])
+    horizontal = (abs(0 - 1) + abs(3 - 7)) / 2  # x[..., :-1] - x[..., 1:]
+    vertical = (abs(0 - 3) + abs(1 - 7)) / 2  # x[:, :, :-1] - x[:, :, 1:]
+    diagonal_up = abs(3 - 1)  # x[:, :, 1:, :-1] - x[:, :, :-1, 1:]
+    diagonal_down = abs(0 - 7)  # x[:, :, :-1, :-1] - x[:, :, 1:, 1:]
+    assert zoo_losses.total_variation_l1(x).item() == pytest.approx(horizontal + vertical + diagonal_up + diagonal_down)
+
+
+def test_deepinversion_datafree_synthesiser_clips_sorts_and_saves_the_last_iterate(bn_lenet_teacher, tmp_path):
+    """DeepInvSyntheiszer: random labels sorted, Adam betas (0.5, 0.99), R_TV (mean-|d| form) on the batch before
+    jitter and flip, pixels clipped to the image range after every step, the last iterate into the pool."""
+    trainer, method = make_method(bn_lenet_teacher, tmp_path, "deepinv", synthesiser="datafree", tv_weight=0.001)
+    labels = method.labels.tolist()
+    assert labels == sorted(labels) and labels != [i % 10 for i in range(len(labels))]
+    assert tuple(method.optimizer.param_groups[0]["betas"]) == (0.5, 0.99)
+    low, high = -method.mean / method.std, (1 - method.mean) / method.std
+    before = method.pixels.detach().clone()
+    terms = method.generator_step()
+    assert terms["gen_tv"].item() == pytest.approx(zoo_losses.total_variation_l1(before).item(), rel=1e-5)
+    pixels = method.pixels.detach()
+    assert torch.all(pixels >= low - 1e-6) and torch.all(pixels <= high + 1e-6)
+    assert torch.any(pixels == low) or torch.any(pixels == high)  # randn starts outside: clipped onto the bounds
+    method.generator_step()  # synthesis_steps = 2: the batch is finished
+    last, best = method.current_images(), method.best_images.clone()
+    assert not torch.allclose(best, last, atol=0.5 / 255 + 1e-6)  # the lowest-loss iterate is another one
+    method.end_generator_stage()
+    stored = method.pool._decode(method.pool.images[:method.pool.size]).float()
+    torch.testing.assert_close(stored, last, atol=0.5 / 255 + 1e-6, rtol=0)  # the final iterate, as 8-bit pixels
+    # the default (NVlabs) synthesiser: balanced labels, Adam's default betas, out of the run id
+    nvlabs_trainer, nvlabs = make_method(bn_lenet_teacher, tmp_path / "nvlabs", "deepinv")
+    assert tuple(nvlabs.optimizer.param_groups[0]["betas"]) == (0.9, 0.999)
+    assert "synthesiser" not in nvlabs_trainer.config.hashed_dict()["params"]
+    assert trainer.config.hashed_dict()["params"]["synthesiser"] == "datafree"
+
+
+def test_random_flip_flips_the_whole_batch_half_of_the_time():
+    from dfkd_bench.methods.zoo_common import random_flip
+
+    images = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 1, 3, 4)
+    rng = torch.Generator().manual_seed(0)
+    outcomes = []
+    for _ in range(200):
+        out = random_flip(images, rng)
+        assert torch.equal(out, images) or torch.equal(out, images.flip(3))
+        outcomes.append(torch.equal(out, images.flip(3)))
+    assert 70 < sum(outcomes) < 130

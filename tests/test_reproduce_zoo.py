@@ -89,13 +89,14 @@ OFFICIAL_ZOO = {
         published=dict(accuracy=57.91, std=None, teacher_accuracy=75.83, selection="best"),
         iterations=200),
     # scripts/deepinv/deepinv_cifar10_wrn402_wrn161.sh (DeepInvSyntheiszer in datafree_kd.py: tv=0.001, l2=0.0;
-    # its jitter_and_flip rolls by up to 32 // 8 = 4 px). tv_weight is a marked deviation, not compared here.
+    # its jitter_and_flip rolls by up to 32 // 8 = 4 px), with the re-implementation's own synthesiser.
     ("deepinv", "cifar10"): dict(
         pair=("wrn40_2", "wrn16_1"),
         train=dict(_DATAFREE_TRAIN, epochs=200, steps_per_epoch=400 // 400, generator_steps=1000, student_steps=400,
                    batch_size=256, student_lr=0.1, eval_every=1),
         params=dict(synthesis_steps=1000, synthesis_lr=0.1, ce_weight=1.0, bn_weight=10.0, competition_weight=1.0,
-                    competition_temperature=3.0, l2_weight=0.0, jitter=32 // 8, kd_temperature=20.0),
+                    competition_temperature=3.0, l2_weight=0.0, jitter=32 // 8, kd_temperature=20.0,
+                    synthesiser="datafree", tv_weight=0.001),
         published=dict(accuracy=83.04, std=None, teacher_accuracy=94.87, selection="best"),
         iterations=200),
     ("deepinv", "cifar100"): dict(
@@ -103,7 +104,8 @@ OFFICIAL_ZOO = {
         train=dict(_DATAFREE_TRAIN, epochs=200, steps_per_epoch=1, generator_steps=1000, student_steps=400,
                    batch_size=256, student_lr=0.1, eval_every=1),
         params=dict(synthesis_steps=1000, synthesis_lr=0.1, ce_weight=1.0, bn_weight=10.0, competition_weight=1.0,
-                    competition_temperature=3.0, l2_weight=0.0, jitter=4, kd_temperature=20.0),
+                    competition_temperature=3.0, l2_weight=0.0, jitter=4, kd_temperature=20.0,
+                    synthesiser="datafree", tv_weight=0.001),
         published=dict(accuracy=53.77, std=None, teacher_accuracy=75.83, selection="best"),
         iterations=200),
     # Fast-Datafree scripts/fast_cifar.sh, line wrnS162-5 (teacher: datafree_kd.py's default wrn40_2); its
