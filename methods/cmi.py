@@ -106,7 +106,8 @@ _CMI_CIFAR10 = PaperProtocol(
                 # images = 51,200 hold every batch of the run, so nothing leaves the pool, as there.
                 negatives=4096, kd_temperature=20.0, memory_size=51200, pool_augment="crop_flip"),
     official={"procedure": "Table 1's 90.01 is adversarial CMI started from ~50k pre-inverted images "
-                           "(adv_cmi_cifar10_wrn402_wrn161.sh, --cmi_init); from scratch the README expects ~88.82",
+                           "(adv_cmi_cifar10_wrn402_wrn161.sh, --cmi_init); from scratch the README expects ~88.82 "
+                           "with scratch_cmi_cifar10_wrn402_wrn161.sh (KD batch 128, synthesis batch 256, cr_T 0.1)",
               "generator architecture": "Generator(nz=256, ngf=64) of datafree/models/generator.py: Linear -> "
                                         "128x8x8, BN, up, conv 128, BN, LReLU, up, conv 64, BN, LReLU, conv 3, "
                                         "sigmoid (= datafree_gen; the sigmoid is the method's)",

@@ -44,9 +44,9 @@ Paper protocols (``dfkd-bench list --card zskt --dataset cifar10``): the ZSKT pa
 not be read here and the official README has none, so the published numbers are the DataFree README's
 (zju-vipa/CMI; the CMI paper's Table 1, which the MAD paper's Table 1 also quotes for ZSKT): CIFAR-10
 83.74 %, CIFAR-100 30.15 %, WRN-40-2 -> WRN-16-1, obtained by the DataFree collection's re-implementation,
-so its protocol is that re-implementation's script (scripts/zskt_cifar10.sh): a generator step and 5
-student steps per iteration, 200 epochs x 80 iterations, batch 256, S SGD 0.1 with the per-epoch cosine
-schedule, G Adam 1e-3 betas (0.5, 0.999), and -- unlike the ZSKT paper -- NO attention term
+so its protocol is that re-implementation's script (scripts/zskt/zskt_cifar10_wrn402_wrn161.sh): a
+generator step and 5 student steps per iteration, 200 epochs x 80 iterations, batch 256, S SGD 0.1
+with the per-epoch cosine schedule, G Adam 1e-3 betas (0.5, 0.999), and -- unlike the ZSKT paper -- NO attention term
 (``at_weight = 0``: datafree_kd.py trains the student on the KL alone), the plain batch-mean KL at T = 1,
 fresh z for every student step from G in eval mode, the student in eval mode during the generator step,
 no gradient clipping, constant lr_G. Where the two disagree the card shows the re-implementation's value:
@@ -120,10 +120,10 @@ class ZSKTParams(ZooGeneratorParams):
                               f"got {self.generator_cosine_iterations}")
 
 
-# The DataFree collection's ZSKT (zju-vipa/CMI scripts/zskt_cifar10.sh: datafree_kd.py --method zskt --batch_size
-# 256 --teacher wrn40_2 --student wrn16_1 --lr 0.1 --epochs 200 --kd_steps 5 --ep_steps 400 --g_steps 1
-# --lr_g 1e-3 --adv 1 --T 20 --bn 0 --oh 0 --act 0 --balance 0): the generator loss is -adv * KLDiv() and the
-# student's KLDiv() (T = 1, batch mean; --T is re-bound away), no attention transfer.
+# The DataFree collection's ZSKT (zju-vipa/CMI scripts/zskt/zskt_cifar10_wrn402_wrn161.sh: datafree_kd.py
+# --method zskt --batch_size 256 --teacher wrn40_2 --student wrn16_1 --lr 0.1 --epochs 200 --kd_steps 5
+# --ep_steps 400 --g_steps 1 --lr_g 1e-3 --adv 1 --T 20 --bn 0 --oh 0 --act 0 --balance 0): the generator loss
+# is -adv * KLDiv() and the student's KLDiv() (T = 1, batch mean; --T is re-bound away), no attention transfer.
 _ZSKT_CIFAR10 = PaperProtocol(
     source="DataFree README table (zju-vipa/CMI; = the CMI paper's Table 1, quoted by the MAD paper's Table 1; a "
            "re-implementation without attention transfer): CIFAR-10, WRN-40-2 -> WRN-16-1; the ZSKT paper's own "
@@ -139,9 +139,9 @@ _ZSKT_CIFAR10 = PaperProtocol(
                                  "lr (the common protocol's ZSKT follows it); datafree_kd.py: the KL alone",
               "T": "20 on the command line, unused (criterion re-bound to KLDiv(T=1))"},
     deviations=dict(DATAFREE_GENERATIVE_DEVIATIONS),
-    code="zju-vipa/CMI scripts/zskt_cifar10.sh (datafree_kd.py --method zskt --batch_size 256 --lr 0.1 --epochs 200 "
-         "--kd_steps 5 --ep_steps 400 --g_steps 1 --lr_g 1e-3 --adv 1 --T 20 --bn 0 --oh 0 --act 0 --balance 0); the "
-         "ZSKT code (polo5/ZeroShotKnowledgeTransfer) produced no number read here",
+    code="zju-vipa/CMI scripts/zskt/zskt_cifar10_wrn402_wrn161.sh (datafree_kd.py --method zskt --batch_size 256 "
+         "--lr 0.1 --epochs 200 --kd_steps 5 --ep_steps 400 --g_steps 1 --lr_g 1e-3 --adv 1 --T 20 --bn 0 --oh 0 "
+         "--act 0 --balance 0); the ZSKT code (polo5/ZeroShotKnowledgeTransfer) produced no number read here",
 )
 _ZSKT_CIFAR100 = PaperProtocol(
     source="DataFree README table (zju-vipa/CMI; = the CMI paper's Table 1, quoted by the MAD paper's Table 1; a "
@@ -152,7 +152,7 @@ _ZSKT_CIFAR100 = PaperProtocol(
     train=dict(_ZSKT_CIFAR10.train), params=dict(_ZSKT_CIFAR10.params),
     official={**_ZSKT_CIFAR10.official, "settings": "no CIFAR-100 script in the DataFree collection"},
     deviations={**_ZSKT_CIFAR10.deviations, "settings": "the CIFAR-10 script's (the only ones published)"},
-    code="zju-vipa/CMI scripts/zskt_cifar10.sh with --dataset cifar100 (no CIFAR-100 script)",
+    code="zju-vipa/CMI scripts/zskt/zskt_cifar10_wrn402_wrn161.sh with --dataset cifar100 (no CIFAR-100 script)",
 )
 
 

@@ -46,8 +46,8 @@ OFFICIAL_ZOO = {
         params=dict(_DATAFREE_GENERATIVE, adv_weight=1.0, bn_weight=1.0, oh_weight=1.0, balance_weight=20.0),
         published=dict(accuracy=77.01, std=None, teacher_accuracy=78.05, selection="best"),
         iterations=8_000),
-    # scripts/zskt_cifar10.sh (--batch_size 256 --lr 0.1 --epochs 200 --kd_steps 5 --ep_steps 400 --g_steps 1
-    # --lr_g 1e-3 --adv 1 --T 20 --bn 0 --oh 0 --act 0 --balance 0); datafree_kd.py re-binds the criterion to
+    # scripts/zskt/zskt_cifar10_wrn402_wrn161.sh (--batch_size 256 --lr 0.1 --epochs 200 --kd_steps 5 --ep_steps 400
+    # --g_steps 1 --lr_g 1e-3 --adv 1 --T 20 --bn 0 --oh 0 --act 0 --balance 0); datafree_kd.py re-binds the criterion to
     # KLDiv() for zskt: the student loss is the batch-mean KL at T = 1, and there is no attention term.
     ("zskt", "cifar10"): dict(
         pair=("wrn40_2", "wrn16_1"),
