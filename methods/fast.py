@@ -27,10 +27,10 @@ batch's last step; once, at the start of batch ``120 + warmup``
 (``reset_l0``), G_meta's ``l1.0`` (its Linear) and ``conv_blocks.0`` (the
 BatchNorm after it) are re-initialised, weights N(0, 0.02) and biases 0, as
 fast_meta.reset_l0 does with the official generator (``datafree_gen``; CHOSEN:
-the first Linear alone for the suite's generators, which have no such names); the student is in eval mode during synthesis;
-the pool receives the lowest-loss iterate and is read through the data set's
-train transform (``pool_augment``); the teacher sees a random crop (padding 4)
-and flip of each image (:func:`methods.zoo_common.random_views`; CHOSEN:
+the first Linear alone for the suite's generators, which have no such names);
+the student is in eval mode during synthesis; the pool receives the lowest-loss
+iterate and is read through the data set's train transform (``pool_augment``);
+the teacher sees a random crop (padding 4) and flip of each image (:func:`methods.zoo_common.random_views`; CHOSEN:
 sub-pixel positions, bilinear).
 """
 
@@ -91,8 +91,8 @@ _FAST_CIFAR10 = PaperProtocol(
                student_optimizer="sgd", student_lr=0.2, student_weight_decay=1e-4, student_momentum=0.9,
                lr_schedule="cosine_epoch", lr_min=2e-4, student_warmup_epochs=20, lr_decay=1.0, lr_milestones=[],
                eval_every=1, amp="none"),
-    params=dict(generator="datafree_gen", noise_dim=256, synthesis_steps=5, synthesis_lr=3e-3, z_lr=0.01, adv_weight=1.1,
-                bn_weight=10.0, oh_weight=0.4, warmup=20, bn_mmt=0.9, reset_l0=True, kd_temperature=20.0,
+    params=dict(generator="datafree_gen", noise_dim=256, synthesis_steps=5, synthesis_lr=3e-3, z_lr=0.01,
+                adv_weight=1.1, bn_weight=10.0, oh_weight=0.4, warmup=20, bn_mmt=0.9, reset_l0=True, kd_temperature=20.0,
                 # the official pool is unbounded (PNG files): 220 batches x 256 = 56,320 images hold them all
                 memory_size=56320, pool_augment="crop_flip"),
     official={"generator architecture": "Generator(nz=256, ngf=64) of datafree/models/generator.py: Linear -> "
