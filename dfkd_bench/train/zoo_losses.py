@@ -79,31 +79,27 @@ def kl_mean_over_entries(teacher_logits: Tensor, student_logits: Tensor) -> Tens
     return kl_per_sample(teacher_logits, student_logits).mean() / teacher_logits.shape[1]
 
 
-def total_variation(images: Tensor) -> Tensor:
-    """DeepInversion (Yin et al. 2020, Eq. 2, R_TV) as in its reference code: the sum of the L2
-    norms (over the whole batch) of the four neighbour differences -- horizontal, vertical and the
-    two diagonals."""
+def _neighbour_differences(images: Tensor) -> tuple[Tensor, ...]:
+    """The four neighbour differences of DeepInversion's R_TV: horizontal, vertical and the two diagonals."""
     x = images.float()
-    diffs = (
+    return (
         x[:, :, :, :-1] - x[:, :, :, 1:],
         x[:, :, :-1, :] - x[:, :, 1:, :],
         x[:, :, 1:, :-1] - x[:, :, :-1, 1:],
         x[:, :, :-1, :-1] - x[:, :, 1:, 1:],
     )
-    return sum(d.pow(2).sum().sqrt() for d in diffs)
+
+
+def total_variation(images: Tensor) -> Tensor:
+    """DeepInversion (Yin et al. 2020, Eq. 2, R_TV) as in its reference code: the sum of the L2
+    norms (over the whole batch) of the four neighbour differences."""
+    return sum(d.pow(2).sum().sqrt() for d in _neighbour_differences(images))
 
 
 def total_variation_l1(images: Tensor) -> Tensor:
     """R_TV as the DataFree re-implementation computes it (zju-vipa/CMI, criterions.get_image_prior_losses,
     ``loss_var_l1``): the sum over the same four neighbour differences of the MEAN absolute difference."""
-    x = images.float()
-    diffs = (
-        x[:, :, :, :-1] - x[:, :, :, 1:],
-        x[:, :, :-1, :] - x[:, :, 1:, :],
-        x[:, :, 1:, :-1] - x[:, :, :-1, 1:],
-        x[:, :, :-1, :-1] - x[:, :, 1:, 1:],
-    )
-    return sum(d.abs().mean() for d in diffs)
+    return sum(d.abs().mean() for d in _neighbour_differences(images))
 
 
 def l2_prior(images: Tensor) -> Tensor:
