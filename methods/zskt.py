@@ -46,10 +46,10 @@ not be read here and the official README has none, so the published numbers are 
 83.74 %, CIFAR-100 30.15 %, WRN-40-2 -> WRN-16-1, obtained by the DataFree collection's re-implementation,
 so its protocol is that re-implementation's script (scripts/zskt/zskt_cifar10_wrn402_wrn161.sh): a
 generator step and 5 student steps per iteration, 200 epochs x 80 iterations, batch 256, S SGD 0.1
-with the per-epoch cosine schedule, G Adam 1e-3 betas (0.5, 0.999), and -- unlike the ZSKT paper -- NO attention term
-(``at_weight = 0``: datafree_kd.py trains the student on the KL alone), the plain batch-mean KL at T = 1,
-fresh z for every student step from G in eval mode, the student in eval mode during the generator step,
-no gradient clipping, constant lr_G. Where the two disagree the card shows the re-implementation's value:
+with the per-epoch cosine schedule, G Adam 1e-3 betas (0.5, 0.999), and -- unlike the ZSKT paper -- NO
+attention term (``at_weight = 0``: datafree_kd.py trains the student on the KL alone), the plain batch-mean
+KL at T = 1, fresh z for every student step from G in eval mode, the student in eval mode during the
+generator step, no gradient clipping, constant lr_G. Where the two disagree the card shows the re-implementation's value:
 it is the one that produced the number.
 
 Attention taps: the official ones are the raw outputs of the three WRN groups
