@@ -200,7 +200,7 @@ class ZooGeneratorParams:
     # one (and the suite's ABM, DFKD-Mem, MAD); the DataFree paper protocols (DFQ, ZSKT) set eval. Measured on
     # the BN digits teacher for DFQ (experiments/digits_bn_deviations.toml, README "The zoo with a BatchNorm
     # teacher"): G in eval mode for student batches +0.65 [-4.89, +6.18] points, p = 0.66; the student in
-    # eval mode in the generator step: see the README (same file, 3 seeds).
+    # eval mode in the generator step +1.11 [-0.08, +2.31], Holm p = 0.11 (3 seeds; 5 would be needed).
     student_generator_mode: str = hparam("train", "mode of G when it draws the student's batches: train (batch "
                                                   "statistics, CHOSEN: as the official DFAD, DAFL and ZSKT code) or "
                                                   "eval (running statistics, the DataFree collection's sample())")
