@@ -697,8 +697,8 @@ def test_sweep_points_are_tested_against_the_table_configuration(report):
 
 def test_settings_added_after_a_run_was_stored_read_as_their_default():
     """results/zoo_bn holds DFQ runs made before lr_schedule, student_grad_clip, ... and
-    student_generator_mode existed and three made after (student_generator_mode=eval): the report
-    sees one setting varying, not every setting the older config.json lacks."""
+    student_generator_mode existed and six made after (one of two DataFree modes at eval): the report
+    sees those two settings varying, not every setting the older config.json lacks."""
     from dfkd_bench.config import with_later_defaults
     from dfkd_bench.report.configs import analyse_configs
     from dfkd_bench.report.load import load_runs
