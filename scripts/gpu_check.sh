@@ -80,7 +80,7 @@ dfkd status --results-dir "$RUNS" >"$STAGE/runs_status.txt" 2>&1 || true
 cat "$STAGE/runs_status.txt"
 mkdir -p "$STAGE/runs"
 [[ -d "$RUNS" ]] && (cd "$RUNS" && tar cf - --exclude=checkpoints --exclude='*.pt' --exclude='*.pth' --exclude=lock \
-    --exclude=heartbeat --exclude=_submitit .) | (cd "$STAGE/runs" && tar xf -)
+    --exclude=heartbeat --exclude=_submitit --exclude=checkpoint.json .) | (cd "$STAGE/runs" && tar xf -)
 
 # 5. verdicts
 "$PYSITE" -m dfkd_bench.bench.gpu_check verdicts "$STAGE/verdicts.json" --bench "$STAGE/bench.json" \

@@ -245,14 +245,15 @@ EOF
     log "data: $(find "$DATA_DIR" -type f ! -name .unpacked | wc -l) files unpacked"
 }
 
-# window_collect_runs RESULTS: the run folders' records, configs and states -- never checkpoints -- into
+# window_collect_runs RESULTS: the run folders' records, configs and states -- never checkpoints, nor the
+# checkpoint.json pointing at one (stale once the checkpoint stays behind) -- into
 # STAGE/runs, and per run (done, last and best test accuracy) into the summary's results.runs.
 window_collect_runs() {
     local results="$1"
     log "copying records (no checkpoints)"
     mkdir -p "$STAGE/runs"
     (cd "$results" && tar cf - --exclude=checkpoints --exclude='*.pt' --exclude='*.pth' --exclude=lock \
-        --exclude=heartbeat --exclude=_submitit .) | (cd "$STAGE/runs" && tar xf -)
+        --exclude=heartbeat --exclude=_submitit --exclude=checkpoint.json .) | (cd "$STAGE/runs" && tar xf -)
     "$PYTHON" - "$results" "$STAGE/runs.json" <<'EOF'
 import json, sys
 from pathlib import Path
