@@ -206,6 +206,50 @@ def test_zskt_wide_resnet_file_loads_with_its_values(tmp_path):
     _loads_the_same(resolve_teacher("cifar10", "wrn16_2", checkpoint=str(path)), reference)
 
 
+class _DaflLeNet5(torch.nn.Module):
+    """The LeNet-5 / LeNet-5-half layer list and forward of DAFL's lenet.py (huawei-noah/Efficient-Computing,
+    Data-Efficient-Model-Compression/DAFL/lenet.py; DFAD's network/lenet.py is the same file), typed in:
+    C5 is ``conv3``, a 5x5 convolution, and the head is ``fc1``/``fc2``."""
+
+    def __init__(self, widths):
+        super().__init__()
+        c1, c2, c5, f6 = widths
+        self.conv1 = torch.nn.Conv2d(1, c1, kernel_size=(5, 5))
+        self.conv2 = torch.nn.Conv2d(c1, c2, kernel_size=(5, 5))
+        self.conv3 = torch.nn.Conv2d(c2, c5, kernel_size=(5, 5))
+        self.fc1 = torch.nn.Linear(c5, f6)
+        self.fc2 = torch.nn.Linear(f6, 10)
+        self.c5 = c5
+
+    def forward(self, img):
+        out = torch.nn.functional.max_pool2d(torch.relu(self.conv1(img)), 2, 2)
+        out = torch.nn.functional.max_pool2d(torch.relu(self.conv2(out)), 2, 2)
+        feature = torch.relu(self.conv3(out)).view(-1, self.c5)
+        return self.fc2(torch.relu(self.fc1(feature)))
+
+
+@pytest.mark.parametrize("arch, widths", [("lenet5", (6, 16, 120, 84)), ("lenet5_half", (3, 8, 60, 42))])
+def test_dafl_and_dfad_lenet_files_load_with_their_values(arch, widths, tmp_path):
+    """DAFL's and DFAD's MNIST teachers (32 x 32 inputs) load as ``--image-size 32`` LeNet-5s: C5's 5x5
+    kernel is reshaped onto our Linear over the same 400 (200) values, and the logits are the same."""
+    torch.manual_seed(3)
+    official = _DaflLeNet5(widths).eval()
+    path = tmp_path / "mnist-lenet5.pt"
+    torch.save(official.state_dict(), path)  # the official train_teacher.py saves a bare state dict
+    spec = resolve_teacher("mnist", arch, checkpoint=str(path))
+    teacher = build_teacher(spec, 10, 1, 32)
+    x = torch.rand(4, 1, 32, 32)
+    mean, std = torch.tensor(spec.mean).view(1, -1, 1, 1), torch.tensor(spec.std).view(1, -1, 1, 1)
+    torch.testing.assert_close(teacher(x), official((x - mean) / std), rtol=1e-5, atol=1e-5)
+    fitted = fit_state_dict(build_model(arch, 10, 1, 32), official.state_dict(), source=str(path), arch=arch)
+    assert fitted.layout == "DAFL / DFAD LeNet-5 (C5 as conv3, fc1/fc2)"
+    # the reshape is of equal element counts only: a C5 of another size is named, not padded or cut
+    wrong = OrderedDict(official.state_dict())
+    wrong["conv3.weight"] = torch.zeros(widths[2], widths[1], 4, 4)
+    with pytest.raises(CheckpointError, match=r"key 'c5\.weight' has shape"):
+        fit_state_dict(build_model(arch, 10, 1, 32), wrong, source="bad.pt", arch=arch)
+
+
 # --------------------------------------------------------- key map (CLI) ---
 
 def _renamed_lenet(teacher_cache, path):

@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dfkd_bench.errors import ConfigError
-from dfkd_bench.models.registry import register_model
+from dfkd_bench.models.registry import register_key_map, register_model
 
 
 class LeNet5(nn.Module):
@@ -141,3 +141,11 @@ def lenet5_bn(num_classes: int, in_channels: int = 1, image_size: int = 32) -> n
 )
 def lenet5_half_bn(num_classes: int, in_channels: int = 1, image_size: int = 32) -> nn.Module:
     return LeNet5(num_classes, in_channels, image_size, width=(3, 8, 60, 42), batchnorm=True)
+
+
+# The LeNet-5 of DAFL's lenet.py (huawei-noah/Efficient-Computing), which DFAD's network/lenet.py
+# reuses: conv1, conv2, C5 as ``conv3`` (a 5x5 convolution over the 5x5 map of a 32 x 32 input, i.e.
+# our Linear ``c5`` on the same 400 values in the same order), ``fc1`` = our ``fc6``, ``fc2`` = our
+# ``fc7``. Their MNIST teachers (32 x 32 resized MNIST) load into ``--image-size 32`` LeNet-5s.
+register_key_map(["lenet5", "lenet5_half"], "DAFL / DFAD LeNet-5 (C5 as conv3, fc1/fc2)",
+                 [(r"^conv3\.", "c5."), (r"^fc1\.", "fc6."), (r"^fc2\.", "fc7.")], reshape=[r"^c5\.weight$"])

@@ -73,6 +73,11 @@ class KeyMap:
 
     name: str
     rules: tuple[tuple[str, str], ...]
+    reshape: tuple[str, ...] = ()
+    """Patterns (:func:`re.search`, on our names) of tensors the published layout stores in another
+    shape of the same values, e.g. LeNet-5's C5 as a 5x5 convolution over a 5x5 map where ours is the
+    equivalent Linear: such a tensor is reshaped to the architecture's shape when the element counts
+    agree (a view, the values in the same order), never padded or cut."""
 
     def rename(self, key: str) -> str:
         for pattern, replacement in self.rules:
@@ -83,13 +88,16 @@ class KeyMap:
 _KEY_MAPS: dict[str, list[KeyMap]] = {}
 
 
-def register_key_map(names: Iterable[str], name: str, rules: Iterable[tuple[str, str]]) -> KeyMap:
-    """Declare that checkpoints published as ``name`` fit the architectures ``names`` after ``rules``.
+def register_key_map(names: Iterable[str], name: str, rules: Iterable[tuple[str, str]],
+                     reshape: Iterable[str] = ()) -> KeyMap:
+    """Declare that checkpoints published as ``name`` fit the architectures ``names`` after ``rules``
+    (and, for the keys matching ``reshape``, a reshape of the same values: :attr:`KeyMap.reshape`).
 
     Declared next to the architecture (in its model file), so the model and the names its public
     checkpoints use are read together.
     """
-    key_map = KeyMap(name, tuple((re.compile(p).pattern, r) for p, r in rules))
+    key_map = KeyMap(name, tuple((re.compile(p).pattern, r) for p, r in rules),
+                     tuple(re.compile(p).pattern for p in reshape))
     for arch in names:
         _KEY_MAPS.setdefault(arch.strip().lower(), []).append(key_map)
     return key_map

@@ -9,6 +9,7 @@ import functools
 import hashlib
 import os
 import pickle
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,7 +222,7 @@ def fit_state_dict(model: nn.Module, state: "OrderedDict[str, Tensor]", *, sourc
     for known in key_maps_for(arch):
         renamed = OrderedDict((known.rename(k), v) for k, v in state.items())
         if len(renamed) == len(state) and renamed.keys() != state.keys():
-            tries.append((known.name, renamed))
+            tries.append((known.name, _reshaped(renamed, expected, known.reshape)))
     mismatch = None
     for layout, candidate in tries:
         candidate = OrderedDict(candidate)
@@ -240,6 +241,21 @@ def fit_state_dict(model: nn.Module, state: "OrderedDict[str, Tensor]", *, sourc
     example = f" (here perhaps --teacher-key-map {suggestion})" if suggestion else ""
     raise CheckpointError(f"{source} does not fit --teacher-arch {arch}: {'; '.join(parts)}; rename keys with "
                           f"{KEY_MAP_HINT}{example}, repeatable, or check --teacher-arch")
+
+
+def _reshaped(state: "OrderedDict[str, Tensor]", expected: dict[str, Tensor],
+              patterns: Sequence[str]) -> "OrderedDict[str, Tensor]":
+    """``state`` with each tensor whose key matches one of ``patterns`` reshaped to the architecture's
+    shape, where the element counts agree (else left as it is, for :func:`_check_shapes` to name)."""
+    if not patterns:
+        return state
+    out = OrderedDict(state)
+    for key, value in state.items():
+        target = expected.get(key)
+        if (target is not None and any(re.search(p, key) for p in patterns)
+                and tuple(value.shape) != tuple(target.shape) and value.numel() == target.numel()):
+            out[key] = value.reshape(target.shape)
+    return out
 
 
 def _check_shapes(expected: dict[str, Tensor], state: dict[str, Tensor], source, arch: str) -> None:
