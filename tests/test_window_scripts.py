@@ -25,10 +25,15 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 @no_gpu_here
 @pytest.mark.parametrize("script,args", [("gpu_check.sh", []), ("cifar10_window.sh", ["DATA"]),
-                                         ("reproduce_window.sh", ["DATA"])])
+                                         ("reproduce_window.sh", ["DATA"]),
+                                         ("dfad_diagnosis_window.sh", ["OFFICIAL", "DATA"])])
 def test_a_window_without_a_gpu_fails_at_once_with_one_line(tmp_path, script, args):
     out = tmp_path / "out"
-    args = [str(tmp_path) if a == "DATA" else a for a in args]
+    official = tmp_path / "official"  # the two files by which a DFAD checkout is recognised
+    (official / "network").mkdir(parents=True)
+    (official / "DFAD_mnist.py").write_text("")
+    (official / "network" / "lenet.py").write_text("")
+    args = [str(tmp_path) if a == "DATA" else str(official) if a == "OFFICIAL" else a for a in args]
     done = subprocess.run(["bash", str(REPO / "scripts" / script), *args, str(out)], env=_env(tmp_path),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
@@ -36,6 +41,16 @@ def test_a_window_without_a_gpu_fails_at_once_with_one_line(tmp_path, script, ar
     assert len(lines) == 1 and lines[0].startswith("error: ") and "--device cpu" in lines[0], lines
     assert list(out.iterdir()) == []  # nothing half-done to bring back
     assert not (tmp_path / "window" / "site").exists()  # and nothing installed
+
+
+def test_the_dfad_diagnosis_window_refuses_a_folder_that_is_no_dfad_checkout(tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", str(REPO / "scripts" / "dfad_diagnosis_window.sh"), str(tmp_path), str(tmp_path),
+                           str(out), "--device", "cpu"], env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Data-Free-Adversarial-Distillation" in lines[0], lines
+    assert not out.exists()
 
 
 WINDOW = r'''
