@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import inspect
 import re
 import sys
@@ -62,7 +63,7 @@ def docstring_markdown(doc: str) -> str:
     """A docstring (reST as this repository writes it) as Markdown: inline markup, ``::`` literal
     blocks as indented code, and a blank line before a list so that Markdown sees the list."""
     out: list[str] = []
-    in_code = False
+    in_code = in_list = False
     for line in inspect.cleandoc(doc).splitlines():
         stripped = line.strip()
         if in_code:
@@ -73,8 +74,12 @@ def docstring_markdown(doc: str) -> str:
                 continue
         if not stripped:
             out.append("")
+            in_list = False
             continue
         is_item = stripped.startswith(("* ", "- "))
+        if in_list and not is_item and not line.startswith(" "):
+            out.append("")  # a list ends where an unindented line follows it
+        in_list = is_item or (in_list and line.startswith(" "))
         if is_item and out and out[-1].strip() and not out[-1].lstrip().startswith(("* ", "- ")) \
                 and not out[-1].startswith(" "):
             out.append("")  # Markdown starts a list only after a blank line
@@ -133,9 +138,17 @@ def chosen_passages(path: Path) -> list[Chosen]:
     """Every ``CHOSEN`` passage of a Python file: a docstring's paragraph that says CHOSEN; a comment
     block that says it (with the statement it annotates when it sits at a line's end); a string
     elsewhere that says it (a setting's help text), with its statement when that is short."""
-    source = path.read_text()
+    return list(_passages_of(path.read_text()))
+
+
+@functools.lru_cache(maxsize=64)
+def _passages_of(source: str) -> tuple[Chosen, ...]:
     lines = source.splitlines()
     tree = ast.parse(source)
+    statement_ends: dict[int, int] = {}  # first line of a statement -> its last line (the longest one there)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.stmt):
+            statement_ends[node.lineno] = max(statement_ends.get(node.lineno, 0), node.end_lineno or node.lineno)
     scopes = _scopes(tree)
     found: list[Chosen] = []
     docstring_nodes: set[int] = set()
@@ -172,7 +185,7 @@ def chosen_passages(path: Path) -> list[Chosen]:
         while last < len(lines) and lines[last].strip().startswith("#"):
             last += 1
         block = [lines[i - 1].strip() for i in range(first, last + 1)]
-        end = _statement_end(tree, last + 1)  # the statement the comment is about, when it is short
+        end = _statement_end(statement_ends, last + 1)  # the statement the comment is about, when short
         block += [lines[i - 1].strip() for i in range(last + 1, end + 1)]
         seen.update(range(first, end + 1))
         found.append(Chosen(_where(scopes, number), "\n".join(block), True, number))
@@ -193,17 +206,15 @@ def chosen_passages(path: Path) -> list[Chosen]:
         seen.update(range(first, last + 1))
         found.append(Chosen(_where(scopes, node.lineno), "\n".join(l.strip() for l in lines[first - 1:last]),
                             True, node.lineno))
-    return sorted(found, key=lambda c: c.line)
+    return tuple(sorted(found, key=lambda c: c.line))
 
 
-def _statement_end(tree: ast.Module, line: int) -> int:
+def _statement_end(statement_ends: dict[int, int], line: int) -> int:
     """The last line to show of the statement that starts at ``line``: all of it when it has at most six
     lines, else its first line; ``line - 1`` (nothing) when no statement starts there."""
-    spans = [(node.lineno, node.end_lineno or node.lineno) for node in ast.walk(tree)
-             if isinstance(node, ast.stmt) and node.lineno == line]
-    if not spans:
+    if line not in statement_ends:
         return line - 1
-    end = max(last for _, last in spans)
+    end = statement_ends[line]
     return end if end - line <= 5 else line
 
 
@@ -232,11 +243,16 @@ def _comment_start(line: str) -> int | None:
 
 
 def _class_lines(cls: type) -> tuple[int, int] | None:
-    try:
-        source, first = inspect.getsourcelines(cls)
-    except (OSError, TypeError):
+    """First and last line of a class in its file (read once per file content)."""
+    path = _source_path(cls)
+    if path is None or not path.is_file():
         return None
-    return first, first + len(source) - 1
+    return _scope_spans(path.read_text()).get(cls.__qualname__)
+
+
+@functools.lru_cache(maxsize=64)
+def _scope_spans(source: str) -> dict[str, tuple[int, int]]:
+    return {name: (first, last) for first, last, name in _scopes(ast.parse(source))}
 
 
 # ------------------------------------------------------------------ one method ---
@@ -318,7 +334,13 @@ def _settings(cls: type[Method]) -> list[str]:
 CARD_HEADER = ("setting", "paper / official code", "ours (paper)", "ours (common)", "mark")
 
 
-def _protocols(cls: type[Method]) -> list[str]:
+def _reproduction_file(root: Path, name: str, dataset: str) -> str | None:
+    """``experiments/reproduce/<method>_<dataset>.toml`` when the repository at ``root`` has it."""
+    relative = f"experiments/reproduce/{name}_{dataset}.toml"
+    return relative if (root / relative).is_file() else None
+
+
+def _protocols(cls: type[Method], root: Path) -> list[str]:
     lines = ["## Paper protocols", ""]
     if not cls.paper_protocols:
         return lines + [f"None yet: `{cls.name}` runs under the common protocol only "
@@ -334,6 +356,8 @@ def _protocols(cls: type[Method]) -> list[str]:
                   f"Published **{protocol.accuracy:g}{std} %**{teacher}, selection `{protocol.selection}` "
                   f"— {_inline(protocol.source)}.", "",
                   f"Official code: {_inline(protocol.code) or '(none named)'}", "",
+                  *([f"Reproduce: `dfkd-bench sweep {reproduce}`", ""]
+                    if (reproduce := _reproduction_file(root, cls.name, dataset)) else []),
                   "| " + " | ".join(CARD_HEADER) + " |", "| --- | --- | --- | --- | --- |"]
         for row in card_rows(cls.name, dataset):
             cells = [f"`{_cell(row['setting'])}`", *(_cell(row[k]) for k in ("paper", "ours_paper", "ours_common")),
@@ -371,7 +395,7 @@ def _choices(cls: type[Method]) -> list[str]:
     return lines
 
 
-def method_page(cls: type[Method]) -> str:
+def method_page(cls: type[Method], root: Path) -> str:
     kind = ("pool method: the student trains on a growing pool of synthesised images" if cls.pool_based
             else "generator method: the student trains on samples of a generator")
     protocols = ", ".join(sorted(cls.paper_protocols)) or "none yet"
@@ -380,7 +404,7 @@ def method_page(cls: type[Method]) -> str:
              f"{_inline(cls.summary)}", "",
              f"`--methods {cls.name}` · {kind} · source `{_shown_path(_source_path(cls))}` · "
              f"paper protocols: {protocols}", "",
-             *_paper_and_equations(cls), *_settings(cls), *_protocols(cls), *_choices(cls)]
+             *_paper_and_equations(cls), *_settings(cls), *_protocols(cls, root), *_choices(cls)]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -406,14 +430,28 @@ def methods_table(link: str) -> str:
     return "\n".join(lines)
 
 
-def methods_index() -> str:
+def methods_index(root: Path) -> str:
     return "\n".join([
         GENERATED.format(source="the method registry"), "", "# Methods", "",
         "Every registered method, one page each, generated from its file: its paper and equations, its settings "
         "with their defaults and paper symbols, its paper protocols (the cards of `dfkd-bench list --card`) and "
         "its `CHOSEN` lines. `dfkd-bench list` prints the same list; [Adding a method](../adding-a-method.md) "
         "says how a new file gets here.", "",
-        methods_table("{name}.md"), ""])
+        methods_table("{name}.md"), "",
+        "## Paper protocols", "",
+        "Each method's own protocol on a dataset its paper reports (`--protocol paper`, see "
+        "[Protocols](../protocols.md)), with the number the paper publishes, the teacher it reports and the "
+        "paper's selection rule (`best`: the best test accuracy over training, selected on the test set). "
+        "The card of each, setting by setting, is on the method's page.", "",
+        "| method | dataset | published (%) | teacher (%) | selection | source | experiment file |",
+        "| --- | --- | --: | --: | --- | --- | --- |",
+        *[f"| [{_cell(cls.label or name)}]({name}.md#{dataset}) | `{dataset}` | "
+          f"{protocol.accuracy:g}{f' ± {protocol.std:g}' if protocol.std is not None else ''} | "
+          f"{'' if protocol.teacher_accuracy is None else f'{protocol.teacher_accuracy:g}'} | {protocol.selection} | "
+          f"{_cell(_inline(protocol.source))} | "
+          f"{f'`{reproduce}`' if (reproduce := _reproduction_file(root, name, dataset)) else ''} |"
+          for name, cls in list_methods().items() for dataset, protocol in sorted(cls.paper_protocols.items())],
+        ""])
 
 
 def settings_page() -> str:
@@ -446,11 +484,11 @@ def settings_page() -> str:
 
 # ------------------------------------------------------------------ write / check ---
 
-def generated_files() -> dict[str, str]:
-    """Every generated page, by its path under the docs folder."""
-    files = {"methods/index.md": methods_index(), "settings.md": settings_page()}
+def generated_files(root: Path) -> dict[str, str]:
+    """Every generated page, by its path under the docs folder of the repository at ``root``."""
+    files = {"methods/index.md": methods_index(root), "settings.md": settings_page()}
     for name, cls in list_methods().items():
-        files[f"methods/{name}.md"] = method_page(cls)
+        files[f"methods/{name}.md"] = method_page(cls, root)
     return files
 
 
@@ -468,7 +506,7 @@ def stale_files(docs_dir: Path, readme: Path | None) -> list[str]:
     """The generated files that differ from what the code generates now, or that no method generates
     any more (a page of a method that is gone), as paths relative to the current folder's view."""
     stale = []
-    files = generated_files()
+    files = generated_files(docs_dir.resolve().parent)
     for relative, text in files.items():
         path = docs_dir / relative
         if not path.is_file() or path.read_text() != text:
@@ -489,7 +527,7 @@ def stale_files(docs_dir: Path, readme: Path | None) -> list[str]:
 def write_docs(docs_dir: Path, readme: Path | None) -> list[str]:
     """Write every generated file that changed; remove method pages no method generates. Returns the changes."""
     changed = []
-    files = generated_files()
+    files = generated_files(docs_dir.resolve().parent)
     for relative, text in files.items():
         path = docs_dir / relative
         if not path.is_file() or path.read_text() != text:
