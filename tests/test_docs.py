@@ -91,6 +91,24 @@ def test_the_committed_generated_pages_are_up_to_date(capsys):
         capsys.readouterr().err
 
 
+def test_docs_check_names_what_is_stale_and_docs_repairs_it(tmp_path, capsys):
+    from dfkd_bench.cli import main
+
+    root = copy_of_the_site_sources(tmp_path)
+    docs = root / "docs"
+    (docs / "settings.md").write_text((docs / "settings.md").read_text().replace("| `epochs` | `300` |", "| `epochs` | `30` |"))
+    (docs / "methods" / "gone.md").write_text("# a method that is no longer registered\n")
+    assert main(["docs", "--check", "--docs-dir", str(docs), "--readme", ""]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of date with the code: ") and err.count("\n") == 1, err
+    assert f"{docs / 'settings.md'}" in err and f"{docs / 'methods' / 'gone.md'} (no registered method generates it)" in err
+    assert main(["docs", "--docs-dir", str(docs), "--readme", str(root / "README.md")]) == 0
+    assert not (docs / "methods" / "gone.md").exists()
+    assert main(["docs", "--check", "--docs-dir", str(docs), "--readme", str(root / "README.md")]) == 0
+    assert main(["docs", "--docs-dir", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'nowhere'} is not a folder")
+
+
 def test_a_newly_registered_method_gets_its_page_and_nav_entry_from_the_generator_alone(tmp_path):
     """The documentation's example pool method, dropped in through $DFKD_BENCH_METHOD_PATH:
     `dfkd-bench docs` in a copy of the sources writes its page and its README row (and nothing else),
@@ -195,7 +213,8 @@ def test_chosen_passages_are_found_in_comments_docstrings_and_strings(tmp_path):
     source = tmp_path / "m.py"
     source.write_text('"""Doc.\n\nCHOSEN: a docstring paragraph\nthat goes on.\n\nNot this."""\n\n\n'
                       "class A:\n    # CHOSEN: a comment block\n    # of two lines\n    x = 1\n"
-                      "    y = 2  # CHOSEN inline\n    z = f(\"text, CHOSEN: in a string\")\n    w = 3  # '#' CHOSEN\n")
+                      "    y = 2  # CHOSEN inline\n    z = f(\"text, CHOSEN: in a string\")\n    w = 3  # '#' CHOSEN\n"
+                      "    v = dict(\n        # CHOSEN: an argument\n        a=1,\n        b=2,\n    )\n")
     found = chosen_passages(source)
     assert [(p.where, p.text) for p in found] == [
         ("module docstring", "CHOSEN: a docstring paragraph\nthat goes on."),
@@ -203,6 +222,7 @@ def test_chosen_passages_are_found_in_comments_docstrings_and_strings(tmp_path):
         ("`A`", "y = 2  # CHOSEN inline"),
         ("`A`", 'z = f("text, CHOSEN: in a string")'),
         ("`A`", "w = 3  # '#' CHOSEN"),
+        ("`A`", "# CHOSEN: an argument\na=1,"),
     ]
 
 

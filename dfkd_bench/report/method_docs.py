@@ -185,7 +185,9 @@ def _passages_of(source: str) -> tuple[Chosen, ...]:
         while last < len(lines) and lines[last].strip().startswith("#"):
             last += 1
         block = [lines[i - 1].strip() for i in range(first, last + 1)]
-        end = _statement_end(statement_ends, last + 1)  # the statement the comment is about, when short
+        end = last  # then the statement (or line) the comment is about, when one follows it
+        if last < len(lines) and lines[last].strip():
+            end = _statement_end(statement_ends, last + 1)
         block += [lines[i - 1].strip() for i in range(last + 1, end + 1)]
         seen.update(range(first, end + 1))
         found.append(Chosen(_where(scopes, number), "\n".join(block), True, number))
@@ -211,9 +213,9 @@ def _passages_of(source: str) -> tuple[Chosen, ...]:
 
 def _statement_end(statement_ends: dict[int, int], line: int) -> int:
     """The last line to show of the statement that starts at ``line``: all of it when it has at most six
-    lines, else its first line; ``line - 1`` (nothing) when no statement starts there."""
+    lines, else its first line; the line alone when it is inside a statement."""
     if line not in statement_ends:
-        return line - 1
+        return line  # a line inside a statement (an argument, a dict entry): that line alone
     end = statement_ends[line]
     return end if end - line <= 5 else line
 
