@@ -501,7 +501,7 @@ def readme_with_table(readme: str) -> str:
                           f"{TABLE_END!r} where it goes")
     head, rest = readme.split(TABLE_START, 1)
     _, tail = rest.split(TABLE_END, 1)
-    return f"{head}{TABLE_START}\n{methods_table('docs/methods/{name}.md')}\n{TABLE_END}{tail}"
+    return f"{head}{TABLE_START}\n\n{methods_table('docs/methods/{name}.md')}\n\n{TABLE_END}{tail}"
 
 
 def stale_files(docs_dir: Path, readme: Path | None) -> list[str]:
