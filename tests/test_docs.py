@@ -107,6 +107,11 @@ def test_docs_check_names_what_is_stale_and_docs_repairs_it(tmp_path, capsys):
     assert main(["docs", "--check", "--docs-dir", str(docs), "--readme", str(root / "README.md")]) == 0
     assert main(["docs", "--docs-dir", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'nowhere'} is not a folder")
+    bare = tmp_path / "README-without-markers.md"
+    bare.write_text("# a README whose table is typed by hand\n")
+    assert main(["docs", "--docs-dir", str(docs), "--readme", str(bare)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bare} has no generated methods table") and err.count("\n") == 1, err
 
 
 def test_a_newly_registered_method_gets_its_page_and_nav_entry_from_the_generator_alone(tmp_path):

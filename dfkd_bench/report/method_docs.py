@@ -504,48 +504,48 @@ def readme_with_table(readme: str) -> str:
     return f"{head}{TABLE_START}\n\n{methods_table('docs/methods/{name}.md')}\n\n{TABLE_END}{tail}"
 
 
-def stale_files(docs_dir: Path, readme: Path | None) -> list[str]:
-    """The generated files that differ from what the code generates now, or that no method generates
-    any more (a page of a method that is gone), as paths relative to the current folder's view."""
-    stale = []
+def _changes(docs_dir: Path, readme: Path | None) -> list[tuple[Path, str | None, str]]:
+    """Every generated file that differs from what the code generates now: (its path, the text it
+    should have or None when no method generates it any more, how to name it in a message)."""
+    changes: list[tuple[Path, str | None, str]] = []
     files = generated_files(docs_dir.resolve().parent)
     for relative, text in files.items():
         path = docs_dir / relative
         if not path.is_file() or path.read_text() != text:
-            stale.append(str(path))
-    expected = {docs_dir / relative for relative in files}
+            changes.append((path, text, str(path)))
     for path in sorted((docs_dir / "methods").glob("*.md")):
-        if path not in expected:
-            stale.append(f"{path} (no registered method generates it)")
+        if path.relative_to(docs_dir).as_posix() not in files:
+            changes.append((path, None, f"{path} (no registered method generates it)"))
     if readme is not None:
         text = readme.read_text()
         if TABLE_START not in text or TABLE_END not in text:
-            stale.append(f"{readme} (no methods-table markers: {TABLE_START} ... {TABLE_END})")
+            changes.append((readme, text, f"{readme} (no methods-table markers: {TABLE_START} ... {TABLE_END})"))
         elif text != readme_with_table(text):
-            stale.append(f"{readme} (its methods table)")
-    return stale
+            changes.append((readme, readme_with_table(text), f"{readme} (its methods table)"))
+    return changes
+
+
+def stale_files(docs_dir: Path, readme: Path | None) -> list[str]:
+    """The generated files that differ from what the code generates now, or that no method generates
+    any more (the page of a method that is gone), as the messages name them."""
+    return [label for _, _, label in _changes(docs_dir, readme)]
 
 
 def write_docs(docs_dir: Path, readme: Path | None) -> list[str]:
     """Write every generated file that changed; remove method pages no method generates. Returns the changes."""
-    changed = []
-    files = generated_files(docs_dir.resolve().parent)
-    for relative, text in files.items():
-        path = docs_dir / relative
-        if not path.is_file() or path.read_text() != text:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-            changed.append(str(path))
-    for path in sorted((docs_dir / "methods").glob("*.md")):
-        if str(path.relative_to(docs_dir)) not in files:
+    done = []
+    for path, text, label in _changes(docs_dir, readme):
+        if path == readme and TABLE_START not in text:
+            raise ConfigError(f"{readme} has no generated methods table: put the two lines {TABLE_START!r} and "
+                              f"{TABLE_END!r} where it goes, or pass --readme ''")
+        if text is None:
             path.unlink()
-            changed.append(f"{path} (removed)")
-    if readme is not None:
-        text = readme_with_table(readme.read_text())
-        if text != readme.read_text():
-            readme.write_text(text)
-            changed.append(f"{readme} (methods table)")
-    return changed
+            done.append(f"{path} (removed)")
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        done.append(f"{path} (methods table)" if path == readme else str(path))
+    return done
 
 
 def cmd_docs(args) -> int:
