@@ -7,7 +7,6 @@ import re
 import shlex
 import sys
 import types
-from pathlib import Path
 
 import pytest
 
@@ -103,8 +102,7 @@ def test_the_readme_main_job_runs_as_written(tmp_path, monkeypatch, capsys):
 
 def test_the_readme_headline_commands_are_the_committed_runs(monkeypatch, capsys):
     """The headline table's sweeps, run from the repository's root as the README says, promise exactly
-    the committed runs of results/zoo, all done (a dry run; the report's tables are checked by
-    tests/test_report.py)."""
+    the committed runs of results/zoo, all done (a dry run)."""
     from dfkd_bench.cli import main
 
     monkeypatch.chdir(REPO_ROOT)
@@ -113,6 +111,28 @@ def test_the_readme_headline_commands_are_the_committed_runs(monkeypatch, capsys
         out = capsys.readouterr().out
         summary = re.search(r": (\d+) runs; (\d+) done \(dry run", out)
         assert summary and summary.group(1) == summary.group(2), out  # every run done, none pending
+
+
+def test_the_readme_report_command_gives_the_committed_tables(tmp_path, monkeypatch, capsys):
+    """The headline report command, into a temporary folder instead of the committed one and without
+    drawing figures (minutes of matplotlib), writes the committed tables of results/zoo/report, byte
+    for byte: the README's table is what the committed records give."""
+    import dfkd_bench.report.writer as writer
+    from dfkd_bench.cli import main
+
+    for name in dir(writer):
+        if name.startswith("plot_"):
+            monkeypatch.setattr(writer, name, (lambda *a, **k: ([], [])) if name == "plot_samples" else
+                                (lambda *a, **k: []))
+    monkeypatch.chdir(REPO_ROOT)
+    argv = shlex.split(ZOO_COMMANDS[2])[1:]
+    argv[argv.index("--out") + 1] = str(tmp_path / "report")
+    assert main(argv) == 0, capsys.readouterr().err
+    committed = REPO_ROOT / "results" / "zoo" / "report"
+    tables = sorted(path.name for path in committed.glob("table_*") if path.suffix in (".md", ".csv", ".tex"))
+    assert "table_final.md" in tables
+    for name in tables:
+        assert (tmp_path / "report" / name).read_text() == (committed / name).read_text(), name
 
 
 # ------------------------------------------------------- the method examples ---
