@@ -401,8 +401,8 @@ def method_page(cls: type[Method], root: Path) -> str:
     kind = ("pool method: the student trains on a growing pool of synthesised images" if cls.pool_based
             else "generator method: the student trains on samples of a generator")
     protocols = ", ".join(sorted(cls.paper_protocols)) or "none yet"
-    lines = [GENERATED.format(source=_shown_path(_source_path(cls))), "",
-             f"# {cls.label or cls.name}", "",
+    lines = [f"# {cls.label or cls.name}", "",  # the title first: MkDocs names the page by a leading h1
+             GENERATED.format(source=_shown_path(_source_path(cls))), "",
              f"{_inline(cls.summary)}", "",
              f"`--methods {cls.name}` · {kind} · source `{_shown_path(_source_path(cls))}` · "
              f"paper protocols: {protocols}", "",
@@ -434,7 +434,7 @@ def methods_table(link: str) -> str:
 
 def methods_index(root: Path) -> str:
     return "\n".join([
-        GENERATED.format(source="the method registry"), "", "# Methods", "",
+        "# Methods", "", GENERATED.format(source="the method registry"), "",
         "Every registered method, one page each, generated from its file: its paper and equations, its settings "
         "with their defaults and paper symbols, its paper protocols (the cards of `dfkd-bench list --card`) and "
         "its `CHOSEN` lines. `dfkd-bench list` prints the same list; [Adding a method](../adding-a-method.md) "
@@ -458,7 +458,7 @@ def methods_index(root: Path) -> str:
 
 def settings_page() -> str:
     engine = TrainConfig()
-    lines = [GENERATED.format(source="dfkd_bench/config.py, dfkd_bench/presets.py"), "", "# Settings", "",
+    lines = ["# Settings", "", GENERATED.format(source="dfkd_bench/config.py, dfkd_bench/presets.py"), "",
              "The engine's settings (`TrainConfig`): what the engine does identically for every method. Each is "
              "set with `--set NAME=VALUE` (or its paper symbol) or in an experiment file; the defaults below are "
              "before a dataset's preset. `dfkd-bench list --settings` prints them, and each method's page lists "
