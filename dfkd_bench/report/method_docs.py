@@ -15,8 +15,8 @@ what the code declares and nothing typed by hand:
 * its ``CHOSEN`` passages, read from its source file (and from the classes it builds on).
 
 The output is committed (readable without building the site; a changed default or
-card shows in a pull request's diff), and ``dfkd-bench docs --check`` -- run by the
-documentation build's hook and by ``tests/test_docs.py`` -- fails when it is stale.
+card shows in a pull request's diff), and ``dfkd-bench docs --check`` fails when it is
+stale; the documentation build's hook (``docs/hooks.py``) makes the same check.
 A method registered later (a new file in ``methods/`` or in ``$DFKD_BENCH_METHOD_PATH``)
 gets its page, its row and its navigation entry from ``dfkd-bench docs`` alone.
 """
@@ -135,9 +135,10 @@ def _where(scopes: list[tuple[int, int, str]], line: int) -> str:
 
 
 def chosen_passages(path: Path) -> list[Chosen]:
-    """Every ``CHOSEN`` passage of a Python file: a docstring's paragraph that says CHOSEN; a comment
-    block that says it (with the statement it annotates when it sits at a line's end); a string
-    elsewhere that says it (a setting's help text), with its statement when that is short."""
+    """Every ``CHOSEN`` passage of a Python file: a docstring's paragraph that says CHOSEN; a block of
+    comment lines that says it, with the statement (or the line) it precedes; a comment at a line's
+    end, with that line; a string elsewhere that says it (a setting's help text), with its statement
+    when that is short."""
     return list(_passages_of(path.read_text()))
 
 
