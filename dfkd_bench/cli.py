@@ -474,12 +474,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     from dfkd_bench.bench.benchmark import add_bench_command
     from dfkd_bench.report import add_report_command
+    from dfkd_bench.report.method_docs import add_docs_command
     from dfkd_bench.cluster.sweep import add_status_command, add_sweep_command
 
     add_sweep_command(sub)
     add_status_command(sub)
     add_report_command(sub)
     add_bench_command(sub)
+    add_docs_command(sub)
 
     return parser
 

@@ -181,7 +181,7 @@ class MethodContext:
 
 @dataclass(frozen=True)
 class PaperProtocol:
-    """A method's own paper protocol on one dataset (``protocol = "paper"``; README, "Two protocols").
+    """A method's own paper protocol on one dataset (``protocol = "paper"``; docs/protocols.md).
 
     ``train`` (engine settings) and ``params`` (the method's settings) over the engine's and the
     method's defaults give every setting the paper (or, where it is silent, its official code)

@@ -4,7 +4,7 @@ Our copy of the paper's tables lost its cell borders, so some cells are
 unreadable. We read merged cells as spanning the rows around their centre
 (e.g. "SGD 1e-2 5e-4 0.9" printed on the CIFAR WRN row spans the CIFAR and
 TinyImageNet rows), and mark every value we had to choose with ``# CHOSEN``.
-The README's "Presets" section lists the same choices.
+docs/choices.md lists the same choices; docs/settings.md (generated) the values.
 
 Distillation (Tables 5-7), as read:
 

@@ -7,7 +7,7 @@ modes, generator pre-training, and the student loss of Eq. 10 are written once
 here. Each method file only adds what makes it different: ``abm.py`` nothing,
 ``mem.py`` a memory bank, ``mad.py`` an EMA generator.
 
-Choices where the paper is silent (also in the README):
+Choices where the paper is silent (also in docs/choices.md):
 
 * Generators always normalise with batch statistics (train-mode BatchNorm),
   as in the DFKD reference implementations; their running buffers never

@@ -17,7 +17,7 @@ Paper settings (Sec. 4.1, MNIST): alpha = 0.1, beta = 5; G Adam lr 0.2 (MNIST);
 S Adam lr 2e-3 (MNIST) / SGD 0.1 (CIFAR); batch 512; z of dimension 100. The default
 G lr here (1e-3) is the zoo's common one (the official CIFAR script uses 0.02). The
 engine owns the student optimiser and n_S/n_G, one protocol for every method of a
-comparison (README, "The DFKD zoo"); the paper's own MNIST protocol, every setting,
+comparison (docs/protocols.md); the paper's own MNIST protocol, every setting,
 is ``protocol = "paper"`` (``dfkd-bench sweep experiments/reproduce/dafl_mnist.toml``;
 ``dfkd-bench list --card dafl --dataset mnist`` prints it against the common one).
 

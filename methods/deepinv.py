@@ -89,7 +89,7 @@ class DeepInvParams(PoolParams):
     jitter: int = hparam(2, "random roll of the batch by up to this many pixels before each step (the code's lim)")
     # CHOSEN: the authors' code (nvlabs) by default, the paper's own implementation; the paper protocols use
     # datafree, the re-implementation whose numbers they cite. Measured on the BN digits teacher (with its
-    # R_TV weight 0.001): datafree +12.04 [+8.05, +16.02] points, Holm p = 0.023 (README, digits_bn_deviations).
+    # R_TV weight 0.001): datafree +12.04 [+8.05, +16.02] points, Holm p = 0.023 (docs/results.md, digits_bn_deviations).
     synthesiser: str = hparam("nvlabs", "whose synthesis details: nvlabs (the authors' CIFAR code) or datafree (the "
                                         "DataFree re-implementation that produced the protocols' numbers)")
 

@@ -10,8 +10,8 @@ Alg. 1). Nothing else enters either loss: no BatchNorm matching, no logit bounds
 Paper settings (Sec. 4.1): G Adam lr 1e-3; S SGD lr 0.1, momentum 0.9, wd 5e-4;
 batch 256; k = 5 student steps per generator step (the engine's n_S = 5, n_G = 1);
 z of dimension 256 (CIFAR; 100 for MNIST). The engine owns the student optimiser
-and n_S/n_G, one protocol for every method of a comparison (README, "The DFKD
-zoo"). The official MNIST script (VainF/Data-Free-Adversarial-Distillation,
+and n_S/n_G, one protocol for every method of a comparison
+(docs/protocols.md). The official MNIST script (VainF/Data-Free-Adversarial-Distillation,
 DFAD_mnist.py with run_mnist.sh) is the paper protocol ``experiments/reproduce/
 dfad_mnist.toml``: 40 "epochs" of 50 iterations (2,000), batch 512, S SGD lr 0.01,
 momentum 0.9, wd 1e-4, no schedule, G Adam 1e-3 (default betas), nz 100, GeneratorA

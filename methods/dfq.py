@@ -22,7 +22,7 @@ protocol: the student trains on G in training mode (batch statistics), as the of
 DAFL and ZSKT code and the other zoo generators do; the re-implementation samples student
 batches with G in eval mode (running statistics), ``student_generator_mode = eval``, and runs its
 generator step with the student in eval mode, ``generator_step_student_mode = eval`` (both settings of
-every zoo generator method, zoo_common.ZooGeneratorParams), which its paper protocols use. Measured on the BN digits teacher: README, "the zoo with a BatchNorm teacher". The scripts' ``--T`` (20 for WRN, 1 for ResNet) does not
+every zoo generator method, zoo_common.ZooGeneratorParams), which its paper protocols use. Measured on the BN digits teacher: docs/results.md, "The zoo with a BatchNorm teacher". The scripts' ``--T`` (20 for WRN, 1 for ResNet) does not
 reach DFQ: datafree_kd.py re-binds ``criterion = KLDiv()`` (T = 1, batch-mean) for the
 generator methods, and that criterion is also the student's, as here. The paper protocols
 (``dfkd-bench list --card dfq --dataset cifar10``) are those two scripts: 200 epochs x 40

@@ -198,8 +198,8 @@ class ZooGeneratorParams:
     # sample(); the official DFAD, DAFL and ZSKT code keep both in train mode throughout.
     # CHOSEN: train mode for both under the common protocol, as the official code of the methods that have
     # one (and the suite's ABM, DFKD-Mem, MAD); the DataFree paper protocols (DFQ, ZSKT) set eval. Measured on
-    # the BN digits teacher for DFQ (experiments/digits_bn_deviations.toml, README "The zoo with a BatchNorm
-    # teacher"): G in eval mode for student batches +0.65 [-4.89, +6.18] points, p = 0.66; the student in
+    # the BN digits teacher for DFQ (experiments/digits_bn_deviations.toml, docs/results.md "The zoo with a
+    # BatchNorm teacher"): G in eval mode for student batches +0.65 [-4.89, +6.18] points, p = 0.66; the student in
     # eval mode in the generator step +1.11 [-0.08, +2.31], Holm p = 0.11 (3 seeds; 5 would be needed).
     student_generator_mode: str = hparam("train", "mode of G when it draws the student's batches: train (batch "
                                                   "statistics, CHOSEN: as the official DFAD, DAFL and ZSKT code) or "
@@ -739,7 +739,7 @@ def cpu_preset_params(**values: Any) -> dict[str, dict[str, Any]]:
     code's MNIST train transform has none (only a resize), and a flip changes digits.
 
     Measured effect after the fixes (experiments/digits_bn_deviations.toml, BN digits teacher,
-    seeds 0-2, paired t, README "the CPU presets' CHOSEN pool settings"): crop_flip instead of
+    seeds 0-2, paired t, docs/results.md "What the CPU presets' CHOSEN pool settings cost"): crop_flip instead of
     none: DeepInversion +25.1 points [+12.7, +37.5], FastDFKD +2.4 [+1.0, +3.8]; T = 20 instead of 1:
     DeepInversion +15.7 [+8.7, +22.8], FastDFKD -17.3 [-76.3, +41.7] (one seed collapses). Kept so
     that the committed CPU zoo tables stay the runs they are; the paper protocols use the papers' values.

@@ -18,8 +18,8 @@ Paper settings (Sec. 4, and the authors' CIFAR-10 script scripts/ZeroShot/main0.
 80k batches, checked): beta = 250; n_S = 10 student steps per generator step
 (the engine's n_S, n_G = 1); Adam, student lr 2e-3 and generator lr 1e-3, cosine
 annealing; batch 128; z of dimension 100; KL at temperature 1. The student optimiser, schedule and n_S/n_G are
-the engine's, one protocol for every method of a comparison (README, "The DFKD
-zoo"); the paper's own student set-up is ``--set n_S=10 --set n_G=1 --set
+the engine's, one protocol for every method of a comparison
+(docs/protocols.md); the paper's own student set-up is ``--set n_S=10 --set n_G=1 --set
 student_optimizer=adam --set student_lr=2e-3 --set student_weight_decay=0 --set lr_schedule=cosine
 --set student_grad_clip=5 --set generator_cosine_iterations=N`` with N the run's iterations.
 

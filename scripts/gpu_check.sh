@@ -21,7 +21,7 @@
 # deadline (180 s) stops whatever runs, checkpointed, and still writes both files; run it again to
 # redo the checks (they are short; the runs resume).
 #
-# On the device machine (README "Speed on a GPU"): run --command "scripts/gpu_check.sh \$OUT" --timeout_s 300
+# On the device machine (docs/performance.md, "A GPU window"): run --command "scripts/gpu_check.sh \$OUT" --timeout_s 300
 set -euo pipefail
 
 if [[ $# -lt 1 || "$1" == -* ]]; then

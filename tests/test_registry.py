@@ -91,12 +91,12 @@ def test_an_undecorated_params_in_a_dropped_file_is_one_warning_line(tmp_path):
 
 @pytest.mark.parametrize("name", ["abm_noise", "pixel_ce"])
 def test_a_method_dropped_in_as_a_file_gets_the_whole_contract(tmp_path, name):
-    """The README's example methods (a generator method and a pool method), each as a file in a folder
+    """The documentation's example methods (a generator method and a pool method), each as a file in a folder
     of $DFKD_BENCH_METHOD_PATH, run every test of tests/test_contract.py (listing, state round trip,
     SIGKILL + exact resume, no host sync; for the pool method, measurements that leave it alone)."""
-    from test_readme import readme_method_examples
+    from test_readme import method_examples
 
-    (tmp_path / f"{name}.py").write_text(readme_method_examples()[name])
+    (tmp_path / f"{name}.py").write_text(method_examples()[name])
     tests = Path(__file__).parent
     env = {**os.environ, "DFKD_BENCH_METHOD_PATH": str(tmp_path), "DFKD_BENCH_CONTRACT_ONLY": name}
     result = subprocess.run([sys.executable, "-m", "pytest", str(tests / "test_contract.py"), "-q", "-p",

@@ -29,7 +29,7 @@ Because C5's input size is fixed at construction, a model built for one
 each conv (conv -> BN -> ReLU -> pool), the order of the ResNets and WRNs
 the pool methods were published with. They exist so that the methods which
 need the teacher's BatchNorm statistics (DeepInversion, CMI, FastDFKD, DFQ)
-have a CPU-sized teacher to invert (README, "BatchNorm teacher").
+have a CPU-sized teacher to invert (docs/results.md, "The zoo with a BatchNorm teacher").
 """
 
 from __future__ import annotations

@@ -43,6 +43,8 @@ The package is split so that each part can be read alone:
 * :mod:`~dfkd_bench.report.tables`: accuracy, baseline, rank, reproduction and compute tables;
 * :mod:`~dfkd_bench.report.figures`: curves, sample grids, sweep plots;
 * :mod:`~dfkd_bench.report.writer`: ``write_report`` and the ``dfkd-bench report`` command.
+* :mod:`~dfkd_bench.report.method_docs`: the documentation pages generated from the code
+  (``dfkd-bench docs``): one per method, the methods index, the settings reference.
 
 May import: cluster, store, presets, config, method_api, errors (and nothing that trains).
 """
