@@ -27,7 +27,7 @@ def _csv(text: str) -> list[str]:
 
 
 def _int_csv(text: str) -> list[int]:
-    items = _csv(text)
+    items = [item.strip() for item in text.split(",")]  # an empty item ("1," or "0,,2") is an error, not skipped
     # ASCII digits only, as in --set values: int() would also read '٣' or '３' as 3.
     if not all(item.lstrip("+-").isascii() and item.lstrip("+-").isdigit() for item in items):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {text!r}")

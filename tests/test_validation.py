@@ -140,6 +140,8 @@ RUN = ("run", "--methods", "abm", "--budget", "smoke", "--no-progress")
     (("--seeds", "-1"), ("--seeds", "-1", "0 to 4294967295")),
     (("--seeds", str(10**23)), ("--seeds", "out of range")),
     (("--seeds", "0,x"), ("--seeds", "comma-separated integers")),
+    (("--seeds", "1,"), ("--seeds", "comma-separated integers")),  # found by the property test: was seeds [1]
+    (("--seeds", "0,,2"), ("--seeds", "comma-separated integers")),
     (("--set", "lr_S=1e309"), ("student_lr", "finite")),
     (("--set", "lr_S=NaN"), ("student_lr", "finite")),
     (("--set", "lr_S=-Infinity"), ("student_lr", "finite")),
