@@ -272,11 +272,17 @@ def compare(suite: dict[str, Any], official: dict[str, Any], uncompared: dict[st
     return worst, where
 
 
+class _Beyond(Exception):
+    """A step beyond ``stop_beyond``: the replay ends there (a mutation test needs no more)."""
+
+
 def replay(trace: Trace, *, train: dict[str, Any] | None = None, params: dict[str, Any] | None = None,
-           schedule: list[str] | None = None, before: Callable[[Trainer], None] | None = None) -> ReplayResult:
+           schedule: list[str] | None = None, before: Callable[[Trainer], None] | None = None,
+           stop_beyond: float | None = None) -> ReplayResult:
     """Replay ``trace`` through the engine (``train`` / ``params`` / ``schedule`` change the suite's run, as
     the perf variants and the mutation tests do; ``before(trainer)`` runs after the build, e.g. to patch a
-    method in a test) and compare every step. Never raises for a difference: the result says it."""
+    method in a test) and compare every step; with ``stop_beyond``, end at the first step whose difference
+    exceeds it. Never raises for a difference: the result says it."""
     meta = trace.meta
     uncompared = dict(meta.get("uncompared", {}))
     result = ReplayResult()
@@ -291,6 +297,8 @@ def replay(trace: Trace, *, train: dict[str, Any] | None = None, params: dict[st
             trainer.method.ctx.draws = feed
             difference, worst = compare(suite_state(trainer), trace.initial, uncompared, "before the first step")
             result.steps.append(StepResult(0, "initial", difference, worst))
+            if stop_beyond is not None and difference > stop_beyond:
+                raise _Beyond
 
             def on_step(kind: str, terms: dict[str, Tensor]) -> None:
                 index = len(result.steps)
@@ -307,6 +315,8 @@ def replay(trace: Trace, *, train: dict[str, Any] | None = None, params: dict[st
                 if loss_difference > difference:
                     difference, worst = loss_difference, loss_worst
                 result.steps.append(StepResult(index, kind, difference, worst))
+                if stop_beyond is not None and difference > stop_beyond:
+                    raise _Beyond
 
             recording(trainer, on_step)
             run_schedule(trainer, schedule if schedule is not None else meta["schedule"])
@@ -317,6 +327,8 @@ def replay(trace: Trace, *, train: dict[str, Any] | None = None, params: dict[st
                 raise TraceMismatch(f"the suite used {feed.used} of the official loop's {len(trace.draws)} draws")
         except TraceMismatch as error:
             result.mismatch = str(error)
+        except _Beyond:
+            pass
     return result
 
 
