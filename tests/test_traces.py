@@ -210,9 +210,13 @@ def test_a_summary_becomes_the_card_line(tmp_path):
 OFFICIAL_CODE = {"dfad": "VainF/Data-Free-Adversarial-Distillation"}
 """Every method whose authors published code, with the repository its committed trace runs (issue 28)."""
 
+TRACE_FILES = {"zskt_polo5": "zskt_polo5_cifar10"}
+"""Committed traces not named ``<method>_mnist`` (a method may have several: its authors' code and a
+re-implementation a paper protocol cites)."""
+
 
 def committed(method: str) -> Trace:
-    return load_trace(TRACES / f"{method}_mnist.pt")
+    return load_trace(TRACES / f"{TRACE_FILES.get(method, f'{method}_mnist')}.pt")
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -258,6 +262,13 @@ def test_every_method_with_official_code_has_a_committed_trace():
         assert cards.equivalence_lines(method)[0].startswith(f"step-equivalent to {repo}@")
 
 
+def test_zskt_is_traced_against_its_authors_code():
+    summary = json.loads((TRACES / "zskt_polo5_cifar10.json").read_text())
+    assert summary["method"] == "zskt" and summary["official"]["repo"] == "polo5/ZeroShotKnowledgeTransfer"
+    assert any(line.startswith("step-equivalent to polo5/ZeroShotKnowledgeTransfer@e24915d")
+               for line in cards.equivalence_lines("zskt"))
+
+
 def _detach_student_logits_in_the_generator_objective(trainer) -> None:
     objective = trainer.method.generator_objective
     trainer.method.generator_objective = lambda images, teacher, student: objective(
@@ -273,4 +284,22 @@ def _detach_student_logits_in_the_generator_objective(trainer) -> None:
 ], ids=["order", "momentum", "weight_decay", "generator_mode", "detach"])
 def test_dfad_mutations_are_rejected(change):
     result = replay(committed("dfad"), stop_beyond=RTOL, **change)
+    assert not result.within(RTOL), result.describe()
+
+
+@pytest.mark.parametrize("change", [
+    dict(params={"at_weight": 100.0}),                     # a loss weight: beta
+    dict(params={"kl_reduction": "batchmean"}),            # a loss weight: the KL's 1 / classes
+    dict(before=_detach_student_logits_in_the_generator_objective),  # a detach point: G's loss through S
+    dict(params={"generator_step_student_mode": "eval"}),  # a train/eval mode: S in the generator step
+    dict(params={"student_generator_mode": "eval"}),       # a train/eval mode: G regenerating z for S
+    dict(params={"generator_grad_clip": 0.0}),             # an optimiser setting: G's clipping at 5
+    dict(train={"student_grad_clip": 0.0}),                # an optimiser setting: S's clipping at 5
+    dict(params={"generator_cosine_iterations": 0}),       # an optimiser setting: G's cosine schedule
+    dict(params={"student_batch": "fresh"}),               # the order of updates: S on a new z, not G's
+    dict(schedule=["student_stage", "iteration", "iteration"]),  # the order of updates: S before G
+], ids=["at_weight", "kl_reduction", "detach", "student_mode", "generator_mode", "generator_clip", "student_clip",
+        "generator_schedule", "student_batch", "order"])
+def test_zskt_polo5_mutations_are_rejected(change):
+    result = replay(committed("zskt_polo5"), stop_beyond=RTOL, **change)
     assert not result.within(RTOL), result.describe()

@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import platform
+import re
 import sys
 import types
 from pathlib import Path
@@ -383,3 +384,43 @@ def run_in(folder: Path, function: Callable[[], Any]) -> None:
         pass
     finally:
         os.chdir(cwd)
+
+
+# ------------------------------------------------------- the official WRN ---
+# xternalz/WideResNet-pytorch as ZSKT (polo5) and the DataFree collection (zju-vipa) use it: blocks inside
+# ``block{g}.layer``, the width-changing shortcut ``convShortcut``, the final BatchNorm ``bn1`` -> the suite's
+# ``block{g}.{i}``, ``conv_shortcut``, ``bn`` (dfkd_bench/models/wrn.py registers the same key map).
+WRN_OFFICIAL_WIDTHS = (16, 32, 64)
+
+
+def wrn_suite_name(key: str) -> str:
+    key = re.sub(r"^(block\d)\.layer\.", r"\1.", key)
+    key = key.replace(".convShortcut.", ".conv_shortcut.")
+    return re.sub(r"^bn1\.", "bn.", key)
+
+
+def wrn_official_name(key: str) -> str:
+    key = re.sub(r"^(block\d)\.(\d+)\.", r"\1.layer.\2.", key)
+    key = key.replace(".conv_shortcut.", ".convShortcut.")
+    return re.sub(r"^bn\.", "bn1.", key)
+
+
+def random_wrn_teacher(spec: dict[str, Any], num_classes: int = 10, seed: int = 1,
+                       logit_scale: float = 1.0) -> dict[str, Tensor]:
+    """A randomly initialised trace-sized WRN teacher (float64, the suite's names) whose BatchNorm layers have
+    random affine parameters and running statistics (not the identity a fresh BatchNorm is), its classifier's
+    weights multiplied by ``logit_scale`` (confident logits: gradients large enough for a clipping to act)."""
+    from dfkd_bench.models.wrn import WideResNet
+
+    torch.manual_seed(seed)
+    model = WideResNet(spec["depth"], spec["widen_factor"], num_classes, 3,
+                       base_widths=tuple(spec["base_widths"])).double()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+        model.fc.weight.mul_(logit_scale)
+    return model.state_dict()
