@@ -121,6 +121,13 @@ class DFKDMem(AdversarialMethod):
     Params = MemParams
     paper_protocols = mad_table2_protocols(MemParams, {"cifar10": 92.09, "cifar100": 61.25})
     static_student_step = True
+    no_trace_reason = (
+        "DFKD-Mem (Binici et al., WACV 2022) has no public code: the first author's publication list "
+        "(kuluhan/kuluhan.github.io, HTML/publications.json) gives its code as \"NA\", none of the author's "
+        "GitHub repositories holds it (kuluhan/PRE-DFKD is the later VAE-replay method, without a memory bank), "
+        "the MAD paper that cites it links none, and a search of GitHub code and issue threads for its title "
+        "found none; so nothing to run step for step: its memory bank and loss are proven by hand-computed tests "
+        "(tests/test_methods.py)")
 
     def __init__(self, params: MemParams, ctx: MethodContext):
         super().__init__(params, ctx)

@@ -191,6 +191,10 @@ def test_every_registered_method_has_an_equivalence_line_on_its_card(capsys):
             out = capsys.readouterr().out
             assert all(f"step equivalence: {line}" in out for line in lines)
     assert cards.equivalence_lines("mad")[0].startswith("no trace: MAD has no public code")
+    assert cards.equivalence_lines("mem")[0].startswith("no trace: DFKD-Mem (Binici et al., WACV 2022) has no public")
+    # ABM: its authors' loop is ZSKT's (traced as ZSKT); the suite's ABM is the MAD paper's, without public code
+    abm = cards.equivalence_lines("abm")[0]
+    assert abm.startswith("no trace: this ABM is the MAD paper's") and "traced as ZSKT" in abm
 
 
 def test_a_summary_becomes_the_card_line(tmp_path):
@@ -201,7 +205,7 @@ def test_a_summary_becomes_the_card_line(tmp_path):
     assert cards.equivalence_lines("dfad", tmp_path) == [
         "step-equivalent to VainF/Data-Free-Adversarial-Distillation@c161591 (DFAD_mnist.py train()): max relative "
         "difference 2.0e-11 over 18 steps (float64; results/traces/x.pt)"]
-    assert cards.equivalence_lines("abm", tmp_path) == [
+    assert cards.equivalence_lines("dfq", tmp_path) == [
         "no trace yet (its losses are proven by hand-computed tests only)"]
 
 
