@@ -164,8 +164,20 @@ class MethodContext:
     draws: Callable[..., Tensor] | None = None
     """None in every run. The step-equivalence replay (:mod:`dfkd_bench.traces`) sets it to hand out
     the random draws an official training loop consumed: ``draws(kind, shape, high)`` returns the next
-    recorded draw (``kind`` ``"randn"``, or ``"randint"`` below ``high``) and fails if its kind or shape
-    differ. It replaces only the method's own stream (``rng`` None), never a measurement's."""
+    recorded draw (``kind`` ``"randn"``, ``"rand"``, or ``"randint"`` below ``high``) and fails if its kind or
+    shape differ. It replaces only the method's own stream (``rng`` None), never a measurement's."""
+
+    def draw(self, kind: str, shape: tuple[int, ...], high: int | None = None) -> Tensor:
+        """A draw of this process alone (an augmentation's positions, a pool's sample), not a slice of a
+        global batch: ``rand`` (uniform in [0, 1)) or ``randint`` (below ``high``) of ``shape`` from ``rng``
+        -- the same call as drawing from ``rng`` directly -- or, in a replay, the next recorded draw."""
+        if self.draws is not None:
+            return self.draws(kind, tuple(shape), high).to(self.device)
+        if kind == "rand":
+            return torch.rand(shape, generator=self.rng, device=self.device)
+        if kind == "randint":
+            return torch.randint(high, shape, generator=self.rng, device=self.device)
+        raise ValueError(f"a process-local draw is rand or randint, not {kind!r}")
 
     # ---- randomness that is identical for 1 process and N data-parallel ranks ----
     def randn(self, rows: int, cols: int, rng: torch.Generator | None = None) -> Tensor:

@@ -7,10 +7,11 @@ A trace is one ``torch.save`` file of plain containers and tensors, read back wi
      "meta":    {...},                     # JSON-able: the official code, the suite's run, alignments
      "teacher": {name: Tensor},            # the teacher's state dict, in the suite's names
      "initial": STATE,                     # the full state before the first step (flat keys, below)
-     "draws":   [{"kind": "randn" | "randint", "value": Tensor}, ...],   # in the order consumed
+     "draws":   [{"kind": "randn" | "randint" | "rand", "value": Tensor}, ...],   # in the order consumed
      "steps":   [{"kind": "generator" | "student",
                   "losses": {term: float},  # in the suite's term names
-                  "state":  STATE}, ...],   # what CHANGED in this step
+                  "state":  STATE,          # what CHANGED in this step
+                  "removed": [key, ...]}, ...],  # (only when some) keys no longer in the state
      "keys": [...], "shapes": [...]}       # every state key once, with its tensor's shape
 
 where a STATE ``{key: Tensor | number}`` is stored packed: its float64 tensors as one vector
@@ -58,6 +59,9 @@ MAX_BYTES = 1_000_000
 RTOL = 1e-7
 """Every step of a replay must agree with the official values within this relative difference."""
 
+DRAW_KINDS = ("randn", "randint", "rand")
+"""What a recorded draw is: standard normal, integers below a bound, uniform in [0, 1)."""
+
 IMPLEMENTATION_KEYS = frozenset({"params", "foreach", "fused", "capturable", "differentiable"})
 """Optimiser param-group entries that choose a kernel, not the mathematics: never compared."""
 
@@ -82,8 +86,12 @@ def _leaf(value: Any) -> Any:
 def flatten(prefix: str, value: Any, out: dict[str, Any] | None = None) -> dict[str, Any]:
     """``value`` (nested dicts, lists, tensors, numbers) as ``{"prefix/a/b": leaf}``. An optimiser
     state dict (keys ``state`` and ``param_groups``) keeps its per-parameter state and the
-    mathematical settings of its groups, not its implementation flags."""
+    mathematical settings of its groups, not its implementation flags. ``None`` (a value not there yet:
+    a pool method's batch before its first step, a moving average before its first update) adds no
+    entry, so that the entries it later becomes are new entries, not a changed one."""
     out = {} if out is None else out
+    if value is None:
+        return out
     if isinstance(value, dict) and set(value) == {"state", "param_groups"}:
         for index, state in value["state"].items():
             flatten(f"{prefix}/state/{index}", state, out)
@@ -182,31 +190,33 @@ class Trace:
 
     # ---- writing (the tracers) ----
     def draw(self, kind: str, value: Tensor) -> Tensor:
-        """Record a draw the official loop consumes (``kind`` ``randn`` or ``randint``); returns it."""
-        if kind not in ("randn", "randint"):
-            raise ValueError(f"a draw is randn or randint, not {kind!r}")
+        """Record a draw the official loop consumes (``kind`` ``randn``, ``randint`` or ``rand``); returns it."""
+        if kind not in DRAW_KINDS:
+            raise ValueError(f"a draw is one of {', '.join(DRAW_KINDS)}, not {kind!r}")
         self.draws.append({"kind": kind, "value": value.detach().clone()})
         return value
 
     def step(self, kind: str, losses: dict[str, float], state: dict[str, Any]) -> None:
-        """Record one optimisation step: its losses and the FULL state after it (stored as a change)."""
+        """Record one optimisation step: its losses and the FULL state after it (stored as a change: the
+        entries that changed, and the keys no longer there -- e.g. a fresh optimiser's empty state)."""
         if kind not in ("generator", "student"):
             raise ValueError(f"a step is a generator or a student step, not {kind!r}")
         previous = self.final_state()
-        lost = sorted(set(previous) - set(state))
-        if lost:
-            raise ValueError(f"the state after step {len(self.steps) + 1} lacks {lost[:3]}")
+        removed = sorted(set(previous) - set(state))
         changed = {key: _leaf(value) for key, value in state.items()
                    if key not in previous or not _same(value, previous[key])}
-        self.steps.append({"kind": kind, "losses": {k: float(v) for k, v in losses.items()}, "state": changed})
-        self._final = {**previous, **changed}
+        entry = {"kind": kind, "losses": {k: float(v) for k, v in losses.items()}, "state": changed}
+        if removed:
+            entry["removed"] = removed
+        self.steps.append(entry)
+        self._final = _apply(previous, entry)
 
     def final_state(self) -> dict[str, Any]:
         final = getattr(self, "_final", None)
         if final is None:
             final = dict(self.initial)
             for step in self.steps:
-                final.update(step["state"])
+                final = _apply(final, step)
             self._final = final
         return final
 
@@ -215,7 +225,7 @@ class Trace:
         """The full official state after each step: ``(step index from 1, step, state)``."""
         state = dict(self.initial)
         for index, step in enumerate(self.steps, start=1):
-            state.update(step["state"])
+            state = _apply(state, step)
             yield index, step, dict(state)
 
     def to_dict(self) -> dict[str, Any]:
@@ -231,7 +241,8 @@ class Trace:
         return {"format": FORMAT, "meta": self.meta, "teacher": self.teacher, "keys": keys,
                 "shapes": [shapes.get(key, []) for key in keys],
                 "initial": _pack(self.initial, position), "draws": self.draws,
-                "steps": [{"kind": step["kind"], "losses": step["losses"], "state": _pack(step["state"], position)}
+                "steps": [{"kind": step["kind"], "losses": step["losses"], "state": _pack(step["state"], position),
+                           **({"removed": step["removed"]} if step.get("removed") else {})}
                           for step in self.steps]}
 
     def to_bytes(self) -> bytes:
@@ -248,6 +259,12 @@ class Trace:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_bytes(data)
         return hashlib.sha256(data).hexdigest()
+
+
+def _apply(state: dict[str, Any], step: dict[str, Any]) -> dict[str, Any]:
+    """``state`` after ``step``: its changed entries set, its removed keys gone."""
+    removed = set(step.get("removed", ()))
+    return {**{k: v for k, v in state.items() if k not in removed}, **step["state"]}
 
 
 def _pack(state: dict[str, Any], position: dict[str, int]) -> dict[str, Any]:
@@ -287,7 +304,8 @@ def load_trace(path: str | Path) -> Trace:
         raise TraceError(f"{path} lacks {sorted(missing)}")
     try:
         keys, shapes = data["keys"], data["shapes"]
-        steps = [{"kind": step["kind"], "losses": step["losses"], "state": _unpack(step["state"], keys, shapes)}
+        steps = [{"kind": step["kind"], "losses": step["losses"], "state": _unpack(step["state"], keys, shapes),
+                  **({"removed": list(step["removed"])} if step.get("removed") else {})}
                  for step in data["steps"]]
         return Trace(data["meta"], data["teacher"], _unpack(data["initial"], keys, shapes), list(data["draws"]), steps)
     except (KeyError, IndexError, TypeError, RuntimeError) as error:

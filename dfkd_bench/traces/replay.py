@@ -17,7 +17,8 @@ training step is re-implemented here; what this module adds around the engine:
 * **trace-sized networks** (:func:`architectures`): ``meta["architectures"]`` names each network by
   a family and its widths (``lenet``: :class:`~dfkd_bench.models.lenet.LeNet5` with ``width``;
   ``paper_generator``: :class:`~dfkd_bench.models.generators.PaperGenerator` of ``kind`` with
-  ``ngf``; ``wrn``: :class:`~dfkd_bench.models.wrn.WideResNet` of ``depth``, ``widen_factor`` and
+  ``ngf``; ``datafree_generator``: :class:`~dfkd_bench.models.generators.DataFreeGenerator` with ``ngf``
+  and ``large``; ``wrn``: :class:`~dfkd_bench.models.wrn.WideResNet` of ``depth``, ``widen_factor`` and
   ``base_widths``); they are registered for the build only (:func:`~dfkd_bench.models.registry.scoped_registrations`).
   A new family is one entry of :data:`FAMILIES`.
 * **the schedule**: ``iteration`` (the engine's iteration: the student's learning rate of the
@@ -40,7 +41,7 @@ import torch
 from torch import Tensor
 
 from dfkd_bench.config import RunConfig, TeacherSpec, TrainConfig, resolve_method_params
-from dfkd_bench.models.generators import paper_generator
+from dfkd_bench.models.generators import DataFreeGenerator, paper_generator
 from dfkd_bench.models.lenet import LeNet5
 from dfkd_bench.models.wrn import WideResNet
 from dfkd_bench.models.registry import register_generator, register_model, scoped_registrations
@@ -55,6 +56,8 @@ FAMILIES: dict[str, Callable[[dict[str, Any]], Callable[..., torch.nn.Module]]] 
         num_classes, in_channels, image_size, width=tuple(spec["width"]), batchnorm=spec.get("batchnorm", False))),
     "paper_generator": lambda spec: (lambda noise_dim, out_channels, image_size, conditioning="uncond", **_: (
         paper_generator(spec["kind"], noise_dim, out_channels, image_size, conditioning, ngf=spec["ngf"]))),
+    "datafree_generator": lambda spec: (lambda noise_dim, out_channels, image_size, conditioning="uncond", **_: (
+        DataFreeGenerator(spec.get("large", False), noise_dim, out_channels, image_size, ngf=spec["ngf"]))),
     "wrn": lambda spec: (lambda num_classes, in_channels, image_size: WideResNet(
         spec["depth"], spec["widen_factor"], num_classes, in_channels, base_widths=tuple(spec["base_widths"]))),
 }
@@ -354,13 +357,18 @@ def replay_variants(trace: Trace) -> dict[str, ReplayResult]:
 
 # ----------------------------------------------------------- recording ---
 
-_RANDN, _RANDINT = torch.randn, torch.randint  # torch's own, even while a tracer replaces them in official code
+_RANDN, _RANDINT, _RAND = torch.randn, torch.randint, torch.rand  # torch's own, even while a tracer replaces them
 
 def suite_draws(trace: Trace, rng: torch.Generator) -> Callable[..., Tensor]:
     """A ``MethodContext.draws`` that draws from ``rng`` (the suite's method stream) and records each
     draw in ``trace``: a tracer hands the same values to the official loop."""
     def draw(kind: str, shape: tuple[int, ...], high: int | None = None) -> Tensor:
-        value = _RANDN(shape, generator=rng) if kind == "randn" else _RANDINT(high, shape, generator=rng)
+        if kind == "randn":
+            value = _RANDN(shape, generator=rng)
+        elif kind == "rand":
+            value = _RAND(shape, generator=rng)
+        else:
+            value = _RANDINT(high, shape, generator=rng)
         return trace.draw(kind, value)
 
     return draw
