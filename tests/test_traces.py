@@ -211,10 +211,10 @@ def test_a_summary_becomes_the_card_line(tmp_path):
 
 # --------------------------------------------------- the committed traces ---
 
-OFFICIAL_CODE = {"dfad": "VainF/Data-Free-Adversarial-Distillation"}
+OFFICIAL_CODE = {"dfad": "VainF/Data-Free-Adversarial-Distillation", "fast": "zju-vipa/Fast-Datafree"}
 """Every method whose authors published code, with the repository its committed trace runs (issue 28)."""
 
-TRACE_FILES = {"zskt_polo5": "zskt_polo5_cifar10"}
+TRACE_FILES = {"zskt_polo5": "zskt_polo5_cifar10", "fast": "fast_cifar10"}
 """Committed traces not named ``<method>_mnist`` (a method may have several: its authors' code and a
 re-implementation a paper protocol cites)."""
 
@@ -261,7 +261,7 @@ def test_a_committed_trace_has_its_summary_and_is_the_protocols_run(path):
 
 def test_every_method_with_official_code_has_a_committed_trace():
     for method, repo in OFFICIAL_CODE.items():
-        summary = json.loads((TRACES / f"{method}_mnist.json").read_text())
+        summary = json.loads((TRACES / f"{TRACE_FILES.get(method, f'{method}_mnist')}.json").read_text())
         assert summary["official"]["repo"] == repo
         assert cards.equivalence_lines(method)[0].startswith(f"step-equivalent to {repo}@")
 
@@ -306,4 +306,44 @@ def test_dfad_mutations_are_rejected(change):
         "generator_schedule", "student_batch", "order"])
 def test_zskt_polo5_mutations_are_rejected(change):
     result = replay(committed("zskt_polo5"), stop_beyond=RTOL, **change)
+    assert not result.within(RTOL), result.describe()
+
+
+def _student_in_train_mode_during_synthesis(trainer) -> None:
+    """A train/eval mode: the student in train mode in FastDFKD's synthesis (the official code: eval)."""
+    import contextlib
+
+    import dfkd_bench.methods.fast as fast
+
+    original = fast.student_eval
+    fast.student_eval = lambda module: contextlib.nullcontext()
+    trainer.method._restore = lambda: setattr(fast, "student_eval", original)
+
+
+def _detach_student_logits_in_the_inversion_loss(trainer) -> None:
+    loss = trainer.method.inversion_loss
+    trainer.method.inversion_loss = lambda teacher, student: loss(teacher, None if student is None else student.detach())
+
+
+@pytest.mark.parametrize("change", [
+    dict(params={"bn_weight": 5.0}),                       # a loss weight: L_bn
+    dict(params={"adv_weight": 0.5}),                      # a loss weight: L_adv (on from warmup)
+    dict(params={"warmup": 1}),                            # L_adv's onset
+    dict(params={"bn_mmt": 0.0}),                          # the moving average of past statistics in L_bn
+    dict(params={"kd_temperature": 1.0}),                  # the student's KD temperature
+    dict(params={"z_lr": 0.02}),                           # an optimiser setting: z's Adam
+    dict(params={"synthesis_lr": 1e-3}),                   # an optimiser setting: fast G's and G_meta's Adam
+    dict(train={"student_momentum": 0.0}),                 # an optimiser setting: the student's SGD
+    dict(params={"pool_rounding": "nearest"}),             # the pool's uint8: rounded, not the PNG's truncation
+    dict(params={"pool_augment": "none"}),                 # the pool read without the train transform
+    dict(train={"student_warmup_epochs": 1}),              # the order of updates: KD from the second epoch
+    dict(before=_student_in_train_mode_during_synthesis),  # a train/eval mode: S in synthesis
+    dict(before=_detach_student_logits_in_the_inversion_loss),  # a detach point: L_adv's gradient through S
+], ids=["bn_weight", "adv_weight", "warmup", "bn_mmt", "kd_temperature", "z_lr", "synthesis_lr",
+        "student_momentum", "pool_rounding", "pool_augment", "student_warmup", "student_mode", "detach"])
+def test_fast_mutations_are_rejected(change, monkeypatch):
+    import dfkd_bench.methods.fast as fast
+
+    monkeypatch.setattr(fast, "student_eval", fast.student_eval)  # restored after a mode mutation
+    result = replay(committed("fast"), stop_beyond=RTOL, **change)
     assert not result.within(RTOL), result.describe()
