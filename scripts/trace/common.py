@@ -424,3 +424,14 @@ def random_wrn_teacher(spec: dict[str, Any], num_classes: int = 10, seed: int = 
                 module.running_var.uniform_(0.5, 2.0)
         model.fc.weight.mul_(logit_scale)
     return model.state_dict()
+
+
+def tracer_main(doc: str, trace: Callable[[Path], Trace], name: str, repo: str, commit: str) -> None:
+    """A tracer's command line: ``--official CHECKOUT [--out DIR]``, then :func:`finish`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--official", type=Path, required=True, help=f"a checkout of {repo} at {commit[:7]}")
+    parser.add_argument("--out", type=Path, default=TRACES, help=f"where to write {name}.pt/.json")
+    args = parser.parse_args()
+    finish(trace(args.official.resolve()), name, args.out)

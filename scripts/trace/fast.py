@@ -52,7 +52,6 @@ Patched at run time (never the arithmetic):
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import sys
@@ -449,11 +448,7 @@ def trace(checkout: Path) -> Trace:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--official", type=Path, required=True, help=f"a checkout of {REPO} at {COMMIT[:7]}")
-    parser.add_argument("--out", type=Path, default=common.TRACES, help=f"where to write {NAME}.pt/.json")
-    args = parser.parse_args()
-    common.finish(trace(args.official.resolve()), NAME, args.out)
+    common.tracer_main(__doc__, trace, NAME, REPO, COMMIT)
 
 
 if __name__ == "__main__":
