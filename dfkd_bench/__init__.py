@@ -11,6 +11,7 @@ Layers:
     report                  tables and figures from stored records (never trains)
     bench                   ``dfkd-bench bench`` and the GPU window checks: timing, FLOPs, memory
     cluster                 runs from requests and experiment files; launch, packing, SLURM, status
+    traces                  step-equivalence to the authors' code: trace files, their replay, card lines
     methods                 one file per DFKD method behind method_api (the plug-ins)
     train                   the engine and what each step uses: graphs, BatchNorm grouping, losses
     teachers                loading, checkpoint files and key maps, training, the tensor cache

@@ -161,6 +161,23 @@ class MethodContext:
     wrap_distributed: Callable[[nn.Module], nn.Module] = lambda module: module
     student_images_per_step: int = 0
     """This rank's share of ``TrainConfig.student_images_per_step`` (0: the method's own number)."""
+    draws: Callable[..., Tensor] | None = None
+    """None in every run. The step-equivalence replay (:mod:`dfkd_bench.traces`) sets it to hand out
+    the random draws an official training loop consumed: ``draws(kind, shape, high)`` returns the next
+    recorded draw (``kind`` ``"randn"``, ``"rand"``, or ``"randint"`` below ``high``) and fails if its kind or
+    shape differ. It replaces only the method's own stream (``rng`` None), never a measurement's."""
+
+    def draw(self, kind: str, shape: tuple[int, ...], high: int | None = None) -> Tensor:
+        """A draw of this process alone (an augmentation's positions, a pool's sample), not a slice of a
+        global batch: ``rand`` (uniform in [0, 1)) or ``randint`` (below ``high``) of ``shape`` from ``rng``
+        -- the same call as drawing from ``rng`` directly -- or, in a replay, the next recorded draw."""
+        if self.draws is not None:
+            return self.draws(kind, tuple(shape), high).to(self.device)
+        if kind == "rand":
+            return torch.rand(shape, generator=self.rng, device=self.device)
+        if kind == "randint":
+            return torch.randint(high, shape, generator=self.rng, device=self.device)
+        raise ValueError(f"a process-local draw is rand or randint, not {kind!r}")
 
     # ---- randomness that is identical for 1 process and N data-parallel ranks ----
     def randn(self, rows: int, cols: int, rng: torch.Generator | None = None) -> Tensor:
@@ -170,12 +187,18 @@ class MethodContext:
         its slice, so N ranks see exactly the noise one process would.
         """
         world, rank = self.distributed.world_size, self.distributed.rank
-        draws = torch.randn(rows * world, cols, generator=rng or self.rng, device=self.device)
+        if self.draws is not None and rng is None:
+            draws = self.draws("randn", (rows * world, cols), None).to(self.device)
+        else:
+            draws = torch.randn(rows * world, cols, generator=rng or self.rng, device=self.device)
         return draws[rank * rows:(rank + 1) * rows]
 
     def randint(self, high: int, rows: int, rng: torch.Generator | None = None) -> Tensor:
         world, rank = self.distributed.world_size, self.distributed.rank
-        draws = torch.randint(high, (rows * world,), generator=rng or self.rng, device=self.device)
+        if self.draws is not None and rng is None:
+            draws = self.draws("randint", (rows * world,), high).to(self.device)
+        else:
+            draws = torch.randint(high, (rows * world,), generator=rng or self.rng, device=self.device)
         return draws[rank * rows:(rank + 1) * rows]
 
 
@@ -228,6 +251,11 @@ class Method(ABC):
 
     paper_protocols: ClassVar[dict[str, PaperProtocol]] = {}
     """This method's own paper protocol per dataset it reports (see :class:`PaperProtocol`)."""
+
+    no_trace_reason: ClassVar[str] = ""
+    """Why no step-equivalence trace of the authors' code exists for this method (e.g. none is public),
+    for its protocol card; a committed trace (``results/traces``, :mod:`dfkd_bench.traces`) makes the
+    card show the replay's result instead, and without either the card says "no trace yet"."""
 
     def __init__(self, params: Any, ctx: MethodContext):
         self.params = params

@@ -94,7 +94,7 @@ class DeepInvParams(PoolParams):
                                         "DataFree re-implementation that produced the protocols' numbers)")
 
     # Added after DeepInversion runs were stored: left out of the run id while at this default.
-    HASH_OMIT_DEFAULT = {"synthesiser": "nvlabs"}
+    HASH_OMIT_DEFAULT = {**PoolParams.HASH_OMIT_DEFAULT, "synthesiser": "nvlabs"}
 
     def validate(self) -> None:
         super().validate()

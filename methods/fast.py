@@ -93,8 +93,9 @@ _FAST_CIFAR10 = PaperProtocol(
                eval_every=1, amp="none"),
     params=dict(generator="datafree_gen", noise_dim=256, synthesis_steps=5, synthesis_lr=3e-3, z_lr=0.01,
                 adv_weight=1.1, bn_weight=10.0, oh_weight=0.4, warmup=20, bn_mmt=0.9, reset_l0=True, kd_temperature=20.0,
-                # the official pool is unbounded (PNG files): 220 batches x 256 = 56,320 images hold them all
-                memory_size=56320, pool_augment="crop_flip"),
+                # the official pool is unbounded (PNG files): 220 batches x 256 = 56,320 images hold them all;
+                # stored as its PNG files are, x * 255 truncated (save_image_batch's astype('uint8'))
+                memory_size=56320, pool_augment="crop_flip", pool_rounding="floor"),
     official={"generator architecture": "Generator(nz=256, ngf=64) of datafree/models/generator.py: Linear -> "
                                         "128x8x8, BN, up, conv 128, BN, LReLU, up, conv 64, BN, LReLU, conv 3, "
                                         "sigmoid (= datafree_gen; the sigmoid is the method's)",
@@ -185,7 +186,7 @@ class FastDFKD(GeneratorPoolMethod):
         adversarial = p.adv_weight > 0 and self.batches_done + 1 >= p.warmup  # the code's ep >= warmup
         with ctx.perf.autocast(ctx.device):
             images = torch.sigmoid(self.generator(self.z).float())
-            view = random_views(images, ctx.rng, min_area=1.0, max_shift=4.0)
+            view = random_views(images, ctx.rng, min_area=1.0, max_shift=4.0, draw=ctx.draw)
             if self.bn_stats is not None:
                 with self.bn_stats.recording():
                     teacher_logits = ctx.teacher(view)

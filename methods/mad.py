@@ -75,6 +75,9 @@ class MAD(AdversarialMethod):
     Params = MADParams
     paper_protocols = mad_table2_protocols(MADParams, {"cifar10": 92.64, "cifar100": 64.05})
     static_student_step = True
+    no_trace_reason = ("MAD has no public code (the paper links none; a search of GitHub code and issue threads "
+                       "for its title and first author found none), so nothing to run step for step; its equations "
+                       "(Eqs. 3-11) are proven by tests against values computed by hand (tests/test_losses.py, tests/test_methods.py)")
 
     def __init__(self, params: MADParams, ctx: MethodContext):
         super().__init__(params, ctx)

@@ -30,31 +30,41 @@ from dfkd_bench.method_api import MethodContext, hparam, register_method
 from dfkd_bench.methods.common import AdversarialMethod, AdversarialParams, Source, mad_table2_protocols
 
 _DTYPES = {"uint8": torch.uint8, "float16": torch.float16, "float32": torch.float32}
+ROUNDINGS = ("nearest", "floor")
+"""How an image in [0, 1] becomes uint8: ``x * 255`` rounded to the nearest integer, or truncated (the DataFree
+collection's PNG pool: ``(x.clamp(0, 1) * 255).astype('uint8')``)."""
 
 
 class MemoryBank:
     """A fixed-capacity FIFO of images in [0, 1]: pushing past capacity overwrites the oldest."""
 
-    def __init__(self, capacity: int, image_shape: tuple[int, ...], dtype: str, device: torch.device):
+    def __init__(self, capacity: int, image_shape: tuple[int, ...], dtype: str, device: torch.device,
+                 rounding: str = "nearest"):
         if capacity <= 0:
             raise ConfigError(f"memory_size must be positive, got {capacity}")
         if dtype not in _DTYPES:
             raise ConfigError(f"memory_dtype={dtype!r} is not one of {', '.join(_DTYPES)}")
         self.capacity = capacity
         self.dtype = _DTYPES[dtype]
+        if rounding not in ROUNDINGS:
+            raise ConfigError(f"rounding={rounding!r} is not one of {', '.join(ROUNDINGS)}")
+        self.rounding = rounding
         self.images = torch.zeros((capacity, *image_shape), dtype=self.dtype, device=device)
         self.next_slot = 0  # where the next image goes
         self.size = 0  # how many slots hold an image
 
     def _encode(self, images: Tensor) -> Tensor:
         if self.dtype == torch.uint8:
-            return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+            scaled = images.clamp(0, 1) * 255
+            return (scaled.floor() if self.rounding == "floor" else scaled.round()).to(torch.uint8)
         return images.to(self.dtype)
 
     def _decode(self, stored: Tensor) -> Tensor:
+        # the default dtype: float32 in a run, float64 in a step-equivalence replay (k / 255 exactly as the
+        # official loader's ToTensor makes it)
         if self.dtype == torch.uint8:
-            return stored.float() / 255
-        return stored.float()
+            return stored.to(torch.get_default_dtype()) / 255
+        return stored.to(torch.get_default_dtype())
 
     @torch.no_grad()
     def push(self, images: Tensor) -> None:
@@ -71,6 +81,10 @@ class MemoryBank:
         if self.size == 0:
             return self.images.new_zeros((0, *self.images.shape[1:]), dtype=torch.float32)
         index = torch.randint(self.size, (count,), generator=rng, device=self.images.device)
+        return self.take(index)
+
+    def take(self, index: Tensor) -> Tensor:
+        """The stored images at ``index`` (positions in storage order, below :attr:`size`), decoded."""
         return self._decode(self.images[index])
 
     def ordered(self) -> Tensor:
@@ -121,6 +135,13 @@ class DFKDMem(AdversarialMethod):
     Params = MemParams
     paper_protocols = mad_table2_protocols(MemParams, {"cifar10": 92.09, "cifar100": 61.25})
     static_student_step = True
+    no_trace_reason = (
+        "DFKD-Mem (Binici et al., WACV 2022) has no public code: the first author's publication list "
+        "(kuluhan/kuluhan.github.io, HTML/publications.json) gives its code as \"NA\", none of the author's "
+        "GitHub repositories holds it (kuluhan/PRE-DFKD is the later VAE-replay method, without a memory bank), "
+        "the MAD paper that cites it links none, and a search of GitHub code and issue threads for its title "
+        "found none; so nothing to run step for step: its memory bank and loss are proven by hand-computed tests "
+        "(tests/test_methods.py)")
 
     def __init__(self, params: MemParams, ctx: MethodContext):
         super().__init__(params, ctx)

@@ -41,7 +41,7 @@ from dfkd_bench.train.batchnorm import (BatchNormStatistics, frozen_batchnorm_bu
 from dfkd_bench.errors import ConfigError
 from dfkd_bench.method_api import Method, MethodContext, hparam
 from dfkd_bench.methods.common import AdversarialMethod, Source, teacher_student_logits
-from dfkd_bench.methods.mem import MemoryBank
+from dfkd_bench.methods.mem import ROUNDINGS, MemoryBank
 from dfkd_bench.train import zoo_losses
 
 
@@ -482,8 +482,16 @@ class PoolParams:
     pool_augment: str = hparam("crop_flip", "augmentation of pool images in the student's KD: crop_flip "
                                "(random crop, padding size/8, and flip: the reference code's CIFAR train "
                                "transform) or none (its MNIST transform)")
+    pool_rounding: str = hparam("nearest", "how a pool image becomes uint8: nearest (x * 255 rounded) or floor "
+                                           "(x * 255 truncated: the DataFree collection's PNG pool, "
+                                           "save_image_batch's astype('uint8'))")
+
+    # Added after pool runs were stored: left out of the run id while at its default (config._hashed_params).
+    HASH_OMIT_DEFAULT = {"pool_rounding": "nearest"}
 
     def validate(self) -> None:
+        if self.pool_rounding not in ROUNDINGS:
+            raise ConfigError(f"pool_rounding must be one of {', '.join(ROUNDINGS)}, got {self.pool_rounding!r}")
         if self.pool_augment not in POOL_AUGMENTATIONS:
             raise ConfigError(f"pool_augment must be one of {', '.join(POOL_AUGMENTATIONS)}, "
                               f"got {self.pool_augment!r}")
@@ -514,7 +522,7 @@ class PoolMethod(Method):
     def __init__(self, params: PoolParams, ctx: MethodContext):
         super().__init__(params, ctx)
         params.validate()
-        self.pool = MemoryBank(params.memory_size, ctx.image_shape, "uint8", ctx.device)
+        self.pool = MemoryBank(params.memory_size, ctx.image_shape, "uint8", ctx.device, rounding=params.pool_rounding)
         self.batch_started = False
         self.steps_on_batch = 0  # optimisation steps the batch in progress has had
         self.batches_done = 0
@@ -615,13 +623,14 @@ class PoolMethod(Method):
     def student_images(self) -> Tensor:
         if self.pool.size == 0:  # host-side count: no sync
             return self.best_images if self.best_images is not None else self.current_images()
-        images = self.pool.sample(self.ctx.batch_size, self.ctx.rng)
+        # uniformly with replacement (ctx.draw: the same draw as from ctx.rng, or a replay's)
+        images = self.pool.take(self.ctx.draw("randint", (self.ctx.batch_size,), self.pool.size))
         if self.params.pool_augment == "crop_flip":
             # The reference code reads the pool through the data set's train transform (CIFAR:
             # RandomCrop(32, padding=4) + RandomHorizontalFlip); the same distribution, batched.
             from dfkd_bench.teachers.fast_train import random_crop_flip
 
-            images = random_crop_flip(images, images.shape[-1] // 8, self.ctx.rng).contiguous()
+            images = random_crop_flip(images, images.shape[-1] // 8, None, draw=self.ctx.draw).contiguous()
         return images
 
     def student_loss(self) -> tuple[Tensor, dict[str, Tensor]]:
@@ -660,29 +669,35 @@ class PoolMethod(Method):
 
 
 def random_views(images: Tensor, rng: torch.Generator, min_area: float = 1.0, max_shift: float = 0.0,
-                 flip: bool = True) -> Tensor:
+                 flip: bool = True, draw: Any = None) -> Tensor:
     """Differentiable random crops (and horizontal flips) of a batch, drawn on the device from ``rng``.
 
     Each image is resampled (bilinear, zero padding) from a square window covering a random
     fraction in [min_area, 1] of its area at a random position inside it, shifted by up to
     ``max_shift`` pixels, and mirrored with probability 1/2. ``min_area=1, max_shift=4``
     is the reference code's ``RandomCrop(padding=4)``; ``min_area=0.25`` its
-    ``RandomResizedCrop(scale=(0.25, 1))`` (CHOSEN: square windows, sub-pixel positions).
+    ``RandomResizedCrop(scale=(0.25, 1))`` (CHOSEN: square windows, sub-pixel positions). ``draw`` (the
+    method's :meth:`~dfkd_bench.method_api.MethodContext.draw`), when given, replaces the draw from ``rng``
+    (the same uniforms; a step-equivalence replay hands out the official loop's).
     """
     batch, _, height, width = images.shape
-    uniform = torch.rand((batch, 6), generator=rng, device=images.device)
+    if draw is not None:
+        uniform = draw("rand", (batch, 6))
+    else:
+        uniform = torch.rand((batch, 6), generator=rng, device=images.device)
     scale = (min_area + (1.0 - min_area) * uniform[:, 0]).sqrt()
     room = 1.0 - scale
     tx = (2 * uniform[:, 1] - 1) * room + (2 * uniform[:, 2] - 1) * (2.0 * max_shift / width)
     ty = (2 * uniform[:, 3] - 1) * room + (2 * uniform[:, 5] - 1) * (2.0 * max_shift / height)
     mirror = torch.where(uniform[:, 4] < 0.5, -1.0, 1.0) if flip else torch.ones_like(scale)
-    theta = torch.zeros((batch, 2, 3), device=images.device, dtype=torch.float32)
+    images = images.float()  # float32 (float64 in a step-equivalence replay)
+    theta = torch.zeros((batch, 2, 3), device=images.device, dtype=images.dtype)
     theta[:, 0, 0] = scale * mirror
     theta[:, 0, 2] = tx
     theta[:, 1, 1] = scale
     theta[:, 1, 2] = ty
     grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
-    return torch.nn.functional.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros",
+    return torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="zeros",
                                            align_corners=False)
 
 

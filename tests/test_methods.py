@@ -117,6 +117,18 @@ def test_memory_bank_uint8_quantises_to_1_over_255_and_is_compact():
     assert (bank.ordered() - images).abs().max() <= 0.5 / 255 + 1e-6
 
 
+def test_memory_bank_floor_rounding_is_the_png_pools_truncation():
+    # the DataFree collection's pool: (x.clamp(0, 1) * 255).astype('uint8') -- truncation, not rounding
+
+    images = torch.tensor([0.999, 0.5, 1.0, 0.0021, -0.1]).view(5, 1, 1, 1)
+    floor = MemoryBank(5, (1, 1, 1), "uint8", torch.device("cpu"), rounding="floor")
+    nearest = MemoryBank(5, (1, 1, 1), "uint8", torch.device("cpu"))
+    floor.push(images)
+    nearest.push(images)
+    assert floor.images.flatten().tolist() == [254, 127, 255, 0, 0]
+    assert nearest.images.flatten().tolist() == [255, 128, 255, 1, 0]
+
+
 def test_memory_bank_state_round_trip():
     bank = MemoryBank(capacity=4, image_shape=(1, 2, 2), dtype="uint8", device=torch.device("cpu"))
     bank.push(torch.rand(6, 1, 2, 2))

@@ -7,5 +7,5 @@ files, dry runs, ``dfkd-bench status``) and :mod:`~dfkd_bench.cluster.launch` (i
 and SLURM launchers through submitit, packing several runs per GPU, preemption and requeue).
 The single-node SLURM used by CI is ``scripts/slurm/``.
 
-May import: methods, train, teachers, presets, store, config, runtime, method_api, models, data, errors.
+May import: traces, methods, train, teachers, presets, store, config, runtime, method_api, models, data, errors.
 """

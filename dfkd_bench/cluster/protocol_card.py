@@ -17,6 +17,9 @@ from typing import Any
 
 from dfkd_bench.errors import ConfigError
 from dfkd_bench.method_api import get_method
+from dfkd_bench.traces.cards import equivalence_lines
+
+__all__ = ["card_rows", "equivalence_lines", "render_card", "render_resolved", "resolved_rows", "setting_text"]
 
 
 def setting_text(value: Any) -> str:
@@ -65,6 +68,7 @@ def render_card(method: str, dataset: str | None = None) -> str:
     if not datasets:
         raise ConfigError(f"{method} has no paper protocol yet; `dfkd-bench list --settings` shows its settings")
     lines = [f"protocol card: {cls.label or cls.name} ({cls.summary})"]
+    lines += [f"step equivalence: {line}" for line in equivalence_lines(method)]
     for name in datasets:
         if name not in cls.paper_protocols:
             have = ", ".join(sorted(cls.paper_protocols)) or "none"

@@ -373,12 +373,14 @@ class PaperGenerator(nn.Module):
       tanh, the output BatchNorm is affine (``BatchNorm2d(C, affine=True)``); its layers sit in one
       ``nn.Sequential`` called ``layers``.
 
-    All 3x3 convolutions have a bias (PyTorch's default, as in the official code).
+    All 3x3 convolutions have a bias (PyTorch's default, as in the official code). ``ngf`` scales the
+    widths as DFAD's ``GeneratorA(ngf=...)`` does (2 * ngf and ngf channels); every registered generator
+    has the official ngf = 64, smaller ones serve the step-equivalence traces (:mod:`dfkd_bench.traces`).
     """
 
     output_space = "normalized"
 
-    def __init__(self, kind: str, noise_dim: int, out_channels: int, image_size: int) -> None:
+    def __init__(self, kind: str, noise_dim: int, out_channels: int, image_size: int, ngf: int = 64) -> None:
         super().__init__()
         if image_size % 4 != 0:
             raise ConfigError(f"generator '{kind}_gen' needs an image_size divisible by 4 (two x2 upsamplings), "
@@ -389,21 +391,23 @@ class PaperGenerator(nn.Module):
         self.image_size = image_size
         self.init_size = image_size // 4
         eps = 0.8 if kind == "dafl" else 1e-5
-        head = [nn.Conv2d(64, out_channels, 3, stride=1, padding=1)]
+        wide = 2 * ngf
+        self.wide = wide
+        head = [nn.Conv2d(ngf, out_channels, 3, stride=1, padding=1)]
         if kind == "zskt":
             head.append(nn.BatchNorm2d(out_channels, affine=True))
         else:
             head += [nn.Tanh(), nn.BatchNorm2d(out_channels, affine=False)]
-        block1 = [nn.Conv2d(128, 128, 3, stride=1, padding=1), nn.BatchNorm2d(128, eps), nn.LeakyReLU(0.2)]
-        block2 = [nn.Conv2d(128, 64, 3, stride=1, padding=1), nn.BatchNorm2d(64, eps), nn.LeakyReLU(0.2)]
-        linear = nn.Linear(noise_dim, 128 * self.init_size ** 2)
+        block1 = [nn.Conv2d(wide, wide, 3, stride=1, padding=1), nn.BatchNorm2d(wide, eps), nn.LeakyReLU(0.2)]
+        block2 = [nn.Conv2d(wide, ngf, 3, stride=1, padding=1), nn.BatchNorm2d(ngf, eps), nn.LeakyReLU(0.2)]
+        linear = nn.Linear(noise_dim, wide * self.init_size ** 2)
         if kind == "zskt":
-            self.layers = nn.Sequential(linear, _View(128, self.init_size), nn.BatchNorm2d(128),
+            self.layers = nn.Sequential(linear, _View(wide, self.init_size), nn.BatchNorm2d(wide),
                                         nn.Upsample(scale_factor=2, mode="nearest"), *block1,
                                         nn.Upsample(scale_factor=2, mode="nearest"), *block2, *head)
         else:
             self.l1 = nn.Sequential(linear)
-            self.conv_blocks0 = nn.Sequential(nn.BatchNorm2d(128))
+            self.conv_blocks0 = nn.Sequential(nn.BatchNorm2d(wide))
             self.conv_blocks1 = nn.Sequential(*block1)
             self.conv_blocks2 = nn.Sequential(*block2, *head)
 
@@ -414,7 +418,7 @@ class PaperGenerator(nn.Module):
             raise ValueError(f"z must have shape (N, {self.noise_dim}), got {tuple(z.shape)}")
         if self.kind == "zskt":
             return self.layers(z)
-        out = self.l1(z).view(z.shape[0], 128, self.init_size, self.init_size)
+        out = self.l1(z).view(z.shape[0], self.wide, self.init_size, self.init_size)
         out = nn.functional.interpolate(self.conv_blocks0(out), scale_factor=2, mode="nearest")
         out = nn.functional.interpolate(self.conv_blocks1(out), scale_factor=2, mode="nearest")
         return self.conv_blocks2(out)
@@ -433,30 +437,31 @@ class _View(nn.Module):
         return x.view(x.shape[0], *self.shape)
 
 
-def _paper_generator(kind: str, noise_dim: int, out_channels: int, image_size: int, conditioning: str = "uncond",
-                     **_ignored) -> PaperGenerator:
+def paper_generator(kind: str, noise_dim: int, out_channels: int, image_size: int, conditioning: str = "uncond",
+                    ngf: int = 64, **_ignored) -> PaperGenerator:
+    """A :class:`PaperGenerator` of ``kind`` (``dfad``, ``dafl``, ``zskt``), refusing a class condition."""
     if conditioning != "uncond":
         raise ConfigError(f"generator '{kind}_gen' is unconditional (as in its paper); "
                           f"use conditioning=uncond or another generator")
-    return PaperGenerator(kind, noise_dim, out_channels, image_size)
+    return PaperGenerator(kind, noise_dim, out_channels, image_size, ngf)
 
 
 @register_generator("dfad_gen", family="paper", default_image_size=32,
                     description="DFAD's GeneratorA: 128 ch at s/4, nearest x2, convs 128-128-64-C, tanh + BN(affine=False)")
 def dfad_gen(*, noise_dim: int, out_channels: int, image_size: int, **kwargs) -> PaperGenerator:
-    return _paper_generator("dfad", noise_dim, out_channels, image_size, **kwargs)
+    return paper_generator("dfad", noise_dim, out_channels, image_size, **kwargs)
 
 
 @register_generator("dafl_gen", family="paper", default_image_size=32,
                     description="DAFL's generator: DFAD's shape with BatchNorm eps 0.8 in the conv blocks")
 def dafl_gen(*, noise_dim: int, out_channels: int, image_size: int, **kwargs) -> PaperGenerator:
-    return _paper_generator("dafl", noise_dim, out_channels, image_size, **kwargs)
+    return paper_generator("dafl", noise_dim, out_channels, image_size, **kwargs)
 
 
 @register_generator("zskt_gen", family="paper", default_image_size=32,
                     description="ZSKT's generator: DFAD's shape without tanh, ending in an affine BatchNorm")
 def zskt_gen(*, noise_dim: int, out_channels: int, image_size: int, **kwargs) -> PaperGenerator:
-    return _paper_generator("zskt", noise_dim, out_channels, image_size, **kwargs)
+    return paper_generator("zskt", noise_dim, out_channels, image_size, **kwargs)
 
 
 # ---- the DataFree collection's generators (zju-vipa/CMI and zju-vipa/Fast-Datafree) ---------

@@ -24,6 +24,7 @@ CLI prints that line and nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import re
@@ -159,6 +160,22 @@ The decorated function receives the keyword arguments of
 :func:`build_generator` (minus ``name``) and returns a
 :class:`~dfkd_bench.models.generators.Generator`.
 """
+
+
+@contextlib.contextmanager
+def scoped_registrations():
+    """``with scoped_registrations(): register_model(...)(builder) ...`` -- classifiers and generators
+    registered inside the block are unregistered at its end (the step-equivalence replay's trace-sized
+    architectures, which must not stay in ``dfkd-bench list`` or collide with a second replay)."""
+    _load_builtins(_BUILTIN_MODEL_MODULES)
+    _load_builtins(_BUILTIN_GENERATOR_MODULES)
+    saved = {id(table): dict(table) for table in (_MODELS, _GENERATORS)}
+    try:
+        yield
+    finally:
+        for table in (_MODELS, _GENERATORS):
+            table.clear()
+            table.update(saved[id(table)])
 
 
 def _load_builtins(modules: Iterable[str]) -> None:

@@ -543,10 +543,13 @@ def protocol_cards_markdown(frame: pd.DataFrame, notes: list[str]) -> str:
     if frame.empty and not notes:
         return ""
     lines: list[str] = []
+    from dfkd_bench.cluster.protocol_card import equivalence_lines
+
     for (label, dataset, pair, _config), group in frame.groupby(["label", "dataset", "pair", "config_id"],
                                                                  sort=False):
         marked = int((group["mark"] != "").sum())
         lines += [f"**{label} on {dataset} ({pair})**: {len(group)} settings, {marked} marked", "",
+                  *[f"Step equivalence: {line}" for line in equivalence_lines(group["method"].iloc[0])], "",
                   "| setting | paper / official code | these runs | mark |", "|:--|:--|:--|:--|"]
         for row in group.itertuples():
             cells = [str(v).replace("|", "\\|") for v in (row.setting, row.paper, row.runs, row.mark)]

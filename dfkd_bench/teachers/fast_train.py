@@ -45,21 +45,29 @@ def augmentation_for(dataset: str) -> str:
     return "none"
 
 
-def random_crop_flip(images: Tensor, padding: int, generator: torch.Generator, flip: bool = True) -> Tensor:
+def random_crop_flip(images: Tensor, padding: int, generator: torch.Generator | None, flip: bool = True,
+                     draw: Callable[..., Tensor] | None = None) -> Tensor:
     """Per image: zero-pad by ``padding``, crop the original size at a uniform offset in
-    ``[0, 2 * padding]`` on each axis, then mirror left-right with probability 1/2.
+    ``[0, 2 * padding]`` on each axis (rows, then columns), then mirror left-right with probability 1/2.
+    ``draw(kind, shape, high)`` (a method's :meth:`~dfkd_bench.method_api.MethodContext.draw`), when given,
+    replaces the draws from ``generator`` (the same calls in the same order).
 
     Works on any dtype (uint8 included) and returns a channels-last tensor of the input's shape.
     """
     n, _, h, w = images.shape
     device = images.device
+    if draw is None:
+        def draw(kind: str, shape: tuple[int, ...], high: int | None = None) -> Tensor:
+            if kind == "rand":
+                return torch.rand(shape, generator=generator, device=device)
+            return torch.randint(0, high, shape, generator=generator, device=device)
     padded = F.pad(images, (padding, padding, padding, padding)) if padding else images
-    oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=device)
-    ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=device)
+    oy = draw("randint", (n,), 2 * padding + 1)
+    ox = draw("randint", (n,), 2 * padding + 1)
     rows = oy[:, None] + torch.arange(h, device=device)  # n x h
     cols = ox[:, None] + torch.arange(w, device=device)  # n x w
     if flip:
-        mirrored = torch.rand(n, generator=generator, device=device) < 0.5
+        mirrored = draw("rand", (n,)) < 0.5
         cols = torch.where(mirrored[:, None], cols.flip(1), cols)
     batch = torch.arange(n, device=device)[:, None, None]
     # advanced indices around a slice: the result is n x h x w x c, i.e. channels-last memory

@@ -376,6 +376,11 @@ class Trainer:
         cosine; derived from the iteration, so resume needs no scheduler state)."""
         return self.train_cfg.learning_rate(iteration)
 
+    def set_learning_rate(self) -> None:
+        """Set the student's learning rate of the current iteration on its optimiser."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate(self.iteration)
+
     def clip_student_gradients(self) -> None:
         """``student_grad_clip`` > 0: clip the student's gradient norm (ZSKT: clip_grad_norm_(S, 5)), on the
         device (no host read), after backward and before the optimiser step."""
@@ -393,11 +398,14 @@ class Trainer:
         if self.iteration >= self.train_cfg.student_warmup_epochs * self.train_cfg.steps_per_epoch:
             self.student_stage()
 
-    def generator_stage(self) -> None:
+    def generator_stage(self, end_stage: bool = True) -> None:
+        """The n_G generator steps, then ``method.end_generator_stage()`` (which prepares the student
+        stage); ``end_stage=False`` leaves the latter out (the step-equivalence replay's last stage)."""
         with self._stage("synthesis"):
             for _ in range(self.train_cfg.generator_steps):
                 self.accumulate(self.method.generator_step())
-            self.method.end_generator_stage()
+            if end_stage:
+                self.method.end_generator_stage()
 
     def student_stage(self) -> None:
         with self._stage("student"):
@@ -747,8 +755,7 @@ class Trainer:
         evals = [r for r in self.records if r.get("kind") == "eval"]
         last_accuracy = evals[-1]["test_accuracy"] if evals else float("nan")
         while self.iteration < total:
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.learning_rate(self.iteration)
+            self.set_learning_rate()
             self.run_iteration()
             self.iteration += 1
             bar.update(1)

@@ -1,0 +1,437 @@
+"""What every tracer shares: the suite's side of a trace, and the run-time harness around official code.
+
+A tracer (``scripts/trace/<method>.py``) runs an official training loop from a checkout path given
+on the command line; nothing here or there is imported by ``dfkd_bench``. See
+``dfkd_bench/traces/__init__.py`` for the steps of writing one; the pieces:
+
+* :func:`protocol_config` -- the suite's run under the protocol that cites the official code,
+  trace-sized (every change from the protocol listed in ``meta["trace_sized"]``);
+* :func:`suite_start` -- the engine's own ``build()`` of that run in float64: the suite's initial
+  state, its parameter order and its method's random stream;
+* :func:`load_official_module` / :func:`scale_widths` -- official source loaded from the checkout,
+  optionally with integer widths of named classes replaced (trace-sized networks, same arithmetic);
+* :class:`OfficialRun` -- feeds the official ``torch.randn`` the suite's draws, records after each
+  official optimiser step (a post-step hook) the losses read from the official frame and the full
+  state in the suite's names, and ends the loop after the last step;
+* :func:`finish` -- saves the trace, replays it on every engine path, writes the summary.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import dataclasses
+import hashlib
+import json
+import platform
+import re
+import sys
+import types
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+REPO = Path(__file__).resolve().parents[2]
+TRACES = REPO / "results" / "traces"
+
+from dfkd_bench.traces.format import RTOL, Trace, flatten, optimizer_state_in_order  # noqa: E402
+from dfkd_bench.traces.replay import (build_trainer, float64_mode, replay_variants, suite_draws,  # noqa: E402
+                                      suite_state)
+
+
+class TraceDone(Exception):
+    """Raised into the official loop to end it after the traced steps."""
+
+
+# ------------------------------------------------------------------ the suite ---
+
+def protocol_config(method: str, dataset: str, *, architectures: dict[str, dict[str, Any]],
+                    teacher_arch: str, student_arch: str, train: dict[str, Any], params: dict[str, Any],
+                    why: dict[str, str], seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(config, trace_sized)``: the paper protocol of ``method`` on ``dataset`` as the suite resolves it,
+    with the trace-sized ``train`` / ``params`` / architectures; ``trace_sized`` lists every setting that
+    differs from the protocol (``[protocol value, trace value, why]``, the reason from ``why``)."""
+    from dfkd_bench.cluster.experiment import resolve_settings
+    from dfkd_bench.data.catalog import get_dataset_info
+
+    p_teacher, p_student, size, p_train, p_params = resolve_settings(method, dataset, "paper")
+    info = get_dataset_info(dataset)
+    protocol_train = dataclasses.asdict(p_train)
+    config = {
+        "dataset": dataset, "protocol": "paper", "seed": seed, "image_size": size, "channels": info.channels,
+        "num_classes": info.num_classes, "teacher_arch": teacher_arch, "teacher_mean": list(info.mean),
+        "teacher_std": list(info.std), "student_arch": student_arch, "student_mean": list(info.mean),
+        "student_std": list(info.std), "train": {**protocol_train, **train}, "params": {**p_params, **params},
+    }
+    sized = {"teacher_arch": [p_teacher, f"{teacher_arch} {architectures[teacher_arch]}", why["networks"]],
+             "student_arch": [p_student, f"{student_arch} {architectures[student_arch]}", why["networks"]]}
+    for name, value in train.items():
+        if protocol_train[name] != value:
+            sized[f"train.{name}"] = [protocol_train[name], value, why[name]]
+    for name, value in params.items():
+        if p_params.get(name) != value:
+            shown = f"{value} {architectures[value]}" if value in architectures else value
+            sized[f"params.{name}"] = [p_params.get(name), shown, why[name]]
+    return config, sized
+
+
+@contextlib.contextmanager
+def suite_start(meta: dict[str, Any], teacher: dict[str, Tensor], workdir: Path):
+    """The engine's trainer of ``meta``'s run, built in float64 (inside :func:`float64_mode`, which
+    the official loop then shares): ``trainer.student_module``, ``trainer.method`` ... hold the
+    suite's initial state, and ``trainer.method_rng`` is the method's random stream."""
+    with float64_mode():
+        yield build_trainer(meta, teacher, workdir)
+
+
+def parameter_names(module: nn.Module, strip: str = "") -> list[str]:
+    """The names of ``module``'s parameters in the order an optimiser over ``module.parameters()`` holds them."""
+    return [name[len(strip):] if strip and name.startswith(strip) else name for name, _ in module.named_parameters()]
+
+
+# ---------------------------------------------------------- official code ---
+
+def check_checkout(checkout: Path, repo: str, commit: str, files: dict[str, str]) -> None:
+    """Refuse (one line) a checkout whose files are not those of ``repo@commit``: ``files`` maps each file
+    the tracer reads to its git blob id at the pinned commit (any copy of the files passes, git or not)."""
+    for relative, blob in files.items():
+        path = checkout / relative
+        if not path.is_file():
+            raise SystemExit(f"error: {path} does not exist; pass --official a checkout of {repo} at {commit[:7]}")
+        data = path.read_bytes()
+        found = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        if found != blob:
+            raise SystemExit(f"error: {path} is not the file of {repo}@{commit[:7]} (git blob {found[:10]}, expected "
+                             f"{blob[:10]}); check out commit {commit}")
+
+
+def stub_module(name: str, **attributes: Any) -> None:
+    """Register an importable module ``name`` holding ``attributes`` (for imports the official code makes
+    of packages this environment lacks or that moved; see each tracer's docstring)."""
+    module = types.ModuleType(name)
+    module.__dict__.update(attributes)
+    sys.modules[name] = module
+
+
+class _ScaleWidths(ast.NodeTransformer):
+    def __init__(self, classes: dict[str, dict[int, int]]):
+        self.classes = classes
+        self.current: dict[int, int] | None = None
+        self.replaced: dict[str, dict[int, int]] = {name: {} for name in classes}
+        self.name = ""
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> ast.AST:
+        if node.name not in self.classes:
+            return node
+        self.current, self.name = self.classes[node.name], node.name
+        self.generic_visit(node)
+        self.current = None
+        return node
+
+    def visit_Constant(self, node: ast.Constant) -> ast.AST:
+        if self.current is not None and type(node.value) is int and node.value in self.current:
+            counts = self.replaced[self.name]
+            counts[node.value] = counts.get(node.value, 0) + 1
+            return ast.copy_location(ast.Constant(self.current[node.value]), node)
+        return node
+
+
+def scale_widths(tree: ast.Module, classes: dict[str, dict[int, int]]) -> dict[str, dict[int, int]]:
+    """Replace, inside each named class of ``tree``, the integer literals ``old`` by ``new`` (its channel
+    widths); returns how often each was replaced and fails if a named width was not found. Only sizes
+    change: every operation, its order and its other constants stay the official code's."""
+    transformer = _ScaleWidths(classes)
+    transformer.visit(tree)
+    for name, widths in classes.items():
+        missing = sorted(set(widths) - set(transformer.replaced[name]))
+        if missing:
+            raise SystemExit(f"error: class {name} of the official code has no width {missing}; is this the pinned "
+                             f"commit?")
+    return transformer.replaced
+
+
+def load_official_module(path: Path, name: str, widths: dict[str, dict[int, int]] | None = None,
+                         run: bool = True) -> types.ModuleType:
+    """The official file ``path`` as module ``name`` (its code objects keep the file's path, so frames of
+    it are recognised), optionally with :func:`scale_widths` applied; ``run=False`` returns the module
+    unexecuted (execute it with ``exec(module.__code__, module.__dict__)``)."""
+    tree = ast.parse(path.read_text(), str(path))
+    if widths:
+        scale_widths(tree, widths)
+    code = compile(ast.fix_missing_locations(tree), str(path), "exec")
+    module = types.ModuleType(name)
+    module.__file__ = str(path)
+    module.__code__ = code
+    sys.modules[name] = module
+    if run:
+        exec(code, module.__dict__)
+    return module
+
+
+def padded_to(module_class: type, side: int, pad: int) -> type:
+    """A subclass of an official classifier that zero-pads its ``side``-px input by ``pad`` on every edge
+    before its own forward (same parameters, same names): what the suite's LeNet-5 computes on 28-px
+    inputs with conv1 padding 2, which the official LeNet-5 computes on the 32-px zero-padded image."""
+    class Padded(module_class):
+        def forward(self, img, *args, **kwargs):
+            if img.shape[-1] != side:
+                raise ValueError(f"the traced network expects {side}-px inputs, got {tuple(img.shape)}")
+            return super().forward(torch.nn.functional.pad(img, (pad, pad, pad, pad)), *args, **kwargs)
+
+    Padded.__name__ = Padded.__qualname__ = f"{module_class.__name__}Padded{side}"
+    return Padded
+
+
+def renamed(state: dict[str, Tensor], rename: Callable[[str], str], shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
+    """An official state dict in the suite's names (``rename``), each tensor in the suite's shape (a 5x5
+    convolution over a 5x5 map is the suite's dense C5 layer: the same numbers, flattened)."""
+    out = {}
+    for key, value in state.items():
+        suite_key = rename(key)
+        out[suite_key] = value.detach().reshape(shapes[suite_key]) if suite_key in shapes else value.detach()
+    return out
+
+
+def optimizer_in_suite_order(optimizer: torch.optim.Optimizer, official: nn.Module, suite_names: list[str],
+                             official_name: Callable[[str], str], shapes: dict[str, torch.Size]) -> dict[str, Any]:
+    """An official optimiser's state dict indexed like the suite's optimiser (``suite_names``: the suite's
+    parameter order), each moment in the shape of the suite's parameter."""
+    params = [official.get_parameter(official_name(name)) for name in suite_names]
+    state = optimizer_state_in_order(optimizer, params)
+    for index, entry in state["state"].items():
+        shape = shapes[suite_names[index]]
+        state["state"][index] = {k: (v.reshape(shape) if isinstance(v, Tensor) and v.numel() == shape.numel()
+                                     and v.dim() > 0 else v) for k, v in entry.items()}
+    return state
+
+
+def official_frame(path: Path):
+    """The innermost frame running code of the official file ``path`` (the loop whose step is recorded)."""
+    frame = sys._getframe(1)
+    while frame is not None and Path(frame.f_code.co_filename) != path:
+        frame = frame.f_back
+    if frame is None:
+        raise RuntimeError(f"no frame of {path} on the stack")
+    return frame
+
+
+class OfficialRun:
+    """The run-time harness around an official loop (one per trace).
+
+    * ``randn``: a replacement for ``torch.randn`` that returns the suite's next draw (from its method
+      stream, recorded in the trace), shaped as the official call asks; its ``stop_after``-th call
+      onwards raises :class:`TraceDone` (the loop ends before drawing what it would not use);
+    * ``on_first_draw(frame)`` runs before the first draw (e.g. copying the suite's initial weights into
+      networks the official code built, with their optimisers, at module level);
+    * ``record(optimizer, kind, losses)``: after every ``optimizer.step()`` the official loop makes, read
+      ``losses(frame_variables)`` and ``state()`` and add the step to the trace.
+    """
+
+    def __init__(self, trace: Trace, rng: torch.Generator, official_file: Path, state: Callable[[], dict[str, Any]],
+                 stop_after: int, on_first_draw: Callable[[Any], None] | None = None):
+        self.trace = trace
+        self.draw = suite_draws(trace, rng)
+        self.official_file = official_file
+        self.state = state
+        self.stop_after = stop_after
+        self.on_first_draw = on_first_draw
+        self.draws = 0
+
+    def randn(self, *size, **kwargs) -> Tensor:
+        shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
+        if self.draws >= self.stop_after:
+            raise TraceDone
+        if self.draws == 0 and self.on_first_draw is not None:
+            self.on_first_draw(official_frame(self.official_file))
+        self.draws += 1
+        rows = shape[0]
+        cols = int(torch.Size(shape[1:]).numel())
+        return self.draw("randn", (rows, cols)).reshape(shape)
+
+    def record(self, optimizer: torch.optim.Optimizer, kind: str,
+               losses: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        def hook(_optimizer, _args, _kwargs):
+            variables = official_frame(self.official_file).f_locals
+            values = {name: float(value.detach()) if isinstance(value, Tensor) else float(value)
+                      for name, value in losses(variables).items()}
+            self.trace.step(kind, values, self.state())
+
+        optimizer.register_step_post_hook(hook)
+
+
+def full_state(parts: dict[str, Any]) -> dict[str, Any]:
+    """``{"student": state dict, "student_optimizer": ..., "method": {...}}`` flattened as the suite's
+    :func:`~dfkd_bench.traces.replay.suite_state` is."""
+    out: dict[str, Any] = {}
+    for prefix, value in parts.items():
+        flatten(prefix, value, out)
+    return out
+
+
+# ------------------------------------------------------------------ finish ---
+
+def finish(trace: Trace, name: str, out_dir: Path = TRACES) -> dict[str, Any]:
+    """Save ``trace`` as ``out_dir/NAME.pt``, replay it on every engine path, write ``NAME.json``; print the
+    result. Exits non-zero (keeping both files, for study) if a replay is not within RTOL."""
+    path = out_dir / f"{name}.pt"
+    sha = trace.save(path)
+    results = replay_variants(trace)
+    meta = trace.meta
+    summary = {
+        "method": meta["method"], "trace": path.name, "sha256": sha, "official": meta["official"],
+        "protocol": f"{meta['config']['dataset']} {meta['config']['protocol']} protocol",
+        "steps": len(trace.steps), "dtype": "float64", "rtol": RTOL,
+        "max_relative_difference": max(r.max_relative_difference for r in results.values()),
+        "variants": {variant: r.max_relative_difference for variant, r in results.items()},
+        "replays": {variant: r.describe() for variant, r in results.items()},
+        "command": meta["command"], "alignments": meta["alignments"], "trace_sized": meta["trace_sized"],
+        "patches": meta["patches"], "bytes": path.stat().st_size,
+        "made_with": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()},
+    }
+    (out_dir / f"{name}.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    for variant, result in results.items():
+        print(f"{name} [{variant}]: {result.describe()}")
+    print(f"wrote {path} ({summary['bytes']:,} bytes) and {name}.json")
+    if not all(result.within(RTOL) for result in results.values()):
+        raise SystemExit(f"error: the suite is not step-equivalent to {meta['official']['repo']} within {RTOL:g}")
+    return summary
+
+
+# ------------------------------------------------------- the official LeNet-5 ---
+# DAFL's lenet.py (and DFAD's network/lenet.py, "borrowed from" it): conv1, conv2, conv3 (a 5x5
+# convolution over the 5x5 map: the suite's dense C5), fc1, fc2 -> the suite's conv1, conv2, c5, fc6, fc7.
+
+LENET_NAMES = {"conv1": "conv1", "conv2": "conv2", "conv3": "c5", "fc1": "fc6", "fc2": "fc7"}
+LENET_OFFICIAL = {suite: official for official, suite in LENET_NAMES.items()}
+LENET5_WIDTHS = (6, 16, 120, 84)
+LENET5_HALF_WIDTHS = (3, 8, 60, 42)
+
+
+def lenet_suite_name(key: str) -> str:
+    layer, _, rest = key.partition(".")
+    return f"{LENET_NAMES[layer]}.{rest}"
+
+
+def lenet_official_name(key: str) -> str:
+    layer, _, rest = key.partition(".")
+    return f"{LENET_OFFICIAL[layer]}.{rest}"
+
+
+def lenet_widths(official: tuple[int, ...], trace: list[int]) -> dict[int, int]:
+    """``scale_widths``'s map from an official LeNet-5's (conv1, conv2, C5, F6) widths to the trace's."""
+    return dict(zip(official, trace))
+
+
+def official_lenet_state(suite_state: dict[str, Tensor], official: nn.Module) -> dict[str, Tensor]:
+    """A suite LeNet-5 state dict in an official LeNet-5's names and shapes (C5 as the 5x5 convolution)."""
+    shapes = {k: v.shape for k, v in official.state_dict().items()}
+    return {lenet_official_name(k): v.reshape(shapes[lenet_official_name(k)]) for k, v in suite_state.items()}
+
+
+class LeNetGeneratorLayout:
+    """The suite's side of a method whose state is a LeNet-5 student and a paper generator, each with its
+    optimiser (DFAD, DAFL): names, order and shapes of the suite's run, its initial weights, and the
+    official objects' state in the suite's names."""
+
+    def __init__(self, trainer):
+        student = trainer.student_module.model
+        generator = trainer.method.net.generator
+        self.student_shapes = {k: v.shape for k, v in student.state_dict().items()}
+        self.generator_shapes = {k: v.shape for k, v in generator.state_dict().items()}
+        self.student_names = parameter_names(student)
+        self.generator_names = parameter_names(trainer.method.net, strip="generator.")
+        self.initial_student = {k: v.clone() for k, v in student.state_dict().items()}
+        self.initial_generator = {k: v.clone() for k, v in generator.state_dict().items()}
+
+    def load_initial(self, student: nn.Module, generator: nn.Module) -> None:
+        """Copy the suite's initial weights into the official student (a LeNet-5) and generator."""
+        with torch.no_grad():
+            student.load_state_dict(official_lenet_state(self.initial_student, student))
+            generator.load_state_dict(self.initial_generator)
+
+    def state(self, student: nn.Module, optimizer_s: torch.optim.Optimizer, generator: nn.Module,
+              optimizer_g: torch.optim.Optimizer) -> dict[str, Any]:
+        """The official run's full state, flat, in the names of the suite's ``suite_state``."""
+        return full_state({
+            "student": renamed(student.state_dict(), lenet_suite_name, self.student_shapes),
+            "student_optimizer": optimizer_in_suite_order(optimizer_s, student, self.student_names,
+                                                          lenet_official_name, self.student_shapes),
+            "method": {"generator": {f"generator.{k}": v.detach() for k, v in generator.state_dict().items()},
+                       "generator_optimizer": optimizer_in_suite_order(optimizer_g, generator, self.generator_names,
+                                                                       lambda name: name, self.generator_shapes)},
+        })
+
+
+def random_lenet_teacher(widths: list[int], seed: int = 1) -> dict[str, Tensor]:
+    """A randomly initialised trace-sized LeNet-5 teacher (float64, the suite's names) for 28-px inputs."""
+    from dfkd_bench.models.lenet import LeNet5
+
+    torch.manual_seed(seed)
+    return LeNet5(10, 1, 28, width=tuple(widths)).double().state_dict()
+
+
+def run_in(folder: Path, function: Callable[[], Any]) -> None:
+    """``function()`` with ``folder`` as the working directory, ended by :class:`TraceDone`."""
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        function()
+    except TraceDone:
+        pass
+    finally:
+        os.chdir(cwd)
+
+
+# ------------------------------------------------------- the official WRN ---
+# xternalz/WideResNet-pytorch as ZSKT (polo5) and the DataFree collection (zju-vipa) use it: blocks inside
+# ``block{g}.layer``, the width-changing shortcut ``convShortcut``, the final BatchNorm ``bn1`` -> the suite's
+# ``block{g}.{i}``, ``conv_shortcut``, ``bn`` (dfkd_bench/models/wrn.py registers the same key map).
+WRN_OFFICIAL_WIDTHS = (16, 32, 64)
+
+
+def wrn_suite_name(key: str) -> str:
+    key = re.sub(r"^(block\d)\.layer\.", r"\1.", key)
+    key = key.replace(".convShortcut.", ".conv_shortcut.")
+    return re.sub(r"^bn1\.", "bn.", key)
+
+
+def wrn_official_name(key: str) -> str:
+    key = re.sub(r"^(block\d)\.(\d+)\.", r"\1.layer.\2.", key)
+    key = key.replace(".conv_shortcut.", ".convShortcut.")
+    return re.sub(r"^bn\.", "bn1.", key)
+
+
+def random_wrn_teacher(spec: dict[str, Any], num_classes: int = 10, seed: int = 1,
+                       logit_scale: float = 1.0) -> dict[str, Tensor]:
+    """A randomly initialised trace-sized WRN teacher (float64, the suite's names) whose BatchNorm layers have
+    random affine parameters and running statistics (not the identity a fresh BatchNorm is), its classifier's
+    weights multiplied by ``logit_scale`` (confident logits: gradients large enough for a clipping to act)."""
+    from dfkd_bench.models.wrn import WideResNet
+
+    torch.manual_seed(seed)
+    model = WideResNet(spec["depth"], spec["widen_factor"], num_classes, 3,
+                       base_widths=tuple(spec["base_widths"])).double()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+        model.fc.weight.mul_(logit_scale)
+    return model.state_dict()
+
+
+def tracer_main(doc: str, trace: Callable[[Path], Trace], name: str, repo: str, commit: str) -> None:
+    """A tracer's command line: ``--official CHECKOUT [--out DIR]``, then :func:`finish`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--official", type=Path, required=True, help=f"a checkout of {repo} at {commit[:7]}")
+    parser.add_argument("--out", type=Path, default=TRACES, help=f"where to write {name}.pt/.json")
+    args = parser.parse_args()
+    finish(trace(args.official.resolve()), name, args.out)

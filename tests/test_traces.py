@@ -1,0 +1,349 @@
+"""Step-equivalence to the authors' code (issue 28): the trace format, the replay harness, the card lines,
+and every committed trace in ``results/traces`` replayed through the engine within RTOL per step.
+
+The harness's own tests use a trace of the SUITE (``record_suite``: the engine's steps with its own draws),
+which a replay must reproduce exactly and a mutated run must not; the committed traces are runs of the
+official code (``scripts/trace/<method>.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT
+from dfkd_bench.models.lenet import LeNet5
+from dfkd_bench.traces import cards
+from dfkd_bench.traces.format import (MAX_BYTES, RTOL, Trace, TraceError, comparison_scales, file_sha256,
+                                      load_trace, relative_difference)
+from dfkd_bench.traces.replay import VARIANTS, record_suite, replay
+
+TRACES = REPO_ROOT / "results" / "traces"
+COMMITTED = sorted(TRACES.glob("*.pt"))
+
+TINY = {
+    "trace_teacher": {"registry": "model", "family": "lenet", "width": [3, 4, 12, 10]},
+    "trace_student": {"registry": "model", "family": "lenet", "width": [2, 3, 6, 6]},
+    "trace_generator": {"registry": "generator", "family": "paper_generator", "kind": "dfad", "ngf": 2},
+}
+
+
+def tiny_meta(method: str = "dfad", optimizer: str = "sgd", **params) -> dict:
+    """A suite run of tiny networks on 28-px MNIST-shaped inputs: 2 iterations after a student stage."""
+    return {
+        "method": method,
+        "config": {"dataset": "mnist", "protocol": "paper", "seed": 0, "image_size": 28, "channels": 1,
+                   "num_classes": 10, "teacher_arch": "trace_teacher", "teacher_mean": [0.1307],
+                   "teacher_std": [0.3081], "student_arch": "trace_student", "student_mean": [0.1307],
+                   "student_std": [0.3081],
+                   "train": dict(epochs=1, steps_per_epoch=2, generator_steps=1, student_steps=2, batch_size=4,
+                                 student_optimizer=optimizer, student_lr=0.01, student_weight_decay=1e-4,
+                                 student_momentum=0.9, lr_decay=1.0, lr_milestones=[], amp="none",
+                                 channels_last=False, drift_every=0),
+                   "params": dict(generator="trace_generator", noise_dim=3, generator_lr=1e-3, **params)},
+        "architectures": TINY,
+        "schedule": ["student_stage", "iteration", "generator_steps"],
+        "load": ["student/", "method/generator/"],
+        "uncompared": {"method/counters/": "a budget counter"},
+    }
+
+
+class Payload:
+    """An object whose unpickling would need code (a trace file holding one is refused)."""
+
+
+@pytest.fixture(scope="module")
+def suite_trace() -> Trace:
+    torch.manual_seed(0)
+    teacher = LeNet5(10, 1, 28, width=(3, 4, 12, 10)).double().state_dict()
+    return record_suite(tiny_meta(), teacher)
+
+
+# ------------------------------------------------------------------ format ---
+
+def test_relative_difference_is_normwise_and_refuses_what_cannot_be_compared():
+    official = torch.tensor([1.0, -4.0, 0.0], dtype=torch.float64)
+    assert relative_difference(official.clone(), official) == 0.0
+    assert relative_difference(official + torch.tensor([0, 0, 4e-8], dtype=torch.float64), official) == pytest.approx(1e-8)
+    assert relative_difference(torch.zeros(2), torch.zeros(3)) == math.inf
+    assert relative_difference(torch.ones(1), torch.zeros(1)) == math.inf  # all-zero official, non-zero suite
+    assert relative_difference(0.1, 0.1) == 0.0 and relative_difference("a", "b") == math.inf
+    assert relative_difference(torch.tensor([math.nan]), torch.tensor([1.0])) == math.inf
+    # a scale larger than the tensor's own magnitude: the optimiser-moment rule
+    assert relative_difference(torch.tensor([2e-17]), torch.tensor([1e-17]), scale=1e-3) == pytest.approx(1e-14)
+
+
+def test_optimiser_moments_of_a_zero_gradient_are_compared_on_the_optimisers_scale():
+    official = {"m/generator_optimizer/state/0/exp_avg": torch.tensor([1e-3, -2e-3]),
+                "m/generator_optimizer/state/1/exp_avg": torch.tensor([1e-17]),
+                "m/generator_optimizer/state/1/step": torch.tensor(3.0),
+                "m/generator/bias": torch.tensor([5.0])}
+    scales = comparison_scales(official)
+    assert scales["m/generator_optimizer/state/1/exp_avg"] == pytest.approx(2e-3)
+    assert "m/generator/bias" not in scales  # weights and buffers: their own magnitude
+
+
+def test_a_trace_round_trips_weights_only_deterministically_and_small(suite_trace, tmp_path):
+    first, second = tmp_path / "a.pt", tmp_path / "b.pt"
+    sha = suite_trace.save(first)
+    suite_trace.save(second)
+    assert sha == file_sha256(first) == file_sha256(second)  # the same bytes each time
+    assert first.stat().st_size < MAX_BYTES
+    loaded = load_trace(first)
+    assert loaded.meta == suite_trace.meta and len(loaded.steps) == len(suite_trace.steps)
+    for (_, _, a), (_, _, b) in zip(loaded.states(), suite_trace.states()):
+        assert a.keys() == b.keys() and all(relative_difference(a[k], b[k]) == 0 for k in a)
+    # a step stores only what changed: a student step leaves the generator's weights alone
+    student_step = next(s for s in suite_trace.steps if s["kind"] == "student")
+    assert not any(k.startswith("method/generator/") and "weight" in k for k in student_step["state"])
+
+
+def test_a_file_that_is_not_a_trace_is_one_error(tmp_path):
+    with pytest.raises(TraceError, match="does not exist"):
+        load_trace(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a zip")
+    with pytest.raises(TraceError, match="not a readable trace"):
+        load_trace(tmp_path / "junk.pt")
+    torch.save({"format": 1, "meta": {}}, tmp_path / "partial.pt")
+    with pytest.raises(TraceError, match="lacks"):
+        load_trace(tmp_path / "partial.pt")
+    torch.save({"format": 1, "x": Payload()}, tmp_path / "code.pt")
+    with pytest.raises(TraceError, match="not a readable trace"):
+        load_trace(tmp_path / "code.pt")
+
+
+def test_a_trace_over_the_size_limit_is_refused(tmp_path):
+    big = Trace({"method": "x"}, {}, {"student/w": torch.zeros(MAX_BYTES // 8 + 10, dtype=torch.float64)})
+    with pytest.raises(TraceError, match="over the"):
+        big.save(tmp_path / "big.pt")
+    assert not (tmp_path / "big.pt").exists()
+
+
+# ------------------------------------------------------------------ replay ---
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_the_replay_of_the_suites_own_trace_is_exact(suite_trace, variant):
+    result = replay(suite_trace, train=VARIANTS[variant])
+    assert result.mismatch is None, result.mismatch
+    assert result.optimisation_steps == len(suite_trace.steps) == 2 + 1 + 2 + 1  # S2, G S2, G
+    # reference: the same operations, bit for bit; fast: rounding of another order of summation only
+    assert result.max_relative_difference <= (0.0 if variant == "reference" else 1e-10), result.describe()
+
+
+@pytest.mark.parametrize("change, expected", [
+    (dict(train={"student_momentum": 0.8}), "student_optimizer/param_groups/0/momentum"),   # an optimiser setting
+    (dict(params={"generator_lr": 2e-3}), "method/generator_optimizer/param_groups/0/lr"),
+    (dict(params={"student_generator_mode": "eval"}), "first beyond 1e-07: student_optimizer/state"),  # a mode
+    (dict(schedule=["iteration", "iteration"]), "the suite ran a generator step"),          # the order of updates
+    (dict(train={"batch_size": 2}), "draw 1"),
+])
+def test_a_changed_run_is_rejected_and_the_replay_says_where(suite_trace, change, expected):
+    result = replay(suite_trace, stop_beyond=RTOL, **change)
+    assert not result.within(RTOL)
+    assert expected in result.describe()
+
+
+def test_a_replay_uses_every_draw_and_every_step(suite_trace):
+    short = Trace(suite_trace.meta, suite_trace.teacher, suite_trace.initial, suite_trace.draws + [
+        {"kind": "randn", "value": torch.zeros(4, 3, dtype=torch.float64)}], suite_trace.steps)
+    assert "used 6 of the official loop's 7 draws" in replay(short).describe()
+    fewer = Trace(suite_trace.meta, suite_trace.teacher, suite_trace.initial, suite_trace.draws, suite_trace.steps[:-1])
+    assert "after the official loop's 5" in replay(fewer).describe()
+
+
+def test_the_trace_sized_networks_are_registered_only_for_the_build(suite_trace):
+    from dfkd_bench.models import list_generators, list_models
+
+    replay(suite_trace)
+    assert not any(info.name.startswith("trace_") for info in [*list_models(), *list_generators()])
+
+
+def test_the_draws_hook_is_off_in_a_run_and_the_engine_draws_from_its_stream():
+    from dfkd_bench.method_api import MethodContext
+
+    ctx = MethodContext(teacher=None, student=None, student_module=None, num_classes=10, image_shape=(1, 8, 8),
+                        batch_size=2, student_steps=1, device=torch.device("cpu"),
+                        rng=torch.Generator().manual_seed(3))
+    assert ctx.draws is None
+    expected = torch.randn(2, 5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(ctx.randn(2, 5), expected)
+    ctx.draws = lambda kind, shape, high: torch.full(shape, 7.0) if kind == "randn" else torch.zeros(shape).long()
+    assert torch.equal(ctx.randn(2, 5), torch.full((2, 5), 7.0))
+    assert torch.equal(ctx.randint(10, 3), torch.zeros(3).long())
+    assert not torch.equal(ctx.randn(2, 5, rng=torch.Generator().manual_seed(3)), torch.full((2, 5), 7.0))
+
+
+# ------------------------------------------------------------------- cards ---
+
+def test_every_registered_method_has_an_equivalence_line_on_its_card(capsys):
+    from dfkd_bench.cli import main
+    from dfkd_bench.method_api import list_methods
+
+    for name, cls in list_methods().items():
+        lines = cards.equivalence_lines(name)
+        assert lines and all(line.startswith(("step-equivalent to ", "no trace")) for line in lines)
+        if cls.paper_protocols:
+            main(["list", "--card", name])
+            out = capsys.readouterr().out
+            assert all(f"step equivalence: {line}" in out for line in lines)
+    assert cards.equivalence_lines("mad")[0].startswith("no trace: MAD has no public code")
+    assert cards.equivalence_lines("mem")[0].startswith("no trace: DFKD-Mem (Binici et al., WACV 2022) has no public")
+    # ABM: its authors' loop is ZSKT's (traced as ZSKT); the suite's ABM is the MAD paper's, without public code
+    abm = cards.equivalence_lines("abm")[0]
+    assert abm.startswith("no trace: this ABM is the MAD paper's") and "traced as ZSKT" in abm
+
+
+def test_a_summary_becomes_the_card_line(tmp_path):
+    summary = {"method": "dfad", "trace": "x.pt", "steps": 18, "dtype": "float64", "max_relative_difference": 2.04e-11,
+               "official": {"repo": "VainF/Data-Free-Adversarial-Distillation",
+                            "commit": "c161591aae4c13e53943dcb61c162876421aad7a", "entry": "DFAD_mnist.py train()"}}
+    (tmp_path / "x.json").write_text(json.dumps(summary))
+    assert cards.equivalence_lines("dfad", tmp_path) == [
+        "step-equivalent to VainF/Data-Free-Adversarial-Distillation@c161591 (DFAD_mnist.py train()): max relative "
+        "difference 2.0e-11 over 18 steps (float64; results/traces/x.pt)"]
+    assert cards.equivalence_lines("dfq", tmp_path) == [
+        "no trace yet (its losses are proven by hand-computed tests only)"]
+
+
+# --------------------------------------------------- the committed traces ---
+
+OFFICIAL_CODE = {"dfad": "VainF/Data-Free-Adversarial-Distillation", "fast": "zju-vipa/Fast-Datafree"}
+"""Every method whose authors published code, with the repository its committed trace runs (issue 28)."""
+
+TRACE_FILES = {"zskt_polo5": "zskt_polo5_cifar10", "fast": "fast_cifar10"}
+"""Committed traces not named ``<method>_mnist`` (a method may have several: its authors' code and a
+re-implementation a paper protocol cites)."""
+
+
+def committed(method: str) -> Trace:
+    return load_trace(TRACES / f"{TRACE_FILES.get(method, f'{method}_mnist')}.pt")
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda path: path.stem)
+def test_a_committed_trace_replays_within_rtol_at_every_step(path, variant):
+    trace = load_trace(path)
+    result = replay(trace, train=VARIANTS[variant])
+    assert result.within(RTOL), result.describe()
+    assert result.optimisation_steps == len(trace.steps) and len(trace.steps) > 0
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda path: path.stem)
+def test_a_committed_trace_has_its_summary_and_is_the_protocols_run(path):
+    """The summary the card quotes belongs to this file, and the trace's run is the method's paper protocol
+    as the code resolves it today, except the trace-sized settings it lists (a changed protocol: regenerate)."""
+    from dfkd_bench.cluster.experiment import resolve_settings
+
+    summary = json.loads(path.with_suffix(".json").read_text())
+    trace = load_trace(path)
+    assert summary["sha256"] == file_sha256(path) and summary["bytes"] == path.stat().st_size < MAX_BYTES
+    assert summary["steps"] == len(trace.steps) and summary["method"] == trace.meta["method"]
+    assert summary["max_relative_difference"] <= RTOL and summary["dtype"] == "float64"
+    assert summary["official"] == trace.meta["official"] and len(summary["official"]["commit"]) == 40
+    config, sized = trace.meta["config"], trace.meta["trace_sized"]
+    _, _, size, train, params = resolve_settings(trace.meta["method"], config["dataset"], config["protocol"])
+    assert config["image_size"] == size
+    for name, value in vars(train).items():
+        if f"train.{name}" in sized:
+            assert sized[f"train.{name}"][:2] == [value, config["train"][name]], name
+        else:
+            assert config["train"][name] == value, name
+    for name, value in params.items():
+        if f"params.{name}" in sized:
+            assert sized[f"params.{name}"][0] == value, name
+        else:
+            assert config["params"][name] == value, name
+
+
+def test_every_method_with_official_code_has_a_committed_trace():
+    for method, repo in OFFICIAL_CODE.items():
+        summary = json.loads((TRACES / f"{TRACE_FILES.get(method, f'{method}_mnist')}.json").read_text())
+        assert summary["official"]["repo"] == repo
+        assert cards.equivalence_lines(method)[0].startswith(f"step-equivalent to {repo}@")
+
+
+def test_zskt_is_traced_against_its_authors_code():
+    summary = json.loads((TRACES / "zskt_polo5_cifar10.json").read_text())
+    assert summary["method"] == "zskt" and summary["official"]["repo"] == "polo5/ZeroShotKnowledgeTransfer"
+    assert any(line.startswith("step-equivalent to polo5/ZeroShotKnowledgeTransfer@e24915d")
+               for line in cards.equivalence_lines("zskt"))
+
+
+def _detach_student_logits_in_the_generator_objective(trainer) -> None:
+    objective = trainer.method.generator_objective
+    trainer.method.generator_objective = lambda images, teacher, student: objective(
+        images, teacher, None if student is None else student.detach())
+
+
+@pytest.mark.parametrize("change", [
+    dict(schedule=["iteration"] * 3),                      # the order of updates: G first, unaligned
+    dict(train={"student_momentum": 0.0}),                 # an optimiser setting
+    dict(train={"student_weight_decay": 5e-4}),            # an optimiser setting
+    dict(params={"student_generator_mode": "eval"}),       # a train/eval mode: G in eval mode for S's batches
+    dict(before=_detach_student_logits_in_the_generator_objective),  # a detach point: G's loss through S
+], ids=["order", "momentum", "weight_decay", "generator_mode", "detach"])
+def test_dfad_mutations_are_rejected(change):
+    result = replay(committed("dfad"), stop_beyond=RTOL, **change)
+    assert not result.within(RTOL), result.describe()
+
+
+@pytest.mark.parametrize("change", [
+    dict(params={"at_weight": 100.0}),                     # a loss weight: beta
+    dict(params={"kl_reduction": "batchmean"}),            # a loss weight: the KL's 1 / classes
+    dict(before=_detach_student_logits_in_the_generator_objective),  # a detach point: G's loss through S
+    dict(params={"generator_step_student_mode": "eval"}),  # a train/eval mode: S in the generator step
+    dict(params={"student_generator_mode": "eval"}),       # a train/eval mode: G regenerating z for S
+    dict(params={"generator_grad_clip": 0.0}),             # an optimiser setting: G's clipping at 5
+    dict(train={"student_grad_clip": 0.0}),                # an optimiser setting: S's clipping at 5
+    dict(params={"generator_cosine_iterations": 0}),       # an optimiser setting: G's cosine schedule
+    dict(params={"student_batch": "fresh"}),               # the order of updates: S on a new z, not G's
+    dict(schedule=["student_stage", "iteration", "iteration"]),  # the order of updates: S before G
+], ids=["at_weight", "kl_reduction", "detach", "student_mode", "generator_mode", "generator_clip", "student_clip",
+        "generator_schedule", "student_batch", "order"])
+def test_zskt_polo5_mutations_are_rejected(change):
+    result = replay(committed("zskt_polo5"), stop_beyond=RTOL, **change)
+    assert not result.within(RTOL), result.describe()
+
+
+def _student_in_train_mode_during_synthesis(trainer) -> None:
+    """A train/eval mode: the student in train mode in FastDFKD's synthesis (the official code: eval)."""
+    import contextlib
+
+    import dfkd_bench.methods.fast as fast
+
+    original = fast.student_eval
+    fast.student_eval = lambda module: contextlib.nullcontext()
+    trainer.method._restore = lambda: setattr(fast, "student_eval", original)
+
+
+def _detach_student_logits_in_the_inversion_loss(trainer) -> None:
+    loss = trainer.method.inversion_loss
+    trainer.method.inversion_loss = lambda teacher, student: loss(teacher, None if student is None else student.detach())
+
+
+@pytest.mark.parametrize("change", [
+    dict(params={"bn_weight": 5.0}),                       # a loss weight: L_bn
+    dict(params={"adv_weight": 0.5}),                      # a loss weight: L_adv (on from warmup)
+    dict(params={"warmup": 1}),                            # L_adv's onset
+    dict(params={"bn_mmt": 0.0}),                          # the moving average of past statistics in L_bn
+    dict(params={"kd_temperature": 1.0}),                  # the student's KD temperature
+    dict(params={"z_lr": 0.02}),                           # an optimiser setting: z's Adam
+    dict(params={"synthesis_lr": 1e-3}),                   # an optimiser setting: fast G's and G_meta's Adam
+    dict(train={"student_momentum": 0.0}),                 # an optimiser setting: the student's SGD
+    dict(params={"pool_rounding": "nearest"}),             # the pool's uint8: rounded, not the PNG's truncation
+    dict(params={"pool_augment": "none"}),                 # the pool read without the train transform
+    dict(train={"student_warmup_epochs": 1}),              # the order of updates: KD from the second epoch
+    dict(before=_student_in_train_mode_during_synthesis),  # a train/eval mode: S in synthesis
+    dict(before=_detach_student_logits_in_the_inversion_loss),  # a detach point: L_adv's gradient through S
+], ids=["bn_weight", "adv_weight", "warmup", "bn_mmt", "kd_temperature", "z_lr", "synthesis_lr",
+        "student_momentum", "pool_rounding", "pool_augment", "student_warmup", "student_mode", "detach"])
+def test_fast_mutations_are_rejected(change, monkeypatch):
+    import dfkd_bench.methods.fast as fast
+
+    monkeypatch.setattr(fast, "student_eval", fast.student_eval)  # restored after a mode mutation
+    result = replay(committed("fast"), stop_beyond=RTOL, **change)
+    assert not result.within(RTOL), result.describe()
