@@ -161,6 +161,9 @@ class MethodContext:
     wrap_distributed: Callable[[nn.Module], nn.Module] = lambda module: module
     student_images_per_step: int = 0
     """This rank's share of ``TrainConfig.student_images_per_step`` (0: the method's own number)."""
+    dataset: str = ""
+    """The run's dataset name (``digits``, ``cifar10``, ...), for a method whose inputs depend on the
+    classes' names (NAYER's label-text embeddings); empty when a test builds a context by hand."""
 
     # ---- randomness that is identical for 1 process and N data-parallel ranks ----
     def randn(self, rows: int, cols: int, rng: torch.Generator | None = None) -> Tensor:
@@ -193,7 +196,8 @@ class PaperProtocol:
     """
 
     source: str
-    accuracy: float
+    accuracy: float | None
+    """None where no published number could be read (the source says why); the report then shows none."""
     std: float | None
     teacher_accuracy: float | None
     selection: str
