@@ -71,14 +71,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dfkd_bench.errors import ConfigError
 from dfkd_bench.method_api import MethodContext, PaperProtocol, hparam, make_optimizer, register_method
-from dfkd_bench.methods.zoo_common import (PoolMethod, PoolParams, cpu_preset_params, random_views,
-                                           student_eval, teacher_batchnorm)
-from dfkd_bench.train import zoo_losses
+from dfkd_bench.methods.zoo_common import GeneratorPoolMethod, PoolParams, cpu_preset_params
 from dfkd_bench.train.batchnorm import frozen_batchnorm_buffers
 
 EMBEDDINGS = Path(__file__).resolve().parent / "nayer_label_embeddings"
@@ -285,7 +282,7 @@ def _nayer_protocol(dataset: str, g_steps: int) -> PaperProtocol:
 
 
 @register_method
-class NAYER(PoolMethod):
+class NAYER(GeneratorPoolMethod):
     name = "nayer"
     label = "NAYER"
     summary = ("NAYER (Tran et al. 2024): constant label-text embeddings through a per-batch noisy layer into a "
@@ -299,23 +296,20 @@ class NAYER(PoolMethod):
     # there) and g_life 1 (G replaced 12 times, as there). The embedding: ``auto`` (minilm on digits / MNIST).
     preset_params: ClassVar[dict[str, dict[str, Any]]] = cpu_preset_params(warmup=2, g_life=1)
 
-    batch_tensors = ("labels",)
+    bn_term = "L_bn (NAYER)"
+    batch_tensors = ("labels",)  # no noise: G itself (and its noisy layers) is the batch in progress
+    optimised_tensors = ()
 
-    def __init__(self, params: NayerParams, ctx: MethodContext):
-        super().__init__(params, ctx)
+    def make_generator(self) -> nn.Module:
+        p, ctx = self.params, self.ctx
         world = ctx.distributed.world_size
-        if params.synthesis_batch_size % world:
-            raise ConfigError(f"synthesis_batch_size {params.synthesis_batch_size} is not divisible by the "
+        if p.synthesis_batch_size % world:
+            raise ConfigError(f"synthesis_batch_size {p.synthesis_batch_size} is not divisible by the "
                               f"{world} processes")
-        self.rows = params.synthesis_batch_size // world or ctx.batch_size
-        embedding, what = label_embedding(params.label_embedding, ctx.dataset, ctx.num_classes)
+        self.rows = p.synthesis_batch_size // world or ctx.batch_size
+        embedding, what = label_embedding(p.label_embedding, ctx.dataset, ctx.num_classes)
         ctx.note(f"nayer: label embedding {what}", show=False)
-        self.generator = NoisyLayerGenerator(embedding, self.rows, ctx.image_shape, params.ngf,
-                                             params.le_emb_size).to(ctx.device)
-        self.bn_stats = teacher_batchnorm(ctx, params.bn_weight, "L_bn (NAYER)")
-        self.labels: Tensor | None = None
-        self.bn_momentum: tuple[list[Tensor], list[Tensor]] | None = None  # past batches' (means, vars)
-        self.last_statistics: tuple[list[Tensor], list[Tensor]] | None = None  # this batch's last step's
+        return NoisyLayerGenerator(embedding, self.rows, ctx.image_shape, p.ngf, p.le_emb_size).to(ctx.device)
 
     # ---- the schedule, by batch count (host-side integers) ----
     def epoch_of(self, batch: int) -> tuple[int, bool]:
@@ -349,44 +343,18 @@ class NAYER(PoolMethod):
             return self.generator(self.labels)
 
     def synthesis_step(self) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        ctx, p = self.ctx, self.params
-        adversarial = self.adversarial()
+        """NAYER's Eq. 5 as ``NAYER.synthesize`` computes it: ``oh * CE(T(a(x)), y) + bn * L_bn + adv * L_adv``
+        (``custom_cross_entropy`` with one-hot targets is the cross-entropy; L_bn with bn_mmt; L_adv after the
+        warm-up), :meth:`inversion_loss` on :meth:`synthesis_logits`."""
+        ctx = self.ctx
         with ctx.perf.autocast(ctx.device):
             images = self.generator(self.labels)
-            view = random_views(images, ctx.rng, min_area=1.0, max_shift=4.0)
-            if self.bn_stats is not None:
-                with self.bn_stats.recording():
-                    teacher_logits = ctx.teacher(view)
-            else:
-                teacher_logits = ctx.teacher(view)
-            student_logits = None
-            if adversarial:
-                with student_eval(ctx.student_module):
-                    student_logits = ctx.student_module(view)
-        loss, terms = self.generator_loss(teacher_logits, student_logits)
+            teacher_logits, student_logits = self.synthesis_logits(images, self.adversarial())
+        loss, terms = self.inversion_loss(teacher_logits, student_logits)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward(inputs=list(self.generator.parameters()))
         self.optimizer.step()
         return loss, images, terms
-
-    def generator_loss(self, teacher_logits: Tensor, student_logits: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
-        """NAYER's Eq. 5 as ``NAYER.synthesize`` computes it: ``oh * CE(T(x), y) + bn * L_bn + adv * L_adv``
-        (``custom_cross_entropy`` with one-hot targets is the cross-entropy; L_adv only when the student ran)."""
-        p = self.params
-        terms = {"gen_oh": F.cross_entropy(teacher_logits.float(), self.labels)}
-        loss = p.oh_weight * terms["gen_oh"]
-        if self.bn_stats is not None:
-            means, variances = list(self.bn_stats.means), list(self.bn_stats.vars)
-            self.last_statistics = ([m.detach() for m in means], [v.detach() for v in variances])
-            past = self.bn_momentum if self.bn_momentum is not None else (None, None)
-            means, variances = zoo_losses.momentum_statistics(means, variances, *past, p.bn_mmt)
-            terms["gen_bn"] = zoo_losses.feature_distribution_loss(
-                means, variances, self.bn_stats.running_means, self.bn_stats.running_vars)
-            loss = loss + p.bn_weight * terms["gen_bn"]
-        if student_logits is not None:
-            terms["gen_adv"] = zoo_losses.decision_adversarial_loss(teacher_logits, student_logits)
-            loss = loss + p.adv_weight * terms["gen_adv"]
-        return loss, terms
 
     def generator_step(self) -> dict[str, Tensor]:
         terms = super().generator_step()
@@ -396,21 +364,13 @@ class NAYER(PoolMethod):
         return terms
 
     def finish_batch(self) -> None:
-        """The official ``update_mmt`` after each batch: the last step's statistics into the moving average."""
-        if self.params.bn_mmt > 0 and self.last_statistics is not None:
-            m = self.params.bn_mmt
-            if self.bn_momentum is None:
-                self.bn_momentum = self.last_statistics
-            else:
-                self.bn_momentum = tuple([m * old + (1 - m) * new for old, new in zip(olds, news, strict=True)]
-                                         for olds, news in zip(self.bn_momentum, self.last_statistics, strict=True))
+        self.update_bn_momentum()
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "generator": self.generator.state_dict(), "bn_momentum": self.bn_momentum}
+        return {**super().state_dict(), "bn_momentum": self.bn_momentum}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.load_state_dict(state["generator"])  # first: the batch's optimiser is rebuilt over it
         momentum = state.get("bn_momentum")
         self.bn_momentum = None if momentum is None else tuple([t.to(self.ctx.device) for t in part]
                                                                for part in momentum)
-        super().load_state_dict(state)
+        super().load_state_dict(state)  # G with the batch in progress, then its optimiser

@@ -84,7 +84,7 @@ def test_generator_loss_is_the_official_oh_bn_with_momentum_and_adv_by_hand(bn_l
         teacher_logits = teacher(images).detach()
     student_logits = torch.tensor([[2.0, 1.0] + [0.0] * 8, [0.0, 3.0] + [0.0] * 8, [0.0] * 10,
                                    [1.0] * 10, [0.0] * 3 + [4.0] + [0.0] * 6, [0.5] * 10])
-    loss, terms = method.generator_loss(teacher_logits, student_logits)
+    loss, terms = method.inversion_loss(teacher_logits, student_logits)
 
     t, s, y = teacher_logits.tolist(), student_logits.tolist(), method.labels.tolist()
 
@@ -116,7 +116,7 @@ def test_generator_loss_is_the_official_oh_bn_with_momentum_and_adv_by_hand(bn_l
     method.bn_momentum = None
     with method.bn_stats.recording():
         teacher(images)
-    loss, terms = method.generator_loss(teacher_logits, None)
+    loss, terms = method.inversion_loss(teacher_logits, None)
     plain = sum(math.sqrt(sum((a - v) ** 2 for a, v in zip(layer.running_var.tolist(), variances)))
                 + math.sqrt(sum((a - v) ** 2 for a, v in zip(layer.running_mean.tolist(), means)))
                 for layer, (means, variances) in zip(layers, official))
