@@ -15,37 +15,16 @@ import pytest
 import torch
 from torch import nn
 
-from dfkd_bench.cluster.experiment import RunRequest, TeacherOptions, build_run_configs
+from dfkd_bench.cluster.experiment import build_run_configs
 from dfkd_bench.errors import ConfigError
 from dfkd_bench.method_api import get_method
-from dfkd_bench.models import build_model
-from dfkd_bench.train.engine import Trainer
+from test_pool_fidelity import bn_lenet_teacher, make_method  # noqa: F401 (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def bn_lenet_teacher(tmp_path_factory) -> str:
-    """A LeNet-5-BN digits teacher with random weights and non-trivial running statistics."""
-    torch.manual_seed(0)
-    model = build_model("lenet5_bn", 10, 1, 16)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-    path = tmp_path_factory.mktemp("nayer_teacher") / "lenet5_bn.pt"
-    torch.save(model.state_dict(), path)
-    return str(path)
-
-
 def make_nayer(teacher: str, tmp_path, **overrides):
-    request = RunRequest(methods=["nayer"], dataset="digits", seeds=[0], budget="smoke", teacher_arch="lenet5_bn",
-                         student_arch="lenet5_half_bn", overrides={"synthesis_steps": 2, **overrides},
-                         teacher=TeacherOptions(checkpoint=teacher))
-    trainer = Trainer(build_run_configs(request)[0], tmp_path, device="cpu", progress=False)
-    trainer.setup()
-    trainer.method.pretrain()
-    return trainer, trainer.method
+    return make_method(teacher, tmp_path, "nayer", **overrides)
 
 
 # ------------------------------------------------------------ loss terms by hand ---
