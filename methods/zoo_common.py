@@ -782,10 +782,12 @@ class GeneratorPoolMethod(PoolMethod):
         arch = self.params.generator if self.params.generator != "auto" else generator_for_image_size(height)
         return build_generator(arch, self.params.noise_dim, channels, height, output_logits=True).to(self.ctx.device)
 
-    def synthesis_logits(self, images: Tensor, adversarial: bool) -> tuple[Tensor, Tensor | None]:
+    def synthesis_logits(self, images: Tensor, adversarial: bool,
+                         student_eval_mode: bool = True) -> tuple[Tensor, Tensor | None]:
         """FastDFKD's and NAYER's forward of a synthesis step: the teacher's logits on a random crop (padding 4)
         and flip of ``images`` (the authors' kornia augmentation; its BatchNorm statistics recorded for L_bn)
-        and, when ``adversarial``, the student's on the same view, in eval mode."""
+        and, when ``adversarial``, the student's on the same view, in eval mode (in its current mode when
+        ``student_eval_mode`` is False: NAYER's official loop after an epoch's first batch)."""
         ctx = self.ctx
         view = random_views(images, ctx.rng, min_area=1.0, max_shift=4.0)
         if self.bn_stats is not None:
@@ -795,7 +797,7 @@ class GeneratorPoolMethod(PoolMethod):
             teacher_logits = ctx.teacher(view)
         student_logits = None
         if adversarial:
-            with student_eval(ctx.student_module):
+            with student_eval(ctx.student_module) if student_eval_mode else contextlib.nullcontext():
                 student_logits = ctx.student_module(view)
         return teacher_logits, student_logits
 

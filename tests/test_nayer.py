@@ -233,6 +233,21 @@ def test_synthesis_runs_the_student_in_eval_mode_and_only_after_the_warm_up(bn_l
         torch.testing.assert_close(past, 0.9 * old + 0.1 * new)  # update_mmt
 
 
+@pytest.mark.parametrize("mode", ["eval", "official"])
+def test_official_loop_leaves_the_student_in_train_mode_after_an_epochs_first_batch(bn_lenet_teacher, tmp_path, mode):
+    """datafree/synthesis/nayer.py: student.eval() once per synthesize(), student.train() after each batch."""
+    trainer, method = make_nayer(bn_lenet_teacher, tmp_path, warmup=0, synthesis_student=mode)
+    buffers = lambda: [b.clone() for n, b in trainer.student_module.named_buffers() if "running_mean" in n]  # noqa: E731
+    before = buffers()
+    method.generator_step()
+    method.generator_step()  # batch 0, the epoch's first: eval either way
+    assert all(torch.equal(a, b) for a, b in zip(before, buffers()))
+    assert method.epoch_of(method.batches_done) == (0, False)
+    method.generator_step()  # batch 1, the epoch's second
+    moved = not all(torch.equal(a, b) for a, b in zip(before, buffers()))
+    assert moved == (mode == "official") and trainer.student_module.training
+
+
 # ------------------------------------------------------------ label-text embeddings ---
 
 def test_label_embeddings_official_clip_for_cifar_minilm_for_digits_and_one_line_errors():
@@ -315,6 +330,7 @@ def test_paper_protocol_is_the_official_120_epoch_script(dataset):
         assert (params["adv_weight"], params["bn_weight"], params["oh_weight"], params["bn_mmt"]) == (1.33, 10.0, 0.5, 0.9)
         assert (params["warmup"], params["g_loops"], params["gwp_loops"], params["g_life"]) == (20, 2, 10, 10)
         assert (params["le_emb_size"], params["kd_temperature"], params["label_embedding"]) == (1000, 20.0, "clip")
+        assert params["synthesis_student"] == "official"  # student.train() after each batch, as the loop does
         # 20 warm-up epochs of 10 batches = 100 iterations of 2 batches without KD, then 100 epochs
         assert train.generator_steps == 2 * g_steps and train.student_warmup_epochs == 100
         assert train.total_iterations == 200
