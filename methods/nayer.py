@@ -268,7 +268,8 @@ def _nayer_protocol(dataset: str, g_steps: int) -> PaperProtocol:
                    lr_milestones=[], eval_every=1, amp="none"),
         params=dict(synthesis_steps=g_steps, synthesis_lr=4e-3, synthesis_batch_size=400, adv_weight=1.33,
                     bn_weight=10.0, oh_weight=0.5, bn_mmt=0.9, warmup=20, g_loops=2, gwp_loops=10, g_life=10,
-                    le_emb_size=1000, ngf=64, label_embedding="clip", synthesis_student="official", kd_temperature=20.0,
+                    le_emb_size=1000, ngf=64, label_embedding="clip", synthesis_student="official",
+                    kd_temperature=20.0,
                     # the official pool is unbounded (PNG files): 20 x 10 + 100 x 2 = 400 batches of 400 images
                     memory_size=160000, pool_augment="crop_flip"),
         official={"epochs": 120, "student_warmup_epochs": 20, "generator_steps": f"{2 * g_steps} after the "
@@ -280,7 +281,10 @@ def _nayer_protocol(dataset: str, g_steps: int) -> PaperProtocol:
                   "label embedding": f"label_embedding/{dataset}_le.pickle (CLIP ViT-B/32, 'a image of <name>')",
                   "normalisation": "CIFAR mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010)",
                   "script bug": "datafree_kd.py declares --method choices ['nldf'] but runs only 'nayer': the "
-                                "scripts' --method nayer is refused by argparse as published"},
+                                "scripts' --method nayer is refused by argparse as published",
+                  "synthesis view": "kornia RandomCrop(32, padding=4) + RandomHorizontalFlip, integer offsets",
+                  "pool sampling": "DataLoader(shuffle=True) over the whole pool, rebuilt after each batch",
+                  "generator replacement": "a new NLGenerator: PyTorch's default initialisation, global RNG"},
         deviations={
             "epochs": "the 20 warm-up epochs of 10 batches each are 100 engine iterations of 2 batches each "
                       "(the engine has one number of generator steps per iteration): the same 200 batches in the "
@@ -289,7 +293,11 @@ def _nayer_protocol(dataset: str, g_steps: int) -> PaperProtocol:
                                      "is evaluated (untrained) there, the official code logs 0",
             "generator_steps": "one number for every iteration: 2 batches (g_loops) x g_steps; warm-up epochs are "
                                "5 iterations of it (see epochs)",
-            "normalisation": "the dataset's statistics of this suite (the teacher's own)"},
+            "normalisation": "the dataset's statistics of this suite (the teacher's own)",
+            "synthesis view": "zoo_common.random_views: the same crop and flip at sub-pixel offsets, bilinear "
+                              "(as FastDFKD and CMI here)",
+            "pool sampling": "uniform with replacement (MemoryBank.sample), as the suite's other pool methods",
+            "generator replacement": "the same distribution drawn from the method's random stream"},
         code=f"tmtuan1307/NAYER scripts/nayer_100.sh, line c{'10' if dataset == 'cifar10' else '100'}w402w162 "
              f"(datafree_kd.py --method nayer --dataset {dataset} --teacher wrn40_2 --student wrn16_2 --batch_size 512 "
              f"--synthesis_batch_size 400 --lr 0.2 --warmup 20 --epochs 120 --lr_g 4e-3 --adv 1.33 --bn 10.0 --oh 0.5 "

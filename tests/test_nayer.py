@@ -169,7 +169,8 @@ def test_noisy_layers_redrawn_n01_and_g_replaced_with_pytorch_default_init():
     generator.reset_noisy_layers(rng)
     weights = torch.cat([layer.weight.flatten() for layer in generator.noisy])
     assert weights.numel() == 13 * 384 * 1000
-    assert weights.mean().item() == pytest.approx(0.0, abs=0.01) and weights.std().item() == pytest.approx(1.0, abs=0.01)
+    assert weights.mean().item() == pytest.approx(0.0, abs=0.01)
+    assert weights.std().item() == pytest.approx(1.0, abs=0.01)
     assert all(torch.all(layer.bias == 0) for layer in generator.noisy)
     with torch.no_grad():
         generator.n1.weight.fill_(3.0)
@@ -237,7 +238,8 @@ def test_synthesis_runs_the_student_in_eval_mode_and_only_after_the_warm_up(bn_l
 def test_official_loop_leaves_the_student_in_train_mode_after_an_epochs_first_batch(bn_lenet_teacher, tmp_path, mode):
     """datafree/synthesis/nayer.py: student.eval() once per synthesize(), student.train() after each batch."""
     trainer, method = make_nayer(bn_lenet_teacher, tmp_path, warmup=0, synthesis_student=mode)
-    buffers = lambda: [b.clone() for n, b in trainer.student_module.named_buffers() if "running_mean" in n]  # noqa: E731
+    student = trainer.student_module
+    buffers = lambda: [b.clone() for n, b in student.named_buffers() if "running_mean" in n]  # noqa: E731
     before = buffers()
     method.generator_step()
     method.generator_step()  # batch 0, the epoch's first: eval either way
@@ -326,8 +328,9 @@ def test_paper_protocol_is_the_official_120_epoch_script(dataset):
         assert (config.teacher.arch, config.student_arch, config.image_size) == ("wrn40_2", "wrn16_2", 32)
         assert (train.batch_size, train.student_steps, train.student_lr, train.student_momentum) == (512, 400, 0.2, 0.9)
         assert (train.student_weight_decay, train.lr_schedule, train.lr_min) == (1e-4, "cosine_epoch", 2e-4)
-        assert (params["synthesis_steps"], params["synthesis_batch_size"], params["synthesis_lr"]) == (g_steps, 400, 4e-3)
-        assert (params["adv_weight"], params["bn_weight"], params["oh_weight"], params["bn_mmt"]) == (1.33, 10.0, 0.5, 0.9)
+        assert (params["synthesis_steps"], params["synthesis_batch_size"]) == (g_steps, 400)
+        assert (params["synthesis_lr"], params["adv_weight"], params["bn_weight"]) == (4e-3, 1.33, 10.0)
+        assert (params["oh_weight"], params["bn_mmt"]) == (0.5, 0.9)
         assert (params["warmup"], params["g_loops"], params["gwp_loops"], params["g_life"]) == (20, 2, 10, 10)
         assert (params["le_emb_size"], params["kd_temperature"], params["label_embedding"]) == (1000, 20.0, "clip")
         assert params["synthesis_student"] == "official"  # student.train() after each batch, as the loop does
