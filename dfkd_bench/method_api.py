@@ -167,6 +167,10 @@ class MethodContext:
     recorded draw (``kind`` ``"randn"``, ``"rand"``, or ``"randint"`` below ``high``) and fails if its kind or
     shape differ. It replaces only the method's own stream (``rng`` None), never a measurement's."""
 
+    dataset: str = ""
+    """The run's dataset name (``digits``, ``cifar10``, ...), for a method whose inputs depend on the
+    classes' names (NAYER's label-text embeddings); empty when a test builds a context by hand."""
+
     def draw(self, kind: str, shape: tuple[int, ...], high: int | None = None) -> Tensor:
         """A draw of this process alone (an augmentation's positions, a pool's sample), not a slice of a
         global batch: ``rand`` (uniform in [0, 1)) or ``randint`` (below ``high``) of ``shape`` from ``rng``
@@ -216,7 +220,8 @@ class PaperProtocol:
     """
 
     source: str
-    accuracy: float
+    accuracy: float | None
+    """None where no published number could be read (the source says why); the report then shows none."""
     std: float | None
     teacher_accuracy: float | None
     selection: str

@@ -43,15 +43,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from dfkd_bench.train import zoo_losses
 from dfkd_bench.errors import ConfigError
 from dfkd_bench.method_api import MethodContext, PaperProtocol, hparam, make_optimizer, register_method
 from dfkd_bench.methods.zoo_common import (
     GeneratorPoolMethod,
     GeneratorPoolParams,
     cpu_preset_params,
-    random_views,
-    student_eval,
 )
 
 RESET_L0_AFTER_WARMUP = 120
@@ -135,8 +132,6 @@ class FastDFKD(GeneratorPoolMethod):
 
     def __init__(self, params: FastParams, ctx: MethodContext):
         super().__init__(params, ctx)
-        self.bn_momentum: tuple[list[Tensor], list[Tensor]] | None = None  # past batches' (means, vars)
-        self.last_statistics: tuple[list[Tensor], list[Tensor]] | None = None  # the last step's
         self.meta_generator = copy.deepcopy(self.generator)  # G_meta; the fast copy starts each batch from it
         self.meta_optimizer = make_optimizer("adam", self.meta_generator.parameters(), ctx.perf,
                                              lr=params.synthesis_lr * params.synthesis_steps, betas=(0.5, 0.999))
@@ -146,14 +141,6 @@ class FastDFKD(GeneratorPoolMethod):
         return make_optimizer("adam", [{"params": self.generator.parameters()},
                                        {"params": [self.z], "lr": self.params.z_lr}],
                               self.ctx.perf, lr=self.params.synthesis_lr, betas=(0.5, 0.999))
-
-    def bn_matching_statistics(self) -> tuple[list[Tensor], list[Tensor]]:
-        """This forward's statistics blended with the past batches' (bn_mmt); the unblended ones
-        are kept for the blend of the next batch."""
-        means, variances = super().bn_matching_statistics()
-        self.last_statistics = ([m.detach() for m in means], [v.detach() for v in variances])
-        past_means, past_vars = self.bn_momentum if self.bn_momentum is not None else (None, None)
-        return zoo_losses.momentum_statistics(means, variances, past_means, past_vars, self.params.bn_mmt)
 
     def reset_l0_modules(self) -> list[nn.Module]:
         """What ``reset_l0`` re-initialises: as the official fast_meta.reset_l0, the modules named ``l1.0`` (the
@@ -186,16 +173,7 @@ class FastDFKD(GeneratorPoolMethod):
         adversarial = p.adv_weight > 0 and self.batches_done + 1 >= p.warmup  # the code's ep >= warmup
         with ctx.perf.autocast(ctx.device):
             images = torch.sigmoid(self.generator(self.z).float())
-            view = random_views(images, ctx.rng, min_area=1.0, max_shift=4.0, draw=ctx.draw)
-            if self.bn_stats is not None:
-                with self.bn_stats.recording():
-                    teacher_logits = ctx.teacher(view)
-            else:
-                teacher_logits = ctx.teacher(view)
-            student_logits = None
-            if adversarial:
-                with student_eval(ctx.student_module):
-                    student_logits = ctx.student_module(view)
+            teacher_logits, student_logits = self.synthesis_logits(images, adversarial)
         loss, terms = self.inversion_loss(teacher_logits, student_logits)
         params = list(self.generator.parameters())
         self.optimizer.zero_grad(set_to_none=True)
@@ -206,14 +184,7 @@ class FastDFKD(GeneratorPoolMethod):
         return loss, images, terms
 
     def finish_batch(self) -> None:
-        if self.params.bn_mmt > 0 and self.last_statistics is not None:
-            # the code's update_mmt(): the last step's statistics into the moving average
-            if self.bn_momentum is None:
-                self.bn_momentum = (list(self.last_statistics[0]), list(self.last_statistics[1]))
-            else:
-                m = self.params.bn_mmt
-                self.bn_momentum = tuple([m * past + (1 - m) * new for past, new in zip(pasts, news, strict=True)]
-                                         for pasts, news in zip(self.bn_momentum, self.last_statistics, strict=True))
+        self.update_bn_momentum()
         self.meta_optimizer.zero_grad(set_to_none=False)
         for parameter, grad in zip(self.meta_generator.parameters(), self.meta_grads, strict=True):
             parameter.grad = grad.clone()

@@ -782,15 +782,39 @@ class GeneratorPoolMethod(PoolMethod):
 
     def __init__(self, params: GeneratorPoolParams, ctx: MethodContext):
         super().__init__(params, ctx)
-        from dfkd_bench.models import build_generator, generator_for_image_size
-
-        channels, height, _ = ctx.image_shape
-        arch = params.generator if params.generator != "auto" else generator_for_image_size(height)
-        # Pre-sigmoid outputs: the methods apply the sigmoid themselves.
-        self.generator = build_generator(arch, params.noise_dim, channels, height, output_logits=True).to(ctx.device)
+        self.generator = self.make_generator()
         self.bn_stats = teacher_batchnorm(ctx, params.bn_weight, self.bn_term)
         self.z: Tensor | None = None
         self.labels: Tensor | None = None
+        self.bn_momentum: tuple[list[Tensor], list[Tensor]] | None = None  # bn_mmt: past batches' (means, vars)
+        self.last_statistics: tuple[list[Tensor], list[Tensor]] | None = None  # bn_mmt: the last step's
+
+    def make_generator(self) -> nn.Module:
+        """G: the ``generator`` setting's architecture, with pre-sigmoid outputs (the methods apply the sigmoid)."""
+        from dfkd_bench.models import build_generator, generator_for_image_size
+
+        channels, height, _ = self.ctx.image_shape
+        arch = self.params.generator if self.params.generator != "auto" else generator_for_image_size(height)
+        return build_generator(arch, self.params.noise_dim, channels, height, output_logits=True).to(self.ctx.device)
+
+    def synthesis_logits(self, images: Tensor, adversarial: bool,
+                         student_eval_mode: bool = True) -> tuple[Tensor, Tensor | None]:
+        """FastDFKD's and NAYER's forward of a synthesis step: the teacher's logits on a random crop (padding 4)
+        and flip of ``images`` (the authors' kornia augmentation; its BatchNorm statistics recorded for L_bn)
+        and, when ``adversarial``, the student's on the same view, in eval mode (in its current mode when
+        ``student_eval_mode`` is False: NAYER's official loop after an epoch's first batch)."""
+        ctx = self.ctx
+        view = random_views(images, ctx.rng, min_area=1.0, max_shift=4.0, draw=ctx.draw)
+        if self.bn_stats is not None:
+            with self.bn_stats.recording():
+                teacher_logits = ctx.teacher(view)
+        else:
+            teacher_logits = ctx.teacher(view)
+        student_logits = None
+        if adversarial:
+            with student_eval(ctx.student_module) if student_eval_mode else contextlib.nullcontext():
+                student_logits = ctx.student_module(view)
+        return teacher_logits, student_logits
 
     def inversion_loss(self, teacher_logits: Tensor, student_logits: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
         """The inversion loss CMI (Eq. 3-4) and FastDFKD (Eq. 3) share, on the teacher forward that
@@ -810,9 +834,27 @@ class GeneratorPoolMethod(PoolMethod):
         return loss, terms
 
     def bn_matching_statistics(self) -> tuple[list[Tensor], list[Tensor]]:
-        """The batch statistics L_bn matches to the teacher's running ones: this forward's
-        (FastDFKD blends in its past batches')."""
-        return list(self.bn_stats.means), list(self.bn_stats.vars)
+        """The batch statistics L_bn matches to the teacher's running ones: this forward's, blended with the
+        past batches' where the method sets ``bn_mmt`` > 0 (FastDFKD, NAYER: the authors'
+        ``DeepInversionHook(module, mmt_rate)``, :func:`zoo_losses.momentum_statistics`); the unblended ones
+        are kept for :meth:`update_bn_momentum`."""
+        means, variances = list(self.bn_stats.means), list(self.bn_stats.vars)
+        momentum = getattr(self.params, "bn_mmt", 0.0)
+        if momentum == 0:
+            return means, variances
+        self.last_statistics = ([m.detach() for m in means], [v.detach() for v in variances])
+        past_means, past_vars = self.bn_momentum if self.bn_momentum is not None else (None, None)
+        return zoo_losses.momentum_statistics(means, variances, past_means, past_vars, momentum)
+
+    def update_bn_momentum(self) -> None:
+        """The authors' ``update_mmt()`` after a batch: its last step's statistics into the moving average."""
+        if getattr(self.params, "bn_mmt", 0.0) > 0 and self.last_statistics is not None:
+            if self.bn_momentum is None:
+                self.bn_momentum = (list(self.last_statistics[0]), list(self.last_statistics[1]))
+            else:
+                m = self.params.bn_mmt
+                self.bn_momentum = tuple([m * past + (1 - m) * new for past, new in zip(pasts, news, strict=True)]
+                                         for pasts, news in zip(self.bn_momentum, self.last_statistics, strict=True))
 
     def prepare_generator(self) -> None:
         """Set G up for a new batch (CMI: re-initialise it; FastDFKD: copy the meta generator)."""

@@ -333,7 +333,7 @@ class Trainer:
             batch_size=self.local_batch, student_steps=train.student_steps, device=self.device,
             rng=self.method_rng, perf=perf, distributed=self.distributed, note=self.note,
             wrap_distributed=self._wrap_distributed,
-            student_images_per_step=train.student_images_per_step // world,
+            student_images_per_step=train.student_images_per_step // world, dataset=cfg.dataset,
         )
         self.method = get_method(cfg.method)(cfg.method_params(), ctx)
         self._count_rows(self.teacher, "teacher_images", ("synthesis", "student"))
