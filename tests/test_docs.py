@@ -189,7 +189,9 @@ def test_every_method_page_carries_the_cards_of_list_card(capsys):
         assert page_tables(page) == card_tables(printed), name
         for dataset, protocol in cls.paper_protocols.items():
             assert f"selection {protocol.selection}" in printed and f"selection `{protocol.selection}`" in page
-            assert f"{protocol.accuracy:g}" in page.split(f"### {dataset}", 1)[1].split("###", 1)[0], (name, dataset)
+            section = page.split(f"### {dataset}", 1)[1].split("###", 1)[0]
+            assert (f"{protocol.accuracy:g}" if protocol.accuracy is not None  # none read: the card says so
+                    else "No published number could be read") in section, (name, dataset)
 
 
 def test_the_card_reader_sees_a_changed_cell():

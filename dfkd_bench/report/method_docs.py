@@ -356,7 +356,8 @@ def _protocols(cls: type[Method], root: Path) -> list[str]:
         std = f" ± {protocol.std:g}" if protocol.std is not None else ""
         teacher = f", teacher {protocol.teacher_accuracy:g} %" if protocol.teacher_accuracy is not None else ""
         lines += [f"### {dataset}", "",
-                  f"Published **{protocol.accuracy:g}{std} %**{teacher}, selection `{protocol.selection}` "
+                  (f"Published **{protocol.accuracy:g}{std} %**{teacher}" if protocol.accuracy is not None else
+                   f"No published number could be read (see the card){teacher}") + f", selection `{protocol.selection}` "
                   f"— {_inline(protocol.source)}.", "",
                   f"Official code: {_inline(protocol.code) or '(none named)'}", "",
                   *([f"Reproduce: `dfkd-bench sweep {reproduce}`", ""]
@@ -449,7 +450,8 @@ def methods_index(root: Path) -> str:
         "| method | dataset | published (%) | teacher (%) | selection | source | experiment file |",
         "| --- | --- | --: | --: | --- | --- | --- |",
         *[f"| [{_cell(cls.label or name)}]({name}.md#{dataset}) | `{dataset}` | "
-          f"{protocol.accuracy:g}{f' ± {protocol.std:g}' if protocol.std is not None else ''} | "
+          f"{'none read' if protocol.accuracy is None else f'{protocol.accuracy:g}'}"
+          f"{f' ± {protocol.std:g}' if protocol.std is not None and protocol.accuracy is not None else ''} | "
           f"{'' if protocol.teacher_accuracy is None else f'{protocol.teacher_accuracy:g}'} | {protocol.selection} | "
           f"{_cell(_inline(protocol.source))} | "
           f"{f'`{reproduce}`' if (reproduce := _reproduction_file(root, name, dataset)) else ''} |"
