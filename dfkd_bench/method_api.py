@@ -193,7 +193,8 @@ class PaperProtocol:
     """
 
     source: str
-    accuracy: float
+    accuracy: float | None
+    """The published top-1 (%); None where this suite could not read it (``source`` says why)."""
     std: float | None
     teacher_accuracy: float | None
     selection: str

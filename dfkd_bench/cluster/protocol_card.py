@@ -73,7 +73,8 @@ def render_card(method: str, dataset: str | None = None) -> str:
         protocol = cls.paper_protocols[name]
         std = f" +- {protocol.std:g}" if protocol.std is not None else ""
         teacher = f", teacher {protocol.teacher_accuracy:g} %" if protocol.teacher_accuracy is not None else ""
-        lines += ["", f"{name}: published {protocol.accuracy:g}{std} %{teacher}, selection {protocol.selection} "
+        published = f"{protocol.accuracy:g}{std} %" if protocol.accuracy is not None else "(not read here)"
+        lines += ["", f"{name}: published {published}{teacher}, selection {protocol.selection} "
                       f"-- {protocol.source}", f"official code: {protocol.code}"]
         rows = card_rows(method, name)
         header = {"setting": "setting", "paper": "paper / official code", "ours_paper": "ours (paper)",
