@@ -21,9 +21,9 @@ from dfkd_bench.errors import ConfigError
 from dfkd_bench.method_api import get_method
 from dfkd_bench.methods import spaceship
 from dfkd_bench.methods.zoo_common import root_model
-from dfkd_bench.models import build_generator, build_model
+from dfkd_bench.models import build_generator
 from dfkd_bench.train.engine import Trainer
-from test_pool_fidelity import bn_lenet_teacher, make_method  # noqa: F401 - a fixture and its helper
+from test_pool_fidelity import bn_lenet_teacher, make_method, save_random_bn_teacher  # noqa: F401 - a fixture
 from test_reproduce import _configs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -255,15 +255,7 @@ def test_lenet_has_grad_cam_at_both_resolutions_and_no_cam(bn_lenet_teacher, tmp
 def wrn_teacher(tmp_path_factory) -> str:
     """A WRN-16-1 digits teacher, random weights and running statistics: a network with the official CAM (a
     linear classifier over the global average of its last map), as the paper's WRN pairs."""
-    torch.manual_seed(0)
-    model = build_model("wrn16_1", 10, 1, 16)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 2.0)
-    path = tmp_path_factory.mktemp("wrn_teacher") / "wrn16_1.pt"
-    torch.save(model.state_dict(), path)
-    return str(path)
+    return save_random_bn_teacher(tmp_path_factory.mktemp("wrn_teacher"), "wrn16_1", 0.2)
 
 
 def wrn_trainer(wrn_teacher, tmp_path, **overrides) -> Trainer:
