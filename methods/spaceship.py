@@ -335,7 +335,7 @@ class SpaceshipNet(GeneratorPoolMethod):
                                                                            kl_reduction="batchmean",
                                                                            memory_size=7680)
 
-    bn_term = "L_bn (SpaceshipNet's lambda_bn_meanvar term)"
+    bn_term = "L_bn (SpaceshipNet's lambda_bn_meanvar)"
     batch_tensors = ("z", "labels")
     optimised_tensors = ()  # only G is optimised; z is drawn once per batch
 
