@@ -112,18 +112,24 @@ def test_cmi_contrastive_loss_with_a_256_dimensional_head_by_hand():
 
 # ------------------------------------------------------------ behaviours on a BatchNorm teacher ---
 
+def save_random_bn_teacher(folder, arch: str, mean_bound: float) -> str:
+    """A digits teacher ``arch`` with random weights (seed 0) and non-trivial running statistics (means in
+    +- ``mean_bound``, variances in [0.5, 2]), saved in ``folder``; its path."""
+    torch.manual_seed(0)
+    model = build_model(arch, 10, 1, 16)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-mean_bound, mean_bound)
+            module.running_var.uniform_(0.5, 2.0)
+    path = folder / f"{arch}.pt"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def bn_lenet_teacher(tmp_path_factory) -> str:
     """A LeNet-5-BN digits teacher with random weights and non-trivial running statistics."""
-    torch.manual_seed(0)
-    model = build_model("lenet5_bn", 10, 1, 16)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-    path = tmp_path_factory.mktemp("bn_teacher") / "lenet5_bn.pt"
-    torch.save(model.state_dict(), path)
-    return str(path)
+    return save_random_bn_teacher(tmp_path_factory.mktemp("bn_teacher"), "lenet5_bn", 0.5)
 
 
 def make_method(bn_lenet_teacher, tmp_path, method: str, **overrides):

@@ -177,8 +177,8 @@ def test_every_method_has_cifar10_and_cifar100_paper_protocols_with_files():
     from dfkd_bench.method_api import list_methods
 
     builtin = {name for name, cls in list_methods().items() if cls.__module__.startswith("dfkd_bench.methods.")}
-    # the ten of issue 19, and every method added since (issue 29: NAYER)
-    assert {"abm", "mem", "mad", "dfad", "dfq", "zskt", "dafl", "deepinv", "cmi", "fast", "nayer"} <= builtin, \
+    # the ten of issue 19, and every method added since (issue 29: NAYER, SpaceshipNet)
+    assert {"abm", "mem", "mad", "dfad", "dfq", "zskt", "dafl", "deepinv", "cmi", "fast", "nayer", "spaceship"} <= builtin, \
         sorted(builtin)
     for name in sorted(builtin):
         assert {"cifar10", "cifar100"} <= set(get_method(name).paper_protocols), name
