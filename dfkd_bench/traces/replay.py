@@ -214,6 +214,8 @@ class StepResult:
 @dataclass
 class ReplayResult:
     steps: list[StepResult] = field(default_factory=list)
+    per_key: dict[str, float] = field(default_factory=dict)
+    """Each compared entry's largest relative difference over the steps."""
     mismatch: str | None = None
     """Why the replay stopped early (the suite drew, stepped or held something the official loop did not)."""
 
@@ -248,7 +250,7 @@ class ReplayResult:
 
 
 def compare(suite: dict[str, Any], official: dict[str, Any], uncompared: dict[str, str],
-            what: str) -> tuple[float, str]:
+            what: str, per_key: dict[str, float] | None = None) -> tuple[float, str]:
     """The largest relative difference between two flat states, and where; a key one side lacks
     (outside ``uncompared``) is a :class:`TraceMismatch`. Optimiser settings a newer torch adds
     compare only when both sides have them."""
@@ -267,6 +269,8 @@ def compare(suite: dict[str, Any], official: dict[str, Any], uncompared: dict[st
         if skipped(key):
             continue
         difference = relative_difference(suite[key], official[key], scales.get(key))
+        if per_key is not None:
+            per_key[key] = max(per_key.get(key, 0.0), difference)
         if difference > worst or not where:
             worst, where = difference, key
     return worst, where
@@ -295,7 +299,8 @@ def replay(trace: Trace, *, train: dict[str, Any] | None = None, params: dict[st
                 before(trainer)
             feed = DrawFeed(trace.draws)
             trainer.method.ctx.draws = feed
-            difference, worst = compare(suite_state(trainer), trace.initial, uncompared, "before the first step")
+            difference, worst = compare(suite_state(trainer), trace.initial, uncompared, "before the first step",
+                                        result.per_key)
             result.steps.append(StepResult(0, "initial", difference, worst))
             if stop_beyond is not None and difference > stop_beyond:
                 raise _Beyond
@@ -310,8 +315,10 @@ def replay(trace: Trace, *, train: dict[str, Any] | None = None, params: dict[st
                                         f"{official['kind']} step")
                 losses = {f"loss/{k}": v.detach() for k, v in terms.items()}
                 expected = {f"loss/{k}": v for k, v in official["losses"].items()}
-                loss_difference, loss_worst = compare(losses, expected, uncompared, f"step {index} ({kind}) losses")
-                difference, worst = compare(suite_state(trainer), state, uncompared, f"after step {index} ({kind})")
+                loss_difference, loss_worst = compare(losses, expected, uncompared, f"step {index} ({kind}) losses",
+                                                      result.per_key)
+                difference, worst = compare(suite_state(trainer), state, uncompared, f"after step {index} ({kind})",
+                                            result.per_key)
                 if loss_difference > difference:
                     difference, worst = loss_difference, loss_worst
                 result.steps.append(StepResult(index, kind, difference, worst))

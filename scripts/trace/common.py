@@ -64,8 +64,9 @@ def protocol_config(method: str, dataset: str, *, architectures: dict[str, dict[
         "teacher_std": list(info.std), "student_arch": student_arch, "student_mean": list(info.mean),
         "student_std": list(info.std), "train": {**protocol_train, **train}, "params": {**p_params, **params},
     }
-    sized = {"teacher_arch": [p_teacher, f"{teacher_arch} {architectures[teacher_arch]}", why["networks"]],
-             "student_arch": [p_student, f"{student_arch} {architectures[student_arch]}", why["networks"]]}
+    sized = {role: [protocol, f"{arch} {architectures[arch]}", why["networks"]]
+             for role, protocol, arch in (("teacher_arch", p_teacher, teacher_arch), ("student_arch", p_student, student_arch))
+             if arch != protocol}
     for name, value in train.items():
         if protocol_train[name] != value:
             sized[f"train.{name}"] = [protocol_train[name], value, why[name]]
@@ -285,6 +286,8 @@ def finish(trace: Trace, name: str, out_dir: Path = TRACES) -> dict[str, Any]:
         "max_relative_difference": max(r.max_relative_difference for r in results.values()),
         "variants": {variant: r.max_relative_difference for variant, r in results.items()},
         "replays": {variant: r.describe() for variant, r in results.items()},
+        "largest": {variant: dict(sorted(r.per_key.items(), key=lambda item: -item[1])[:6])
+                    for variant, r in results.items()},
         "command": meta["command"], "alignments": meta["alignments"], "trace_sized": meta["trace_sized"],
         "patches": meta["patches"], "bytes": path.stat().st_size,
         "made_with": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()},

@@ -116,28 +116,60 @@ def meta() -> dict:
     }
 
 
+def run_official(checkout: Path, workdir: Path, teacher: dict, randn, *, widths=(TEACHER_WIDTHS, STUDENT_WIDTHS),
+                 ngf: int = NGF, batch: int = BATCH, nz: int = NOISE, iterations: int = ITERATIONS) -> None:
+    """The official ``DFAD_mnist.main()`` for one epoch of ``iterations``, patched as the module docstring
+    says: LeNet-5 / LeNet-5-half of ``widths`` on 28-px inputs, ``GeneratorA(ngf)`` for 28 px, the teacher
+    ``teacher`` (the suite's names), ``torch.randn`` replaced by ``randn``; it ends at ``test()``."""
+    common.stub_module("torchvision.models.utils", load_state_dict_from_url=torch.hub.load_state_dict_from_url)
+    common.stub_module("visdom", Visdom=object)
+    if str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    import DFAD_mnist  # the official script (its main() is not run on import)
+    import network
+
+    scaled = common.load_official_module(checkout / "network" / "lenet.py", "dfad_official_lenet_scaled", {
+        "LeNet5": common.lenet_widths(common.LENET5_WIDTHS, widths[0]),
+        "LeNet5Half": common.lenet_widths(common.LENET5_HALF_WIDTHS, widths[1])})
+
+    sized_ngf = ngf
+
+    def generator(nz=100, ngf=64, nc=1, img_size=32):
+        assert (ngf, img_size) == (64, 32), "main() builds GeneratorA(nz=args.nz, nc=1, img_size=32)"
+        return network.gan.GeneratorA(nz=nz, ngf=sized_ngf, nc=nc, img_size=28)
+
+    teacher_module = common.padded_to(scaled.LeNet5, 28, 2)()
+    official_teacher = common.official_lenet_state(teacher, teacher_module)
+
+    def end_after_training(*_args, **_kwargs):
+        raise common.TraceDone
+
+    argv = ["DFAD_mnist.py", "--batch_size", str(batch), "--epochs", "1", "--epoch_itrs", str(iterations),
+            "--nz", str(nz), "--no-cuda"]
+    with contextlib.ExitStack() as stack:
+        for target, name, value in [
+                (sys, "argv", argv), (torch, "randn", randn), (torch, "load", lambda *a, **k: official_teacher),
+                (DFAD_mnist, "get_dataloader", lambda args: (None, None)), (DFAD_mnist, "test", end_after_training),
+                # what main() reaches as network.lenet.* and network.gan.GeneratorA (the official modules
+                # themselves stay as they are: their classes name themselves in super())
+                (DFAD_mnist, "network", SimpleNamespace(
+                    lenet=SimpleNamespace(LeNet5=lambda: teacher_module,
+                                          LeNet5Half=common.padded_to(scaled.LeNet5Half, 28, 2)),
+                    gan=SimpleNamespace(GeneratorA=generator)))]:
+            stack.enter_context(mock.patch.object(target, name, value))
+        common.run_in(workdir, DFAD_mnist.main)
+
+
+def official_file(checkout: Path) -> Path:
+    return (checkout / "DFAD_mnist.py").resolve()
+
+
 def trace(checkout: Path) -> Trace:
     common.check_checkout(checkout, REPO, COMMIT, FILES)
     spec = meta()
     teacher = common.random_lenet_teacher(TEACHER_WIDTHS)
     with tempfile.TemporaryDirectory(prefix="dfad-trace-") as tmp, common.suite_start(spec, teacher, Path(tmp)) as suite:
         layout = common.LeNetGeneratorLayout(suite)
-        common.stub_module("torchvision.models.utils", load_state_dict_from_url=torch.hub.load_state_dict_from_url)
-        common.stub_module("visdom", Visdom=object)
-        sys.path.insert(0, str(checkout))
-        import DFAD_mnist  # the official script (its main() is not run on import)
-        import network
-
-        scaled = common.load_official_module(checkout / "network" / "lenet.py", "dfad_official_lenet_scaled", {
-            "LeNet5": common.lenet_widths(common.LENET5_WIDTHS, TEACHER_WIDTHS),
-            "LeNet5Half": common.lenet_widths(common.LENET5_HALF_WIDTHS, STUDENT_WIDTHS)})
-
-        def trace_generator(nz=100, ngf=64, nc=1, img_size=32):
-            assert (ngf, img_size) == (64, 32), "main() builds GeneratorA(nz=args.nz, nc=1, img_size=32)"
-            return network.gan.GeneratorA(nz=nz, ngf=NGF, nc=nc, img_size=28)
-
-        teacher_module = common.padded_to(scaled.LeNet5, 28, 2)()
-        official_teacher = common.official_lenet_state(teacher, teacher_module)
         result = Trace(spec, teacher, {})
         loop: dict = {}
 
@@ -151,26 +183,9 @@ def trace(checkout: Path) -> Trace:
             run.record(loop["optimizer_S"], "student", lambda v: {"l1_gen": v["loss_S"], "student_loss": v["loss_S"]})
             run.record(loop["optimizer_G"], "generator", lambda v: {"gen_loss": v["loss_G"], "gen_l1": -v["loss_G"]})
 
-        run = common.OfficialRun(result, suite.method_rng, Path(DFAD_mnist.__file__).resolve(), stop_after=6 * ITERATIONS,
+        run = common.OfficialRun(result, suite.method_rng, official_file(checkout), stop_after=6 * ITERATIONS,
                                  on_first_draw=on_first_draw, state=state)
-
-        def end_after_training(*_args, **_kwargs):
-            raise common.TraceDone
-
-        argv = ["DFAD_mnist.py", "--batch_size", str(BATCH), "--epochs", "1", "--epoch_itrs", str(ITERATIONS),
-                "--nz", str(NOISE), "--no-cuda"]
-        with contextlib.ExitStack() as stack:
-            for target, name, value in [
-                    (sys, "argv", argv), (torch, "randn", run.randn), (torch, "load", lambda *a, **k: official_teacher),
-                    (DFAD_mnist, "get_dataloader", lambda args: (None, None)), (DFAD_mnist, "test", end_after_training),
-                    # what main() reaches as network.lenet.* and network.gan.GeneratorA (the official modules
-                    # themselves stay as they are: their classes name themselves in super())
-                    (DFAD_mnist, "network", SimpleNamespace(
-                        lenet=SimpleNamespace(LeNet5=lambda: teacher_module,
-                                              LeNet5Half=common.padded_to(scaled.LeNet5Half, 28, 2)),
-                        gan=SimpleNamespace(GeneratorA=trace_generator)))]:
-                stack.enter_context(mock.patch.object(target, name, value))
-            common.run_in(Path(tmp), DFAD_mnist.main)
+        run_official(checkout, Path(tmp), teacher, run.randn)
     return result
 
 
