@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -199,15 +201,15 @@ def test_a_summary_becomes_the_card_line(tmp_path):
                             "commit": "c161591aae4c13e53943dcb61c162876421aad7a", "entry": "DFAD_mnist.py train()"}}
     (tmp_path / "x.json").write_text(json.dumps(summary))
     assert cards.equivalence_lines("dfad", tmp_path) == [
-        "step-equivalent to VainF/Data-Free-Adversarial-Distillation@c161591 (DFAD_mnist.py train()): max relative "
-        "difference 2.0e-11 over 18 steps (float64; results/traces/x.pt)"]
+        "step-equivalent to VainF/Data-Free-Adversarial-Distillation@c161591: max relative difference 2.0e-11 over "
+        "18 steps (float64; DFAD_mnist.py train(); results/traces/x.pt)"]
     assert cards.equivalence_lines("abm", tmp_path) == [
         "no trace yet (its losses are proven by hand-computed tests only)"]
 
 
 # --------------------------------------------------- the committed traces ---
 
-OFFICIAL_CODE = {"dfad": "VainF/Data-Free-Adversarial-Distillation"}
+OFFICIAL_CODE = {"dfad": "VainF/Data-Free-Adversarial-Distillation", "dafl": "huawei-noah/Efficient-Computing"}
 """Every method whose authors published code, with the repository its committed trace runs (issue 28)."""
 
 
@@ -274,3 +276,51 @@ def _detach_student_logits_in_the_generator_objective(trainer) -> None:
 def test_dfad_mutations_are_rejected(change):
     result = replay(committed("dfad"), stop_beyond=RTOL, **change)
     assert not result.within(RTOL), result.describe()
+
+
+def test_dafl_runs_its_teacher_once_per_iteration_as_the_official_loop():
+    """The student trains on the generator step's very images: the teacher's logits of that step serve
+    (issue 28: the suite ran the teacher twice per iteration, the official loop once; the same values)."""
+    calls = []
+
+    def count_teacher_forwards(trainer) -> None:
+        trainer.teacher.register_forward_pre_hook(lambda module, inputs: calls.append(inputs[0].shape[0]))
+
+    trace = committed("dafl")
+    result = replay(trace, before=count_teacher_forwards)
+    assert result.within(RTOL), result.describe()
+    assert len(calls) == len(trace.meta["schedule"])  # one teacher forward per iteration
+
+
+@pytest.mark.parametrize("change", [
+    dict(params={"oh_weight": 0.5}),                     # a loss weight
+    dict(params={"entropy_log_base": math.e}),           # L_ie's logarithm (log10 in the official code)
+    dict(params={"student_batch": "generator_z"}),       # the order of updates: S on images of the updated G
+    dict(train={"student_lr": 1e-3}),                    # an optimiser setting
+    dict(params={"generator_beta1": 0.5}),               # an optimiser setting of G
+], ids=["oh_weight", "log_base", "order", "student_lr", "generator_beta1"])
+def test_dafl_mutations_are_rejected(change):
+    result = replay(committed("dafl"), stop_beyond=RTOL, **change)
+    assert not result.within(RTOL), result.describe()
+
+
+TRACERS = {"dfad": "DFKD_BENCH_OFFICIAL_DFAD", "dafl": "DFKD_BENCH_OFFICIAL_DAFL"}
+"""The environment variable that names a checkout of each tracer's official repository."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(TRACERS))
+def test_a_tracer_regenerates_its_committed_trace(method, tmp_path):
+    """``python scripts/trace/<method>.py --official CHECKOUT`` makes the committed trace again: the same
+    official values (bit for bit on the machine that made it; to float64 rounding elsewhere)."""
+    checkout = os.environ.get(TRACERS[method])
+    if not checkout:
+        pytest.skip(f"set ${TRACERS[method]} to a checkout of {OFFICIAL_CODE[method]} (see the README)")
+    subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "trace" / f"{method}.py"), "--official", checkout,
+                    "--out", str(tmp_path)], check=True, cwd=tmp_path, capture_output=True)
+    fresh, kept = load_trace(tmp_path / f"{method}_mnist.pt"), committed(method)
+    assert fresh.meta == kept.meta and len(fresh.steps) == len(kept.steps) and len(fresh.draws) == len(kept.draws)
+    for (_, a_step, a), (_, b_step, b) in zip(fresh.states(), kept.states()):
+        assert a.keys() == b.keys() and a_step["losses"].keys() == b_step["losses"].keys()
+        assert max(relative_difference(a[k], b[k], comparison_scales(b).get(k)) for k in a) <= 1e-12
+        assert max(relative_difference(a_step["losses"][k], b_step["losses"][k]) for k in a_step["losses"]) <= 1e-12
