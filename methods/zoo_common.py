@@ -306,8 +306,9 @@ class ZooGeneratorMethod(AdversarialMethod):
         """``student_batch = generator_batch``: the teacher's logits of the generator step's images, which
         the student trains on -- the teacher runs once per iteration, as in DAFL's official loop, not again
         in the student step on the same images (the same values: the teacher is frozen)."""
-        if self.student_batch_mode == "generator_batch" and self._stage_images and self._last_teacher_logits is not None:
-            return {"gen.teacher_logits": self._last_teacher_logits}
+        given = self._last_teacher_logits
+        if self.student_batch_mode == "generator_batch" and self._stage_images and given is not None:
+            return {"gen.teacher_logits": given}
         return {}
 
     def finish_student_step(self, keep: Any) -> None:
@@ -367,7 +368,8 @@ class ZooGeneratorMethod(AdversarialMethod):
         if self.student_batch_mode != "fresh":
             self._last_noise = (z, labels)
             self._last_images = images.detach()
-            self._last_teacher_logits = teacher_logits.detach() if self.student_batch_mode == "generator_batch" else None
+            batch_mode = self.student_batch_mode == "generator_batch"
+            self._last_teacher_logits = teacher_logits.detach() if batch_mode else None
         return {name: value.detach() for name, value in terms.items()}
 
     def student_sources(self) -> list[Source]:

@@ -37,7 +37,8 @@ def summaries(folder: str | Path | None = None) -> list[dict[str, Any]]:
 def summary_line(summary: dict[str, Any]) -> str:
     official = summary["official"]
     return (f"step-equivalent to {official['repo']}@{official['commit'][:7]}: max relative difference "
-            f"{summary['max_relative_difference']:.1e} over {summary['steps']} steps ({summary.get('dtype', 'float64')}; "
+            f"{summary['max_relative_difference']:.1e} over {summary['steps']} steps "
+            f"({summary.get('dtype', 'float64')}; "
             f"{official['entry']}; results/traces/{summary['trace']})")
 
 

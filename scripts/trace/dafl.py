@@ -34,10 +34,8 @@ Patched at run time (never the arithmetic):
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
-import tempfile
 import types
 from pathlib import Path
 from unittest import mock
@@ -62,48 +60,22 @@ ITERATIONS = 5
 BATCH = 8
 NOISE = 4
 NGF = 2
-TEACHER_WIDTHS = [3, 4, 12, 10]
-STUDENT_WIDTHS = [2, 3, 6, 6]
-ARCHITECTURES = {
-    "trace_lenet5": {"registry": "model", "family": "lenet", "width": TEACHER_WIDTHS},
-    "trace_lenet5_half": {"registry": "model", "family": "lenet", "width": STUDENT_WIDTHS},
-    "trace_dafl_gen": {"registry": "generator", "family": "paper_generator", "kind": "dafl", "ngf": NGF},
-}
-WHY_SMALL = "a trace must stay well under 1 MB; the step's arithmetic does not depend on the sizes"
 
 
 def meta() -> dict:
-    config, sized = common.protocol_config(
-        "dafl", "mnist", architectures=ARCHITECTURES, teacher_arch="trace_lenet5", student_arch="trace_lenet5_half",
-        train=dict(epochs=1, steps_per_epoch=ITERATIONS, batch_size=BATCH, drift_every=0),
-        params=dict(noise_dim=NOISE, generator="trace_dafl_gen"),
-        why={"networks": WHY_SMALL, "batch_size": WHY_SMALL, "noise_dim": WHY_SMALL, "generator": WHY_SMALL,
-             "epochs": f"{ITERATIONS} official iterations", "steps_per_epoch": f"{ITERATIONS} official iterations",
-             "drift_every": "no measurement during a trace"})
-    return {
-        "method": "dafl",
-        "official": {"repo": REPO, "commit": COMMIT, "entry": f"{FOLDER}/DAFL-train.py"},
-        "command": COMMAND,
-        "config": config,
-        "trace_sized": sized,
-        "architectures": ARCHITECTURES,
-        "schedule": ["iteration"] * ITERATIONS,
-        "load": ["student/", "method/generator/"],
-        "uncompared": {"method/counters/": "the suite's count of synthetic images (a budget record, no arithmetic)"},
-        "alignments": {
+    return common.lenet_generator_meta(
+        "dafl", official={"repo": REPO, "commit": COMMIT, "entry": f"{FOLDER}/DAFL-train.py"},
+        command=COMMAND, generator="dafl", ngf=NGF, iterations=ITERATIONS, batch=BATCH, noise=NOISE,
+        schedule=["iteration"] * ITERATIONS,
+        alignments={
             "order": "none needed: an official iteration updates G, then S, from one batch; an engine iteration runs "
                      "the generator step, then the student step on that step's images (student_batch = "
                      "generator_batch)",
-            "28-px inputs": "the official LeNet-5 and LeNet-5-half get the 28-px image zero-padded to 32 (what the "
-                            "suite's conv1 padding 2 computes); the generator is built with --img_size 28",
             "networks": f"the script's Generator with widths 128/64 scaled to {2 * NGF}/{NGF}; LeNet-5 widths "
-                        f"{TEACHER_WIDTHS} and LeNet-5-half widths {STUDENT_WIDTHS} by scaling the official classes' "
-                        "channel counts; a random teacher",
-            "batch and noise": f"batch {BATCH} (official 512), latent_dim {NOISE} (official 100)",
-            "float64": "default dtype float64 on both sides",
-            "draws": "the official torch.randn returns the suite's draws (its method stream, in the order drawn)",
+                        f"{common.TEACHER_WIDTHS} and LeNet-5-half widths {common.STUDENT_WIDTHS} by scaling the "
+                        "official classes' channel counts; a random teacher",
         },
-        "patches": {
+        patches={
             "cpu": ".cuda() of modules and tensors returns them unchanged",
             "data": "torch.load(teacher_dir + 'teacher') returns the trace's teacher; MNIST is an empty stand-in; the "
                     "loop ends at the draw after the traced iterations",
@@ -111,8 +83,7 @@ def meta() -> dict:
                         "has its widths scaled in its source; the suite's initial weights copied in before the "
                         "first draw",
             "cwd": "a temporary folder",
-        },
-    }
+        })
 
 
 class EmptyMNIST(torch.utils.data.Dataset):
@@ -128,7 +99,8 @@ class EmptyMNIST(torch.utils.data.Dataset):
         raise IndexError(index)
 
 
-def run_official(checkout: Path, workdir: Path, teacher: dict, randn, *, widths=(TEACHER_WIDTHS, STUDENT_WIDTHS),
+def run_official(checkout: Path, workdir: Path, teacher: dict, randn, *,
+                 widths=(common.TEACHER_WIDTHS, common.STUDENT_WIDTHS),
                  ngf: int = NGF, batch: int = BATCH, nz: int = NOISE) -> None:
     """The official ``DAFL-train.py`` executed, patched as the module docstring says: LeNet-5 / LeNet-5-half
     of ``widths`` on 28-px inputs, the script's Generator with widths 2 * ngf / ngf for 28 px, the teacher
@@ -167,42 +139,18 @@ def official_file(checkout: Path) -> Path:
 
 def trace(checkout: Path) -> Trace:
     common.check_checkout(checkout, REPO, COMMIT, FILES)
-    spec = meta()
-    teacher = common.random_lenet_teacher(TEACHER_WIDTHS)
-    with tempfile.TemporaryDirectory(prefix="dafl-trace-") as tmp, common.suite_start(spec, teacher, Path(tmp)) as suite:
-        layout = common.LeNetGeneratorLayout(suite)
-        result = Trace(spec, teacher, {})
-        loop: dict = {}
-
-        def state():
-            return layout.state(loop["student"], loop["optimizer_S"], loop["generator"], loop["optimizer_G"])
-
-        def on_first_draw(frame):  # the script's module frame: its networks and optimisers are globals
-            names = frame.f_locals
-            loop.update(student=names["net"].module, generator=names["generator"].module,
-                        optimizer_S=names["optimizer_S"], optimizer_G=names["optimizer_G"])
-            layout.load_initial(loop["student"], loop["generator"])
-            result.initial = state()  # before the first step: the optimisers hold no state yet
-            run.record(loop["optimizer_G"], "generator", lambda v: {
-                "gen_oh": v["loss_one_hot"], "gen_activation": v["loss_activation"],
-                "gen_entropy": v["loss_information_entropy"],
-                "gen_loss": v["loss"] - v["loss_kd"]})  # the official total holds the student's KD too
-            run.record(loop["optimizer_S"], "student", lambda v: {"kd_gen": v["loss_kd"], "student_loss": v["loss_kd"]})
-
-        run = common.OfficialRun(result, suite.method_rng, official_file(checkout), state=state,
-                                 stop_after=ITERATIONS, on_first_draw=on_first_draw)
-        run_official(checkout, Path(tmp), teacher, run.randn)
-    return result
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--official", type=Path, required=True,
-                        help=f"a checkout of {REPO} at {COMMIT[:7]} (only {FOLDER} is read)")
-    parser.add_argument("--out", type=Path, default=common.TRACES, help="where to write dafl_mnist.pt/.json")
-    args = parser.parse_args()
-    common.finish(trace(args.official.resolve()), "dafl_mnist", args.out)
+    return common.trace_lenet_generator(
+        meta(), official_file(checkout),
+        lambda workdir, teacher, randn: run_official(checkout, workdir, teacher, randn),
+        stop_after=ITERATIONS,
+        # the script's module frame: its networks (in DataParallel) and optimisers are globals
+        networks=lambda v: {"student": v["net"].module, "generator": v["generator"].module,
+                            "optimizer_S": v["optimizer_S"], "optimizer_G": v["optimizer_G"]},
+        student_losses=lambda v: {"kd_gen": v["loss_kd"], "student_loss": v["loss_kd"]},
+        generator_losses=lambda v: {"gen_oh": v["loss_one_hot"], "gen_activation": v["loss_activation"],
+                                    "gen_entropy": v["loss_information_entropy"],
+                                    "gen_loss": v["loss"] - v["loss_kd"]})  # the official total holds S's KD too
 
 
 if __name__ == "__main__":
-    main()
+    common.tracer_main("dafl_mnist", REPO, COMMIT, trace, f" (only {FOLDER} is read)")
