@@ -22,7 +22,7 @@ from dfkd_bench.models.lenet import LeNet5
 from dfkd_bench.traces import cards
 from dfkd_bench.traces.format import (MAX_BYTES, RTOL, Trace, TraceError, comparison_scales, file_sha256,
                                       load_trace, relative_difference)
-from dfkd_bench.traces.replay import VARIANTS, record_suite, replay
+from dfkd_bench.traces.replay import VARIANTS, record_suite, replay, run_config
 
 TRACES = REPO_ROOT / "results" / "traces"
 COMMITTED = sorted(TRACES.glob("*.pt"))
@@ -240,18 +240,21 @@ def test_a_committed_trace_has_its_summary_and_is_the_protocols_run(path):
     assert summary["max_relative_difference"] <= RTOL and summary["dtype"] == "float64"
     assert summary["official"] == trace.meta["official"] and len(summary["official"]["commit"]) == 40
     config, sized = trace.meta["config"], trace.meta["trace_sized"]
-    _, _, size, train, params = resolve_settings(trace.meta["method"], config["dataset"], config["protocol"])
+    method = trace.meta["method"]
+    _, _, size, train, params = resolve_settings(method, config["dataset"], config["protocol"])
     assert config["image_size"] == size
+    # what the replay runs: a setting added to the suite after the trace was made takes its default
+    replayed = run_config(trace.meta, "teacher.pt")
     for name, value in vars(train).items():
         if f"train.{name}" in sized:
             assert sized[f"train.{name}"][:2] == [value, config["train"][name]], name
         else:
-            assert config["train"][name] == value, name
+            assert getattr(replayed.train, name) == value, name
     for name, value in params.items():
         if f"params.{name}" in sized:
             assert sized[f"params.{name}"][0] == value, name
         else:
-            assert config["params"][name] == value, name
+            assert replayed.params[name] == value, name
 
 
 def test_every_method_with_official_code_has_a_committed_trace():
