@@ -35,7 +35,8 @@ TINY = {
 
 
 def tiny_meta(method: str = "dfad", optimizer: str = "sgd", **params) -> dict:
-    """A suite run of tiny networks on 28-px MNIST-shaped inputs: 2 iterations after a student stage."""
+    """A suite run of tiny networks on 28-px MNIST-shaped inputs, in DFAD's aligned order: a student stage,
+    one engine iteration, a last generator stage (S2, G S2, G)."""
     return {
         "method": method,
         "config": {"dataset": "mnist", "protocol": "paper", "seed": 0, "image_size": 28, "channels": 1,
