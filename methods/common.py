@@ -103,16 +103,20 @@ class AdversarialParams:
                 raise ConfigError(f"generator={self.generator!r} is not one of auto, {', '.join(names)}")
 
 
-def teacher_student_logits(ctx: MethodContext, images: Tensor) -> tuple[Tensor, Tensor]:
+def teacher_student_logits(ctx: MethodContext, images: Tensor,
+                           teacher_logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One batch through the frozen teacher (inference mode; its logits cloned so that a loss
-    can use them) and through the training student, with the run's channels-last and autocast."""
+    can use them) and through the training student, with the run's channels-last and autocast.
+    ``teacher_logits`` already computed for these very images (detached) skip the teacher."""
     if ctx.perf.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     with ctx.perf.autocast(ctx.device):
-        with torch.inference_mode():
-            teacher_logits = ctx.teacher(images)
+        if teacher_logits is None:
+            with torch.inference_mode():
+                inferred = ctx.teacher(images)
+            teacher_logits = inferred.clone()  # outside inference mode: a tensor a loss may use
         student_logits = ctx.student(images)
-    return teacher_logits.clone(), student_logits
+    return teacher_logits, student_logits
 
 
 class Source(NamedTuple):
@@ -121,6 +125,9 @@ class Source(NamedTuple):
     name: str
     images: Tensor
     weight: float
+    teacher_logits: Tensor | None = None
+    """The teacher's logits of ``images`` when the method has them already (DAFL's student trains on the
+    generator step's very batch, which the teacher saw there); None: the student step runs the teacher."""
 
 
 class _EmbeddingRows(torch.autograd.Function):
@@ -406,8 +413,9 @@ class AdversarialMethod(Method):
         """Teacher and student logits of each source: with the fused forward (several sources,
         a groupable student) one pass over all of them, BatchNorm statistics per source."""
         ctx = self.ctx
-        if not (ctx.perf.fused_forward and self.student_groupable and len(sources) > 1):
-            return [teacher_student_logits(ctx, source.images) for source in sources]
+        if not (ctx.perf.fused_forward and self.student_groupable and len(sources) > 1) or any(
+                source.teacher_logits is not None for source in sources):
+            return [teacher_student_logits(ctx, source.images, source.teacher_logits) for source in sources]
         images = torch.cat([s.images for s in sources])
         if ctx.perf.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

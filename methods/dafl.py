@@ -29,8 +29,10 @@ lenet.py), as defaults here:
   C5 units after their ReLU (the input of F6; :func:`methods.zoo_common.feature_tap`),
   the pooled features of a ResNet / WRN;
 * G and S are updated from ONE batch: the student's KD uses the generator step's images
-  (``student_batch = "generator_batch"``), so the paper protocol's n_G = n_S = 1 is the
-  official loop exactly (G's loss does not involve the student).
+  (``student_batch = "generator_batch"``) and the teacher's logits of that step (the teacher
+  runs once per iteration, as in the official loop), so the paper protocol's n_G = n_S = 1 is
+  the official loop exactly (G's loss does not involve the student). Proven step for step:
+  ``results/traces/dafl_mnist.pt`` (``dfkd_bench.traces``).
 The MNIST script: 200 epochs x 120 iterations = 24,000 iterations, batch 512, G Adam lr
 0.2, S Adam lr 2e-3 (no weight decay, no lr decay), z of dimension 100, MNIST resized to
 32 x 32 and normalised (0.1307, 0.3081), best test accuracy kept (``experiments/reproduce/

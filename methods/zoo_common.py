@@ -276,6 +276,7 @@ class ZooGeneratorMethod(AdversarialMethod):
                               f"student_images_per_step")
         self._last_noise: tuple[Tensor, Tensor | None] | None = None
         self._last_images: Tensor | None = None
+        self._last_teacher_logits: Tensor | None = None
         if params.generator_step_student_mode != "train" and not self.uses_student_in_generator:
             raise ConfigError(f"{self.name}'s generator step does not run the student, so "
                               f"generator_step_student_mode={params.generator_step_student_mode} would change "
@@ -300,6 +301,15 @@ class ZooGeneratorMethod(AdversarialMethod):
             self._stage_noise = {}
             self._stage_images = {"gen": [self._last_images] * steps}
         self._step_in_stage = 0
+
+    def extra_student_inputs(self) -> dict[str, Tensor]:
+        """``student_batch = generator_batch``: the teacher's logits of the generator step's images, which
+        the student trains on -- the teacher runs once per iteration, as in DAFL's official loop, not again
+        in the student step on the same images (the same values: the teacher is frozen)."""
+        given = self._last_teacher_logits
+        if self.student_batch_mode == "generator_batch" and self._stage_images and given is not None:
+            return {"gen.teacher_logits": given}
+        return {}
 
     def finish_student_step(self, keep: Any) -> None:
         if self.student_batch_mode == "generator_batch":  # no new images were synthesised
@@ -358,10 +368,13 @@ class ZooGeneratorMethod(AdversarialMethod):
         if self.student_batch_mode != "fresh":
             self._last_noise = (z, labels)
             self._last_images = images.detach()
+            batch_mode = self.student_batch_mode == "generator_batch"
+            self._last_teacher_logits = teacher_logits.detach() if batch_mode else None
         return {name: value.detach() for name, value in terms.items()}
 
     def student_sources(self) -> list[Source]:
-        return [Source("gen", self.stage_samples("gen"), 1.0)]
+        given = self._batch.get("gen.teacher_logits") if self._batch is not None else None
+        return [Source("gen", self.stage_samples("gen"), 1.0, given)]
 
     def source_loss(self, source: Source, teacher_logits: Tensor,
                     student_logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

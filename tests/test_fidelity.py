@@ -200,16 +200,21 @@ def _trainer(digits_request, folder, method, **overrides):
 
 def test_dafl_student_trains_on_the_generator_steps_own_images(digits_request, tmp_path):
     # DAFL-train.py: loss_kd = kdloss(net(gen_imgs.detach()), outputs_T.detach()) on the G step's batch.
+    # The teacher runs once, in the G step (outputs_T); its logits serve the student steps (issue 28).
     trainer = _trainer(digits_request, tmp_path, "dafl", generator_lr=0.5)
     method = trainer.method
-    seen = []
+    seen, student_saw = [], []
     hook = trainer.teacher.register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[0].detach().clone()))
+    student_hook = trainer.student_module.register_forward_pre_hook(
+        lambda _m, inputs: student_saw.append(inputs[0].detach().clone()))
     method.generator_step()
     method.end_generator_stage()
     method.student_loss()
     method.student_loss()
     hook.remove()
-    assert len(seen) == 3 and torch.equal(seen[1], seen[0]) and torch.equal(seen[2], seen[0])
+    student_hook.remove()
+    assert len(seen) == 1 and len(student_saw) == 2
+    assert torch.equal(student_saw[0], seen[0]) and torch.equal(student_saw[1], seen[0])
 
 
 def test_zskt_student_steps_reuse_the_generator_steps_z_through_the_updated_generator(digits_request, tmp_path):

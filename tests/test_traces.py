@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ from dfkd_bench.models.lenet import LeNet5
 from dfkd_bench.traces import cards
 from dfkd_bench.traces.format import (MAX_BYTES, RTOL, Trace, TraceError, comparison_scales, file_sha256,
                                       load_trace, relative_difference)
-from dfkd_bench.traces.replay import VARIANTS, record_suite, replay
+from dfkd_bench.traces.replay import VARIANTS, record_suite, replay, run_config
 
 TRACES = REPO_ROOT / "results" / "traces"
 COMMITTED = sorted(TRACES.glob("*.pt"))
@@ -33,7 +35,8 @@ TINY = {
 
 
 def tiny_meta(method: str = "dfad", optimizer: str = "sgd", **params) -> dict:
-    """A suite run of tiny networks on 28-px MNIST-shaped inputs: 2 iterations after a student stage."""
+    """A suite run of tiny networks on 28-px MNIST-shaped inputs, in DFAD's aligned order: a student stage,
+    one engine iteration, a last generator stage (S2, G S2, G)."""
     return {
         "method": method,
         "config": {"dataset": "mnist", "protocol": "paper", "seed": 0, "image_size": 28, "channels": 1,
@@ -68,7 +71,8 @@ def suite_trace() -> Trace:
 def test_relative_difference_is_normwise_and_refuses_what_cannot_be_compared():
     official = torch.tensor([1.0, -4.0, 0.0], dtype=torch.float64)
     assert relative_difference(official.clone(), official) == 0.0
-    assert relative_difference(official + torch.tensor([0, 0, 4e-8], dtype=torch.float64), official) == pytest.approx(1e-8)
+    nudged = official + torch.tensor([0, 0, 4e-8], dtype=torch.float64)
+    assert relative_difference(nudged, official) == pytest.approx(1e-8)
     assert relative_difference(torch.zeros(2), torch.zeros(3)) == math.inf
     assert relative_difference(torch.ones(1), torch.zeros(1)) == math.inf  # all-zero official, non-zero suite
     assert relative_difference(0.1, 0.1) == 0.0 and relative_difference("a", "b") == math.inf
@@ -203,15 +207,16 @@ def test_a_summary_becomes_the_card_line(tmp_path):
                             "commit": "c161591aae4c13e53943dcb61c162876421aad7a", "entry": "DFAD_mnist.py train()"}}
     (tmp_path / "x.json").write_text(json.dumps(summary))
     assert cards.equivalence_lines("dfad", tmp_path) == [
-        "step-equivalent to VainF/Data-Free-Adversarial-Distillation@c161591 (DFAD_mnist.py train()): max relative "
-        "difference 2.0e-11 over 18 steps (float64; results/traces/x.pt)"]
+        "step-equivalent to VainF/Data-Free-Adversarial-Distillation@c161591: max relative difference 2.0e-11 over "
+        "18 steps (float64; DFAD_mnist.py train(); results/traces/x.pt)"]
     assert cards.equivalence_lines("dfq", tmp_path) == [
         "no trace yet (its losses are proven by hand-computed tests only)"]
 
 
 # --------------------------------------------------- the committed traces ---
 
-OFFICIAL_CODE = {"dfad": "VainF/Data-Free-Adversarial-Distillation", "fast": "zju-vipa/Fast-Datafree"}
+OFFICIAL_CODE = {"dfad": "VainF/Data-Free-Adversarial-Distillation", "dafl": "huawei-noah/Efficient-Computing",
+                 "fast": "zju-vipa/Fast-Datafree"}
 """Every method whose authors published code, with the repository its committed trace runs (issue 28)."""
 
 TRACE_FILES = {"zskt_polo5": "zskt_polo5_cifar10", "fast": "fast_cifar10"}
@@ -245,18 +250,21 @@ def test_a_committed_trace_has_its_summary_and_is_the_protocols_run(path):
     assert summary["max_relative_difference"] <= RTOL and summary["dtype"] == "float64"
     assert summary["official"] == trace.meta["official"] and len(summary["official"]["commit"]) == 40
     config, sized = trace.meta["config"], trace.meta["trace_sized"]
-    _, _, size, train, params = resolve_settings(trace.meta["method"], config["dataset"], config["protocol"])
+    method = trace.meta["method"]
+    _, _, size, train, params = resolve_settings(method, config["dataset"], config["protocol"])
     assert config["image_size"] == size
+    # what the replay runs: a setting added to the suite after the trace was made takes its default
+    replayed = run_config(trace.meta, "teacher.pt")
     for name, value in vars(train).items():
         if f"train.{name}" in sized:
             assert sized[f"train.{name}"][:2] == [value, config["train"][name]], name
         else:
-            assert config["train"][name] == value, name
+            assert getattr(replayed.train, name) == value, name
     for name, value in params.items():
         if f"params.{name}" in sized:
             assert sized[f"params.{name}"][0] == value, name
         else:
-            assert config["params"][name] == value, name
+            assert replayed.params[name] == value, name
 
 
 def test_every_method_with_official_code_has_a_committed_trace():
@@ -340,3 +348,52 @@ def _detach_student_logits_in_the_inversion_loss(trainer) -> None:
 def test_fast_mutations_are_rejected(change):
     result = replay(committed("fast"), stop_beyond=RTOL, **change)
     assert not result.within(RTOL), result.describe()
+
+
+def test_dafl_runs_its_teacher_once_per_iteration_as_the_official_loop():
+    """The student trains on the generator step's very images: the teacher's logits of that step serve
+    (issue 28: the suite ran the teacher twice per iteration, the official loop once; the same values)."""
+    calls = []
+
+    def count_teacher_forwards(trainer) -> None:
+        trainer.teacher.register_forward_pre_hook(lambda module, inputs: calls.append(inputs[0].shape[0]))
+
+    trace = committed("dafl")
+    result = replay(trace, before=count_teacher_forwards)
+    assert result.within(RTOL), result.describe()
+    assert len(calls) == len(trace.meta["schedule"])  # one teacher forward per iteration
+
+
+@pytest.mark.parametrize("change", [
+    dict(params={"oh_weight": 0.5}),                     # a loss weight
+    dict(params={"entropy_log_base": math.e}),           # L_ie's logarithm (log10 in the official code)
+    dict(params={"student_batch": "generator_z"}),       # the order of updates: S on images of the updated G
+    dict(train={"student_lr": 1e-3}),                    # an optimiser setting
+    dict(params={"generator_beta1": 0.5}),               # an optimiser setting of G
+], ids=["oh_weight", "log_base", "order", "student_lr", "generator_beta1"])
+def test_dafl_mutations_are_rejected(change):
+    result = replay(committed("dafl"), stop_beyond=RTOL, **change)
+    assert not result.within(RTOL), result.describe()
+
+
+TRACERS = {"dfad": "DFKD_BENCH_OFFICIAL_DFAD", "dafl": "DFKD_BENCH_OFFICIAL_DAFL"}
+"""The environment variable that names a checkout of each tracer's official repository."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(TRACERS))
+def test_a_tracer_regenerates_its_committed_trace(method, tmp_path):
+    """``python scripts/trace/<method>.py --official CHECKOUT`` makes the committed trace again: the same
+    official values (bit for bit on the machine that made it; to float64 rounding elsewhere)."""
+    checkout = os.environ.get(TRACERS[method])
+    if not checkout:
+        pytest.skip(f"set ${TRACERS[method]} to a checkout of {OFFICIAL_CODE[method]} (see the README)")
+    subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "trace" / f"{method}.py"), "--official", checkout,
+                    "--out", str(tmp_path)], check=True, cwd=tmp_path, capture_output=True)
+    name = TRACE_FILES.get(method, f"{method}_mnist")
+    fresh, kept = load_trace(tmp_path / f"{name}.pt"), committed(method)
+    assert fresh.meta == kept.meta and len(fresh.steps) == len(kept.steps) and len(fresh.draws) == len(kept.draws)
+    for (_, a_step, a), (_, b_step, b) in zip(fresh.states(), kept.states()):
+        assert a.keys() == b.keys() and a_step["losses"].keys() == b_step["losses"].keys()
+        assert max(relative_difference(a[k], b[k], comparison_scales(b).get(k)) for k in a) <= 1e-12
+        assert max(relative_difference(a_step["losses"][k], b_step["losses"][k]) for k in a_step["losses"]) <= 1e-12

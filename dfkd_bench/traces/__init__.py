@@ -17,29 +17,37 @@ that regenerates both). The tracers are scripts, ``scripts/trace/<method>.py``: 
 official code from a checkout path given on the command line, never from this repository, and
 nothing in ``dfkd_bench`` imports them.
 
-Adding a tracer (``scripts/trace/dfad.py`` is the model to copy):
+Adding a tracer (``scripts/trace/dfad.py`` is the model to copy; ``scripts/trace/common.py`` has the parts):
 
 1. Take facts from the official loop: the optimisers and their settings, the order of updates, the
-   train/eval modes, what is detached. Mirror the repository (``fetch``) and pin its commit.
+   train/eval modes, what is detached. Mirror the repository (``fetch``), pin its commit, and list the
+   files the tracer reads with their git blob ids (``common.check_checkout`` refuses other files).
 2. Write ``meta`` (see :mod:`~dfkd_bench.traces.format`): the suite's run under the protocol that
-   cites the code (``scripts/trace/common.py: protocol_config`` resolves it), made trace-sized --
-   small networks of a :data:`~dfkd_bench.traces.replay.FAMILIES` family (add a family there if
-   needed), a small batch, a few iterations -- and every alignment stated in ``alignments``
-   (stage order, input size, widths, float64, the draws). ``schedule`` lists the engine calls
-   (``iteration``, ``student_stage``, ``generator_steps``) that run the official order of updates.
-3. Build the suite's initial state with ``common.suite_start`` (the engine's own ``build()`` in
-   float64), copy it into the official networks (map the names), and run the official loop with
-   ``common.OfficialRun``: it feeds the official ``torch.randn`` (or numpy) calls the suite's
-   draws, records after each official optimiser step (a post-step hook) the losses from the
-   official frame's variables and the full state in the suite's names, and ends the loop after the
-   last step. Patch the official code at run time only where it cannot run on a CPU or without its
-   data, or to make its networks trace-sized (list each patch in the tracer's docstring and in
-   ``meta["patches"]``); never change its arithmetic.
-4. ``common.finish`` saves the trace, replays it on every engine path and writes the summary.
-   Commit ``results/traces/NAME.pt`` and ``NAME.json``, add the tracer's command to the README's
-   fidelity section, and add a mutation test to ``tests/test_traces.py``: one change of a loss
-   weight, a detach point, a train/eval mode, an optimiser setting or the order of updates that the
-   replay must reject.
+   cites the code (``common.protocol_config`` resolves it and lists what the trace changes in
+   ``trace_sized``), made trace-sized -- small networks of a :data:`~dfkd_bench.traces.replay.FAMILIES`
+   family (add a family there if needed), a small batch, a few iterations -- with every alignment
+   stated in ``alignments`` (stage order, input size, widths, float64, the draws) and every run-time
+   patch in ``patches``. ``schedule`` lists the engine calls (``iteration``, ``student_stage``,
+   ``generator_steps``) that run the official order of updates. (``common.lenet_generator_meta`` does
+   all of this for a LeNet-5 pair and a paper generator on MNIST.)
+3. Write ``run_official(checkout, workdir, teacher, randn)``: run the official entry point with
+   ``torch.randn`` replaced by ``randn``, patched only where it cannot run on a CPU or without its data,
+   or to make its networks trace-sized (``common.load_official_module`` with ``scale_widths`` changes
+   channel counts in the official source and nothing else; ``common.padded_to`` is the 28-px
+   alignment of the official LeNet-5); list each patch in the tracer's docstring; never change the
+   arithmetic.
+4. Trace: ``common.trace_lenet_generator`` (or, for another state, the same few lines around
+   ``common.OfficialRun``) builds the suite's run with the engine's own ``build()`` in float64, feeds
+   the official loop the suite's draws (its method stream), copies the suite's initial weights into the
+   official networks before the first draw, and records after each official optimiser step (a
+   post-step hook) the losses, read from the official frame's variables, and the full state in the
+   suite's names. ``common.tracer_main`` gives the command line; ``common.finish`` saves the trace,
+   replays it on every engine path (:data:`~dfkd_bench.traces.replay.VARIANTS`) and writes the summary.
+5. Commit ``results/traces/NAME.pt`` and ``NAME.json``; add the method to ``OFFICIAL_CODE`` and a
+   mutation test to ``tests/test_traces.py`` -- a changed loss weight, detach point, train/eval mode,
+   optimiser setting or order of updates that ``replay(..., stop_beyond=RTOL)`` must reject -- the
+   checkout's variable to its ``TRACERS`` (the slow regeneration test), and the tracer's command to
+   the README's fidelity section.
 
 Methods draw their training noise through :meth:`MethodContext.randn
 <dfkd_bench.method_api.MethodContext.randn>` / ``randint``, which the replay feeds from the trace

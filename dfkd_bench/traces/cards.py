@@ -36,9 +36,10 @@ def summaries(folder: str | Path | None = None) -> list[dict[str, Any]]:
 
 def summary_line(summary: dict[str, Any]) -> str:
     official = summary["official"]
-    return (f"step-equivalent to {official['repo']}@{official['commit'][:7]} ({official['entry']}): max relative "
-            f"difference {summary['max_relative_difference']:.1e} over {summary['steps']} steps "
-            f"({summary.get('dtype', 'float64')}; results/traces/{summary['trace']})")
+    return (f"step-equivalent to {official['repo']}@{official['commit'][:7]}: max relative difference "
+            f"{summary['max_relative_difference']:.1e} over {summary['steps']} steps "
+            f"({summary.get('dtype', 'float64')}; "
+            f"{official['entry']}; results/traces/{summary['trace']})")
 
 
 def equivalence_lines(method: str, folder: str | Path | None = None) -> list[str]:

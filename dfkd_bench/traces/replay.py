@@ -83,6 +83,9 @@ def float64_mode():
     """float64 by default, and ``Tensor.float()`` leaving float64 tensors as they are (see the module doc)."""
     previous = torch.get_default_dtype()
     original = torch.Tensor.float
+    # the engine's build() sets the process-wide deterministic-algorithms switch of its run: restored after
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
 
     def float_or_float64(self, *args, **kwargs):
         return self if self.dtype == torch.float64 else original(self, *args, **kwargs)
@@ -94,6 +97,7 @@ def float64_mode():
     finally:
         torch.Tensor.float = original
         torch.set_default_dtype(previous)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
 
 
 # ---------------------------------------------------------------- suite ---
@@ -221,6 +225,8 @@ class StepResult:
 @dataclass
 class ReplayResult:
     steps: list[StepResult] = field(default_factory=list)
+    per_key: dict[str, float] = field(default_factory=dict)
+    """Each compared entry's largest relative difference over the steps."""
     mismatch: str | None = None
     """Why the replay stopped early (the suite drew, stepped or held something the official loop did not)."""
 
@@ -255,7 +261,7 @@ class ReplayResult:
 
 
 def compare(suite: dict[str, Any], official: dict[str, Any], uncompared: dict[str, str],
-            what: str) -> tuple[float, str]:
+            what: str, per_key: dict[str, float] | None = None) -> tuple[float, str]:
     """The largest relative difference between two flat states, and where; a key one side lacks
     (outside ``uncompared``) is a :class:`TraceMismatch`. Optimiser settings a newer torch adds
     compare only when both sides have them."""
@@ -274,6 +280,8 @@ def compare(suite: dict[str, Any], official: dict[str, Any], uncompared: dict[st
         if skipped(key):
             continue
         difference = relative_difference(suite[key], official[key], scales.get(key))
+        if per_key is not None:
+            per_key[key] = max(per_key.get(key, 0.0), difference)
         if difference > worst or not where:
             worst, where = difference, key
     return worst, where
@@ -302,7 +310,8 @@ def replay(trace: Trace, *, train: dict[str, Any] | None = None, params: dict[st
                 before(trainer)
             feed = DrawFeed(trace.draws)
             trainer.method.ctx.draws = feed
-            difference, worst = compare(suite_state(trainer), trace.initial, uncompared, "before the first step")
+            difference, worst = compare(suite_state(trainer), trace.initial, uncompared, "before the first step",
+                                        result.per_key)
             result.steps.append(StepResult(0, "initial", difference, worst))
             if stop_beyond is not None and difference > stop_beyond:
                 raise _Beyond
@@ -317,8 +326,10 @@ def replay(trace: Trace, *, train: dict[str, Any] | None = None, params: dict[st
                                         f"{official['kind']} step")
                 losses = {f"loss/{k}": v.detach() for k, v in terms.items()}
                 expected = {f"loss/{k}": v for k, v in official["losses"].items()}
-                loss_difference, loss_worst = compare(losses, expected, uncompared, f"step {index} ({kind}) losses")
-                difference, worst = compare(suite_state(trainer), state, uncompared, f"after step {index} ({kind})")
+                loss_difference, loss_worst = compare(losses, expected, uncompared, f"step {index} ({kind}) losses",
+                                                      result.per_key)
+                difference, worst = compare(suite_state(trainer), state, uncompared, f"after step {index} ({kind})",
+                                            result.per_key)
                 if loss_difference > difference:
                     difference, worst = loss_difference, loss_worst
                 result.steps.append(StepResult(index, kind, difference, worst))
@@ -343,11 +354,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "reference": dict(amp="none", channels_last=False, fused_optimizer=False, cuda_graphs=False, fused_forward=False,
                       stage_buffer=False, compile=False),
     "fast": dict(amp="none", channels_last=True, fused_optimizer=True, cuda_graphs=True, fused_forward=True,
-                 stage_buffer=False, compile=False),
+                 stage_buffer=False, compile=False, deterministic=False),
 }
 """The engine paths every trace is replayed on: ``reference`` (eager, no fused kernels, contiguous memory)
-and ``fast`` (what the float32 paper protocols resolve to on a GPU: channels-last, fused optimisers, the
-static student step that CUDA graphs replay -- on a CPU the same static-input path without a graph)."""
+and ``fast`` (what the float32 paper protocols resolve to on a GPU -- channels-last, fused optimisers, the
+static student step that CUDA graphs replay (on a CPU the same static-input path without a graph), no
+deterministic algorithms -- as the first H200 run of DFAD's MNIST protocol recorded in ``resolved_perf``)."""
 
 
 def replay_variants(trace: Trace) -> dict[str, ReplayResult]:

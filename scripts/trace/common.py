@@ -18,6 +18,7 @@ on the command line; nothing here or there is imported by ``dfkd_bench``. See
 
 from __future__ import annotations
 
+import argparse
 import ast
 import contextlib
 import dataclasses
@@ -26,6 +27,7 @@ import json
 import platform
 import re
 import sys
+import tempfile
 import types
 from pathlib import Path
 from typing import Any, Callable
@@ -65,8 +67,10 @@ def protocol_config(method: str, dataset: str, *, architectures: dict[str, dict[
         "teacher_std": list(info.std), "student_arch": student_arch, "student_mean": list(info.mean),
         "student_std": list(info.std), "train": {**protocol_train, **train}, "params": {**p_params, **params},
     }
-    sized = {"teacher_arch": [p_teacher, f"{teacher_arch} {architectures[teacher_arch]}", why["networks"]],
-             "student_arch": [p_student, f"{student_arch} {architectures[student_arch]}", why["networks"]]}
+    sized = {role: [protocol, f"{arch} {architectures[arch]}", why["networks"]]
+             for role, protocol, arch in (("teacher_arch", p_teacher, teacher_arch),
+                                          ("student_arch", p_student, student_arch))
+             if arch != protocol}
     for name, value in train.items():
         if protocol_train[name] != value:
             sized[f"train.{name}"] = [protocol_train[name], value, why[name]]
@@ -286,6 +290,8 @@ def finish(trace: Trace, name: str, out_dir: Path = TRACES) -> dict[str, Any]:
         "max_relative_difference": max(r.max_relative_difference for r in results.values()),
         "variants": {variant: r.max_relative_difference for variant, r in results.items()},
         "replays": {variant: r.describe() for variant, r in results.items()},
+        "largest": {variant: dict(sorted(r.per_key.items(), key=lambda item: -item[1])[:6])
+                    for variant, r in results.items()},
         "command": meta["command"], "alignments": meta["alignments"], "trace_sized": meta["trace_sized"],
         "patches": meta["patches"], "bytes": path.stat().st_size,
         "made_with": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()},
@@ -426,10 +432,84 @@ def random_wrn_teacher(spec: dict[str, Any], num_classes: int = 10, seed: int = 
     return model.state_dict()
 
 
+# ------------------------------------------------------- a LeNet-5 / paper-generator trace ---
+
+TEACHER_WIDTHS = [3, 4, 12, 10]
+"""The trace-sized LeNet-5 teacher's (conv1, conv2, C5, F6) widths (official 6, 16, 120, 84)."""
+STUDENT_WIDTHS = [2, 3, 6, 6]
+"""The trace-sized LeNet-5-half student's widths (official 3, 8, 60, 42)."""
+WHY_SMALL = "a trace must stay well under 1 MB; the step's arithmetic does not depend on the sizes"
+
+
+def lenet_generator_meta(method: str, *, official: dict[str, str], command: str, generator: str, ngf: int,
+                         iterations: int, batch: int, noise: int, schedule: list[str],
+                         alignments: dict[str, str], patches: dict[str, str]) -> dict[str, Any]:
+    """The ``meta`` of a trace of ``method``'s MNIST paper protocol with a LeNet-5 pair and a paper generator
+    (``generator`` ``dfad`` / ``dafl``), trace-sized: ``iterations`` official iterations, ``batch``, ``noise``,
+    ``ngf`` and the widths above; ``alignments`` adds the method's own to the shared ones."""
+    architectures = {
+        "trace_lenet5": {"registry": "model", "family": "lenet", "width": TEACHER_WIDTHS},
+        "trace_lenet5_half": {"registry": "model", "family": "lenet", "width": STUDENT_WIDTHS},
+        f"trace_{generator}_gen": {"registry": "generator", "family": "paper_generator", "kind": generator, "ngf": ngf},
+    }
+    config, sized = protocol_config(
+        method, "mnist", architectures=architectures, teacher_arch="trace_lenet5", student_arch="trace_lenet5_half",
+        train=dict(epochs=1, steps_per_epoch=iterations, batch_size=batch, drift_every=0),
+        params=dict(noise_dim=noise, generator=f"trace_{generator}_gen"),
+        why={"networks": WHY_SMALL, "batch_size": WHY_SMALL, "noise_dim": WHY_SMALL, "generator": WHY_SMALL,
+             "epochs": f"{iterations} official iterations", "steps_per_epoch": f"{iterations} official iterations",
+             "drift_every": "no measurement during a trace"})
+    return {
+        "method": method, "official": official, "command": command, "config": config, "trace_sized": sized,
+        "architectures": architectures, "schedule": schedule, "load": ["student/", "method/generator/"],
+        "uncompared": {"method/counters/": "the suite's count of synthetic images (a budget record, no arithmetic)"},
+        "alignments": {
+            **alignments,
+            "28-px inputs": "the official LeNet-5 and LeNet-5-half get the 28-px image zero-padded to 32 (what the "
+                            "suite's conv1 padding 2 computes); the generator is built for 28 px",
+            "batch and noise": f"batch {batch} (protocol {sized['train.batch_size'][0]}), noise {noise} (protocol "
+                               f"{sized['params.noise_dim'][0]})",
+            "float64": "default dtype float64 on both sides",
+            "draws": "the official torch.randn returns the suite's draws (its method stream, in the order drawn)",
+        },
+        "patches": patches,
+    }
+
+
+def trace_lenet_generator(spec: dict[str, Any], official_file: Path, run_official: Callable[..., None], *,
+                          stop_after: int, networks: Callable[[dict[str, Any]], dict[str, Any]],
+                          student_losses: Callable[[dict[str, Any]], dict[str, Any]],
+                          generator_losses: Callable[[dict[str, Any]], dict[str, Any]]) -> Trace:
+    """Trace an official loop whose state is a LeNet-5 student and a paper generator with their optimisers:
+    build the suite's run of ``spec`` (float64), then ``run_official(workdir, teacher, randn)``. Before the
+    official loop's first draw, ``networks(frame variables)`` names its ``student``, ``generator``,
+    ``optimizer_S`` and ``optimizer_G``; the suite's initial weights are copied into them, and every step of
+    each optimiser is recorded with ``student_losses`` / ``generator_losses`` of the frame's variables."""
+    teacher = random_lenet_teacher(TEACHER_WIDTHS)
+    with tempfile.TemporaryDirectory(prefix=f"{spec['method']}-trace-") as tmp, \
+            suite_start(spec, teacher, Path(tmp)) as suite:
+        layout = LeNetGeneratorLayout(suite)
+        result = Trace(spec, teacher, {})
+        loop: dict[str, Any] = {}
+
+        def state() -> dict[str, Any]:
+            return layout.state(loop["student"], loop["optimizer_S"], loop["generator"], loop["optimizer_G"])
+
+        def on_first_draw(frame) -> None:
+            loop.update(networks(frame.f_locals))
+            layout.load_initial(loop["student"], loop["generator"])
+            result.initial = state()  # before the first step: the optimisers hold no state yet
+            run.record(loop["optimizer_S"], "student", student_losses)
+            run.record(loop["optimizer_G"], "generator", generator_losses)
+
+        run = OfficialRun(result, suite.method_rng, official_file, state=state, stop_after=stop_after,
+                          on_first_draw=on_first_draw)
+        run_official(Path(tmp), teacher, run.randn)
+    return result
+
+
 def tracer_main(doc: str, trace: Callable[[Path], Trace], name: str, repo: str, commit: str) -> None:
     """A tracer's command line: ``--official CHECKOUT [--out DIR]``, then :func:`finish`."""
-    import argparse
-
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--official", type=Path, required=True, help=f"a checkout of {repo} at {commit[:7]}")
     parser.add_argument("--out", type=Path, default=TRACES, help=f"where to write {name}.pt/.json")

@@ -36,10 +36,8 @@ Patched at run time (never the arithmetic):
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
@@ -63,125 +61,92 @@ ITERATIONS = 3
 BATCH = 8
 NOISE = 4
 NGF = 2
-TEACHER_WIDTHS = [3, 4, 12, 10]
-STUDENT_WIDTHS = [2, 3, 6, 6]
-ARCHITECTURES = {
-    "trace_lenet5": {"registry": "model", "family": "lenet", "width": TEACHER_WIDTHS},
-    "trace_lenet5_half": {"registry": "model", "family": "lenet", "width": STUDENT_WIDTHS},
-    "trace_dfad_gen": {"registry": "generator", "family": "paper_generator", "kind": "dfad", "ngf": NGF},
-}
-WHY_SMALL = "a trace must stay well under 1 MB; the step's arithmetic does not depend on the sizes"
 
 
 def meta() -> dict:
-    config, sized = common.protocol_config(
-        "dfad", "mnist", architectures=ARCHITECTURES, teacher_arch="trace_lenet5", student_arch="trace_lenet5_half",
-        train=dict(epochs=1, steps_per_epoch=ITERATIONS, batch_size=BATCH, drift_every=0),
-        params=dict(noise_dim=NOISE, generator="trace_dfad_gen"),
-        why={"networks": WHY_SMALL, "batch_size": WHY_SMALL, "noise_dim": WHY_SMALL, "generator": WHY_SMALL,
-             "epochs": f"{ITERATIONS} official iterations", "steps_per_epoch": f"{ITERATIONS} official iterations",
-             "drift_every": "no measurement during a trace"})
-    return {
-        "method": "dfad",
-        "official": {"repo": REPO, "commit": COMMIT, "entry": "DFAD_mnist.py main() -> train()"},
-        "command": COMMAND,
-        "config": config,
-        "trace_sized": sized,
-        "architectures": ARCHITECTURES,
-        "schedule": ["student_stage", *["iteration"] * (ITERATIONS - 1), "generator_steps"],
-        "load": ["student/", "method/generator/"],
-        "uncompared": {"method/counters/": "the suite's count of synthetic images (a budget record, no arithmetic)"},
-        "alignments": {
+    return common.lenet_generator_meta(
+        "dfad", official={"repo": REPO, "commit": COMMIT, "entry": "DFAD_mnist.py main() -> train()"},
+        command=COMMAND, generator="dfad", ngf=NGF, iterations=ITERATIONS, batch=BATCH, noise=NOISE,
+        schedule=["student_stage", *["iteration"] * (ITERATIONS - 1), "generator_steps"],
+        alignments={
             "stage order": "official: 5 student steps, then the generator step, per iteration; the engine: the "
                            "generator stage first. Replayed as one engine student stage, then "
                            f"{ITERATIONS - 1} engine iterations, then one engine generator stage: the official "
                            "S5 G S5 G S5 G, every step compared",
-            "28-px inputs": "the official LeNet-5 and LeNet-5-half get the 28-px image zero-padded to 32 (what the "
-                            "suite's conv1 padding 2 computes); GeneratorA is built with img_size=28",
-            "networks": f"GeneratorA(ngf={NGF}) by its own argument (official 64); LeNet-5 widths {TEACHER_WIDTHS} "
-                        f"and LeNet-5-half widths {STUDENT_WIDTHS} by scaling the official classes' channel "
-                        "counts; a random teacher",
-            "batch and noise": f"batch {BATCH} (official 512), nz {NOISE} (official 100)",
-            "float64": "default dtype float64 on both sides",
-            "draws": "the official torch.randn returns the suite's draws (its method stream, in the order drawn)",
+            "networks": f"GeneratorA(ngf={NGF}) by its own argument (official 64); LeNet-5 widths "
+                        f"{common.TEACHER_WIDTHS} and LeNet-5-half widths {common.STUDENT_WIDTHS} by scaling the "
+                        "official classes' channel counts; a random teacher",
         },
-        "patches": {
+        patches={
             "imports": "torchvision.models.utils (removed in torchvision 0.13) and visdom (unused plotting) stubbed",
             "data": "get_dataloader returns no loaders; torch.load(args.ckpt) returns the teacher's weights; "
                     "test() ends the run after the traced epoch",
             "networks": "network.lenet.LeNet5/LeNet5Half and network.gan.GeneratorA replaced by the trace-sized, "
                         "28-px forms; the suite's initial weights copied in before the first draw",
             "cwd": "a temporary folder (main() writes checkpoint/student)",
-        },
-    }
+        })
+
+
+def run_official(checkout: Path, workdir: Path, teacher: dict, randn, *,
+                 widths=(common.TEACHER_WIDTHS, common.STUDENT_WIDTHS),
+                 ngf: int = NGF, batch: int = BATCH, nz: int = NOISE, iterations: int = ITERATIONS) -> None:
+    """The official ``DFAD_mnist.main()`` for one epoch of ``iterations``, patched as the module docstring
+    says: LeNet-5 / LeNet-5-half of ``widths`` on 28-px inputs, ``GeneratorA(ngf)`` for 28 px, the teacher
+    ``teacher`` (the suite's names), ``torch.randn`` replaced by ``randn``; it ends at ``test()``."""
+    common.stub_module("torchvision.models.utils", load_state_dict_from_url=torch.hub.load_state_dict_from_url)
+    common.stub_module("visdom", Visdom=object)
+    if str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    import DFAD_mnist  # the official script (its main() is not run on import)
+    import network
+
+    scaled = common.load_official_module(checkout / "network" / "lenet.py", "dfad_official_lenet_scaled", {
+        "LeNet5": common.lenet_widths(common.LENET5_WIDTHS, widths[0]),
+        "LeNet5Half": common.lenet_widths(common.LENET5_HALF_WIDTHS, widths[1])})
+
+    sized_ngf = ngf
+
+    def generator(nz=100, ngf=64, nc=1, img_size=32):
+        assert (ngf, img_size) == (64, 32), "main() builds GeneratorA(nz=args.nz, nc=1, img_size=32)"
+        return network.gan.GeneratorA(nz=nz, ngf=sized_ngf, nc=nc, img_size=28)
+
+    teacher_module = common.padded_to(scaled.LeNet5, 28, 2)()
+    official_teacher = common.official_lenet_state(teacher, teacher_module)
+
+    def end_after_training(*_args, **_kwargs):
+        raise common.TraceDone
+
+    argv = ["DFAD_mnist.py", "--batch_size", str(batch), "--epochs", "1", "--epoch_itrs", str(iterations),
+            "--nz", str(nz), "--no-cuda"]
+    with contextlib.ExitStack() as stack:
+        for target, name, value in [
+                (sys, "argv", argv), (torch, "randn", randn), (torch, "load", lambda *a, **k: official_teacher),
+                (DFAD_mnist, "get_dataloader", lambda args: (None, None)), (DFAD_mnist, "test", end_after_training),
+                # what main() reaches as network.lenet.* and network.gan.GeneratorA (the official modules
+                # themselves stay as they are: their classes name themselves in super())
+                (DFAD_mnist, "network", SimpleNamespace(
+                    lenet=SimpleNamespace(LeNet5=lambda: teacher_module,
+                                          LeNet5Half=common.padded_to(scaled.LeNet5Half, 28, 2)),
+                    gan=SimpleNamespace(GeneratorA=generator)))]:
+            stack.enter_context(mock.patch.object(target, name, value))
+        common.run_in(workdir, DFAD_mnist.main)
+
+
+def official_file(checkout: Path) -> Path:
+    return (checkout / "DFAD_mnist.py").resolve()
 
 
 def trace(checkout: Path) -> Trace:
     common.check_checkout(checkout, REPO, COMMIT, FILES)
-    spec = meta()
-    teacher = common.random_lenet_teacher(TEACHER_WIDTHS)
-    with tempfile.TemporaryDirectory(prefix="dfad-trace-") as tmp, common.suite_start(spec, teacher, Path(tmp)) as suite:
-        layout = common.LeNetGeneratorLayout(suite)
-        common.stub_module("torchvision.models.utils", load_state_dict_from_url=torch.hub.load_state_dict_from_url)
-        common.stub_module("visdom", Visdom=object)
-        sys.path.insert(0, str(checkout))
-        import DFAD_mnist  # the official script (its main() is not run on import)
-        import network
-
-        scaled = common.load_official_module(checkout / "network" / "lenet.py", "dfad_official_lenet_scaled", {
-            "LeNet5": common.lenet_widths(common.LENET5_WIDTHS, TEACHER_WIDTHS),
-            "LeNet5Half": common.lenet_widths(common.LENET5_HALF_WIDTHS, STUDENT_WIDTHS)})
-
-        def trace_generator(nz=100, ngf=64, nc=1, img_size=32):
-            assert (ngf, img_size) == (64, 32), "main() builds GeneratorA(nz=args.nz, nc=1, img_size=32)"
-            return network.gan.GeneratorA(nz=nz, ngf=NGF, nc=nc, img_size=28)
-
-        teacher_module = common.padded_to(scaled.LeNet5, 28, 2)()
-        official_teacher = common.official_lenet_state(teacher, teacher_module)
-        result = Trace(spec, teacher, {})
-        loop: dict = {}
-
-        def state():
-            return layout.state(loop["student"], loop["optimizer_S"], loop["generator"], loop["optimizer_G"])
-
-        def on_first_draw(frame):  # inside train(): the networks and optimisers main() built
-            loop.update({name: frame.f_locals[name] for name in ("student", "generator", "optimizer_S", "optimizer_G")})
-            layout.load_initial(loop["student"], loop["generator"])
-            result.initial = state()  # before the first step: the optimisers hold no state yet
-            run.record(loop["optimizer_S"], "student", lambda v: {"l1_gen": v["loss_S"], "student_loss": v["loss_S"]})
-            run.record(loop["optimizer_G"], "generator", lambda v: {"gen_loss": v["loss_G"], "gen_l1": -v["loss_G"]})
-
-        run = common.OfficialRun(result, suite.method_rng, Path(DFAD_mnist.__file__).resolve(), stop_after=6 * ITERATIONS,
-                                 on_first_draw=on_first_draw, state=state)
-
-        def end_after_training(*_args, **_kwargs):
-            raise common.TraceDone
-
-        argv = ["DFAD_mnist.py", "--batch_size", str(BATCH), "--epochs", "1", "--epoch_itrs", str(ITERATIONS),
-                "--nz", str(NOISE), "--no-cuda"]
-        with contextlib.ExitStack() as stack:
-            for target, name, value in [
-                    (sys, "argv", argv), (torch, "randn", run.randn), (torch, "load", lambda *a, **k: official_teacher),
-                    (DFAD_mnist, "get_dataloader", lambda args: (None, None)), (DFAD_mnist, "test", end_after_training),
-                    # what main() reaches as network.lenet.* and network.gan.GeneratorA (the official modules
-                    # themselves stay as they are: their classes name themselves in super())
-                    (DFAD_mnist, "network", SimpleNamespace(
-                        lenet=SimpleNamespace(LeNet5=lambda: teacher_module,
-                                              LeNet5Half=common.padded_to(scaled.LeNet5Half, 28, 2)),
-                        gan=SimpleNamespace(GeneratorA=trace_generator)))]:
-                stack.enter_context(mock.patch.object(target, name, value))
-            common.run_in(Path(tmp), DFAD_mnist.main)
-    return result
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--official", type=Path, required=True,
-                        help=f"a checkout of {REPO} at {COMMIT[:7]}")
-    parser.add_argument("--out", type=Path, default=common.TRACES, help="where to write dfad_mnist.pt/.json")
-    args = parser.parse_args()
-    common.finish(trace(args.official.resolve()), "dfad_mnist", args.out)
+    return common.trace_lenet_generator(
+        meta(), official_file(checkout),
+        lambda workdir, teacher, randn: run_official(checkout, workdir, teacher, randn),
+        stop_after=6 * ITERATIONS,
+        # inside train(): the networks and optimisers main() built
+        networks=lambda v: {name: v[name] for name in ("student", "generator", "optimizer_S", "optimizer_G")},
+        student_losses=lambda v: {"l1_gen": v["loss_S"], "student_loss": v["loss_S"]},
+        generator_losses=lambda v: {"gen_loss": v["loss_G"], "gen_l1": -v["loss_G"]})
 
 
 if __name__ == "__main__":
-    main()
+    common.tracer_main(__doc__, trace, "dfad_mnist", REPO, COMMIT)
