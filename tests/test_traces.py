@@ -274,3 +274,45 @@ def _detach_student_logits_in_the_generator_objective(trainer) -> None:
 def test_dfad_mutations_are_rejected(change):
     result = replay(committed("dfad"), stop_beyond=RTOL, **change)
     assert not result.within(RTOL), result.describe()
+
+
+# ------------------------------------------------ the DataFree collection's traces ---
+# zju-vipa/CMI's datafree_kd.py, whose scripts the CIFAR paper protocols of DFQ, ZSKT (its
+# re-implementation), DeepInversion (synthesiser = datafree) and CMI cite (scripts/trace/datafree.py).
+
+DATAFREE_REPO = "zju-vipa/CMI"
+DATAFREE_METHODS = ("dfq", "zskt")
+
+
+def datafree_trace(method: str) -> Trace:
+    return load_trace(TRACES / f"{method}_datafree_cifar10.pt")
+
+
+def test_the_datafree_collections_methods_have_committed_traces():
+    for method in DATAFREE_METHODS:
+        summary = json.loads((TRACES / f"{method}_datafree_cifar10.json").read_text())
+        assert summary["official"]["repo"] == DATAFREE_REPO and summary["protocol"] == "cifar10 paper protocol"
+        assert any(line.startswith(f"step-equivalent to {DATAFREE_REPO}@9e79fa9")
+                   for line in cards.equivalence_lines(method))
+
+
+DATAFREE_MUTATIONS = {
+    "dfq-order": dict(schedule=["student_stage", "iteration", "iteration", "iteration"]),  # the order of updates
+    "dfq-balance_weight": dict(params={"balance_weight": 10.0}),                      # a loss weight
+    "dfq-detach": dict(before=_detach_student_logits_in_the_generator_objective),     # a detach point
+    "dfq-student_mode": dict(params={"generator_step_student_mode": "train"}),        # S's mode in G's step
+    "dfq-generator_mode": dict(params={"student_generator_mode": "train"}),           # G's mode for S's batches
+    "dfq-lr_schedule": dict(train={"lr_schedule": "cosine"}),                         # cosine per iteration
+    "dfq-weight_decay": dict(train={"student_weight_decay": 5e-4}),                   # an optimiser setting
+    "zskt-kl_reduction": dict(params={"kl_reduction": "mean"}),                       # a loss weight: KL / classes
+    "zskt-detach": dict(before=_detach_student_logits_in_the_generator_objective),
+    "zskt-student_mode": dict(params={"generator_step_student_mode": "train"}),
+    "zskt-student_batch": dict(params={"student_batch": "generator_z"}),              # S's data: the step's z
+    "zskt-beta1": dict(params={"generator_beta1": 0.9}),                              # an optimiser setting
+}
+
+
+@pytest.mark.parametrize("name", sorted(DATAFREE_MUTATIONS))
+def test_datafree_mutations_are_rejected(name):
+    result = replay(datafree_trace(name.split("-")[0]), stop_beyond=RTOL, **DATAFREE_MUTATIONS[name])
+    assert not result.within(RTOL), result.describe()

@@ -56,13 +56,17 @@ class WideResNet(nn.Module):
     """WRN-depth-k for small images; ``depth`` must be 6n+4."""
 
     def __init__(
-        self, depth: int, widen_factor: int, num_classes: int, in_channels: int = 3
+        self, depth: int, widen_factor: int, num_classes: int, in_channels: int = 3,
+        base_widths: tuple[int, int, int] = (16, 32, 64),
     ) -> None:
         super().__init__()
         if (depth - 4) % 6 != 0:
             raise ValueError(f"WRN depth must be 6n+4, got {depth}")
         n = (depth - 4) // 6
-        widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        # base_widths: (16, 32, 64) in every registered WRN; smaller ones serve the step-equivalence traces
+        # (dfkd_bench.traces), which scale the reference code's same three constants
+        first, second, third = base_widths
+        widths = [first, first * widen_factor, second * widen_factor, third * widen_factor]
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
         groups = []
         for g, stride in enumerate((1, 2, 2)):

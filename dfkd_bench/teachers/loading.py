@@ -48,8 +48,11 @@ class NormalizedModel(nn.Module):
     def __init__(self, model: nn.Module, mean: list[float], std: list[float]):
         super().__init__()
         self.model = model
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        # in the default dtype: float32 in every run; float64 in the step-equivalence replay (dfkd_bench.traces),
+        # where a float32 0.4914 would differ from the official code's float64 normalisation by 1e-8
+        dtype = torch.get_default_dtype()
+        self.register_buffer("mean", torch.tensor(mean, dtype=dtype).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=dtype).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.model((images - self.mean.to(images.dtype)) / self.std.to(images.dtype))

@@ -17,7 +17,9 @@ training step is re-implemented here; what this module adds around the engine:
 * **trace-sized networks** (:func:`architectures`): ``meta["architectures"]`` names each network by
   a family and its widths (``lenet``: :class:`~dfkd_bench.models.lenet.LeNet5` with ``width``;
   ``paper_generator``: :class:`~dfkd_bench.models.generators.PaperGenerator` of ``kind`` with
-  ``ngf``); they are registered for the build only (:func:`~dfkd_bench.models.registry.scoped_registrations`).
+  ``ngf``; ``wrn``: :class:`~dfkd_bench.models.wrn.WideResNet` of ``depth``, ``widen_factor`` and
+  ``base_widths``; ``datafree_generator``: :class:`~dfkd_bench.models.generators.DataFreeGenerator`,
+  ``large`` or not, with ``ngf``); they are registered for the build only (:func:`~dfkd_bench.models.registry.scoped_registrations`).
   A new family is one entry of :data:`FAMILIES`.
 * **the schedule**: ``iteration`` (the engine's iteration: the student's learning rate of the
   iteration, ``run_iteration()``), ``student_stage`` (``end_generator_stage()`` then the engine's
@@ -39,8 +41,9 @@ import torch
 from torch import Tensor
 
 from dfkd_bench.config import RunConfig, TeacherSpec, TrainConfig, resolve_method_params
-from dfkd_bench.models.generators import paper_generator
+from dfkd_bench.models.generators import DataFreeGenerator, paper_generator
 from dfkd_bench.models.lenet import LeNet5
+from dfkd_bench.models.wrn import WideResNet
 from dfkd_bench.models.registry import register_generator, register_model, scoped_registrations
 from dfkd_bench.traces.format import (RTOL, Trace, TraceMismatch, comparison_scales, flatten,
                                       relative_difference)
@@ -53,6 +56,10 @@ FAMILIES: dict[str, Callable[[dict[str, Any]], Callable[..., torch.nn.Module]]] 
         num_classes, in_channels, image_size, width=tuple(spec["width"]), batchnorm=spec.get("batchnorm", False))),
     "paper_generator": lambda spec: (lambda noise_dim, out_channels, image_size, conditioning="uncond", **_: (
         paper_generator(spec["kind"], noise_dim, out_channels, image_size, conditioning, ngf=spec["ngf"]))),
+    "wrn": lambda spec: (lambda num_classes, in_channels, image_size: WideResNet(
+        spec["depth"], spec["widen_factor"], num_classes, in_channels, base_widths=tuple(spec["base_widths"]))),
+    "datafree_generator": lambda spec: (lambda noise_dim, out_channels, image_size, conditioning="uncond", **_: (
+        DataFreeGenerator(spec["large"], noise_dim, out_channels, image_size, ngf=spec["ngf"]))),
 }
 """Trace-sized networks by family: ``spec -> builder`` as the model / generator registries call it."""
 

@@ -121,13 +121,15 @@ class _ScaleWidths(ast.NodeTransformer):
         self.replaced: dict[str, dict[int, int]] = {name: {} for name in classes}
         self.name = ""
 
-    def visit_ClassDef(self, node: ast.ClassDef) -> ast.AST:
-        if node.name not in self.classes:
-            return node
+    def visit_ClassDef(self, node: ast.ClassDef | ast.FunctionDef) -> ast.AST:
+        if node.name not in self.classes or self.current is not None:
+            return self.generic_visit(node)
         self.current, self.name = self.classes[node.name], node.name
         self.generic_visit(node)
         self.current = None
         return node
+
+    visit_FunctionDef = visit_ClassDef
 
     def visit_Constant(self, node: ast.Constant) -> ast.AST:
         if self.current is not None and type(node.value) is int and node.value in self.current:
@@ -138,9 +140,10 @@ class _ScaleWidths(ast.NodeTransformer):
 
 
 def scale_widths(tree: ast.Module, classes: dict[str, dict[int, int]]) -> dict[str, dict[int, int]]:
-    """Replace, inside each named class of ``tree``, the integer literals ``old`` by ``new`` (its channel
-    widths); returns how often each was replaced and fails if a named width was not found. Only sizes
-    change: every operation, its order and its other constants stay the official code's."""
+    """Replace, inside each named class (or function) of ``tree``, the integer literals ``old`` by ``new``
+    (its channel widths, a noise or feature dimension); returns how often each was replaced and fails if a
+    named width was not found. Only sizes change: every operation, its order and its other constants stay
+    the official code's."""
     transformer = _ScaleWidths(classes)
     transformer.visit(tree)
     for name, widths in classes.items():
@@ -239,6 +242,7 @@ class OfficialRun:
         self.draws = 0
 
     def randn(self, *size, **kwargs) -> Tensor:
+        size = size or (kwargs["size"],)  # torch.randn(size=(...)) as well as torch.randn(a, b) / ((a, b))
         shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
         if self.draws >= self.stop_after:
             raise TraceDone
@@ -250,9 +254,11 @@ class OfficialRun:
         return self.draw("randn", (rows, cols)).reshape(shape)
 
     def record(self, optimizer: torch.optim.Optimizer, kind: str,
-               losses: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+               losses: Callable[[dict[str, Any]], dict[str, Any]], official_file: Path | None = None) -> None:
+        """``losses`` reads the innermost frame of ``official_file`` (default: the run's) -- the official
+        function that made the step, when it lives in another file than the loop."""
         def hook(_optimizer, _args, _kwargs):
-            variables = official_frame(self.official_file).f_locals
+            variables = official_frame(official_file or self.official_file).f_locals
             values = {name: float(value.detach()) if isinstance(value, Tensor) else float(value)
                       for name, value in losses(variables).items()}
             self.trace.step(kind, values, self.state())
