@@ -102,6 +102,21 @@ def test_a_trace_round_trips_weights_only_deterministically_and_small(suite_trac
     assert not any(k.startswith("method/generator/") and "weight" in k for k in student_step["state"])
 
 
+def test_a_trace_whose_entries_grow_or_vanish_round_trips(tmp_path):
+    """A pool method's feature memory grows step by step; its batch in progress vanishes between batches
+    (stored as None, no entry)."""
+    trace = Trace({"method": "x"}, {}, {"method/memory": torch.zeros(0, 2, dtype=torch.float64),
+                                         "method/batch/z": torch.ones(2, dtype=torch.float64)})
+    trace.step("generator", {"loss": 1.0}, {"method/memory": torch.ones(1, 2, dtype=torch.float64),
+                                            "method/batch/z": torch.zeros(2, dtype=torch.float64)})
+    trace.step("student", {"loss": 2.0}, {"method/memory": torch.ones(2, 2, dtype=torch.float64)})
+    trace.save(tmp_path / "t.pt")
+    states = [state for _, _, state in load_trace(tmp_path / "t.pt").states()]
+    assert [tuple(state["method/memory"].shape) for state in states] == [(1, 2), (2, 2)]
+    assert torch.equal(states[0]["method/batch/z"], torch.zeros(2, dtype=torch.float64))
+    assert states[1]["method/batch/z"] is None
+
+
 def test_a_file_that_is_not_a_trace_is_one_error(tmp_path):
     with pytest.raises(TraceError, match="does not exist"):
         load_trace(tmp_path / "missing.pt")
@@ -153,6 +168,22 @@ def test_a_replay_uses_every_draw_and_every_step(suite_trace):
     assert "used 6 of the official loop's 7 draws" in replay(short).describe()
     fewer = Trace(suite_trace.meta, suite_trace.teacher, suite_trace.initial, suite_trace.draws, suite_trace.steps[:-1])
     assert "after the official loop's 5" in replay(fewer).describe()
+
+
+def test_a_draw_outside_the_range_the_suite_asks_for_is_a_mismatch():
+    from dfkd_bench.traces.format import TraceMismatch
+    from dfkd_bench.traces.replay import DrawFeed, method_stream
+
+    rng = torch.Generator()
+    feed = DrawFeed([{"kind": "randint", "value": torch.tensor([-4, 4])},
+                     {"kind": "randperm", "value": torch.arange(3)},
+                     {"kind": "randint", "value": torch.tensor([4, -4])}])
+    with method_stream(rng, feed=feed):
+        assert torch.randint(-4, 5, (2,), generator=rng).tolist() == [-4, 4]
+        assert torch.randperm(3, generator=rng).tolist() == [0, 1, 2]
+        assert torch.randint(3, (2,)).shape == (2,)  # another stream: torch's own
+        with pytest.raises(TraceMismatch, match=r"in \[-2, 3\)"):  # jitter 2 where the official loop had 4
+            torch.randint(-2, 3, (2,), generator=rng)
 
 
 def test_the_trace_sized_networks_are_registered_only_for_the_build(suite_trace):
@@ -309,6 +340,19 @@ DATAFREE_MUTATIONS = {
     "zskt-student_mode": dict(params={"generator_step_student_mode": "train"}),
     "zskt-student_batch": dict(params={"student_batch": "generator_z"}),              # S's data: the step's z
     "zskt-beta1": dict(params={"generator_beta1": 0.9}),                              # an optimiser setting
+}),                          # a loss weight
+    "deepinv-kd_temperature": dict(params={"kd_temperature": 1.0}),                  # the student's loss
+    "deepinv-detach": dict(before=_detach_the_teachers_input),                       # a detach point
+    "deepinv-synthesis_lr": dict(params={"synthesis_lr": 0.05}),                     # an optimiser setting
+    "deepinv-jitter": dict(params={"jitter": 2}),  # the trace rolls by -4: outside the suite's [-2, 2]
+    "deepinv-pool_rounding": dict(params={"pool_rounding": "nearest"}),              # the PNG pool's levels
+    "cmi-order": dict(schedule=["iteration", "student_stage", "iteration"]),         # S where G
+    "cmi-cr_weight": dict(params={"cr_weight": 0.4}),                                # a loss weight
+    "cmi-adv_weight": dict(params={"adv_weight": 1.0}),
+    "cmi-negatives": dict(params={"negatives": 2}),                                  # the memory's negatives
+    "cmi-synthesis_lr": dict(params={"synthesis_lr": 2e-3}),                         # an optimiser setting
+    "cmi-weight_decay": dict(train={"student_weight_decay": 5e-4}),
+    "cmi-pool_rounding": dict(params={"pool_rounding": "nearest"}),
 }
 
 
@@ -316,3 +360,4 @@ DATAFREE_MUTATIONS = {
 def test_datafree_mutations_are_rejected(name):
     result = replay(datafree_trace(name.split("-")[0]), stop_beyond=RTOL, **DATAFREE_MUTATIONS[name])
     assert not result.within(RTOL), result.describe()
+

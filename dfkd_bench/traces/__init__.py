@@ -43,8 +43,13 @@ Adding a tracer (``scripts/trace/dfad.py`` is the model to copy):
 
 Methods draw their training noise through :meth:`MethodContext.randn
 <dfkd_bench.method_api.MethodContext.randn>` / ``randint``, which the replay feeds from the trace
-(:attr:`MethodContext.draws <dfkd_bench.method_api.MethodContext.draws>`); a method that draws
-elsewhere needs a ``draws`` hook of the same kind before it can be traced.
+(:attr:`MethodContext.draws <dfkd_bench.method_api.MethodContext.draws>`); every other draw from the
+method's stream -- ``torch.randn`` / ``rand`` / ``randint`` / ``randperm`` with ``generator=ctx.rng``
+(a pool method's pixels, jitter, pool indices, crops) -- is fed from the same list
+(:func:`~dfkd_bench.traces.replay.method_stream`). A tracer whose official loop draws in another order
+than the suite records the suite's own draws first, each with the suite function that made it
+(``scripts/trace/common.py: suite_draws_by_site``), and hands each official draw the suite's draw of
+the same purpose.
 
 May import: train, teachers, presets, store, config, runtime, method_api, models, data, errors.
 """

@@ -7,7 +7,7 @@ A trace is one ``torch.save`` file of plain containers and tensors, read back wi
      "meta":    {...},                     # JSON-able: the official code, the suite's run, alignments
      "teacher": {name: Tensor},            # the teacher's state dict, in the suite's names
      "initial": STATE,                     # the full state before the first step (flat keys, below)
-     "draws":   [{"kind": "randn" | "randint", "value": Tensor}, ...],   # in the order consumed
+     "draws":   [{"kind": "randn" | "rand" | "randint" | "randperm", "value": Tensor}, ...],  # in order
      "steps":   [{"kind": "generator" | "student",
                   "losses": {term: float},  # in the suite's term names
                   "state":  STATE}, ...],   # what CHANGED in this step
@@ -23,7 +23,8 @@ implementation flags -- fused, foreach, ... -- are left out), and ``method/<...>
 method's :meth:`~dfkd_bench.method_api.Method.state_dict` (e.g. ``method/generator/...`` and
 ``method/generator_optimizer/...``). A step stores only the entries whose value changed (bit for
 bit) in that step, so a trace stays small while every parameter, buffer and optimiser state is
-known after every step (:meth:`Trace.states`).
+known after every step (:meth:`Trace.states`). A value ``None`` is no entry: an entry a state no
+longer has (a pool method's batch in progress, between two batches) is stored as None.
 
 ``meta`` (written by the tracer) holds at least: ``method``; ``official`` (``repo``, ``commit``,
 ``entry``: the file and function run); ``command`` (the one command that regenerates the file);
@@ -32,7 +33,10 @@ known after every step (:meth:`Trace.states`).
 ``architectures`` (the trace-sized networks, :mod:`dfkd_bench.traces.replay`); ``schedule`` (the
 engine calls that replay the official order of updates); ``load`` (key prefixes of ``initial``
 that are weights to load into the suite); ``uncompared`` (key prefix -> why the suite's entry has
-no official counterpart); ``alignments`` (each documented difference the tracer aligned, and how);
+no official counterpart); ``ahead`` (optional, key prefix -> why the suite may hold entries there that
+the official state has not yet, e.g. a pool method's next batch, which the suite starts when one is
+finished and the official code at its next synthesis; compared from the official loop's next step on);
+``alignments`` (each documented difference the tracer aligned, and how);
 ``patches`` (where the official code was patched at run time, and why).
 """
 
@@ -57,6 +61,9 @@ MAX_BYTES = 1_000_000
 
 RTOL = 1e-7
 """Every step of a replay must agree with the official values within this relative difference."""
+
+DRAW_KINDS = ("randn", "rand", "randint", "randperm")
+"""The kinds of random draw a trace records: torch's function of that name (its value as drawn)."""
 
 IMPLEMENTATION_KEYS = frozenset({"params", "foreach", "fused", "capturable", "differentiable"})
 """Optimiser param-group entries that choose a kernel, not the mathematics: never compared."""
@@ -182,20 +189,19 @@ class Trace:
 
     # ---- writing (the tracers) ----
     def draw(self, kind: str, value: Tensor) -> Tensor:
-        """Record a draw the official loop consumes (``kind`` ``randn`` or ``randint``); returns it."""
-        if kind not in ("randn", "randint"):
-            raise ValueError(f"a draw is randn or randint, not {kind!r}")
+        """Record a draw the official loop consumes (``kind``: one of :data:`DRAW_KINDS`); returns it."""
+        if kind not in DRAW_KINDS:
+            raise ValueError(f"a draw is one of {', '.join(DRAW_KINDS)}, not {kind!r}")
         self.draws.append({"kind": kind, "value": value.detach().clone()})
         return value
 
     def step(self, kind: str, losses: dict[str, float], state: dict[str, Any]) -> None:
-        """Record one optimisation step: its losses and the FULL state after it (stored as a change)."""
+        """Record one optimisation step: its losses and the FULL state after it (stored as a change; an entry
+        the state no longer has is stored as None, no entry)."""
         if kind not in ("generator", "student"):
             raise ValueError(f"a step is a generator or a student step, not {kind!r}")
         previous = self.final_state()
-        lost = sorted(set(previous) - set(state))
-        if lost:
-            raise ValueError(f"the state after step {len(self.steps) + 1} lacks {lost[:3]}")
+        state = {**{key: None for key in previous if key not in state}, **state}
         changed = {key: _leaf(value) for key, value in state.items()
                    if key not in previous or not _same(value, previous[key])}
         self.steps.append({"kind": kind, "losses": {k: float(v) for k, v in losses.items()}, "state": changed})
@@ -230,8 +236,9 @@ class Trace:
         position = {key: i for i, key in enumerate(keys)}
         return {"format": FORMAT, "meta": self.meta, "teacher": self.teacher, "keys": keys,
                 "shapes": [shapes.get(key, []) for key in keys],
-                "initial": _pack(self.initial, position), "draws": self.draws,
-                "steps": [{"kind": step["kind"], "losses": step["losses"], "state": _pack(step["state"], position)}
+                "initial": _pack(self.initial, position, shapes), "draws": self.draws,
+                "steps": [{"kind": step["kind"], "losses": step["losses"],
+                           "state": _pack(step["state"], position, shapes)}
                           for step in self.steps]}
 
     def to_bytes(self) -> bytes:
@@ -250,9 +257,14 @@ class Trace:
         return hashlib.sha256(data).hexdigest()
 
 
-def _pack(state: dict[str, Any], position: dict[str, int]) -> dict[str, Any]:
-    packed = [(position[k], v) for k, v in sorted(state.items()) if isinstance(v, Tensor) and v.dtype == torch.float64]
-    other = {k: v for k, v in state.items() if not (isinstance(v, Tensor) and v.dtype == torch.float64)}
+def _pack(state: dict[str, Any], position: dict[str, int], shapes: dict[str, list[int]]) -> dict[str, Any]:
+    """Float64 tensors of their key's first shape packed; the rest (other dtypes, None, a tensor that grew:
+    a pool method's feature memory) as they are."""
+    def packable(key: str, value: Any) -> bool:
+        return isinstance(value, Tensor) and value.dtype == torch.float64 and list(value.shape) == shapes[key]
+
+    packed = [(position[k], v) for k, v in sorted(state.items()) if packable(k, v)]
+    other = {k: v for k, v in state.items() if not packable(k, v)}
     values = torch.cat([v.reshape(-1) for _, v in packed]) if packed else torch.zeros(0, dtype=torch.float64)
     return {"index": torch.tensor([i for i, _ in packed], dtype=torch.int64), "values": values, "other": other}
 
