@@ -30,30 +30,38 @@ from dfkd_bench.method_api import MethodContext, hparam, register_method
 from dfkd_bench.methods.common import AdversarialMethod, AdversarialParams, Source, mad_table2_protocols
 
 _DTYPES = {"uint8": torch.uint8, "float16": torch.float16, "float32": torch.float32}
+ROUNDINGS = ("nearest", "floor")
+"""How a uint8 bank stores an image in [0, 1]: the nearest of the 256 levels, or the level below (``floor``:
+what ``(x.clamp(0, 1) * 255).astype('uint8')`` stores, the DataFree collection's PNG pool)."""
 
 
 class MemoryBank:
     """A fixed-capacity FIFO of images in [0, 1]: pushing past capacity overwrites the oldest."""
 
-    def __init__(self, capacity: int, image_shape: tuple[int, ...], dtype: str, device: torch.device):
+    def __init__(self, capacity: int, image_shape: tuple[int, ...], dtype: str, device: torch.device,
+                 rounding: str = "nearest"):
         if capacity <= 0:
             raise ConfigError(f"memory_size must be positive, got {capacity}")
         if dtype not in _DTYPES:
             raise ConfigError(f"memory_dtype={dtype!r} is not one of {', '.join(_DTYPES)}")
+        if rounding not in ROUNDINGS:
+            raise ConfigError(f"the pool's rounding {rounding!r} is not one of {', '.join(ROUNDINGS)}")
         self.capacity = capacity
         self.dtype = _DTYPES[dtype]
+        self.rounding = rounding
         self.images = torch.zeros((capacity, *image_shape), dtype=self.dtype, device=device)
         self.next_slot = 0  # where the next image goes
         self.size = 0  # how many slots hold an image
 
     def _encode(self, images: Tensor) -> Tensor:
         if self.dtype == torch.uint8:
-            return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+            levels = images.clamp(0, 1) * 255
+            return (levels.floor() if self.rounding == "floor" else levels.round()).to(torch.uint8)
         return images.to(self.dtype)
 
     def _decode(self, stored: Tensor) -> Tensor:
-        if self.dtype == torch.uint8:
-            return stored.float() / 255
+        if self.dtype == torch.uint8:  # in the default dtype: float32 in a run, float64 in a trace's replay
+            return stored.to(torch.get_default_dtype()) / 255
         return stored.float()
 
     @torch.no_grad()

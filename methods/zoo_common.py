@@ -41,7 +41,7 @@ from dfkd_bench.train.batchnorm import (BatchNormStatistics, frozen_batchnorm_bu
 from dfkd_bench.errors import ConfigError
 from dfkd_bench.method_api import Method, MethodContext, hparam
 from dfkd_bench.methods.common import AdversarialMethod, Source, teacher_student_logits
-from dfkd_bench.methods.mem import MemoryBank
+from dfkd_bench.methods.mem import ROUNDINGS, MemoryBank
 from dfkd_bench.train import zoo_losses
 
 
@@ -482,11 +482,23 @@ class PoolParams:
     pool_augment: str = hparam("crop_flip", "augmentation of pool images in the student's KD: crop_flip "
                                "(random crop, padding size/8, and flip: the reference code's CIFAR train "
                                "transform) or none (its MNIST transform)")
+    # CHOSEN: nearest, the stored image within half a level of the synthesised one (unbiased). The DataFree
+    # collection's pool is PNG files of (clamp(x, 0, 1) * 255).astype('uint8'), which truncates: its images are
+    # on average half a level (0.2 %) darker; its paper protocols (DeepInversion, CMI) use floor, found by their
+    # step-equivalence traces (results/traces, scripts/trace/datafree.py). Effect on accuracy not measured.
+    pool_rounding: str = hparam("nearest", "how the pool stores an image in 8 bits: nearest level (CHOSEN) or "
+                                           "floor (the DataFree collection's PNG pool truncates)")
+
+    # Added after pool runs were stored: left out of the run id while at this default (config._hashed_params).
+    # A subclass with its own HASH_OMIT_DEFAULT extends this one.
+    HASH_OMIT_DEFAULT = {"pool_rounding": "nearest"}
 
     def validate(self) -> None:
         if self.pool_augment not in POOL_AUGMENTATIONS:
             raise ConfigError(f"pool_augment must be one of {', '.join(POOL_AUGMENTATIONS)}, "
                               f"got {self.pool_augment!r}")
+        if self.pool_rounding not in ROUNDINGS:
+            raise ConfigError(f"pool_rounding must be one of {', '.join(ROUNDINGS)}, got {self.pool_rounding!r}")
         if self.synthesis_steps <= 0:
             raise ConfigError(f"synthesis_steps must be positive, got {self.synthesis_steps}")
         if self.kd_temperature <= 0:
@@ -514,7 +526,7 @@ class PoolMethod(Method):
     def __init__(self, params: PoolParams, ctx: MethodContext):
         super().__init__(params, ctx)
         params.validate()
-        self.pool = MemoryBank(params.memory_size, ctx.image_shape, "uint8", ctx.device)
+        self.pool = MemoryBank(params.memory_size, ctx.image_shape, "uint8", ctx.device, params.pool_rounding)
         self.batch_started = False
         self.steps_on_batch = 0  # optimisation steps the batch in progress has had
         self.batches_done = 0
@@ -615,6 +627,11 @@ class PoolMethod(Method):
     def student_images(self) -> Tensor:
         if self.pool.size == 0:  # host-side count: no sync
             return self.best_images if self.best_images is not None else self.current_images()
+        # CHOSEN: each step draws its batch uniformly with replacement (one randint on the device, no host
+        # state); the reference code reads the pool through a DataLoader in shuffled epochs (without
+        # replacement), rebuilt after every synthesised batch. Every image is equally likely at every step;
+        # repeats within a batch are ~37 % of it while the pool holds one batch, ~1/(2k) at k batches. Effect
+        # not measured. The step-equivalence traces (scripts/trace/datafree.py) feed the official loader these.
         images = self.pool.sample(self.ctx.batch_size, self.ctx.rng)
         if self.params.pool_augment == "crop_flip":
             # The reference code reads the pool through the data set's train transform (CIFAR:
@@ -676,7 +693,7 @@ def random_views(images: Tensor, rng: torch.Generator, min_area: float = 1.0, ma
     tx = (2 * uniform[:, 1] - 1) * room + (2 * uniform[:, 2] - 1) * (2.0 * max_shift / width)
     ty = (2 * uniform[:, 3] - 1) * room + (2 * uniform[:, 5] - 1) * (2.0 * max_shift / height)
     mirror = torch.where(uniform[:, 4] < 0.5, -1.0, 1.0) if flip else torch.ones_like(scale)
-    theta = torch.zeros((batch, 2, 3), device=images.device, dtype=torch.float32)
+    theta = torch.zeros((batch, 2, 3), device=images.device, dtype=images.float().dtype)  # float64 in a replay
     theta[:, 0, 0] = scale * mirror
     theta[:, 0, 2] = tx
     theta[:, 1, 1] = scale
@@ -807,6 +824,9 @@ class GeneratorPoolMethod(PoolMethod):
         ctx = self.ctx
         self.prepare_generator()
         self.z = ctx.randn(ctx.batch_size, self.params.noise_dim).requires_grad_()
+        # CHOSEN: the labels in drawn order. CMI's and FastDFKD's code sort them ("for better visualization");
+        # the rows of z are i.i.d. and independent of them, so the batch has the same distribution either way
+        # (CMI's step-equivalence trace hands both sides the sorted labels).
         self.labels = ctx.randint(ctx.num_classes, ctx.batch_size)
 
     def current_images(self) -> Tensor:

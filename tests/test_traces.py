@@ -8,6 +8,7 @@ official code (``scripts/trace/<method>.py``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -312,7 +313,7 @@ def test_dfad_mutations_are_rejected(change):
 # re-implementation), DeepInversion (synthesiser = datafree) and CMI cite (scripts/trace/datafree.py).
 
 DATAFREE_REPO = "zju-vipa/CMI"
-DATAFREE_METHODS = ("dfq", "zskt")
+DATAFREE_METHODS = ("dfq", "zskt", "deepinv", "cmi")
 
 
 def datafree_trace(method: str) -> Trace:
@@ -325,6 +326,12 @@ def test_the_datafree_collections_methods_have_committed_traces():
         assert summary["official"]["repo"] == DATAFREE_REPO and summary["protocol"] == "cifar10 paper protocol"
         assert any(line.startswith(f"step-equivalent to {DATAFREE_REPO}@9e79fa9")
                    for line in cards.equivalence_lines(method))
+
+
+def _detach_the_teachers_input(trainer) -> None:
+    """DeepInversion: the pixels reach the teacher (and the student) detached, the priors alone move them."""
+    to_images = trainer.method.to_images
+    trainer.method.to_images = lambda pixels: to_images(pixels).detach()
 
 
 DATAFREE_MUTATIONS = {
@@ -340,7 +347,8 @@ DATAFREE_MUTATIONS = {
     "zskt-student_mode": dict(params={"generator_step_student_mode": "train"}),
     "zskt-student_batch": dict(params={"student_batch": "generator_z"}),              # S's data: the step's z
     "zskt-beta1": dict(params={"generator_beta1": 0.9}),                              # an optimiser setting
-}),                          # a loss weight
+    "deepinv-order": dict(schedule=["generator_steps", "iteration"]),                # G G, then G where S
+    "deepinv-tv_weight": dict(params={"tv_weight": 0.002}),                          # a loss weight
     "deepinv-kd_temperature": dict(params={"kd_temperature": 1.0}),                  # the student's loss
     "deepinv-detach": dict(before=_detach_the_teachers_input),                       # a detach point
     "deepinv-synthesis_lr": dict(params={"synthesis_lr": 0.05}),                     # an optimiser setting
@@ -361,3 +369,27 @@ def test_datafree_mutations_are_rejected(name):
     result = replay(datafree_trace(name.split("-")[0]), stop_beyond=RTOL, **DATAFREE_MUTATIONS[name])
     assert not result.within(RTOL), result.describe()
 
+
+@pytest.mark.parametrize("method", ["deepinv", "cmi"])
+def test_datafree_pool_methods_reject_a_train_mode_student_in_synthesis(method, monkeypatch):
+    """A train/eval mode: both synthesise with the student in eval mode (its BatchNorm on running statistics)."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module(f"dfkd_bench.methods.{method}"), "student_eval", contextlib.nullcontext)
+    result = replay(datafree_trace(method), stop_beyond=RTOL)
+    assert not result.within(RTOL), result.describe()
+
+
+def test_cmi_rejects_a_contrastive_loss_through_the_positives(monkeypatch):
+    """A detach point: CMI's contrastive logits take the global views' embeddings as targets (detached)."""
+    import torch.nn.functional as F
+    from dfkd_bench.train import zoo_losses
+
+    def attached(anchors, positives, temperature, new_rows):
+        per_row = F.cross_entropy(anchors @ positives.t() / temperature, torch.arange(anchors.shape[0]),
+                                  reduction="none")
+        return per_row.mean() if per_row.shape[0] == new_rows else per_row[:new_rows].mean() + per_row[new_rows:].mean()
+
+    monkeypatch.setattr(zoo_losses, "cmi_contrastive_loss", attached)
+    result = replay(datafree_trace("cmi"), stop_beyond=RTOL)
+    assert not result.within(RTOL), result.describe()
