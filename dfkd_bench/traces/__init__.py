@@ -27,6 +27,9 @@ Adding a tracer (``scripts/trace/dfad.py`` is the model to copy):
    needed), a small batch, a few iterations -- and every alignment stated in ``alignments``
    (stage order, input size, widths, float64, the draws). ``schedule`` lists the engine calls
    (``iteration``, ``student_stage``, ``generator_steps``) that run the official order of updates.
+   State the official loop holds only part of the time (a pool method's batch in progress) is None
+   when it has none; what the suite starts earlier goes in ``ahead``
+   (``scripts/trace/datafree.py`` is the model for pool methods).
 3. Build the suite's initial state with ``common.suite_start`` (the engine's own ``build()`` in
    float64), copy it into the official networks (map the names), and run the official loop with
    ``common.OfficialRun``: it feeds the official ``torch.randn`` (or numpy) calls the suite's

@@ -11,9 +11,12 @@ on the command line; nothing here or there is imported by ``dfkd_bench``. See
 * :func:`load_official_module` / :func:`scale_widths` -- official source loaded from the checkout,
   optionally with integer widths of named classes replaced (trace-sized networks, same arithmetic);
 * :class:`OfficialRun` -- feeds the official ``torch.randn`` the suite's draws, records after each
-  official optimiser step (a post-step hook) the losses read from the official frame and the full
-  state in the suite's names, and ends the loop after the last step;
-* :func:`finish` -- saves the trace, replays it on every engine path, writes the summary.
+  official optimiser step (a post-step hook; or where the step ends, :meth:`OfficialRun.record_step`)
+  the losses read from the official frame and the full state in the suite's names, and ends the loop
+  after the last step;
+* :func:`suite_draws_by_site` / :class:`SiteDraws` -- for an official loop that draws in another order
+  than the suite: the suite's own run first, its draws handed to official calls by purpose;
+* :func:`finish` -- saves the trace, replays the file on every engine path, writes the summary.
 """
 
 from __future__ import annotations
