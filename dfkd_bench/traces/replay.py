@@ -374,7 +374,7 @@ def replay_variants(trace: Trace) -> dict[str, ReplayResult]:
 # ----------------------------------------------------------- recording ---
 
 _RANDN, _RANDINT = torch.randn, torch.randint  # torch's own, even while a tracer replaces them in official code
-_TORCH_DRAWS = {"randn": torch.randn, "rand": torch.rand, "randint": torch.randint, "randperm": torch.randperm}
+_TORCH_DRAWS = ("randn", "rand", "randint", "randperm")
 
 
 def _draw_shape(kind: str, args: tuple, kwargs: dict[str, Any]) -> tuple[int, ...]:
@@ -408,9 +408,9 @@ def method_stream(rng: torch.Generator, *, feed: Callable[..., Tensor] | None = 
                   record: Callable[[str, Tensor], Any] | None = None):
     """Inside the block, every ``torch.randn`` / ``rand`` / ``randint`` / ``randperm`` call made with
     ``generator=rng`` (the method's stream: a pool method's pixels, labels, jitter, pool indices, crops,
-    ...; ``MethodContext.randn`` / ``randint`` have their own hook) is served by ``feed(kind, shape, None)``
-    (the replay: the official loop's draws) or drawn as usual and passed to ``record(kind, value)``.
-    Draws from any other generator are torch's own."""
+    ...; ``MethodContext.randn`` / ``randint`` have their own hook) is served by ``feed(kind, shape, high,
+    low)`` (the replay: the official loop's draws; ``high`` None for a real draw) or drawn as usual and
+    passed to ``record(kind, value)``. Draws from any other generator are torch's own."""
     def serve(kind: str, original: Callable[..., Tensor]) -> Callable[..., Tensor]:
         def draw(*args, **kwargs) -> Tensor:
             if kwargs.get("generator") is not rng:
@@ -432,6 +432,7 @@ def method_stream(rng: torch.Generator, *, feed: Callable[..., Tensor] | None = 
     finally:
         for kind, original in originals.items():
             setattr(torch, kind, original)
+
 
 def suite_draws(trace: Trace, rng: torch.Generator) -> Callable[..., Tensor]:
     """A ``MethodContext.draws`` that draws from ``rng`` (the suite's method stream) and records each
