@@ -34,6 +34,14 @@ and the pool is read through the data set's train transform (``pool_augment``).
 
 CHOSEN: augmentations are :func:`methods.zoo_common.random_views` (square
 crops, bilinear).
+
+Step-equivalent to the authors' code (``results/traces/cmi_datafree_cifar10.json``,
+``scripts/trace/datafree.py``: its views replaced by these, its labels sorted for both), with
+its paper protocols' ``pool_rounding = floor`` (the PNG pool truncates). Not reproduced: in the
+authors' code, the batch after the feature memory first fills (``n_updates == bank_size``: batch
+161 of the 200 of cmi_cifar10.sh) samples no negatives, averages L_cr over an empty set (NaN),
+so its ``best_cost`` comparisons fail and the pool receives that batch's first, unoptimised
+iterate (checked by running it); here the memory's negatives are drawn as on every other batch.
 """
 
 from __future__ import annotations
@@ -103,17 +111,21 @@ _CMI_CIFAR10 = PaperProtocol(
     params=dict(generator="datafree_gen", noise_dim=256, synthesis_steps=200, synthesis_lr=1e-3, adv_weight=0.5,
                 bn_weight=1.0, oh_weight=1.0, cr_weight=0.8, cr_temperature=0.2, head_dim=256, feature_memory=40960,
                 # memory_size: the official pool is unbounded (every batch is kept as PNG files); 200 epochs x 256
-                # images = 51,200 hold every batch of the run, so nothing leaves the pool, as there.
-                negatives=4096, kd_temperature=20.0, memory_size=51200, pool_augment="crop_flip"),
+                # images = 51,200 hold every batch of the run, so nothing leaves the pool, as there. PNG files of
+                # astype('uint8'): the level below (found by its step-equivalence trace).
+                negatives=4096, kd_temperature=20.0, memory_size=51200, pool_augment="crop_flip",
+                pool_rounding="floor"),
     official={"procedure": "Table 1's 90.01 is adversarial CMI started from ~50k pre-inverted images "
                            "(adv_cmi_cifar10_wrn402_wrn161.sh, --cmi_init); from scratch the README expects ~88.82 "
                            "with scratch_cmi_cifar10_wrn402_wrn161.sh (KD batch 128, synthesis batch 256, cr_T 0.1)",
               "generator architecture": "Generator(nz=256, ngf=64) of datafree/models/generator.py: Linear -> "
                                         "128x8x8, BN, up, conv 128, BN, LReLU, up, conv 64, BN, LReLU, conv 3, "
                                         "sigmoid (= datafree_gen; the sigmoid is the method's)",
-              "normalisation": "CIFAR mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010)"},
+              "normalisation": "CIFAR mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010)",
+              "pool": "PNG files of (clamp(x, 0, 1) * 255).astype('uint8') (truncated), read in shuffled epochs"},
     deviations={"procedure": "from scratch (cmi_cifar10.sh): the suite has no pre-inverted initial pool",
-                "normalisation": "the dataset's statistics of this suite (the teacher's own)"},
+                "normalisation": "the dataset's statistics of this suite (the teacher's own)",
+                "pool": "uniform draws with replacement per step (zoo_common.PoolMethod.student_images)"},
     code="zju-vipa/CMI scripts/cmi/cmi_cifar10.sh (datafree_kd.py --method cmi --batch_size 256 --teacher wrn40_2 "
          "--student wrn16_1 --lr 0.1 --kd_steps 400 --ep_steps 400 --g_steps 200 --lr_g 1e-3 --adv 0.5 --bn 1.0 "
          "--oh 1.0 --cr 0.8 --cr_T 0.2 --T 20)",

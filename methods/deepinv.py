@@ -45,9 +45,13 @@ protocols cite: uniformly random labels, sorted; Adam betas (0.5, 0.99); the bat
 rolled by up to ``jitter`` pixels AND flipped horizontally with probability 1/2
 before the teacher sees it, the priors computed on the batch before that; R_TV in
 its mean-absolute form (:func:`zoo_losses.total_variation_l1`, weighted 0.001
-there); the pixels clipped to the image range after every step; and the batch's
-LAST iterate joins the pool (its ``best_inputs = inputs.data`` aliases the
-optimised tensor, so the "best" it saves is the final one).
+there); ADI's competition as ``1 - JS`` without clamping JS to [0, 1] (its
+``-jsdiv``: the gradient stays where JS > 1); the pixels clipped to the image range
+after every step; the batch's LAST iterate joins the pool (its ``best_inputs =
+inputs.data`` aliases the optimised tensor, so the "best" it saves is the final
+one); and the pool stores each pixel's level below (``pool_rounding = floor``, its
+paper protocols: PNG files of ``astype('uint8')``). Step-equivalent to that code:
+``results/traces/deepinv_datafree_cifar10.json`` (``scripts/trace/datafree.py``).
 """
 
 from __future__ import annotations
@@ -112,8 +116,8 @@ class DeepInvParams(PoolParams):
 # stepped per epoch, evaluation after every epoch, best top-1 kept). One epoch is ep_steps / kd_steps = 400 / 400
 # = 1 iteration: one batch of 256 optimised for g_steps = 1000 steps, then kd_steps = 400 KD steps (T 20).
 # DeepInvSyntheiszer: Adam on the pixels (normalised space, randn start), loss bn * R_feature + oh * CE
-# + adv * (-JS(S, T) at T 3, clamped: the suite's 1 - JS, the same gradient) + tv * R_TV + l2 * ||x||, jitter
-# by up to 32 / 8 = 4 pixels.
+# + adv * (-JS(S, T) at T 3, probabilities clamped; JS itself not clamped: the suite's 1 - JS under synthesiser =
+# datafree, the same gradient) + tv * R_TV + l2 * ||x||, jitter by up to 32 / 8 = 4 pixels.
 _DEEPINV_CIFAR10 = PaperProtocol(
     source="DataFree README table (zju-vipa/CMI; = the CMI paper's Table 1, a re-implementation): "
            "CIFAR-10, WRN-40-2 -> WRN-16-1; DeepInversion's own paper not read here, its code has no KD",
@@ -126,14 +130,17 @@ _DEEPINV_CIFAR10 = PaperProtocol(
                 competition_temperature=3.0, l2_weight=0.0, jitter=4, kd_temperature=20.0,
                 # the re-implementation's synthesiser and its R_TV weight (on its L1-mean TV)
                 synthesiser="datafree", tv_weight=0.001,
-                # the official pool is unbounded (PNG files): 200 batches x 256 = 51,200 images hold them all
-                memory_size=51200, pool_augment="crop_flip"),
+                # the official pool is unbounded (PNG files): 200 batches x 256 = 51,200 images hold them all;
+                # PNG files of astype('uint8'): the level below (found by its step-equivalence trace)
+                memory_size=51200, pool_augment="crop_flip", pool_rounding="floor"),
     official={"synthesiser details": "DeepInvSyntheiszer (datafree/synthesis/deepinversion.py): R_TV the mean-|d| "
                                      "form on the un-augmented batch, Adam betas (0.5, 0.99), random sorted labels, "
                                      "roll by up to 4 px and a random flip, pixels clipped to the image range after "
                                      "every step, the last iterate saved (best_inputs aliases the optimised tensor)",
-              "normalisation": "CIFAR mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010)"},
-    deviations={"normalisation": "the dataset's statistics of this suite (the teacher's own)"},
+              "normalisation": "CIFAR mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010)",
+              "pool": "PNG files of (clamp(x, 0, 1) * 255).astype('uint8') (truncated), read in shuffled epochs"},
+    deviations={"normalisation": "the dataset's statistics of this suite (the teacher's own)",
+                "pool": "uniform draws with replacement per step (zoo_common.PoolMethod.student_images)"},
     code="zju-vipa/CMI scripts/deepinv/deepinv_cifar10_wrn402_wrn161.sh (datafree_kd.py --method deepinv "
          "--batch_size 256 --lr 0.1 --epochs 200 --kd_steps 400 --ep_steps 400 --g_steps 1000 --lr_g 0.1 --adv 1 "
          "--bn 10 --oh 1 --T 20; tv=0.001, l2=0.0 in datafree_kd.py); NVlabs/DeepInversion has no KD code",
@@ -228,8 +235,9 @@ class DeepInversion(PoolMethod):
                 self.bn_stats.means, self.bn_stats.vars, self.bn_stats.running_means, self.bn_stats.running_vars)
             loss = loss + p.bn_weight * terms["gen_bn"]
         if student_logits is not None:
+            # datafree: -jsdiv unclamped (DeepInvSyntheiszer), here plus one; nvlabs: 1 - clamp(JS, 0, 1)
             terms["gen_competition"] = zoo_losses.adi_competition(teacher_logits, student_logits,
-                                                                  p.competition_temperature)
+                                                                  p.competition_temperature, clamp=not self.datafree)
             loss = loss + p.competition_weight * terms["gen_competition"]
         before = self.current_images().clone()  # the iterate the loss belongs to, not jittered
         self.optimizer.zero_grad(set_to_none=True)

@@ -44,6 +44,8 @@ class MemoryBank:
             raise ConfigError(f"memory_size must be positive, got {capacity}")
         if dtype not in _DTYPES:
             raise ConfigError(f"memory_dtype={dtype!r} is not one of {', '.join(_DTYPES)}")
+        if rounding not in ROUNDINGS:
+            raise ConfigError(f"the pool's rounding {rounding!r} is not one of {', '.join(ROUNDINGS)}")
         self.capacity = capacity
         self.dtype = _DTYPES[dtype]
         if rounding not in ROUNDINGS:

@@ -495,11 +495,16 @@ class PoolParams:
     pool_augment: str = hparam("crop_flip", "augmentation of pool images in the student's KD: crop_flip "
                                "(random crop, padding size/8, and flip: the reference code's CIFAR train "
                                "transform) or none (its MNIST transform)")
-    pool_rounding: str = hparam("nearest", "how a pool image becomes uint8: nearest (x * 255 rounded) or floor "
-                                           "(x * 255 truncated: the DataFree collection's PNG pool, "
+    # CHOSEN: nearest, the stored image within half a level of the synthesised one (unbiased). The DataFree
+    # collection's pool is PNG files of (clamp(x, 0, 1) * 255).astype('uint8'), which truncates: its images are
+    # on average half a level (0.2 %) darker; its paper protocols (DeepInversion, CMI) use floor, found by their
+    # step-equivalence traces (results/traces, scripts/trace/datafree.py). Effect on accuracy not measured.
+    pool_rounding: str = hparam("nearest", "how a pool image becomes uint8: nearest (x * 255 rounded, CHOSEN) or "
+                                           "floor (x * 255 truncated: the DataFree collection's PNG pool, "
                                            "save_image_batch's astype('uint8'))")
 
-    # Added after pool runs were stored: left out of the run id while at its default (config._hashed_params).
+    # Added after pool runs were stored: left out of the run id while at this default (config._hashed_params).
+    # A subclass with its own HASH_OMIT_DEFAULT extends this one.
     HASH_OMIT_DEFAULT = {"pool_rounding": "nearest"}
 
     def validate(self) -> None:
@@ -508,6 +513,8 @@ class PoolParams:
         if self.pool_augment not in POOL_AUGMENTATIONS:
             raise ConfigError(f"pool_augment must be one of {', '.join(POOL_AUGMENTATIONS)}, "
                               f"got {self.pool_augment!r}")
+        if self.pool_rounding not in ROUNDINGS:
+            raise ConfigError(f"pool_rounding must be one of {', '.join(ROUNDINGS)}, got {self.pool_rounding!r}")
         if self.synthesis_steps <= 0:
             raise ConfigError(f"synthesis_steps must be positive, got {self.synthesis_steps}")
         if self.kd_temperature <= 0:
@@ -636,7 +643,12 @@ class PoolMethod(Method):
     def student_images(self) -> Tensor:
         if self.pool.size == 0:  # host-side count: no sync
             return self.best_images if self.best_images is not None else self.current_images()
-        # uniformly with replacement (ctx.draw: the same draw as from ctx.rng, or a replay's)
+        # CHOSEN: each step draws its batch uniformly with replacement (one randint on the device, no host
+        # state); the reference code reads the pool through a DataLoader in shuffled epochs (without
+        # replacement), rebuilt after every synthesised batch. Every image is equally likely at every step;
+        # repeats within a batch are ~37 % of it while the pool holds one batch, ~1/(2k) at k batches. Effect
+        # not measured. The step-equivalence traces (scripts/trace/datafree.py) feed the official loader these.
+        # (ctx.draw: the same draw as from ctx.rng, or a replay's)
         images = self.pool.take(self.ctx.draw("randint", (self.ctx.batch_size,), self.pool.size))
         if self.params.pool_augment == "crop_flip":
             # The reference code reads the pool through the data set's train transform (CIFAR:
@@ -877,6 +889,9 @@ class GeneratorPoolMethod(PoolMethod):
         ctx = self.ctx
         self.prepare_generator()
         self.z = ctx.randn(ctx.batch_size, self.params.noise_dim).requires_grad_()
+        # CHOSEN: the labels in drawn order. CMI's and FastDFKD's code sort them ("for better visualization");
+        # the rows of z are i.i.d. and independent of them, so the batch has the same distribution either way
+        # (CMI's step-equivalence trace hands both sides the sorted labels).
         self.labels = ctx.randint(ctx.num_classes, ctx.batch_size)
 
     def current_images(self) -> Tensor:

@@ -127,6 +127,18 @@ def test_memory_bank_floor_rounding_is_the_png_pools_truncation():
     nearest.push(images)
     assert floor.images.flatten().tolist() == [254, 127, 255, 0, 0]
     assert nearest.images.flatten().tolist() == [255, 128, 255, 1, 0]
+def test_a_pool_of_floor_levels_stores_what_the_datafree_pngs_store():
+    """zju-vipa/CMI's pool: PNG files of (clamp(x, 0, 1) * 255).astype('uint8'), which truncates."""
+    values = torch.tensor([0.0, 0.5, 0.999, 1.0, 1.5, -0.2, 0.1]).view(-1, 1, 1, 1)
+    expected = {"nearest": [0, 128, 255, 255, 255, 0, 26], "floor": [0, 127, 254, 255, 255, 0, 25]}
+    for rounding, levels in expected.items():
+        bank = MemoryBank(capacity=8, image_shape=(1, 1, 1), dtype="uint8", device=torch.device("cpu"),
+                          rounding=rounding)
+        bank.push(values)
+        assert bank.ordered().mul(255).round().flatten().int().tolist() == levels
+        assert bank.ordered().dtype == torch.float32  # the default dtype
+    truncated = (values.clamp(0, 1).numpy() * 255).astype("uint8").flatten().tolist()
+    assert truncated == expected["floor"]
 
 
 def test_memory_bank_state_round_trip():

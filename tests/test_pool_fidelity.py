@@ -59,6 +59,34 @@ def test_adi_competition_is_the_official_clamped_one_minus_js_at_t3():
         _adi_by_hand(both_t, both_s), rel=1e-6)
 
 
+def test_the_datafree_competition_is_one_minus_an_unclamped_js():
+    """DeepInvSyntheiszer's loss_adv = -jsdiv(S, T, T=3) clamps the probabilities, not JS: where JS > 1 (two
+    confident, opposite rows) NVlabs' 1 - clamp(JS, 0, 1) has no gradient, the DataFree term keeps one."""
+    sharp_t, sharp_s = [[30.0, 0.0]], [[0.0, 30.0]]
+    m, p = 0.5, 0.01
+    js = 0.5 * (m * math.log(m / p) + m * math.log(m / 0.99)) + 0.5 * (m * math.log(m / 0.99) + m * math.log(m / p))
+    student = torch.tensor([[0.0, 20.0]], requires_grad=True)  # JS > 1 here too; M passes a gradient
+    for clamp in (True, False):
+        value = zoo_losses.adi_competition(torch.tensor(sharp_t), torch.tensor(sharp_s), clamp=clamp).item()
+        assert value == pytest.approx(0.0 if clamp else 1.0 - js, rel=1e-6)
+    for clamp, moves in ((True, False), (False, True)):
+        student.grad = None
+        zoo_losses.adi_competition(torch.tensor([[30.0, 0.0]]), student, clamp=clamp).backward()
+        assert (student.grad.abs().max().item() > 0) == moves
+
+
+def test_deepinversion_datafree_competes_with_the_unclamped_term(bn_lenet_teacher, tmp_path, monkeypatch):
+    calls = []
+    competition = zoo_losses.adi_competition
+    monkeypatch.setattr(zoo_losses, "adi_competition", lambda *args, **kwargs: calls.append(kwargs) or competition(
+        *args, **kwargs))
+    for synthesiser, clamp in (("nvlabs", True), ("datafree", False)):
+        _, method = make_method(bn_lenet_teacher, tmp_path / synthesiser, "deepinv", competition_weight=1.0,
+                                synthesiser=synthesiser)
+        method.generator_step()
+        assert calls.pop()["clamp"] is clamp
+
+
 def test_bn_feature_loss_is_deepinversions_hook_on_a_real_batchnorm_layer():
     """R_feature = ||running_var - var||_2 + ||running_mean - mean||_2 with the BIASED batch variance
     of the layer's input (the authors' DeepInversionFeatureHook), summed over layers."""

@@ -74,7 +74,7 @@ OFFICIAL_ZOO = {
         params=dict(generator="datafree_gen", noise_dim=256, synthesis_steps=200, synthesis_lr=1e-3, adv_weight=0.5,
                     bn_weight=1.0,
                     oh_weight=1.0, cr_weight=0.8, cr_temperature=0.2, kd_temperature=20.0, head_dim=256,
-                    feature_memory=40960, negatives=4096),
+                    feature_memory=40960, negatives=4096, pool_rounding="floor"),  # PNG: astype(uint8)
         published=dict(accuracy=90.01, std=None, teacher_accuracy=94.87, selection="best"),
         iterations=200),
     # no CIFAR-100 CMI script: the CIFAR-10 one (README: only those hyper-parameters are published)
@@ -85,7 +85,7 @@ OFFICIAL_ZOO = {
         params=dict(generator="datafree_gen", noise_dim=256, synthesis_steps=200, synthesis_lr=1e-3, adv_weight=0.5,
                     bn_weight=1.0,
                     oh_weight=1.0, cr_weight=0.8, cr_temperature=0.2, kd_temperature=20.0, head_dim=256,
-                    feature_memory=40960, negatives=4096),
+                    feature_memory=40960, negatives=4096, pool_rounding="floor"),  # PNG: astype(uint8)
         published=dict(accuracy=57.91, std=None, teacher_accuracy=75.83, selection="best"),
         iterations=200),
     # scripts/deepinv/deepinv_cifar10_wrn402_wrn161.sh (DeepInvSyntheiszer in datafree_kd.py: tv=0.001, l2=0.0;
@@ -96,7 +96,7 @@ OFFICIAL_ZOO = {
                    batch_size=256, student_lr=0.1, eval_every=1),
         params=dict(synthesis_steps=1000, synthesis_lr=0.1, ce_weight=1.0, bn_weight=10.0, competition_weight=1.0,
                     competition_temperature=3.0, l2_weight=0.0, jitter=32 // 8, kd_temperature=20.0,
-                    synthesiser="datafree", tv_weight=0.001),
+                    synthesiser="datafree", tv_weight=0.001, pool_rounding="floor"),
         published=dict(accuracy=83.04, std=None, teacher_accuracy=94.87, selection="best"),
         iterations=200),
     ("deepinv", "cifar100"): dict(
@@ -105,7 +105,7 @@ OFFICIAL_ZOO = {
                    batch_size=256, student_lr=0.1, eval_every=1),
         params=dict(synthesis_steps=1000, synthesis_lr=0.1, ce_weight=1.0, bn_weight=10.0, competition_weight=1.0,
                     competition_temperature=3.0, l2_weight=0.0, jitter=4, kd_temperature=20.0,
-                    synthesiser="datafree", tv_weight=0.001),
+                    synthesiser="datafree", tv_weight=0.001, pool_rounding="floor"),
         published=dict(accuracy=53.77, std=None, teacher_accuracy=75.83, selection="best"),
         iterations=200),
     # Fast-Datafree scripts/fast_cifar.sh, line wrnS162-5 (teacher: datafree_kd.py's default wrn40_2); its

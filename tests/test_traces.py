@@ -8,6 +8,7 @@ official code (``scripts/trace/<method>.py``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -106,6 +107,21 @@ def test_a_trace_round_trips_weights_only_deterministically_and_small(suite_trac
     assert not any(k.startswith("method/generator/") and "weight" in k for k in student_step["state"])
 
 
+def test_a_trace_whose_entries_grow_or_vanish_round_trips(tmp_path):
+    """A pool method's feature memory grows step by step; its batch in progress vanishes between batches
+    (stored as a removed key; a committed trace may hold None for it instead, which a replay reads as no entry)."""
+    trace = Trace({"method": "x"}, {}, {"method/memory": torch.zeros(0, 2, dtype=torch.float64),
+                                         "method/batch/z": torch.ones(2, dtype=torch.float64)})
+    trace.step("generator", {"loss": 1.0}, {"method/memory": torch.ones(1, 2, dtype=torch.float64),
+                                            "method/batch/z": torch.zeros(2, dtype=torch.float64)})
+    trace.step("student", {"loss": 2.0}, {"method/memory": torch.ones(2, 2, dtype=torch.float64)})
+    trace.save(tmp_path / "t.pt")
+    states = [state for _, _, state in load_trace(tmp_path / "t.pt").states()]
+    assert [tuple(state["method/memory"].shape) for state in states] == [(1, 2), (2, 2)]
+    assert torch.equal(states[0]["method/batch/z"], torch.zeros(2, dtype=torch.float64))
+    assert "method/batch/z" not in states[1]
+
+
 def test_a_file_that_is_not_a_trace_is_one_error(tmp_path):
     with pytest.raises(TraceError, match="does not exist"):
         load_trace(tmp_path / "missing.pt")
@@ -157,6 +173,22 @@ def test_a_replay_uses_every_draw_and_every_step(suite_trace):
     assert "used 6 of the official loop's 7 draws" in replay(short).describe()
     fewer = Trace(suite_trace.meta, suite_trace.teacher, suite_trace.initial, suite_trace.draws, suite_trace.steps[:-1])
     assert "after the official loop's 5" in replay(fewer).describe()
+
+
+def test_a_draw_outside_the_range_the_suite_asks_for_is_a_mismatch():
+    from dfkd_bench.traces.format import TraceMismatch
+    from dfkd_bench.traces.replay import DrawFeed, method_stream
+
+    rng = torch.Generator()
+    feed = DrawFeed([{"kind": "randint", "value": torch.tensor([-4, 4])},
+                     {"kind": "randperm", "value": torch.arange(3)},
+                     {"kind": "randint", "value": torch.tensor([4, -4])}])
+    with method_stream(rng, feed=feed):
+        assert torch.randint(-4, 5, (2,), generator=rng).tolist() == [-4, 4]
+        assert torch.randperm(3, generator=rng).tolist() == [0, 1, 2]
+        assert torch.randint(3, (2,)).shape == (2,)  # another stream: torch's own
+        with pytest.raises(TraceMismatch, match=r"in \[-2, 3\)"):  # jitter 2 where the official loop had 4
+            torch.randint(-2, 3, (2,), generator=rng)
 
 
 def test_the_trace_sized_networks_are_registered_only_for_the_build(suite_trace):
@@ -397,3 +429,88 @@ def test_a_tracer_regenerates_its_committed_trace(method, tmp_path):
         assert a.keys() == b.keys() and a_step["losses"].keys() == b_step["losses"].keys()
         assert max(relative_difference(a[k], b[k], comparison_scales(b).get(k)) for k in a) <= 1e-12
         assert max(relative_difference(a_step["losses"][k], b_step["losses"][k]) for k in a_step["losses"]) <= 1e-12
+# ------------------------------------------------ the DataFree collection's traces ---
+# zju-vipa/CMI's datafree_kd.py, whose scripts the CIFAR paper protocols of DFQ, ZSKT (its
+# re-implementation), DeepInversion (synthesiser = datafree) and CMI cite (scripts/trace/datafree.py).
+
+DATAFREE_REPO = "zju-vipa/CMI"
+DATAFREE_METHODS = ("dfq", "zskt", "deepinv", "cmi")
+
+
+def datafree_trace(method: str) -> Trace:
+    return load_trace(TRACES / f"{method}_datafree_cifar10.pt")
+
+
+def test_the_datafree_collections_methods_have_committed_traces():
+    for method in DATAFREE_METHODS:
+        summary = json.loads((TRACES / f"{method}_datafree_cifar10.json").read_text())
+        assert summary["official"]["repo"] == DATAFREE_REPO and summary["protocol"] == "cifar10 paper protocol"
+        assert any(line.startswith(f"step-equivalent to {DATAFREE_REPO}@9e79fa9")
+                   for line in cards.equivalence_lines(method))
+
+
+def _detach_the_teachers_input(trainer) -> None:
+    """DeepInversion: the pixels reach the teacher (and the student) detached, the priors alone move them."""
+    to_images = trainer.method.to_images
+    trainer.method.to_images = lambda pixels: to_images(pixels).detach()
+
+
+DATAFREE_MUTATIONS = {
+    "dfq-order": dict(schedule=["student_stage", "iteration", "iteration", "iteration"]),  # the order of updates
+    "dfq-balance_weight": dict(params={"balance_weight": 10.0}),                      # a loss weight
+    "dfq-detach": dict(before=_detach_student_logits_in_the_generator_objective),     # a detach point
+    "dfq-student_mode": dict(params={"generator_step_student_mode": "train"}),        # S's mode in G's step
+    "dfq-generator_mode": dict(params={"student_generator_mode": "train"}),           # G's mode for S's batches
+    "dfq-lr_schedule": dict(train={"lr_schedule": "cosine"}),                         # cosine per iteration
+    "dfq-weight_decay": dict(train={"student_weight_decay": 5e-4}),                   # an optimiser setting
+    "zskt-kl_reduction": dict(params={"kl_reduction": "mean"}),                       # a loss weight: KL / classes
+    "zskt-detach": dict(before=_detach_student_logits_in_the_generator_objective),
+    "zskt-student_mode": dict(params={"generator_step_student_mode": "train"}),
+    "zskt-student_batch": dict(params={"student_batch": "generator_z"}),              # S's data: the step's z
+    "zskt-beta1": dict(params={"generator_beta1": 0.9}),                              # an optimiser setting
+    "deepinv-order": dict(schedule=["generator_steps", "iteration"]),                # G G, then G where S
+    "deepinv-tv_weight": dict(params={"tv_weight": 0.002}),                          # a loss weight
+    "deepinv-kd_temperature": dict(params={"kd_temperature": 1.0}),                  # the student's loss
+    "deepinv-detach": dict(before=_detach_the_teachers_input),                       # a detach point
+    "deepinv-synthesis_lr": dict(params={"synthesis_lr": 0.05}),                     # an optimiser setting
+    "deepinv-jitter": dict(params={"jitter": 2}),  # the trace rolls by -4: outside the suite's [-2, 2]
+    "deepinv-pool_rounding": dict(params={"pool_rounding": "nearest"}),              # the PNG pool's levels
+    "cmi-order": dict(schedule=["iteration", "student_stage", "iteration"]),         # S where G
+    "cmi-cr_weight": dict(params={"cr_weight": 0.4}),                                # a loss weight
+    "cmi-adv_weight": dict(params={"adv_weight": 1.0}),
+    "cmi-negatives": dict(params={"negatives": 2}),                                  # the memory's negatives
+    "cmi-synthesis_lr": dict(params={"synthesis_lr": 2e-3}),                         # an optimiser setting
+    "cmi-weight_decay": dict(train={"student_weight_decay": 5e-4}),
+    "cmi-pool_rounding": dict(params={"pool_rounding": "nearest"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DATAFREE_MUTATIONS))
+def test_datafree_mutations_are_rejected(name):
+    result = replay(datafree_trace(name.split("-")[0]), stop_beyond=RTOL, **DATAFREE_MUTATIONS[name])
+    assert not result.within(RTOL), result.describe()
+
+
+@pytest.mark.parametrize("method", ["deepinv", "cmi"])
+def test_datafree_pool_methods_reject_a_train_mode_student_in_synthesis(method, monkeypatch):
+    """A train/eval mode: both synthesise with the student in eval mode (its BatchNorm on running statistics)."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module(f"dfkd_bench.methods.{method}"), "student_eval", contextlib.nullcontext)
+    result = replay(datafree_trace(method), stop_beyond=RTOL)
+    assert not result.within(RTOL), result.describe()
+
+
+def test_cmi_rejects_a_contrastive_loss_through_the_positives(monkeypatch):
+    """A detach point: CMI's contrastive logits take the global views' embeddings as targets (detached)."""
+    import torch.nn.functional as F
+    from dfkd_bench.train import zoo_losses
+
+    def attached(anchors, positives, temperature, new_rows):
+        per_row = F.cross_entropy(anchors @ positives.t() / temperature, torch.arange(anchors.shape[0]),
+                                  reduction="none")
+        return per_row.mean() if per_row.shape[0] == new_rows else per_row[:new_rows].mean() + per_row[new_rows:].mean()
+
+    monkeypatch.setattr(zoo_losses, "cmi_contrastive_loss", attached)
+    result = replay(datafree_trace("cmi"), stop_beyond=RTOL)
+    assert not result.within(RTOL), result.describe()

@@ -30,6 +30,9 @@ Adding a tracer (``scripts/trace/dfad.py`` is the model to copy; ``scripts/trace
    patch in ``patches``. ``schedule`` lists the engine calls (``iteration``, ``student_stage``,
    ``generator_steps``) that run the official order of updates. (``common.lenet_generator_meta`` does
    all of this for a LeNet-5 pair and a paper generator on MNIST.)
+   State the official loop holds only part of the time (a pool method's batch in progress) is None
+   when it has none; what the suite starts earlier goes in ``ahead`` (``scripts/trace/datafree.py`` is
+   the model for pool methods).
 3. Write ``run_official(checkout, workdir, teacher, randn)``: run the official entry point with
    ``torch.randn`` replaced by ``randn``, patched only where it cannot run on a CPU or without its data,
    or to make its networks trace-sized (``common.load_official_module`` with ``scale_widths`` changes
@@ -51,8 +54,13 @@ Adding a tracer (``scripts/trace/dfad.py`` is the model to copy; ``scripts/trace
 
 Methods draw their training noise through :meth:`MethodContext.randn
 <dfkd_bench.method_api.MethodContext.randn>` / ``randint``, which the replay feeds from the trace
-(:attr:`MethodContext.draws <dfkd_bench.method_api.MethodContext.draws>`); a method that draws
-elsewhere needs a ``draws`` hook of the same kind before it can be traced.
+(:attr:`MethodContext.draws <dfkd_bench.method_api.MethodContext.draws>`); every other draw from the
+method's stream -- ``torch.randn`` / ``rand`` / ``randint`` / ``randperm`` with ``generator=ctx.rng``
+(a pool method's pixels, jitter, pool indices, crops) -- is fed from the same list
+(:func:`~dfkd_bench.traces.replay.method_stream`). A tracer whose official loop draws in another order
+than the suite records the suite's own draws first, each with the suite function that made it
+(``scripts/trace/common.py: suite_draws_by_site``), and hands each official draw the suite's draw of
+the same purpose.
 
 May import: train, teachers, presets, store, config, runtime, method_api, models, data, errors.
 """

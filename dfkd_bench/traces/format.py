@@ -7,7 +7,7 @@ A trace is one ``torch.save`` file of plain containers and tensors, read back wi
      "meta":    {...},                     # JSON-able: the official code, the suite's run, alignments
      "teacher": {name: Tensor},            # the teacher's state dict, in the suite's names
      "initial": STATE,                     # the full state before the first step (flat keys, below)
-     "draws":   [{"kind": "randn" | "randint" | "rand", "value": Tensor}, ...],   # in the order consumed
+     "draws":   [{"kind": "randn" | "randint" | "rand" | "randperm", "value": Tensor}, ...],  # in order
      "steps":   [{"kind": "generator" | "student",
                   "losses": {term: float},  # in the suite's term names
                   "state":  STATE,          # what CHANGED in this step
@@ -24,7 +24,8 @@ implementation flags -- fused, foreach, ... -- are left out), and ``method/<...>
 method's :meth:`~dfkd_bench.method_api.Method.state_dict` (e.g. ``method/generator/...`` and
 ``method/generator_optimizer/...``). A step stores only the entries whose value changed (bit for
 bit) in that step, so a trace stays small while every parameter, buffer and optimiser state is
-known after every step (:meth:`Trace.states`).
+known after every step (:meth:`Trace.states`). A value ``None`` is no entry: an entry a state no
+longer has (a pool method's batch in progress, between two batches) is stored as None.
 
 ``meta`` (written by the tracer) holds at least: ``method``; ``official`` (``repo``, ``commit``,
 ``entry``: the file and function run); ``command`` (the one command that regenerates the file);
@@ -33,7 +34,10 @@ known after every step (:meth:`Trace.states`).
 ``architectures`` (the trace-sized networks, :mod:`dfkd_bench.traces.replay`); ``schedule`` (the
 engine calls that replay the official order of updates); ``load`` (key prefixes of ``initial``
 that are weights to load into the suite); ``uncompared`` (key prefix -> why the suite's entry has
-no official counterpart); ``alignments`` (each documented difference the tracer aligned, and how);
+no official counterpart); ``ahead`` (optional, key prefix -> why the suite may hold entries there that
+the official state has not yet, e.g. a pool method's next batch, which the suite starts when one is
+finished and the official code at its next synthesis; compared from the official loop's next step on);
+``alignments`` (each documented difference the tracer aligned, and how);
 ``patches`` (where the official code was patched at run time, and why).
 """
 
@@ -59,8 +63,9 @@ MAX_BYTES = 1_000_000
 RTOL = 1e-7
 """Every step of a replay must agree with the official values within this relative difference."""
 
-DRAW_KINDS = ("randn", "randint", "rand")
-"""What a recorded draw is: standard normal, integers below a bound, uniform in [0, 1)."""
+DRAW_KINDS = ("randn", "randint", "rand", "randperm")
+"""What a recorded draw is: standard normal, integers below a bound, uniform in [0, 1), a permutation (torch's
+function of that name; its value as drawn)."""
 
 IMPLEMENTATION_KEYS = frozenset({"params", "foreach", "fused", "capturable", "differentiable"})
 """Optimiser param-group entries that choose a kernel, not the mathematics: never compared."""
@@ -190,7 +195,7 @@ class Trace:
 
     # ---- writing (the tracers) ----
     def draw(self, kind: str, value: Tensor) -> Tensor:
-        """Record a draw the official loop consumes (``kind`` ``randn``, ``randint`` or ``rand``); returns it."""
+        """Record a draw the official loop consumes (``kind``: one of :data:`DRAW_KINDS`); returns it."""
         if kind not in DRAW_KINDS:
             raise ValueError(f"a draw is one of {', '.join(DRAW_KINDS)}, not {kind!r}")
         self.draws.append({"kind": kind, "value": value.detach().clone()})
@@ -240,8 +245,9 @@ class Trace:
         position = {key: i for i, key in enumerate(keys)}
         return {"format": FORMAT, "meta": self.meta, "teacher": self.teacher, "keys": keys,
                 "shapes": [shapes.get(key, []) for key in keys],
-                "initial": _pack(self.initial, position), "draws": self.draws,
-                "steps": [{"kind": step["kind"], "losses": step["losses"], "state": _pack(step["state"], position),
+                "initial": _pack(self.initial, position, shapes), "draws": self.draws,
+                "steps": [{"kind": step["kind"], "losses": step["losses"],
+                           "state": _pack(step["state"], position, shapes),
                            **({"removed": step["removed"]} if step.get("removed") else {})}
                           for step in self.steps]}
 
@@ -267,9 +273,14 @@ def _apply(state: dict[str, Any], step: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in state.items() if k not in removed}, **step["state"]}
 
 
-def _pack(state: dict[str, Any], position: dict[str, int]) -> dict[str, Any]:
-    packed = [(position[k], v) for k, v in sorted(state.items()) if isinstance(v, Tensor) and v.dtype == torch.float64]
-    other = {k: v for k, v in state.items() if not (isinstance(v, Tensor) and v.dtype == torch.float64)}
+def _pack(state: dict[str, Any], position: dict[str, int], shapes: dict[str, list[int]]) -> dict[str, Any]:
+    """Float64 tensors of their key's first shape packed; the rest (other dtypes, None -- state the official loop
+    holds only part of the time --, a tensor that grew: a pool method's feature memory) as they are."""
+    def packable(key: str, value: Any) -> bool:
+        return isinstance(value, Tensor) and value.dtype == torch.float64 and list(value.shape) == shapes[key]
+
+    packed = [(position[k], v) for k, v in sorted(state.items()) if packable(k, v)]
+    other = {k: v for k, v in state.items() if not packable(k, v)}
     values = torch.cat([v.reshape(-1) for _, v in packed]) if packed else torch.zeros(0, dtype=torch.float64)
     return {"index": torch.tensor([i for i, _ in packed], dtype=torch.int64), "values": values, "other": other}
 

@@ -21,6 +21,9 @@ training step is re-implemented here; what this module adds around the engine:
   and ``large``; ``wrn``: :class:`~dfkd_bench.models.wrn.WideResNet` of ``depth``, ``widen_factor`` and
   ``base_widths``); they are registered for the build only (:func:`~dfkd_bench.models.registry.scoped_registrations`).
   A new family is one entry of :data:`FAMILIES`.
+* **the draws**: the method's ``MethodContext.randn`` / ``randint`` through its ``draws`` hook, and
+  any other torch draw from the method's stream through :func:`method_stream`, both from the trace's
+  list in order (:class:`DrawFeed`: each checked for kind and shape).
 * **the schedule**: ``iteration`` (the engine's iteration: the student's learning rate of the
   iteration, ``run_iteration()``), ``student_stage`` (``end_generator_stage()`` then the engine's
   student stage: a student stage that the official loop runs before its first generator step) and
@@ -166,22 +169,27 @@ def load_initial(trainer: Trainer, initial: dict[str, Any], prefixes: list[str])
 
 
 class DrawFeed:
-    """``MethodContext.draws``: the official loop's draws, in order, each checked for kind and shape."""
+    """``MethodContext.draws``: the official loop's draws, in order, each checked for kind and shape (and an
+    integer draw for the range ``[low, high)`` the suite asks it from, when it says)."""
 
     def __init__(self, draws: list[dict[str, Any]]):
         self.draws = draws
         self.used = 0
 
-    def __call__(self, kind: str, shape: tuple[int, ...], high: int | None = None) -> Tensor:
+    def __call__(self, kind: str, shape: tuple[int, ...], high: int | None = None, low: int = 0) -> Tensor:
         if self.used >= len(self.draws):
             raise TraceMismatch(f"the suite asked for a {kind} draw of shape {list(shape)} after the "
                                 f"{len(self.draws)} draws of the official loop")
         draw = self.draws[self.used]
-        if draw["kind"] != kind or tuple(draw["value"].shape) != tuple(shape):
+        value = draw["value"]
+        if draw["kind"] != kind or tuple(value.shape) != tuple(shape):
             raise TraceMismatch(f"draw {self.used + 1}: the suite asked for {kind} {list(shape)}, the official "
-                                f"loop drew {draw['kind']} {list(draw['value'].shape)}")
+                                f"loop drew {draw['kind']} {list(value.shape)}")
+        if high is not None and value.numel() and not (low <= int(value.min()) and int(value.max()) < high):
+            raise TraceMismatch(f"draw {self.used + 1}: the suite asked for {kind} in [{low}, {high}), the official "
+                                f"loop drew values in [{int(value.min())}, {int(value.max())}]")
         self.used += 1
-        return draw["value"].clone()
+        return value.clone()
 
 
 def run_schedule(trainer: Trainer, schedule: list[str]) -> None:
@@ -261,14 +269,18 @@ class ReplayResult:
 
 
 def compare(suite: dict[str, Any], official: dict[str, Any], uncompared: dict[str, str],
-            what: str, per_key: dict[str, float] | None = None) -> tuple[float, str]:
+            what: str, per_key: dict[str, float] | None = None,
+            ahead: dict[str, str] | None = None) -> tuple[float, str]:
     """The largest relative difference between two flat states, and where; a key one side lacks
-    (outside ``uncompared``) is a :class:`TraceMismatch`. Optimiser settings a newer torch adds
-    compare only when both sides have them."""
-    def skipped(key: str) -> bool:
-        return any(key.startswith(prefix) for prefix in uncompared)
+    (outside ``uncompared``; for the suite's side, outside ``ahead``) is a :class:`TraceMismatch`. A value
+    None is no entry. Optimiser settings a newer torch adds compare only when both sides have them."""
+    def skipped(key: str, prefixes: dict[str, str]) -> bool:
+        return any(key.startswith(prefix) for prefix in prefixes)
 
-    only_suite = sorted(k for k in set(suite) - set(official) if not skipped(k) and "/param_groups/" not in k)
+    suite = {k: v for k, v in suite.items() if v is not None}
+    official = {k: v for k, v in official.items() if v is not None}
+    only_suite = sorted(k for k in set(suite) - set(official)
+                        if not skipped(k, {**uncompared, **(ahead or {})}) and "/param_groups/" not in k)
     only_official = sorted(k for k in set(official) - set(suite) if "/param_groups/" not in k)
     if only_suite or only_official:
         parts = ([f"the suite has {only_suite[:3]} the official loop has not"] if only_suite else []) + (
@@ -277,7 +289,7 @@ def compare(suite: dict[str, Any], official: dict[str, Any], uncompared: dict[st
     worst, where = 0.0, ""
     scales = comparison_scales(official)
     for key in sorted(set(suite) & set(official)):
-        if skipped(key):
+        if skipped(key, uncompared):
             continue
         difference = relative_difference(suite[key], official[key], scales.get(key))
         if per_key is not None:
@@ -300,6 +312,7 @@ def replay(trace: Trace, *, train: dict[str, Any] | None = None, params: dict[st
     exceeds it. Never raises for a difference: the result says it."""
     meta = trace.meta
     uncompared = dict(meta.get("uncompared", {}))
+    ahead = dict(meta.get("ahead", {}))
     result = ReplayResult()
     official_steps = list(trace.states())
     with tempfile.TemporaryDirectory(prefix="dfkd-trace-") as workdir, float64_mode():
@@ -311,7 +324,7 @@ def replay(trace: Trace, *, train: dict[str, Any] | None = None, params: dict[st
             feed = DrawFeed(trace.draws)
             trainer.method.ctx.draws = feed
             difference, worst = compare(suite_state(trainer), trace.initial, uncompared, "before the first step",
-                                        result.per_key)
+                                        result.per_key, ahead)
             result.steps.append(StepResult(0, "initial", difference, worst))
             if stop_beyond is not None and difference > stop_beyond:
                 raise _Beyond
@@ -329,7 +342,7 @@ def replay(trace: Trace, *, train: dict[str, Any] | None = None, params: dict[st
                 loss_difference, loss_worst = compare(losses, expected, uncompared, f"step {index} ({kind}) losses",
                                                       result.per_key)
                 difference, worst = compare(suite_state(trainer), state, uncompared, f"after step {index} ({kind})",
-                                            result.per_key)
+                                            result.per_key, ahead)
                 if loss_difference > difference:
                     difference, worst = loss_difference, loss_worst
                 result.steps.append(StepResult(index, kind, difference, worst))
@@ -337,7 +350,8 @@ def replay(trace: Trace, *, train: dict[str, Any] | None = None, params: dict[st
                     raise _Beyond
 
             recording(trainer, on_step)
-            run_schedule(trainer, schedule if schedule is not None else meta["schedule"])
+            with method_stream(trainer.method_rng, feed=feed):
+                run_schedule(trainer, schedule if schedule is not None else meta["schedule"])
             if result.optimisation_steps < len(official_steps):
                 raise TraceMismatch(f"the suite ran {result.optimisation_steps} steps, the official loop "
                                     f"{len(official_steps)}")
@@ -370,6 +384,65 @@ def replay_variants(trace: Trace) -> dict[str, ReplayResult]:
 # ----------------------------------------------------------- recording ---
 
 _RANDN, _RANDINT, _RAND = torch.randn, torch.randint, torch.rand  # torch's own, even while a tracer replaces them
+_TORCH_DRAWS = ("randn", "rand", "randint", "randperm")
+
+
+def _draw_shape(kind: str, args: tuple, kwargs: dict[str, Any]) -> tuple[int, ...]:
+    """The shape of the tensor a torch draw call returns (``randn(2, 3)``, ``randn((2, 3))``, ``rand(size=...)``,
+    ``randint(high, size)``, ``randint(low, high, size)``, ``randperm(n)``)."""
+    if kind == "randperm":
+        return (int(args[0] if args else kwargs["n"]),)
+    if kind == "randint":
+        size = kwargs["size"] if "size" in kwargs else args[-1]
+        return tuple(int(n) for n in size)
+    size = args if args else (kwargs["size"],)
+    size = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
+    return tuple(int(n) for n in size)
+
+
+def _draw_range(kind: str, args: tuple, kwargs: dict[str, Any]) -> tuple[int | None, int]:
+    """``(high, low)`` of an integer draw (``randint(high, size)``, ``randint(low, high, size)``, ``randperm(n)``);
+    ``(None, 0)`` for a real one."""
+    if kind == "randperm":
+        return int(args[0] if args else kwargs["n"]), 0
+    if kind != "randint":
+        return None, 0
+    bounds = [*args[:-1]] if "size" not in kwargs else [*args]
+    low = kwargs.get("low", bounds[0] if len(bounds) == 2 else 0)
+    high = kwargs.get("high", bounds[-1] if bounds else None)
+    return int(high), int(low)
+
+
+@contextlib.contextmanager
+def method_stream(rng: torch.Generator, *, feed: Callable[..., Tensor] | None = None,
+                  record: Callable[[str, Tensor], Any] | None = None):
+    """Inside the block, every ``torch.randn`` / ``rand`` / ``randint`` / ``randperm`` call made with
+    ``generator=rng`` (the method's stream: a pool method's pixels, labels, jitter, pool indices, crops,
+    ...; ``MethodContext.randn`` / ``randint`` have their own hook) is served by ``feed(kind, shape, high,
+    low)`` (the replay: the official loop's draws; ``high`` None for a real draw) or drawn as usual and
+    passed to ``record(kind, value)``. Draws from any other generator are torch's own."""
+    def serve(kind: str, original: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        def draw(*args, **kwargs) -> Tensor:
+            if kwargs.get("generator") is not rng:
+                return original(*args, **kwargs)
+            if feed is None:
+                value = original(*args, **kwargs)
+                record(kind, value)
+                return value
+            value = feed(kind, _draw_shape(kind, args, kwargs), *_draw_range(kind, args, kwargs))
+            return value.to(device=kwargs.get("device") or value.device, dtype=kwargs.get("dtype") or value.dtype)
+
+        return draw
+
+    originals = {kind: getattr(torch, kind) for kind in _TORCH_DRAWS}
+    try:
+        for kind, original in originals.items():
+            setattr(torch, kind, serve(kind, original))
+        yield
+    finally:
+        for kind, original in originals.items():
+            setattr(torch, kind, original)
+
 
 def suite_draws(trace: Trace, rng: torch.Generator) -> Callable[..., Tensor]:
     """A ``MethodContext.draws`` that draws from ``rng`` (the suite's method stream) and records each
@@ -398,5 +471,6 @@ def record_suite(meta: dict[str, Any], teacher: dict[str, Tensor]) -> Trace:
             trace.step(kind, {k: float(v) for k, v in terms.items()}, suite_state(trainer))
 
         recording(trainer, on_step)
-        run_schedule(trainer, meta["schedule"])
+        with method_stream(trainer.method_rng, record=trace.draw):
+            run_schedule(trainer, meta["schedule"])
     return trace

@@ -146,7 +146,8 @@ def js_divergence(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
     return (0.5 * (kl_pm + kl_qm)).mean()
 
 
-def adi_competition(teacher_logits: Tensor, student_logits: Tensor, temperature: float = 3.0) -> Tensor:
+def adi_competition(teacher_logits: Tensor, student_logits: Tensor, temperature: float = 3.0,
+                    clamp: bool = True) -> Tensor:
     """ADI's competition term R_compete (Yin et al. 2020, Eq. 6-7) as the authors' code computes it
     (NVlabs/DeepInversion, ``cifar10/deepinversion_cifar10.py``), to be minimised:
 
@@ -155,6 +156,8 @@ def adi_competition(teacher_logits: Tensor, student_logits: Tensor, temperature:
     ``js = 0.5 * KL(M || P) + 0.5 * KL(M || Q)``, each KL summed over classes and averaged over the
     batch (``nn.KLDivLoss(reduction='batchmean')(log P, M)``); the term is ``1 - clamp(js, 0, 1)``.
     (The code's "JS" is KL(M || .), not the textbook KL(. || M): its value is what is minimised.)
+    ``clamp=False``: ``1 - js`` -- the DataFree re-implementation's ``-jsdiv(S, T, T=3)`` plus one, whose
+    gradient does not vanish where js > 1 (two confident, opposite predictions).
     """
     p = F.softmax(student_logits.float() / temperature, dim=1)
     q = F.softmax(teacher_logits.float() / temperature, dim=1)
@@ -162,7 +165,8 @@ def adi_competition(teacher_logits: Tensor, student_logits: Tensor, temperature:
     p, q, m = p.clamp(0.01, 0.99), q.clamp(0.01, 0.99), m.clamp(0.01, 0.99)
     kl_mp = (m * (m.log() - p.log())).sum(dim=1).mean()
     kl_mq = (m * (m.log() - q.log())).sum(dim=1).mean()
-    return 1.0 - (0.5 * kl_mp + 0.5 * kl_mq).clamp(0.0, 1.0)
+    js = 0.5 * kl_mp + 0.5 * kl_mq
+    return 1.0 - (js.clamp(0.0, 1.0) if clamp else js)
 
 
 def decision_adversarial_loss(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:

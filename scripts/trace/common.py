@@ -11,9 +11,12 @@ on the command line; nothing here or there is imported by ``dfkd_bench``. See
 * :func:`load_official_module` / :func:`scale_widths` -- official source loaded from the checkout,
   optionally with integer widths of named classes replaced (trace-sized networks, same arithmetic);
 * :class:`OfficialRun` -- feeds the official ``torch.randn`` the suite's draws, records after each
-  official optimiser step (a post-step hook) the losses read from the official frame and the full
-  state in the suite's names, and ends the loop after the last step;
-* :func:`finish` -- saves the trace, replays it on every engine path, writes the summary.
+  official optimiser step (a post-step hook; or where the step ends, :meth:`OfficialRun.record_step`)
+  the losses read from the official frame and the full state in the suite's names, and ends the loop
+  after the last step;
+* :func:`suite_draws_by_site` / :class:`SiteDraws` -- for an official loop that draws in another order
+  than the suite: the suite's own run first, its draws handed to official calls by purpose;
+* :func:`finish` -- saves the trace, replays the file on every engine path, writes the summary.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from torch import Tensor, nn
 REPO = Path(__file__).resolve().parents[2]
 TRACES = REPO / "results" / "traces"
 
-from dfkd_bench.traces.format import RTOL, Trace, flatten, optimizer_state_in_order  # noqa: E402
+from dfkd_bench.traces.format import RTOL, Trace, flatten, load_trace, optimizer_state_in_order  # noqa: E402
 from dfkd_bench.traces.replay import (build_trainer, float64_mode, replay_variants, suite_draws,  # noqa: E402
                                       suite_state)
 
@@ -126,13 +129,15 @@ class _ScaleWidths(ast.NodeTransformer):
         self.replaced: dict[str, dict[int, int]] = {name: {} for name in classes}
         self.name = ""
 
-    def visit_ClassDef(self, node: ast.ClassDef) -> ast.AST:
-        if node.name not in self.classes:
-            return node
+    def visit_ClassDef(self, node: ast.ClassDef | ast.FunctionDef) -> ast.AST:
+        if node.name not in self.classes or self.current is not None:
+            return self.generic_visit(node)
         self.current, self.name = self.classes[node.name], node.name
         self.generic_visit(node)
         self.current = None
         return node
+
+    visit_FunctionDef = visit_ClassDef
 
     def visit_Constant(self, node: ast.Constant) -> ast.AST:
         if self.current is not None and type(node.value) is int and node.value in self.current:
@@ -143,9 +148,10 @@ class _ScaleWidths(ast.NodeTransformer):
 
 
 def scale_widths(tree: ast.Module, classes: dict[str, dict[int, int]]) -> dict[str, dict[int, int]]:
-    """Replace, inside each named class of ``tree``, the integer literals ``old`` by ``new`` (its channel
-    widths); returns how often each was replaced and fails if a named width was not found. Only sizes
-    change: every operation, its order and its other constants stay the official code's."""
+    """Replace, inside each named class (or function) of ``tree``, the integer literals ``old`` by ``new``
+    (its channel widths, a noise or feature dimension); returns how often each was replaced and fails if a
+    named width was not found. Only sizes change: every operation, its order and its other constants stay
+    the official code's."""
     transformer = _ScaleWidths(classes)
     transformer.visit(tree)
     for name, widths in classes.items():
@@ -244,6 +250,7 @@ class OfficialRun:
         self.draws = 0
 
     def randn(self, *size, **kwargs) -> Tensor:
+        size = size or (kwargs["size"],)  # torch.randn(size=(...)) as well as torch.randn(a, b) / ((a, b))
         shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
         if self.draws >= self.stop_after:
             raise TraceDone
@@ -255,14 +262,19 @@ class OfficialRun:
         return self.draw("randn", (rows, cols)).reshape(shape)
 
     def record(self, optimizer: torch.optim.Optimizer, kind: str,
-               losses: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
-        def hook(_optimizer, _args, _kwargs):
-            variables = official_frame(self.official_file).f_locals
-            values = {name: float(value.detach()) if isinstance(value, Tensor) else float(value)
-                      for name, value in losses(variables).items()}
-            self.trace.step(kind, values, self.state())
+               losses: Callable[[dict[str, Any]], dict[str, Any]], official_file: Path | None = None) -> None:
+        """``losses`` reads the innermost frame of ``official_file`` (default: the run's) -- the official
+        function that made the step, when it lives in another file than the loop."""
+        optimizer.register_step_post_hook(lambda *_args: self.record_step(kind, losses, official_file))
 
-        optimizer.register_step_post_hook(hook)
+    def record_step(self, kind: str, losses: Callable[[dict[str, Any]], dict[str, Any]],
+                    official_file: Path | None = None) -> None:
+        """Add a step now (where an official step ends after its optimiser's, e.g. pixels clipped after
+        Adam's step): ``losses`` of the innermost frame of ``official_file`` and the full state."""
+        variables = official_frame(official_file or self.official_file).f_locals
+        values = {name: float(value.detach()) if isinstance(value, Tensor) else float(value)
+                  for name, value in losses(variables).items()}
+        self.trace.step(kind, values, self.state())
 
 
 def full_state(parts: dict[str, Any]) -> dict[str, Any]:
@@ -274,6 +286,71 @@ def full_state(parts: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# ------------------------------------------------- draws the suite makes first ---
+# An official loop that draws in another order than the suite (a pool method: the suite starts its next
+# batch when one is finished, the official code at its next synthesis; it draws its crops per image, the
+# suite per batch) cannot be handed the suite's draws one by one as it asks. Its tracer runs the suite first
+# (its own draws, the trace's draws) and hands each official draw the suite's draw of the same purpose.
+
+_NOT_A_SITE = ("/dfkd_bench/traces/", "method_api.py", "/torch/", "contextlib", "/unittest/", "/scripts/trace/")
+
+
+def _draw_site() -> str:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if not any(part in frame.f_code.co_filename for part in _NOT_A_SITE):
+            return frame.f_code.co_qualname
+        frame = frame.f_back
+    return "?"
+
+
+def suite_draws_by_site(meta: dict[str, Any], teacher: dict[str, Tensor]) -> tuple[Trace, list[str]]:
+    """The suite's own run of ``meta`` (:func:`~dfkd_bench.traces.replay.record_suite`: its draws are the
+    trace's) and, for each draw, the suite function that made it (``random_roll``, ``MemoryBank.sample``,
+    ``DeepInversion.init_batch`` ...)."""
+    from unittest import mock
+
+    from dfkd_bench.traces.replay import record_suite
+
+    sites: list[str] = []
+    draw = Trace.draw
+
+    def draw_at_site(self, kind: str, value: Tensor) -> Tensor:
+        sites.append(_draw_site())
+        return draw(self, kind, value)
+
+    with mock.patch.object(Trace, "draw", draw_at_site):
+        suite = record_suite(meta, teacher)
+    return suite, sites
+
+
+class SiteDraws:
+    """The suite's draws queued by site: ``take(site, kind)`` hands out the next one of ``site`` (an official
+    draw of the same purpose), checking its kind; :meth:`left` counts what no official call took."""
+
+    def __init__(self, draws: list[dict[str, Any]], sites: list[str]):
+        from collections import deque
+
+        self.queues: dict[str, Any] = {}
+        for draw, site in zip(draws, sites, strict=True):
+            self.queues.setdefault(site, deque()).append(draw)
+
+    def take(self, site: str, kind: str) -> Tensor:
+        queue = self.queues.get(site)
+        if not queue:
+            raise SystemExit(f"error: the official loop asked for a {kind} draw of {site} beyond the suite's "
+                             f"({sorted(self.queues)}); the official and the suite's run differ in their draws")
+        draw = queue.popleft()
+        if draw["kind"] != kind:
+            raise SystemExit(f"error: the official loop asked for a {kind} draw of {site}, the suite drew "
+                             f"{draw['kind']}")
+        return draw["value"].clone()
+
+    def left(self) -> dict[str, int]:
+        return {site: len(queue) for site, queue in self.queues.items() if queue}
+
+
+
 # ------------------------------------------------------------------ finish ---
 
 def finish(trace: Trace, name: str, out_dir: Path = TRACES) -> dict[str, Any]:
@@ -281,7 +358,7 @@ def finish(trace: Trace, name: str, out_dir: Path = TRACES) -> dict[str, Any]:
     result. Exits non-zero (keeping both files, for study) if a replay is not within RTOL."""
     path = out_dir / f"{name}.pt"
     sha = trace.save(path)
-    results = replay_variants(trace)
+    results = replay_variants(load_trace(path))  # the file as the tests read it
     meta = trace.meta
     summary = {
         "method": meta["method"], "trace": path.name, "sha256": sha, "official": meta["official"],
