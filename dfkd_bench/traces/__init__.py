@@ -42,7 +42,8 @@ Adding a tracer (``scripts/trace/dfad.py`` is the model to copy):
    replay must reject.
 
 Methods draw their training noise through :meth:`MethodContext.randn
-<dfkd_bench.method_api.MethodContext.randn>` / ``randint``, which the replay feeds from the trace
+<dfkd_bench.method_api.MethodContext.randn>` / ``randint`` / ``draw`` (and re-draw parameters through
+``uniform_`` / ``normal_``: NAYER's generator), which the replay feeds from the trace
 (:attr:`MethodContext.draws <dfkd_bench.method_api.MethodContext.draws>`); a method that draws
 elsewhere needs a ``draws`` hook of the same kind before it can be traced.
 
