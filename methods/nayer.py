@@ -276,8 +276,10 @@ def _nayer_protocol(dataset: str, g_steps: int) -> PaperProtocol:
                     bn_weight=10.0, oh_weight=0.5, bn_mmt=0.9, warmup=20, g_loops=2, gwp_loops=10, g_life=10,
                     le_emb_size=1000, ngf=64, label_embedding="clip", synthesis_student="official",
                     kd_temperature=20.0,
-                    # the official pool is unbounded (PNG files): 20 x 10 + 100 x 2 = 400 batches of 400 images
-                    memory_size=160000, pool_augment="crop_flip"),
+                    # the official pool is unbounded (PNG files): 20 x 10 + 100 x 2 = 400 batches of 400 images,
+                    # stored as its PNG files are: x * 255 truncated (datafree/utils/_utils.py save_image_batch's
+                    # (imgs.clamp(0, 1) * 255).astype('uint8'), through ImagePool.add)
+                    memory_size=160000, pool_augment="crop_flip", pool_rounding="floor"),
         official={"epochs": 120, "student_warmup_epochs": 20, "generator_steps": f"{2 * g_steps} after the "
                                                                                  f"warm-up, {10 * g_steps} in it",
                   "figure": "the official README's figure (nayer_result.jpg, CIFAR-100, the pair not named) plots "

@@ -398,6 +398,8 @@ def test_paper_protocol_is_the_official_120_epoch_script(dataset):
         assert train.total_iterations == 200
         batches = 100 * 2 + 100 * 2
         assert batches == 20 * 10 + 100 * 2 and params["memory_size"] >= batches * 400  # the unbounded pool
+        # its PNG files: save_image_batch's (x.clamp(0, 1) * 255).astype('uint8') truncates
+        assert params["pool_rounding"] == "floor"
         # CosineAnnealingLR(T_max = 120 - 20, eta_min 2e-4), stepped per KD epoch: by hand at KD epochs 0, 50, 99
         for iteration, kd_epoch in ((100, 0), (150, 50), (199, 99)):
             lr = 2e-4 + (0.2 - 2e-4) * (1 + math.cos(math.pi * kd_epoch / 100)) / 2
