@@ -102,6 +102,26 @@ def test_a_trace_round_trips_weights_only_deterministically_and_small(suite_trac
     assert not any(k.startswith("method/generator/") and "weight" in k for k in student_step["state"])
 
 
+def test_a_tensor_that_grows_by_rows_is_stored_as_its_new_rows_and_old_files_still_read(tmp_path):
+    """A pool's images after each finished batch: the earlier rows again plus a batch; the step stores the
+    batch alone (format 2), and the committed format-1 traces (which have no such rows) read as before."""
+    pool = torch.arange(2 * 3 * 4, dtype=torch.float64).reshape(2, 3, 4).to(torch.uint8)
+    trace = Trace({"method": "x"}, {}, {"method/pool/images": pool[:0], "student/w": torch.zeros(2, dtype=torch.float64)})
+    trace.step("generator", {"loss": 1.0}, {"method/pool/images": pool[:1], "student/w": torch.ones(2, dtype=torch.float64)})
+    trace.step("generator", {"loss": 1.0}, {"method/pool/images": pool, "student/w": torch.ones(2, dtype=torch.float64)})
+    trace.step("student", {"loss": 1.0}, {"method/pool/images": pool[1:], "student/w": torch.ones(2, dtype=torch.float64)})
+    assert [set(step.get("appended", {})) for step in trace.steps] == [{"method/pool/images"}] * 2 + [set()]
+    assert torch.equal(trace.steps[1]["appended"]["method/pool/images"], pool[1:])
+    assert torch.equal(trace.steps[2]["state"]["method/pool/images"], pool[1:])  # not grown: stored whole
+    trace.save(tmp_path / "grown.pt")
+    loaded = load_trace(tmp_path / "grown.pt")
+    expected = [pool[:1], pool, pool[1:]]
+    assert [torch.equal(state["method/pool/images"], e) for (_, _, state), e in zip(loaded.states(), expected)] == [True] * 3
+    assert torch.load(tmp_path / "grown.pt", weights_only=True)["format"] == 2
+    for path in COMMITTED:  # format 1 or 2: each loads
+        assert load_trace(path).steps
+
+
 def test_a_file_that_is_not_a_trace_is_one_error(tmp_path):
     with pytest.raises(TraceError, match="does not exist"):
         load_trace(tmp_path / "missing.pt")
