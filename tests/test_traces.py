@@ -231,10 +231,11 @@ def test_a_summary_becomes_the_card_line(tmp_path):
 
 # --------------------------------------------------- the committed traces ---
 
-OFFICIAL_CODE = {"dfad": "VainF/Data-Free-Adversarial-Distillation", "fast": "zju-vipa/Fast-Datafree"}
+OFFICIAL_CODE = {"dfad": "VainF/Data-Free-Adversarial-Distillation", "fast": "zju-vipa/Fast-Datafree",
+                 "nayer": "tmtuan1307/NAYER"}
 """Every method whose authors published code, with the repository its committed trace runs (issue 28)."""
 
-TRACE_FILES = {"zskt_polo5": "zskt_polo5_cifar10", "fast": "fast_cifar10"}
+TRACE_FILES = {"zskt_polo5": "zskt_polo5_cifar10", "fast": "fast_cifar10", "nayer": "nayer_cifar10"}
 """Committed traces not named ``<method>_mnist`` (a method may have several: its authors' code and a
 re-implementation a paper protocol cites)."""
 
@@ -360,3 +361,67 @@ def _detach_student_logits_in_the_inversion_loss(trainer) -> None:
 def test_fast_mutations_are_rejected(change):
     result = replay(committed("fast"), stop_beyond=RTOL, **change)
     assert not result.within(RTOL), result.describe()
+
+
+def _student_in_train_mode_for_every_batch(trainer) -> None:
+    """A train/eval mode: NAYER's L_adv with the student in train mode for an epoch's first batch too (the official
+    loop: eval for the first, train for the later ones)."""
+    trainer.method.student_eval_mode = lambda: False
+
+
+def _generator_in_eval_mode(trainer) -> None:
+    """A train/eval mode: NAYER's generator (its BatchNorm layers) in eval mode (the official G: train mode)."""
+    torch.nn.Module.eval(trainer.method.generator)
+
+
+def _generator_never_replaced(trainer) -> None:
+    trainer.method.replaces_generator = lambda batch: False
+
+
+def _noisy_layers_kept(trainer) -> None:
+    trainer.method.generator.reset_noisy_layers = lambda ctx: None
+
+
+@pytest.mark.parametrize("change", [
+    dict(params={"bn_weight": 5.0}),                        # a loss weight: L_bn
+    dict(params={"oh_weight": 1.0}),                        # a loss weight: the cross-entropy
+    dict(params={"adv_weight": 0.5}),                       # a loss weight: L_adv (after the warm-up)
+    dict(params={"warmup": 0}),                             # L_adv's onset
+    dict(params={"bn_mmt": 0.0}),                           # the moving average of past statistics in L_bn
+    dict(params={"synthesis_lr": 1e-3}),                    # an optimiser setting: G's and the noisy layer's Adam
+    dict(train={"student_momentum": 0.0}),                  # an optimiser setting: the student's SGD
+    dict(params={"pool_rounding": "nearest"}),              # the pool's uint8: rounded, not the PNG's truncation
+    dict(params={"g_life": 1}),                             # G replaced at an epoch the g_life rule skips
+    dict(before=_generator_never_replaced),                 # G never replaced (reinit)
+    dict(before=_noisy_layers_kept),                        # the noisy layer not re-drawn per batch (re_init_le)
+    dict(params={"synthesis_student": "eval"}),             # a train/eval mode: S in eval mode for later batches too
+    dict(before=_student_in_train_mode_for_every_batch),    # a train/eval mode: S in train mode for first batches too
+    dict(before=_generator_in_eval_mode),                   # a train/eval mode: G's BatchNorm
+    dict(before=_detach_student_logits_in_the_inversion_loss),  # a detach point: L_adv's gradient through S
+    dict(train={"student_warmup_epochs": 0}),               # the order of updates: KD after the warm-up epoch too
+], ids=["bn_weight", "oh_weight", "adv_weight", "warmup", "bn_mmt", "synthesis_lr", "student_momentum",
+        "pool_rounding", "g_life", "never_replaced", "noisy_kept", "student_eval", "student_train",
+        "generator_eval", "detach", "student_warmup"])
+def test_nayer_mutations_are_rejected(change):
+    """(The pool's KD -- its augmentation, temperature -- is the pool methods' shared code: FastDFKD's mutations.)"""
+    result = replay(committed("nayer"), stop_beyond=RTOL, **change)
+    assert not result.within(RTOL), result.describe()
+
+
+def test_nayer_is_traced_against_its_authors_code_with_its_draws_fed_by_the_replay():
+    """The trace holds NAYER's own draws in the official order -- G's re-initialisation (uniform, layer by layer),
+    the noisy layer (normal), the labels (randint, 0 of them at 10 images of 10 classes) -- for the first batch, for
+    the first batch of the epoch after the warm-up (G replaced: g_life's rule at the warm-up's end) and for the one
+    after the traced epochs (not replaced), and L_adv acts with the student in train mode (an epoch's later batch)."""
+    trace = committed("nayer")
+    kinds = [draw["kind"] for draw in trace.draws]
+    setup = ["rand"] * 8 + ["randn", "randint"]  # n1 none; le1.0 w, b; l1 w, b; 3 convs (the last with its bias)
+    assert kinds[:10] == setup and kinds[10:12] == ["rand", "rand"]  # then the views of the batch's 2 steps
+    assert kinds[16:26] == setup  # the first batch after the warm-up: G replaced
+    assert kinds[32:34] == ["randn", "randint"]  # the next epoch's first batch, set up before KD: G kept
+    assert trace.draws[9]["value"].shape == (0,)
+    later_batch = trace.steps[6:8]  # the epoch's second batch: the student in train mode
+    assert all(step["losses"]["gen_adv"] != 0 for step in later_batch)
+    assert all(any(key.endswith("running_mean") and key.startswith("student/") for key in step["state"])
+               for step in later_batch)
+    assert cards.equivalence_lines("nayer")[0].startswith("step-equivalent to tmtuan1307/NAYER@c6bedcd")
