@@ -195,6 +195,18 @@ def test_the_draws_hook_is_off_in_a_run_and_the_engine_draws_from_its_stream():
     assert torch.equal(ctx.randn(2, 5), torch.full((2, 5), 7.0))
     assert torch.equal(ctx.randint(10, 3), torch.zeros(3).long())
     assert not torch.equal(ctx.randn(2, 5, rng=torch.Generator().manual_seed(3)), torch.full((2, 5), 7.0))
+    # parameters re-drawn in place (NAYER's generator): in a run the very calls on the stream, in a replay the
+    # recorded u / z as uniform_ / normal_ compute them
+    ctx.draws = None
+    ctx.rng = torch.Generator().manual_seed(4)
+    weight = ctx.uniform_(torch.empty(3, 2), -0.5, 0.5)
+    assert torch.equal(weight, torch.empty(3, 2).uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(4)))
+    ctx.rng = torch.Generator().manual_seed(4)
+    assert torch.equal(ctx.normal_(torch.empty(3, 2), 1.0, 2.0),
+                       torch.empty(3, 2).normal_(1.0, 2.0, generator=torch.Generator().manual_seed(4)))
+    ctx.draws = lambda kind, shape, high: torch.full(shape, 0.25 if kind == "rand" else -1.0)
+    assert torch.equal(ctx.uniform_(torch.empty(3, 2), -0.5, 0.5), torch.full((3, 2), 0.25 * 1.0 - 0.5))
+    assert torch.equal(ctx.normal_(torch.empty(3, 2), 1.0, 2.0), torch.full((3, 2), -1.0 * 2.0 + 1.0))
 
 
 # ------------------------------------------------------------------- cards ---
