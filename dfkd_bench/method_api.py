@@ -183,6 +183,25 @@ class MethodContext:
             return torch.randint(high, shape, generator=self.rng, device=self.device)
         raise ValueError(f"a process-local draw is rand or randint, not {kind!r}")
 
+    def uniform_(self, tensor: Tensor, low: float, high: float) -> Tensor:
+        """Fill ``tensor`` in place uniformly in ``[low, high)`` from ``rng`` -- the very call
+        ``tensor.uniform_(low, high, generator=rng)``, so a run draws what it drew before the hook --
+        or, in a replay, from the next recorded ``rand`` draw ``u`` of the tensor's shape as ``uniform_``
+        computes it, ``u * (high - low) + low`` (a parameter's re-initialisation: NAYER's new generator)."""
+        if self.draws is not None:
+            uniform = self.draws("rand", tuple(tensor.shape), None).to(tensor)
+            return tensor.copy_(uniform * (high - low) + low)
+        return tensor.uniform_(low, high, generator=self.rng)
+
+    def normal_(self, tensor: Tensor, mean: float = 0.0, std: float = 1.0) -> Tensor:
+        """Fill ``tensor`` in place with normal draws from ``rng`` -- the very call ``tensor.normal_(mean,
+        std, generator=rng)`` -- or, in a replay, from the next recorded ``randn`` draw ``z`` of the tensor's
+        shape, ``z * std + mean`` (as ``normal_`` computes it)."""
+        if self.draws is not None:
+            normal = self.draws("randn", tuple(tensor.shape), None).to(tensor)
+            return tensor.copy_(normal * std + mean)
+        return tensor.normal_(mean, std, generator=self.rng)
+
     # ---- randomness that is identical for 1 process and N data-parallel ranks ----
     def randn(self, rows: int, cols: int, rng: torch.Generator | None = None) -> Tensor:
         """Standard-normal rows for this rank's share of a global batch.

@@ -126,17 +126,19 @@ def label_embedding(choice: str, dataset: str, num_classes: int) -> tuple[Tensor
     return embedding, f"{choice}: {stored['encoder']} of {stored['prompts'][0]!r}, ...; {stored['source']}"
 
 
-def reset_default(module: nn.Module, rng: torch.Generator) -> None:
-    """PyTorch's default initialisation (``reset_parameters``), drawn from ``rng``: a Linear or conv
-    weight and bias uniform in ``+-1/sqrt(fan_in)`` (kaiming_uniform with a = sqrt(5)); BatchNorm
-    weight 1, bias 0, running statistics reset (NAYER's ``NLGenerator.reinit`` builds a new G)."""
+def reset_default(module: nn.Module, ctx: MethodContext) -> None:
+    """PyTorch's default initialisation (``reset_parameters``), drawn from the method's stream
+    (:meth:`MethodContext.uniform_ <dfkd_bench.method_api.MethodContext.uniform_>`, in the order PyTorch's
+    constructors draw: layer by layer, weight then bias): a Linear or conv weight and bias uniform in
+    ``+-1/sqrt(fan_in)`` (kaiming_uniform with a = sqrt(5)); BatchNorm weight 1, bias 0, running statistics
+    reset (NAYER's ``NLGenerator.reinit`` builds a new G)."""
     with torch.no_grad():
         for layer in module.modules():
             if isinstance(layer, (nn.Linear, nn.Conv2d)):
                 bound = 1.0 / math.sqrt(layer.weight[0].numel())
-                layer.weight.uniform_(-bound, bound, generator=rng)
+                ctx.uniform_(layer.weight, -bound, bound)
                 if layer.bias is not None:
-                    layer.bias.uniform_(-bound, bound, generator=rng)
+                    ctx.uniform_(layer.bias, -bound, bound)
             elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
                 layer.reset_parameters()
 
@@ -154,7 +156,8 @@ class NoisyLayerGenerator(nn.Module):
                               f"got {height}x{width}")
         classes, dim = embedding.shape
         self.classes, self.size = classes, (height // 4, width // 4)
-        self.register_buffer("embedding", embedding.detach().float().clone(), persistent=False)
+        # in the default dtype: float32 in a run (the official .float()), float64 in a step-equivalence replay
+        self.register_buffer("embedding", embedding.detach().to(torch.get_default_dtype()).clone(), persistent=False)
         self.n1 = nn.BatchNorm1d(dim)
         self.noisy = nn.ModuleList([nn.Linear(dim, le_emb_size) for _ in range(math.ceil(rows / classes))])
         self.l1 = nn.Linear(le_emb_size, 2 * ngf * self.size[0] * self.size[1])
@@ -166,11 +169,12 @@ class NoisyLayerGenerator(nn.Module):
             nn.LeakyReLU(0.2, inplace=True), nn.Conv2d(ngf, channels, 3, stride=1, padding=1),
         )
 
-    def reset_noisy_layers(self, rng: torch.Generator) -> None:
-        """``re_init_le``: every noisy layer's weights N(0, 1), biases 0."""
+    def reset_noisy_layers(self, ctx: MethodContext) -> None:
+        """``re_init_le``: every noisy layer's weights N(0, 1) (:meth:`MethodContext.normal_
+        <dfkd_bench.method_api.MethodContext.normal_>`), biases 0."""
         with torch.no_grad():
             for layer in self.noisy:
-                layer.weight.normal_(0.0, 1.0, generator=rng)
+                ctx.normal_(layer.weight, 0.0, 1.0)
                 layer.bias.zero_()
 
     def forward(self, labels: Tensor) -> Tensor:
@@ -183,11 +187,13 @@ class NoisyLayerGenerator(nn.Module):
 
 def nayer_labels(ctx: MethodContext, rows: int) -> Tensor:
     """``NAYER.generate_ys`` over the global batch, this rank's share: ``0..K-1`` repeated, then the
-    ``N mod K`` remaining labels uniformly at random."""
+    ``N mod K`` remaining labels uniformly at random (:meth:`MethodContext.draw
+    <dfkd_bench.method_api.MethodContext.draw>`: the same call on the method's stream, drawn even when
+    ``N mod K`` is 0, as the official ``torch.randint(K, (v,))`` is)."""
     world, rank, classes = ctx.distributed.world_size, ctx.distributed.rank, ctx.num_classes
     total = rows * world
     balanced = torch.arange(classes, device=ctx.device).repeat(total // classes)
-    rest = torch.randint(classes, (total % classes,), generator=ctx.rng, device=ctx.device)
+    rest = ctx.draw("randint", (total % classes,), classes)
     return torch.cat([balanced, rest])[rank * rows:(rank + 1) * rows]
 
 
@@ -270,8 +276,10 @@ def _nayer_protocol(dataset: str, g_steps: int) -> PaperProtocol:
                     bn_weight=10.0, oh_weight=0.5, bn_mmt=0.9, warmup=20, g_loops=2, gwp_loops=10, g_life=10,
                     le_emb_size=1000, ngf=64, label_embedding="clip", synthesis_student="official",
                     kd_temperature=20.0,
-                    # the official pool is unbounded (PNG files): 20 x 10 + 100 x 2 = 400 batches of 400 images
-                    memory_size=160000, pool_augment="crop_flip"),
+                    # the official pool is unbounded (PNG files): 20 x 10 + 100 x 2 = 400 batches of 400 images,
+                    # stored as its PNG files are: x * 255 truncated (datafree/utils/_utils.py save_image_batch's
+                    # (imgs.clamp(0, 1) * 255).astype('uint8'), through ImagePool.add)
+                    memory_size=160000, pool_augment="crop_flip", pool_rounding="floor"),
         official={"epochs": 120, "student_warmup_epochs": 20, "generator_steps": f"{2 * g_steps} after the "
                                                                                  f"warm-up, {10 * g_steps} in it",
                   "figure": "the official README's figure (nayer_result.jpg, CIFAR-100, the pair not named) plots "
@@ -358,8 +366,8 @@ class NAYER(GeneratorPoolMethod):
     def init_batch(self) -> None:
         ctx = self.ctx
         if self.replaces_generator(self.batches_done):
-            reset_default(self.generator, ctx.rng)  # the official G.reinit()
-        self.generator.reset_noisy_layers(ctx.rng)
+            reset_default(self.generator, ctx)  # the official G.reinit()
+        self.generator.reset_noisy_layers(ctx)
         self.labels = nayer_labels(ctx, self.rows)
 
     def new_optimizer(self) -> torch.optim.Optimizer:

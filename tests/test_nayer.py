@@ -153,12 +153,17 @@ def test_noisy_layer_generator_is_k_to_1_on_balanced_labels_by_hand():
         expected = normed[row] @ layer.weight.double().t() + layer.bias.double()
         torch.testing.assert_close(seen[0][row].double(), expected, rtol=1e-5, atol=1e-6)
 
-    class Ctx:  # NAYER.generate_ys over a batch of 25 of 10 classes: 0..9, 0..9, then 5 random
-        num_classes, device, rng = 10, torch.device("cpu"), torch.Generator().manual_seed(0)
-        distributed = type("D", (), {"world_size": 1, "rank": 0})()
-
-    labels = nayer_labels(Ctx(), 25).tolist()
+    # NAYER.generate_ys over a batch of 25 of 10 classes: 0..9, 0..9, then 5 random
+    labels = nayer_labels(_context(torch.Generator().manual_seed(0)), 25).tolist()
     assert labels[:20] == list(range(10)) * 2 and all(0 <= v < 10 for v in labels[20:])
+    assert labels[20:] == torch.randint(10, (5,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def _context(rng: torch.Generator):
+    from dfkd_bench.method_api import MethodContext
+
+    return MethodContext(teacher=None, student=None, student_module=None, num_classes=10, image_shape=(1, 16, 16),
+                         batch_size=4, student_steps=1, device=torch.device("cpu"), rng=rng)
 
 
 def test_noisy_layers_redrawn_n01_and_g_replaced_with_pytorch_default_init():
@@ -166,7 +171,7 @@ def test_noisy_layers_redrawn_n01_and_g_replaced_with_pytorch_default_init():
 
     generator = NoisyLayerGenerator(torch.randn(10, 384), rows=128, image_shape=(1, 16, 16))
     rng = torch.Generator().manual_seed(0)
-    generator.reset_noisy_layers(rng)
+    generator.reset_noisy_layers(_context(rng))
     weights = torch.cat([layer.weight.flatten() for layer in generator.noisy])
     assert weights.numel() == 13 * 384 * 1000
     assert weights.mean().item() == pytest.approx(0.0, abs=0.01)
@@ -175,12 +180,66 @@ def test_noisy_layers_redrawn_n01_and_g_replaced_with_pytorch_default_init():
     with torch.no_grad():
         generator.n1.weight.fill_(3.0)
         generator.n1.running_mean.fill_(2.0)
-    reset_default(generator, rng)
+    reset_default(generator, _context(rng))
     for layer in (generator.l1, generator.body[2], generator.noisy[0]):
         bound = 1.0 / math.sqrt(layer.weight[0].numel())  # fan_in of a Linear / conv
         assert layer.weight.abs().max().item() <= bound and layer.weight.abs().max().item() > 0.95 * bound
         assert layer.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)  # uniform(-b, b)
     assert torch.all(generator.n1.weight == 1) and torch.all(generator.n1.running_mean == 0)
+
+
+def test_its_draws_go_through_the_context_hooks_and_a_run_draws_what_the_direct_calls_drew():
+    """reset_default, reset_noisy_layers and the random labels draw through MethodContext.uniform_ / normal_ /
+    draw, so that the step-equivalence replay can hand them the official loop's draws (in the order PyTorch's
+    constructors and NLGenerator.re_init_le draw); without a replay they are the very calls on the method's
+    stream the method made before the hooks existed (a run's records are bit-identical)."""
+    from dfkd_bench.methods.nayer import NoisyLayerGenerator, nayer_labels, reset_default
+
+    def layers(generator):
+        return [m for m in generator.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+    generator = NoisyLayerGenerator(torch.randn(10, 6), rows=12, image_shape=(1, 8, 8), ngf=2, le_emb_size=3)
+    expected = NoisyLayerGenerator(torch.randn(10, 6), rows=12, image_shape=(1, 8, 8), ngf=2, le_emb_size=3)
+    expected.load_state_dict(generator.state_dict())
+    reset_default(generator, _context(torch.Generator().manual_seed(5)))
+    generator.reset_noisy_layers(ctx := _context(torch.Generator().manual_seed(6)))
+    labels = nayer_labels(ctx, 12)
+    rng = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # what the method called before the hooks
+        for layer in layers(expected):
+            bound = 1.0 / math.sqrt(layer.weight[0].numel())
+            layer.weight.uniform_(-bound, bound, generator=rng)
+            if layer.bias is not None:
+                layer.bias.uniform_(-bound, bound, generator=rng)
+        rng = torch.Generator().manual_seed(6)
+        for layer in expected.noisy:
+            layer.weight.normal_(0.0, 1.0, generator=rng)
+            layer.bias.zero_()
+    rest = torch.randint(10, (2,), generator=rng)
+    assert all(torch.equal(a, b) for a, b in zip(generator.state_dict().values(), expected.state_dict().values()))
+    assert labels.tolist() == list(range(10)) + rest.tolist()
+
+    # a replay: every draw comes from the hook, kind and shape as the official code draws them
+    asked = []
+
+    def feed(kind, shape, high):
+        asked.append((kind, shape, high))
+        return torch.full(shape, 0.25) if kind == "rand" else (
+            torch.full(shape, 2.0) if kind == "randn" else torch.full(shape, 7, dtype=torch.long))
+
+    ctx = _context(torch.Generator().manual_seed(0))
+    ctx.draws = feed
+    reset_default(generator, ctx)
+    generator.reset_noisy_layers(ctx)
+    labels = nayer_labels(ctx, 12)
+    shapes = [(t.shape, "rand") for m in layers(generator) for t in (m.weight, m.bias) if t is not None]
+    assert [(kind, shape) for kind, shape, _ in asked] == (
+        [("rand", tuple(s)) for s, _ in shapes] + [("randn", tuple(m.weight.shape)) for m in generator.noisy]
+        + [("randint", (2,))])
+    assert asked[-1][2] == 10 and labels.tolist() == list(range(10)) + [7, 7]
+    bound = 1.0 / math.sqrt(3)  # l1's fan_in: le_emb_size 3; u (high - low) + low, as uniform_ computes it
+    assert torch.allclose(generator.l1.bias, torch.full_like(generator.l1.bias, 0.25 * (2 * bound) - bound))
+    assert torch.all(generator.noisy[1].weight == 2.0) and torch.all(generator.noisy[1].bias == 0)
 
 
 # ------------------------------------------------------------ the schedule ---
@@ -339,6 +398,8 @@ def test_paper_protocol_is_the_official_120_epoch_script(dataset):
         assert train.total_iterations == 200
         batches = 100 * 2 + 100 * 2
         assert batches == 20 * 10 + 100 * 2 and params["memory_size"] >= batches * 400  # the unbounded pool
+        # its PNG files: save_image_batch's (x.clamp(0, 1) * 255).astype('uint8') truncates
+        assert params["pool_rounding"] == "floor"
         # CosineAnnealingLR(T_max = 120 - 20, eta_min 2e-4), stepped per KD epoch: by hand at KD epochs 0, 50, 99
         for iteration, kd_epoch in ((100, 0), (150, 50), (199, 99)):
             lr = 2e-4 + (0.2 - 2e-4) * (1 + math.cos(math.pi * kd_epoch / 100)) / 2

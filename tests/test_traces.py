@@ -120,6 +120,24 @@ def test_a_trace_whose_entries_grow_or_vanish_round_trips(tmp_path):
     assert [tuple(state["method/memory"].shape) for state in states] == [(1, 2), (2, 2)]
     assert torch.equal(states[0]["method/batch/z"], torch.zeros(2, dtype=torch.float64))
     assert "method/batch/z" not in states[1]
+def test_a_tensor_that_grows_by_rows_is_stored_as_its_new_rows_and_old_files_still_read(tmp_path):
+    """A pool's images after each finished batch: the earlier rows again plus a batch; the step stores the
+    batch alone (format 2), and the committed format-1 traces (which have no such rows) read as before."""
+    pool = torch.arange(2 * 3 * 4, dtype=torch.float64).reshape(2, 3, 4).to(torch.uint8)
+    trace = Trace({"method": "x"}, {}, {"method/pool/images": pool[:0], "student/w": torch.zeros(2, dtype=torch.float64)})
+    trace.step("generator", {"loss": 1.0}, {"method/pool/images": pool[:1], "student/w": torch.ones(2, dtype=torch.float64)})
+    trace.step("generator", {"loss": 1.0}, {"method/pool/images": pool, "student/w": torch.ones(2, dtype=torch.float64)})
+    trace.step("student", {"loss": 1.0}, {"method/pool/images": pool[1:], "student/w": torch.ones(2, dtype=torch.float64)})
+    assert [set(step.get("appended", {})) for step in trace.steps] == [{"method/pool/images"}] * 2 + [set()]
+    assert torch.equal(trace.steps[1]["appended"]["method/pool/images"], pool[1:])
+    assert torch.equal(trace.steps[2]["state"]["method/pool/images"], pool[1:])  # not grown: stored whole
+    trace.save(tmp_path / "grown.pt")
+    loaded = load_trace(tmp_path / "grown.pt")
+    expected = [pool[:1], pool, pool[1:]]
+    assert [torch.equal(state["method/pool/images"], e) for (_, _, state), e in zip(loaded.states(), expected)] == [True] * 3
+    assert torch.load(tmp_path / "grown.pt", weights_only=True)["format"] == 2
+    for path in COMMITTED:  # format 1 or 2: each loads
+        assert load_trace(path).steps
 
 
 def test_a_file_that_is_not_a_trace_is_one_error(tmp_path):
@@ -211,6 +229,18 @@ def test_the_draws_hook_is_off_in_a_run_and_the_engine_draws_from_its_stream():
     assert torch.equal(ctx.randn(2, 5), torch.full((2, 5), 7.0))
     assert torch.equal(ctx.randint(10, 3), torch.zeros(3).long())
     assert not torch.equal(ctx.randn(2, 5, rng=torch.Generator().manual_seed(3)), torch.full((2, 5), 7.0))
+    # parameters re-drawn in place (NAYER's generator): in a run the very calls on the stream, in a replay the
+    # recorded u / z as uniform_ / normal_ compute them
+    ctx.draws = None
+    ctx.rng = torch.Generator().manual_seed(4)
+    weight = ctx.uniform_(torch.empty(3, 2), -0.5, 0.5)
+    assert torch.equal(weight, torch.empty(3, 2).uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(4)))
+    ctx.rng = torch.Generator().manual_seed(4)
+    assert torch.equal(ctx.normal_(torch.empty(3, 2), 1.0, 2.0),
+                       torch.empty(3, 2).normal_(1.0, 2.0, generator=torch.Generator().manual_seed(4)))
+    ctx.draws = lambda kind, shape, high: torch.full(shape, 0.25 if kind == "rand" else -1.0)
+    assert torch.equal(ctx.uniform_(torch.empty(3, 2), -0.5, 0.5), torch.full((3, 2), 0.25 * 1.0 - 0.5))
+    assert torch.equal(ctx.normal_(torch.empty(3, 2), 1.0, 2.0), torch.full((3, 2), -1.0 * 2.0 + 1.0))
 
 
 # ------------------------------------------------------------------- cards ---
@@ -248,10 +278,10 @@ def test_a_summary_becomes_the_card_line(tmp_path):
 # --------------------------------------------------- the committed traces ---
 
 OFFICIAL_CODE = {"dfad": "VainF/Data-Free-Adversarial-Distillation", "dafl": "huawei-noah/Efficient-Computing",
-                 "fast": "zju-vipa/Fast-Datafree"}
+                 "fast": "zju-vipa/Fast-Datafree", "nayer": "tmtuan1307/NAYER"}
 """Every method whose authors published code, with the repository its committed trace runs (issue 28)."""
 
-TRACE_FILES = {"zskt_polo5": "zskt_polo5_cifar10", "fast": "fast_cifar10"}
+TRACE_FILES = {"zskt_polo5": "zskt_polo5_cifar10", "fast": "fast_cifar10", "nayer": "nayer_cifar10"}
 """Committed traces not named ``<method>_mnist`` (a method may have several: its authors' code and a
 re-implementation a paper protocol cites)."""
 
@@ -429,6 +459,8 @@ def test_a_tracer_regenerates_its_committed_trace(method, tmp_path):
         assert a.keys() == b.keys() and a_step["losses"].keys() == b_step["losses"].keys()
         assert max(relative_difference(a[k], b[k], comparison_scales(b).get(k)) for k in a) <= 1e-12
         assert max(relative_difference(a_step["losses"][k], b_step["losses"][k]) for k in a_step["losses"]) <= 1e-12
+
+
 # ------------------------------------------------ the DataFree collection's traces ---
 # zju-vipa/CMI's datafree_kd.py, whose scripts the CIFAR paper protocols of DFQ, ZSKT (its
 # re-implementation), DeepInversion (synthesiser = datafree) and CMI cite (scripts/trace/datafree.py).
@@ -514,3 +546,65 @@ def test_cmi_rejects_a_contrastive_loss_through_the_positives(monkeypatch):
     monkeypatch.setattr(zoo_losses, "cmi_contrastive_loss", attached)
     result = replay(datafree_trace("cmi"), stop_beyond=RTOL)
     assert not result.within(RTOL), result.describe()
+def _student_in_train_mode_for_every_batch(trainer) -> None:
+    """A train/eval mode: NAYER's L_adv with the student in train mode for an epoch's first batch too (the official
+    loop: eval for the first, train for the later ones)."""
+    trainer.method.student_eval_mode = lambda: False
+
+
+def _generator_in_eval_mode(trainer) -> None:
+    """A train/eval mode: NAYER's generator (its BatchNorm layers) in eval mode (the official G: train mode)."""
+    torch.nn.Module.eval(trainer.method.generator)
+
+
+def _generator_never_replaced(trainer) -> None:
+    trainer.method.replaces_generator = lambda batch: False
+
+
+def _noisy_layers_kept(trainer) -> None:
+    trainer.method.generator.reset_noisy_layers = lambda ctx: None
+
+
+@pytest.mark.parametrize("change", [
+    dict(params={"bn_weight": 5.0}),                        # a loss weight: L_bn
+    dict(params={"oh_weight": 1.0}),                        # a loss weight: the cross-entropy
+    dict(params={"adv_weight": 0.5}),                       # a loss weight: L_adv (after the warm-up)
+    dict(params={"warmup": 0}),                             # L_adv's onset
+    dict(params={"bn_mmt": 0.0}),                           # the moving average of past statistics in L_bn
+    dict(params={"synthesis_lr": 1e-3}),                    # an optimiser setting: G's and the noisy layer's Adam
+    dict(train={"student_momentum": 0.0}),                  # an optimiser setting: the student's SGD
+    dict(params={"pool_rounding": "nearest"}),              # the pool's uint8: rounded, not the PNG's truncation
+    dict(params={"g_life": 1}),                             # G replaced at an epoch the g_life rule skips
+    dict(before=_generator_never_replaced),                 # G never replaced (reinit)
+    dict(before=_noisy_layers_kept),                        # the noisy layer not re-drawn per batch (re_init_le)
+    dict(params={"synthesis_student": "eval"}),             # a train/eval mode: S in eval mode for later batches too
+    dict(before=_student_in_train_mode_for_every_batch),    # a train/eval mode: S in train mode for first batches too
+    dict(before=_generator_in_eval_mode),                   # a train/eval mode: G's BatchNorm
+    dict(before=_detach_student_logits_in_the_inversion_loss),  # a detach point: L_adv's gradient through S
+    dict(train={"student_warmup_epochs": 0}),               # the order of updates: KD after the warm-up epoch too
+], ids=["bn_weight", "oh_weight", "adv_weight", "warmup", "bn_mmt", "synthesis_lr", "student_momentum",
+        "pool_rounding", "g_life", "never_replaced", "noisy_kept", "student_eval", "student_train",
+        "generator_eval", "detach", "student_warmup"])
+def test_nayer_mutations_are_rejected(change):
+    """(The pool's KD -- its augmentation, temperature -- is the pool methods' shared code: FastDFKD's mutations.)"""
+    result = replay(committed("nayer"), stop_beyond=RTOL, **change)
+    assert not result.within(RTOL), result.describe()
+
+
+def test_nayer_is_traced_against_its_authors_code_with_its_draws_fed_by_the_replay():
+    """The trace holds NAYER's own draws in the official order -- G's re-initialisation (uniform, layer by layer),
+    the noisy layer (normal), the labels (randint, 0 of them at 10 images of 10 classes) -- for the first batch, for
+    the first batch of the epoch after the warm-up (G replaced: g_life's rule at the warm-up's end) and for the one
+    after the traced epochs (not replaced), and L_adv acts with the student in train mode (an epoch's later batch)."""
+    trace = committed("nayer")
+    kinds = [draw["kind"] for draw in trace.draws]
+    setup = ["rand"] * 8 + ["randn", "randint"]  # n1 none; le1.0 w, b; l1 w, b; 3 convs (the last with its bias)
+    assert kinds[:10] == setup and kinds[10:12] == ["rand", "rand"]  # then the views of the batch's 2 steps
+    assert kinds[16:26] == setup  # the first batch after the warm-up: G replaced
+    assert kinds[32:34] == ["randn", "randint"]  # the next epoch's first batch, set up before KD: G kept
+    assert trace.draws[9]["value"].shape == (0,)
+    later_batch = trace.steps[6:8]  # the epoch's second batch: the student in train mode
+    assert all(step["losses"]["gen_adv"] != 0 for step in later_batch)
+    assert all(any(key.endswith("running_mean") and key.startswith("student/") for key in step["state"])
+               for step in later_batch)
+    assert cards.equivalence_lines("nayer")[0].startswith("step-equivalent to tmtuan1307/NAYER@c6bedcd")

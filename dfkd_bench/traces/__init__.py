@@ -53,7 +53,8 @@ Adding a tracer (``scripts/trace/dfad.py`` is the model to copy; ``scripts/trace
    the README's fidelity section.
 
 Methods draw their training noise through :meth:`MethodContext.randn
-<dfkd_bench.method_api.MethodContext.randn>` / ``randint``, which the replay feeds from the trace
+<dfkd_bench.method_api.MethodContext.randn>` / ``randint`` / ``draw`` (and re-draw parameters through
+``uniform_`` / ``normal_``: NAYER's generator), which the replay feeds from the trace
 (:attr:`MethodContext.draws <dfkd_bench.method_api.MethodContext.draws>`); every other draw from the
 method's stream -- ``torch.randn`` / ``rand`` / ``randint`` / ``randperm`` with ``generator=ctx.rng``
 (a pool method's pixels, jitter, pool indices, crops) -- is fed from the same list

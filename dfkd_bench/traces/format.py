@@ -3,7 +3,7 @@
 A trace is one ``torch.save`` file of plain containers and tensors, read back with
 ``torch.load(weights_only=True)`` (nothing in it can run code)::
 
-    {"format": 1,
+    {"format": 2,
      "meta":    {...},                     # JSON-able: the official code, the suite's run, alignments
      "teacher": {name: Tensor},            # the teacher's state dict, in the suite's names
      "initial": STATE,                     # the full state before the first step (flat keys, below)
@@ -11,6 +11,7 @@ A trace is one ``torch.save`` file of plain containers and tensors, read back wi
      "steps":   [{"kind": "generator" | "student",
                   "losses": {term: float},  # in the suite's term names
                   "state":  STATE,          # what CHANGED in this step
+                  "appended": {key: Tensor},  # (only when some) rows added to a tensor that grew
                   "removed": [key, ...]}, ...],  # (only when some) keys no longer in the state
      "keys": [...], "shapes": [...]}       # every state key once, with its tensor's shape
 
@@ -24,8 +25,11 @@ implementation flags -- fused, foreach, ... -- are left out), and ``method/<...>
 method's :meth:`~dfkd_bench.method_api.Method.state_dict` (e.g. ``method/generator/...`` and
 ``method/generator_optimizer/...``). A step stores only the entries whose value changed (bit for
 bit) in that step, so a trace stays small while every parameter, buffer and optimiser state is
-known after every step (:meth:`Trace.states`). A value ``None`` is no entry: an entry a state no
-longer has (a pool method's batch in progress, between two batches) is stored as None.
+known after every step (:meth:`Trace.states`). An entry a state no longer has (a pool method's batch in
+progress, between two batches) is listed in the step's ``removed`` (older traces hold a value ``None``
+for it, which a replay reads as no entry). A tensor that grew by rows keeping its earlier rows (a
+pool: the images of a finished batch appended) is stored as its new rows (``appended``; format 2 --
+format 1 files, which have none, read as they are).
 
 ``meta`` (written by the tracer) holds at least: ``method``; ``official`` (``repo``, ``commit``,
 ``entry``: the file and function run); ``command`` (the one command that regenerates the file);
@@ -56,7 +60,9 @@ from torch import Tensor
 
 from dfkd_bench.errors import DfkdError
 
-FORMAT = 1
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
+"""Format 2 adds a step's ``appended`` rows; a format-1 file is a format-2 file without them."""
 MAX_BYTES = 1_000_000
 """A committed trace must stay well under 1 MB (the tracer refuses to write a larger one)."""
 
@@ -176,6 +182,13 @@ def comparison_scales(official: dict[str, Any]) -> dict[str, float]:
     return {key: groups[group] for key, group in members.items()}
 
 
+def _grown(old: Any, new: Any) -> bool:
+    """Whether ``new`` is ``old`` with rows appended (same dtype and row shape, ``old`` its first rows)."""
+    return (isinstance(old, Tensor) and isinstance(new, Tensor) and old.dtype == new.dtype and old.dim() >= 1
+            and new.shape[1:] == old.shape[1:] and new.shape[0] > old.shape[0]
+            and bool(torch.equal(new[:old.shape[0]], old)))
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, Tensor) or isinstance(b, Tensor):
         return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dtype == b.dtype and a.shape == b.shape
@@ -203,14 +216,23 @@ class Trace:
 
     def step(self, kind: str, losses: dict[str, float], state: dict[str, Any]) -> None:
         """Record one optimisation step: its losses and the FULL state after it (stored as a change: the
-        entries that changed, and the keys no longer there -- e.g. a fresh optimiser's empty state)."""
+        entries that changed -- of a tensor that grew by rows, the new rows --, and the keys no longer there,
+        e.g. a fresh optimiser's empty state)."""
         if kind not in ("generator", "student"):
             raise ValueError(f"a step is a generator or a student step, not {kind!r}")
         previous = self.final_state()
         removed = sorted(set(previous) - set(state))
-        changed = {key: _leaf(value) for key, value in state.items()
-                   if key not in previous or not _same(value, previous[key])}
+        changed, appended = {}, {}
+        for key, value in state.items():
+            if key in previous and _same(value, previous[key]):
+                continue
+            if key in previous and _grown(previous[key], value):
+                appended[key] = value[previous[key].shape[0]:].detach().clone()
+            else:
+                changed[key] = _leaf(value)
         entry = {"kind": kind, "losses": {k: float(v) for k, v in losses.items()}, "state": changed}
+        if appended:
+            entry["appended"] = appended
         if removed:
             entry["removed"] = removed
         self.steps.append(entry)
@@ -248,6 +270,7 @@ class Trace:
                 "initial": _pack(self.initial, position, shapes), "draws": self.draws,
                 "steps": [{"kind": step["kind"], "losses": step["losses"],
                            "state": _pack(step["state"], position, shapes),
+                           **({"appended": step["appended"]} if step.get("appended") else {}),
                            **({"removed": step["removed"]} if step.get("removed") else {})}
                           for step in self.steps]}
 
@@ -268,9 +291,10 @@ class Trace:
 
 
 def _apply(state: dict[str, Any], step: dict[str, Any]) -> dict[str, Any]:
-    """``state`` after ``step``: its changed entries set, its removed keys gone."""
+    """``state`` after ``step``: its changed entries set, its appended rows added, its removed keys gone."""
     removed = set(step.get("removed", ()))
-    return {**{k: v for k, v in state.items() if k not in removed}, **step["state"]}
+    grown = {key: torch.cat([state[key], rows]) for key, rows in step.get("appended", {}).items()}
+    return {**{k: v for k, v in state.items() if k not in removed}, **step["state"], **grown}
 
 
 def _pack(state: dict[str, Any], position: dict[str, int], shapes: dict[str, list[int]]) -> dict[str, Any]:
@@ -308,14 +332,15 @@ def load_trace(path: str | Path) -> Trace:
     except Exception as error:  # a file torch cannot read, or one that would need code to load
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise TraceError(f"{path} is not a readable trace ({first[:200]})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise TraceError(f"{path} is not a trace of format {FORMAT}")
+    if not isinstance(data, dict) or data.get("format") not in READABLE_FORMATS:
+        raise TraceError(f"{path} is not a trace of format {' or '.join(map(str, READABLE_FORMATS))}")
     missing = {"meta", "teacher", "keys", "shapes", "initial", "draws", "steps"} - set(data)
     if missing:
         raise TraceError(f"{path} lacks {sorted(missing)}")
     try:
         keys, shapes = data["keys"], data["shapes"]
         steps = [{"kind": step["kind"], "losses": step["losses"], "state": _unpack(step["state"], keys, shapes),
+                  **({"appended": dict(step["appended"])} if step.get("appended") else {}),
                   **({"removed": list(step["removed"])} if step.get("removed") else {})}
                  for step in data["steps"]]
         return Trace(data["meta"], data["teacher"], _unpack(data["initial"], keys, shapes), list(data["draws"]), steps)

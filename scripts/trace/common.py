@@ -349,6 +349,86 @@ class SiteDraws:
     def left(self) -> dict[str, int]:
         return {site: len(queue) for site, queue in self.queues.items() if queue}
 
+# ------------------------------------------- the DataFree collection (zju-vipa) ---
+# FastDFKD's and NAYER's official repositories share zju-vipa's DataFree code: datafree_kd.py, the PNG
+# ImagePool read through an UnlabeledImageDataset, the kornia augmentation of the synthesizers.
+
+def stub_datafree_imports(**extra: dict[str, Any]) -> None:
+    """Stub what the DataFree collection imports and this environment lacks: ``kornia`` (its augmentations
+    are built in the synthesizers' ``__init__`` and replaced before use), ``termcolor`` (log colours),
+    ``torchvision.models.utils`` (removed in torchvision 0.13), and each of ``extra`` (name -> attributes)."""
+    def stub(name, **attributes):
+        stub_module(name, **attributes)
+        sys.modules[name].__path__ = []
+
+    placeholder = lambda *args, **kwargs: None  # noqa: E731
+    stub("kornia", augmentation=types.SimpleNamespace(RandomCrop=placeholder, RandomHorizontalFlip=placeholder))
+    stub("kornia.geometry")
+    stub("kornia.geometry.transform")
+    stub("kornia.geometry.transform.affwarp", scale=None)
+    stub("termcolor", colored=lambda text, *args, **kwargs: text)
+    stub("torchvision.models.utils", load_state_dict_from_url=torch.hub.load_state_dict_from_url)
+    for name, attributes in extra.items():
+        stub(name, **attributes)
+
+
+class Proxy:
+    """``target`` with some attributes replaced (what one module sees of another)."""
+
+    def __init__(self, target, **overrides):
+        self._target, self._overrides = target, overrides
+
+    def __getattr__(self, name):
+        return self._overrides[name] if name in self._overrides else getattr(self._target, name)
+
+
+def png_pool_state(root: str | Path, capacity: int, image_shape: tuple[int, int, int] = (3, 32, 32)) -> dict[str, Any]:
+    """An official PNG pool (``ImagePool``: ``<batch>-<image>.png``) as the suite's pool state: its images in
+    the order written (uint8, C x H x W), the next slot of a pool of ``capacity`` and its size."""
+    import numpy as np
+    from PIL import Image
+
+    files = sorted(Path(root).glob("*.png"), key=lambda p: tuple(int(part) for part in p.stem.split("-")))
+    images = [torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1) for p in files]
+    stacked = torch.stack(images) if images else torch.zeros((0, *image_shape), dtype=torch.uint8)
+    return {"images": stacked, "next_slot": len(images) % capacity, "size": len(images)}
+
+
+def png_pool_loader(fresh: Callable[..., Tensor], batch: int, padding: int,
+                    on_build: Callable[[], None] | None = None) -> type:
+    """A replacement of ``torch.utils.data.DataLoader`` over an official PNG pool that hands the official data
+    set the suite's draws: per batch the image indices (with replacement; pool position ``i`` is the file
+    ``<i // batch>-<i % batch>``, the order written), then each image's crop rows, crop columns and flip, which
+    the official transform's own ``torch.randint`` / ``torch.rand`` calls (RandomCrop(padding), RandomHorizontal
+    Flip) return; the images are read from the PNG files through that transform. ``fresh(kind, shape, high)``
+    draws; ``on_build()`` runs when the official code builds a loader (a pool that just grew)."""
+    from unittest import mock
+
+    class TraceLoader:
+        def __init__(self, dataset, batch_size=1, **kwargs):
+            self.dataset, self.batch_size = dataset, batch_size
+            if on_build is not None:
+                on_build()
+
+        def __iter__(self):
+            while True:
+                yield self.batch()
+
+        def batch(self) -> Tensor:
+            files = {Path(path).stem: i for i, path in enumerate(self.dataset.images)}
+            index = fresh("randint", (self.batch_size,), len(self.dataset))
+            rows = fresh("randint", (self.batch_size,), 2 * padding + 1)
+            cols = fresh("randint", (self.batch_size,), 2 * padding + 1)
+            flips = fresh("rand", (self.batch_size,))
+            images = []
+            for k, i in enumerate(index.tolist()):
+                offsets = [rows[k:k + 1], cols[k:k + 1]]
+                with mock.patch.object(torch, "randint", lambda *a, **kw: offsets.pop(0)), \
+                        mock.patch.object(torch, "rand", lambda *a, **kw: flips[k:k + 1]):
+                    images.append(self.dataset[files[f"{i // batch}-{i % batch}"]])
+            return torch.stack(images)
+
+    return TraceLoader
 
 
 # ------------------------------------------------------------------ finish ---

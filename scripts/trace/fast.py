@@ -60,9 +60,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -177,30 +175,6 @@ def meta() -> dict:
     }
 
 
-def _stub_imports() -> None:
-    def stub(name, **attributes):
-        common.stub_module(name, **attributes)
-        sys.modules[name].__path__ = []
-
-    placeholder = lambda *args, **kwargs: None  # noqa: E731  (built in __init__, replaced before use)
-    stub("kornia", augmentation=SimpleNamespace(RandomCrop=placeholder, RandomHorizontalFlip=placeholder))
-    stub("kornia.geometry")
-    stub("kornia.geometry.transform")
-    stub("kornia.geometry.transform.affwarp", scale=None)
-    stub("termcolor", colored=lambda text, *args, **kwargs: text)
-    stub("torchvision.models.utils", load_state_dict_from_url=torch.hub.load_state_dict_from_url)
-
-
-class _Proxy:
-    """``target`` with some attributes replaced (what one module sees of another)."""
-
-    def __init__(self, target, **overrides):
-        self._target, self._overrides = target, overrides
-
-    def __getattr__(self, name):
-        return self._overrides[name] if name in self._overrides else getattr(self._target, name)
-
-
 class _Planner:
     """The suite's draws, handed to the official loop in the engine's order (see the module doc)."""
 
@@ -253,7 +227,7 @@ def trace(checkout: Path) -> Trace:
         initial_student = {k: v.clone() for k, v in suite.student_module.model.state_dict().items()}
         initial_meta = {k: v.clone() for k, v in suite.method.meta_generator.state_dict().items()}
 
-        _stub_imports()
+        common.stub_datafree_imports()
         sys.path.insert(0, str(checkout))
         import datafree
         import datafree.synthesis.fast_meta as fast_meta
@@ -294,14 +268,6 @@ def trace(checkout: Path) -> Trace:
             planner.prepare_next_batch(self.synthesis_batch_size, self.nz, self.num_classes)
             return out
 
-        def pool_state(s) -> dict:
-            files = sorted(Path(s.data_pool.root).glob("*.png"),
-                           key=lambda p: tuple(int(part) for part in p.stem.split("-")))
-            images = [torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1) for p in files]
-            stacked = torch.stack(images) if images else torch.zeros((0, 3, 32, 32), dtype=torch.uint8)
-            capacity = BATCH * EPOCHS
-            return {"images": stacked, "next_slot": len(images) % capacity, "size": len(images)}
-
         def batch_state(s):
             if live["fast"] is None and not planner.queue:
                 return None  # before the first batch
@@ -331,7 +297,7 @@ def trace(checkout: Path) -> Trace:
                 "student": common.renamed(live["student"].state_dict(), common.wrn_suite_name, student_shapes),
                 "student_optimizer": common.optimizer_in_suite_order(
                     live["sgd"], live["student"], student_names, common.wrn_official_name, student_shapes),
-                "method": {"pool": pool_state(s), "batch": batch_state(s),
+                "method": {"pool": common.png_pool_state(s.data_pool.root, BATCH * EPOCHS), "batch": batch_state(s),
                            "meta_generator": {k: t.detach() for k, t in meta_generator.items()},
                            "meta_optimizer": meta_optimizer, "bn_momentum": mmt},
             })
@@ -375,31 +341,6 @@ def trace(checkout: Path) -> Trace:
                     name: float(common.official_frame(kd_file).f_locals["loss_s"].detach())
                     for name in ("kd_pool", "student_loss")}))
 
-        class TraceLoader:
-            """The official DataLoader over the pool, fed the suite's draws (see alignments, "pool order")."""
-
-            def __init__(self, dataset, batch_size=1, **kwargs):
-                self.dataset, self.batch_size = dataset, batch_size
-
-            def __iter__(self):
-                while True:
-                    yield self.batch()
-
-            def batch(self) -> torch.Tensor:
-                files = {Path(path).stem: i for i, path in enumerate(self.dataset.images)}
-                count = len(self.dataset)
-                index = planner.fresh("randint", (self.batch_size,), count)
-                rows = planner.fresh("randint", (self.batch_size,), 2 * PADDING + 1)
-                cols = planner.fresh("randint", (self.batch_size,), 2 * PADDING + 1)
-                flips = planner.fresh("rand", (self.batch_size,))
-                images = []
-                for k, i in enumerate(index.tolist()):
-                    offsets = [rows[k:k + 1], cols[k:k + 1]]
-                    with mock.patch.object(torch, "randint", lambda *a, **kw: offsets.pop(0)), \
-                            mock.patch.object(torch, "rand", lambda *a, **kw: flips[k:k + 1]):
-                        images.append(self.dataset[files[f"{i // BATCH}-{i % BATCH}"]])
-                return torch.stack(images)
-
         def evaluator(*args, **kwargs):
             def evaluate(model, device=None):
                 live["epochs"] += 1
@@ -427,20 +368,20 @@ def trace(checkout: Path) -> Trace:
                     (torch, "load", lambda *a, **k: {"state_dict": official_teacher}),
                     (torch.Tensor, "cuda", lambda self, *a, **k: self), (nn.Module, "cuda", lambda self, *a, **k: self),
                     (torch.optim, "Adam", TracedAdam), (torch.optim, "SGD", TracedSGD),
-                    (torch.utils.data, "DataLoader", TraceLoader),
+                    (torch.utils.data, "DataLoader", common.png_pool_loader(planner.fresh, BATCH, PADDING)),
                     (registry, "get_model", build_student),
                     (registry.datasets, "CIFAR10", lambda root, train=True, download=False, transform=None:
                         SimpleNamespace(transform=transform)),
                     # what datafree_kd.py reaches as datafree.models.generator.Generator, datafree.synthesis.
                     # FastMetaSynthesizer and datafree.evaluators (the official modules stay as they are: their
                     # classes name themselves in super())
-                    (datafree_kd, "datafree", _Proxy(
+                    (datafree_kd, "datafree", common.Proxy(
                         datafree,
-                        models=_Proxy(datafree.models, generator=_Proxy(
+                        models=common.Proxy(datafree.models, generator=common.Proxy(
                             datafree.models.generator, Generator=lambda nz=100, ngf=64, img_size=32, nc=3:
                                 real_generator(nz=NOISE, ngf=NGF, img_size=img_size, nc=nc))),
-                        synthesis=_Proxy(datafree.synthesis, FastMetaSynthesizer=synthesizer),
-                        evaluators=_Proxy(datafree.evaluators, classification_evaluator=evaluator))),
+                        synthesis=common.Proxy(datafree.synthesis, FastMetaSynthesizer=synthesizer),
+                        evaluators=common.Proxy(datafree.evaluators, classification_evaluator=evaluator))),
                     (fast_meta.FastMetaSynthesizer, "synthesize", synthesize)]:
                 stack.enter_context(mock.patch.object(target, name, value))
             common.run_in(Path(tmp), datafree_kd.main)
