@@ -45,6 +45,7 @@ import math
 import numbers
 import os
 import pickle
+import re
 import shutil
 import signal
 import socket
@@ -522,8 +523,11 @@ class RunStore:
         return read_jsonl(self.records_path)
 
     # -------------------------------------------------------- checkpoints ----
-    def _checkpoint_file(self, iteration: int, rank: int) -> Path:
-        return self.checkpoint_dir / f"it{iteration:08d}.rank{rank}.pt"
+    def _checkpoint_file(self, iteration: int, rank: int, position: tuple[str, int] | None = None) -> Path:
+        """``it<N>.rank<r>.pt`` after iteration N; ``it<N>.<phase><steps>.rank<r>.pt`` in the middle of
+        iteration N + 1 (a stop request), after ``steps`` optimiser steps of its ``phase``."""
+        tag = "" if position is None else f".{position[0]}{int(position[1]):09d}"
+        return self.checkpoint_dir / f"it{iteration:08d}{tag}.rank{rank}.pt"
 
     def _own_folder(self, folder: Path) -> Path:
         """``folder`` of this run, refused if it is a symbolic link (see :meth:`check_no_links`)."""
@@ -537,19 +541,24 @@ class RunStore:
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
-    def save_checkpoint_shard(self, state: dict[str, Any], iteration: int, rank: int) -> None:
+    def save_checkpoint_shard(self, state: dict[str, Any], iteration: int, rank: int,
+                              position: tuple[str, int] | None = None) -> None:
         import torch
 
         self._own_folder(self.checkpoint_dir)
         buffer = io.BytesIO()
         torch.save(state, buffer)
-        atomic_write_bytes(self._checkpoint_file(iteration, rank), buffer.getvalue(),
+        atomic_write_bytes(self._checkpoint_file(iteration, rank, position), buffer.getvalue(),
                            fault=f"checkpoint_write@{iteration}")
 
-    def commit_checkpoint(self, iteration: int, world_size: int) -> None:
-        """Point at the checkpoint of ``iteration`` (all shards written), then drop older ones."""
-        atomic_write_json(self.pointer_path, {"iteration": iteration, "world_size": world_size})
-        keep = {self._checkpoint_file(iteration, r).name for r in range(world_size)}
+    def commit_checkpoint(self, iteration: int, world_size: int, position: tuple[str, int] | None = None) -> None:
+        """Point at the checkpoint of ``iteration`` (all shards written), then drop older ones.
+        ``position``: a checkpoint taken in the middle of the next iteration (see :meth:`_checkpoint_file`)."""
+        pointer: dict[str, Any] = {"iteration": iteration, "world_size": world_size}
+        if position is not None:
+            pointer["position"] = [position[0], int(position[1])]
+        atomic_write_json(self.pointer_path, pointer)
+        keep = {self._checkpoint_file(iteration, r, position).name for r in range(world_size)}
         for old in self._own_folder(self.checkpoint_dir).glob("it*.pt"):
             if old.name not in keep:
                 old.unlink(missing_ok=True)
@@ -563,6 +572,13 @@ class RunStore:
                 raise ValueError(f"holds {type(pointer).__name__ if pointer is not None else 'null'}, "
                                  "not an object with an iteration")
             iteration = int(pointer["iteration"])
+            position = pointer.get("position")
+            if position is not None:
+                if not (isinstance(position, list) and len(position) == 2 and isinstance(position[0], str)
+                        and re.fullmatch(r"[a-z]{1,32}", position[0]) and isinstance(position[1], int)
+                        and not isinstance(position[1], bool) and 0 <= position[1] < 10**9):
+                    raise ValueError(f"its position {str(position)[:80]} is not [stage, steps]")
+                position = (position[0], position[1])
         except IsADirectoryError:
             raise CheckpointError(f"{self.pointer_path} is a folder, not the run's checkpoint pointer; remove it to "
                                   f"restart run {self.name} from scratch") from None
@@ -578,7 +594,7 @@ class RunStore:
             )
         import torch
 
-        path = self._checkpoint_file(iteration, rank)
+        path = self._checkpoint_file(iteration, rank, position)
         try:
             # Tensors and plain data only: a run folder may be shared, and a planted pickle must not run code.
             return torch.load(path, map_location="cpu", weights_only=True)

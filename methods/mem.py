@@ -121,6 +121,7 @@ class DFKDMem(AdversarialMethod):
     Params = MemParams
     paper_protocols = mad_table2_protocols(MemParams, {"cifar10": 92.09, "cifar100": 61.25})
     static_student_step = True
+    stage_state_attributes = ("_pushed_this_stage",)  # how much of this stage's fresh batch is in the bank
 
     def __init__(self, params: MemParams, ctx: MethodContext):
         super().__init__(params, ctx)

@@ -1001,6 +1001,7 @@ def _launch_packed_inline(todo: list["RunConfig"], results_dir: Path, options: d
     from dfkd_bench.train.engine import StopRequest, stop_on_signals
 
     stop = StopRequest()
+    stop.training = True  # the launcher trains nothing itself: a stop is forwarded to the workers
     runner = PackRunner(results_dir, int(options["runs_per_gpu"]), device=options["device"],
                         workers=int(options["workers"] or 0), threads=options["threads"])
     with stop_on_signals(stop):
