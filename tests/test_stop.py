@@ -17,9 +17,7 @@ does not grow with the stage; scripts/stop_latency.py measures stages of realist
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+import math
 from pathlib import Path
 
 import pytest
@@ -107,3 +105,133 @@ def test_a_sigterm_in_a_long_stage_stops_after_that_step_and_resumes_exactly(cas
     assert messages[0] == (f"stopped by SIGTERM after {stage} step {step} of {total} in iteration "
                            f"{int(iteration) + 1}; checkpoint saved there; run the same command again to resume")
     assert_same(outcome(tmp_path / "stopped", config), outcome(tmp_path / "reference", config))
+
+
+def test_a_sigterm_during_generator_pretraining_stops_after_that_step_and_resumes_exactly(digits_request, tmp_path,
+                                                                                          monkeypatch):
+    """MAD's generator pre-training (pgs, Sec. 5.1) is a loop of the method's own: it passes the engine's
+    preemption point after each step, and continues from the step it reached (then copies G to the EMA G)."""
+    config = configure(digits_request, "mad", pretrain_steps=5)
+    monkeypatch.delenv("DFKD_BENCH_SIGNAL", raising=False)
+    train(config, tmp_path / "reference")
+    (message,) = stop_then_resume(config, tmp_path / "stopped", ["pretrain:0:3"], monkeypatch)
+    assert message.startswith("stopped by SIGTERM after step 3 of generator pre-training; checkpoint saved there")
+    assert_same(outcome(tmp_path / "stopped", config), outcome(tmp_path / "reference", config))
+
+
+# ------------------------------------------------- a method that does not declare its stage state ---
+
+def _toy_method():
+    """A method written against the bare Method interface that keeps the noise of its student stage in an
+    attribute it does not declare (``stage_state_attributes`` stays None)."""
+    from dataclasses import dataclass
+
+    from torch import nn
+
+    from dfkd_bench.method_api import Method, hparam
+    from dfkd_bench.train import losses
+
+    @dataclass
+    class ToyParams:
+        generator_lr: float = hparam(1e-3, "Adam learning rate of the toy generator")
+
+        def validate(self) -> None:
+            pass
+
+    class Toy(Method):
+        name = "toy_undeclared_stage"
+        label = "Toy"
+        summary = "a toy generator method (Test et al. 2026)"
+        Params = ToyParams
+
+        def __init__(self, params, ctx):
+            super().__init__(params, ctx)
+            self.generator = nn.Linear(8, math.prod(ctx.image_shape)).to(ctx.device)
+            self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=params.generator_lr)
+            self.noise: list[torch.Tensor] = []  # the student stage's noise, drawn at its start (undeclared)
+
+        def images(self, z):
+            return torch.sigmoid(self.generator(z)).view(-1, *self.ctx.image_shape)
+
+        def generator_step(self):
+            images = self.images(self.ctx.randn(self.ctx.batch_size, 8))
+            loss = -losses.kl_divergence(self.ctx.teacher(images), self.ctx.student_module(images))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward(inputs=list(self.generator.parameters()))
+            self.optimizer.step()
+            return {"gen_loss": loss.detach()}
+
+        def end_generator_stage(self):
+            self.noise = [self.ctx.randn(self.ctx.batch_size, 8) for _ in range(self.ctx.student_steps)]
+
+        def student_loss(self):
+            with torch.no_grad():
+                images = self.images(self.noise.pop(0))
+                teacher = self.ctx.teacher(images)
+            loss = losses.kl_divergence(teacher, self.ctx.student(images))
+            return loss, {"student_loss": loss.detach()}
+
+        @torch.no_grad()
+        def measurement_sources(self, num_samples, rng):
+            return {"gen": self.images(self.ctx.randn(num_samples, 8, rng))}
+
+        def state_dict(self):
+            return {"generator": self.generator.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+        def load_state_dict(self, state):
+            self.generator.load_state_dict(state["generator"])
+            self.optimizer.load_state_dict(state["optimizer"])
+
+    return Toy
+
+
+@pytest.fixture()
+def toy_method():
+    from dfkd_bench.method_api import _METHODS, register_method
+
+    method = register_method(_toy_method())
+    yield method
+    _METHODS.pop(method.name, None)
+
+
+def test_a_method_without_declared_stage_state_falls_back_to_the_iteration_start_and_says_what_is_lost(
+        toy_method, digits_request, tmp_path, monkeypatch):
+    config = configure(digits_request, toy_method.name, student_steps=6)
+    monkeypatch.delenv("DFKD_BENCH_SIGNAL", raising=False)
+    train(config, tmp_path / "reference")
+    monkeypatch.setenv("DFKD_BENCH_SIGNAL", "student:1:3")
+    with pytest.raises(RunInterrupted) as stopped:
+        train(config, tmp_path / "stopped")
+    assert str(stopped.value) == (
+        "stopped by SIGTERM after student step 3 of 6 in iteration 2, but method toy_undeclared_stage does not "
+        "declare the state it keeps inside a stage (Method.stage_state_attributes): checkpoint saved at the start "
+        "of iteration 2, so the steps of that iteration done so far (up to student step 3 of 6 in iteration 2) are "
+        "lost and run again; run the same command again to resume")
+    assert pointer(tmp_path / "stopped", config) == {"iteration": 1, "world_size": 1}
+    monkeypatch.delenv("DFKD_BENCH_SIGNAL")
+    train(config, tmp_path / "stopped")
+    assert_same(outcome(tmp_path / "stopped", config), outcome(tmp_path / "reference", config))
+
+
+# --------------------------------------------------------------------------- the command line ---
+
+def test_the_command_line_stops_on_slurms_signal_with_the_documented_line_and_the_same_command_resumes(
+        teacher_cache, tmp_path):
+    """SIGUSR2 (what submitit asks SLURM for before a time limit; ``#SBATCH --signal=USR2@120`` for a
+    ``dfkd-bench run`` in a batch script) during student step 5 of 12: exit status 2 and the two lines, then
+    the same command continues from that step and finishes."""
+    from test_hostile import cli
+
+    sets = [arg for key, value in {**BASE, "student_steps": 12}.items() for arg in ("--set", f"{key}={value}")]
+    args = ["run", "--methods", "abm", "--dataset", "digits", "--results-dir", str(tmp_path), "--no-progress",
+            "--threads", "1", *sets]
+    stopped = cli(args, teacher_cache, {"DFKD_BENCH_SIGNAL": "student:0:5:SIGUSR2"}, check=False)
+    assert stopped.returncode == 2, stopped.stderr[-2000:]
+    lines = stopped.stderr.strip().splitlines()
+    assert lines[-2].endswith(": stopped by SIGUSR2 after student step 5 of 12 in iteration 1; checkpoint saved "
+                              "there; run the same command again to resume"), lines
+    assert lines[-1] == "error: interrupted; checkpoint saved. Run the same command again to resume"
+    resumed = cli(args, teacher_cache)
+    assert "resumed from iteration 0 (after student step 5 of 12 in iteration 1)" in resumed.stdout + resumed.stderr
+    (run,) = [p for p in tmp_path.iterdir() if (p / "done").exists()]
+    assert (run / "done").exists()
