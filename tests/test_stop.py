@@ -235,3 +235,44 @@ def test_the_command_line_stops_on_slurms_signal_with_the_documented_line_and_th
     assert "resumed from iteration 0 (after student step 5 of 12 in iteration 1)" in resumed.stdout + resumed.stderr
     (run,) = [p for p in tmp_path.iterdir() if (p / "done").exists()]
     assert (run / "done").exists()
+
+
+# -------------------------------------------------------------------------- teacher training ---
+
+class _StopAfterSteps:
+    """A teacher stop request that arrives just before it is asked for the ``asks``-th time."""
+
+    def __init__(self, asks: int):
+        from dfkd_bench.teachers.training import TeacherStop
+
+        self.inner, self.steps, self.asked = TeacherStop(), asks, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    @property
+    def requested(self) -> bool:
+        self.asked += 1
+        if self.asked == self.steps:
+            self.inner.request("SIGTERM")
+        return self.inner.requested
+
+
+@pytest.mark.parametrize("pipeline", ["tensors", pytest.param("loader", marks=pytest.mark.slow)])
+def test_a_teacher_stopped_in_the_middle_of_an_epoch_resumes_from_that_step_to_the_same_weights(pipeline, tmp_path):
+    from dfkd_bench.teachers.training import TeacherInterrupted, train_teacher, training_checkpoint_path
+    from test_teacher_resume import _assert_same, _weights
+
+    common = dict(epochs=2, workers=0, progress=False, pipeline=pipeline)
+    train_teacher("digits", "lenet5", cache_dir=str(tmp_path / "whole"), **common)
+    # 22 steps per epoch (1,437 digits, batch 64); asked once before training, after each step but an epoch's
+    # last, and at each epoch's end: the 31st question comes after the 8th step of epoch 2
+    stop = _StopAfterSteps(31)
+    cache = tmp_path / "stopped"
+    with pytest.raises(TeacherInterrupted, match=r"stopped by SIGTERM after step 8 of epoch 2 of 2; checkpoint"):
+        train_teacher("digits", "lenet5", cache_dir=str(cache), stop=stop, **common)
+    state = torch.load(training_checkpoint_path("digits", "lenet5", cache), map_location="cpu", weights_only=True)
+    assert (state["epoch"], state["step"]) == (1, 8)
+    result = train_teacher("digits", "lenet5", cache_dir=str(cache), **common)
+    assert result["resumed_from_epoch"] == 1
+    _assert_same(_weights(cache), _weights(tmp_path / "whole"))
