@@ -547,3 +547,114 @@ def test_a_damaged_checkpoint_pointer_is_one_line(content, tmp_path):
     with pytest.raises(CheckpointError, match="is damaged") as excinfo:
         store.load_checkpoint()
     assert "\n" not in str(excinfo.value) and "TypeError" not in str(excinfo.value)
+
+
+# ---------------------------------------- 10. absurd values, files from someone else (issue 31) ---
+
+def _longest_run(text: str) -> int:
+    """The longest run of one repeated character in ``text`` (a quoted bad value shows as one)."""
+    best = run = 0
+    for previous, current in zip(" " + text, text):
+        run = run + 1 if current == previous else 1
+        best = max(best, run)
+    return best
+
+
+def _short_error_line(capsys, call) -> str:
+    """The one ``error:`` line of ``call()`` (a command returning 2, or an argparse exit), at most a few
+    hundred characters, quoting at most ~80 characters of any bad value."""
+    try:
+        code = call()
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code == 2
+    line = _one_error_line(capsys)
+    assert len(line) < 500 and _longest_run(line) <= 80, (len(line), line[:300])
+    return line
+
+
+@pytest.mark.parametrize("values,expected", [
+    (["--set", "n_S=1000000000"], "student_steps=1,000,000,000 (student steps per iteration, n_S"),
+    (["--set", "alpha=" + "9" * 5000], "alpha: '999"),
+    (["--set", "n_S=" + "9" * 30], "n_S: 999999999999999999999999999999 is out of range"),
+    (["--set", "generator=" + "x" * 100_000], "generator='xxx"),
+    (["--set", "x" * 100_000 + "=1"], "unknown setting 'xxx"),
+    (["--set", "lr_milestones=" + "1," * 50_000 + "x"], "lr_milestones expects comma-separated integers"),
+    (["--set", "alpha=" + "[" * 100_000], "alpha: '[[["),
+    (["--seeds", "9" * 5000], "--seeds: expected comma-separated integers"),
+], ids=["n_S", "alpha-5000-digits", "n_S-30-digits", "generator-100k", "key-100k", "milestones-50k", "nested",
+        "seeds-5000-digits"])
+def test_absurd_values_are_one_short_line_before_any_folder(values, expected, teacher_cache, tmp_path, capsys):
+    from dfkd_bench.cli import main
+
+    results = tmp_path / "runs"
+    line = _short_error_line(capsys, lambda: main(["run", "--methods", "mad", "--dataset", "digits", "--budget",
+                                                   "smoke", "--no-progress", "--teacher-cache", str(teacher_cache),
+                                                   "--results-dir", str(results), *values]))
+    assert expected in line, line
+    assert not results.exists()
+
+
+def test_work_beyond_the_papers_needs_yes_and_passes_with_it(teacher_cache, tmp_path, capsys):
+    from dfkd_bench.cli import main
+
+    path = tmp_path / "long.toml"
+    path.write_text('methods = ["deepinv"]\nseeds = [0]\ndataset = "digits"\n[set]\nsynthesis_steps = 30000\n'
+                    'n_G = 4000\n')
+    sweep = ["sweep", str(path), "--dry-run", "--teacher-cache", str(teacher_cache), "--results-dir",
+             str(tmp_path / "runs")]
+    line = _short_error_line(capsys, lambda: main(sweep))
+    assert line.startswith("error: synthesis_steps=30,000 (synthesis steps per batch, deepinv) is far beyond what "
+                           "any paper uses (at most 2,000: DeepInversion's 2,000 Adam steps per batch); runs with "
+                           "more than 20,000 are refused"), line
+    assert "pass --yes if you mean it" in line
+    assert main([*sweep, "--yes"]) == 0
+    assert "1 runs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("body,expected", [
+    ("[set]\nalpha = " + "9" * 5000 + "\n", "a number of thousands of digits"),
+    ("[set]\nalpha = " + "9" * 30 + "\n", "out of range"),
+    ('[set]\ngenerator = "' + "x" * 100_000 + '"\n', "generator='xxx"),
+    ("[set]\nlr_milestones = " + "[" * 5000 + "]" * 5000 + "\n", "nested"),
+], ids=["5000-digits", "30-digits", "100k-characters", "nested"])
+def test_absurd_experiment_file_values_are_one_short_line(body, expected, teacher_cache, tmp_path, capsys):
+    from dfkd_bench.cli import main
+
+    path = tmp_path / "absurd.toml"
+    path.write_text('methods = ["mad"]\nseeds = [0]\ndataset = "digits"\nbudget = "smoke"\n' + body)
+    results = tmp_path / "runs"
+    line = _short_error_line(capsys, lambda: main(["sweep", str(path), "--dry-run", "--teacher-cache",
+                                                   str(teacher_cache), "--results-dir", str(results)]))
+    assert expected in line, line
+    assert not results.exists()
+
+
+@pytest.mark.parametrize("results_dir,why", [
+    ("/etc/dfkd-x", "an absolute path"),
+    ("../../../../elsewhere", "'..' leads out of it"),
+    ("inside/../../out", "'..' leads out of it"),
+    ("~/dfkd-x", "a path in a home folder"),
+    ("link/runs", "a symbolic link on the way leads to"),
+])
+def test_an_experiment_file_may_only_name_a_results_folder_inside_the_current_folder(results_dir, why, tmp_path,
+                                                                                      capsys, monkeypatch):
+    from dfkd_bench.cli import main
+
+    here = tmp_path / "here"
+    here.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (here / "link").symlink_to(outside, target_is_directory=True)
+    monkeypatch.chdir(here)
+    (here / "exp.toml").write_text(f'methods = ["abm"]\nseeds = [0]\ndataset = "digits"\nbudget = "smoke"\n'
+                                   f'results_dir = "{results_dir}"\n')
+    line = _short_error_line(capsys, lambda: main(["sweep", "exp.toml", "--dry-run"]))
+    assert line.startswith(f"error: exp.toml: results_dir = '{results_dir}' is not a folder inside the current "
+                           f"folder ({why}") and "--results-dir" in line, line
+    assert main(["sweep", "exp.toml", "--launcher", "inline", "--no-progress"]) == 2  # not only in a dry run
+    capsys.readouterr()
+    assert sorted(p.name for p in here.iterdir()) == ["exp.toml", "link"] and list(outside.iterdir()) == []
+    # the command line's --results-dir is the user's own choice: the file's value is then not used
+    assert main(["sweep", "exp.toml", "--dry-run", "--results-dir", str(outside / "mine")]) == 0
+    assert f"results: {outside / 'mine'}" in capsys.readouterr().out

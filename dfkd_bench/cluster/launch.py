@@ -77,7 +77,9 @@ def add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
                        help="train K runs at once on one device, each in its own process (inline: here; local and "
                             "slurm: each job trains K runs of the list). Default: 1")
     group.add_argument("--yes", action="store_true",
-                       help=f"go ahead with more than {MAX_RUNS_WITHOUT_YES:,} runs at once (refused without it)")
+                       help=f"go ahead with more than {MAX_RUNS_WITHOUT_YES:,} runs at once, or with more work per "
+                            "iteration than 10x any paper's (n_S, n_G, batch ...; README \"Reliability\"); both "
+                            "are refused without it")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
     group.add_argument("--no-wait", action="store_true",
                        help="local/slurm: submit and return; check with `dfkd-bench status`")
@@ -110,6 +112,43 @@ def check_work_size(count: int, args: argparse.Namespace | None, what: str) -> N
     if count > MAX_RUNS_WITHOUT_YES and not getattr(args, "yes", False):
         raise ConfigError(f"{count:,} runs ({what}), more than {MAX_RUNS_WITHOUT_YES:,} at once; check the list, "
                           "and pass --yes if you mean it")
+
+
+# Work per iteration beyond what any paper uses is refused without --yes, as many runs are: a typo like
+# n_S=1000000000 would otherwise start a run whose one stage outlasts any job. Each limit is ten times the
+# largest value among the presets and the paper protocols of this suite (tests/test_stop.py recomputes those
+# maxima, so a protocol with a larger value must raise its limit), which leaves room for sensitivity sweeps.
+WORK_LIMIT_FACTOR = 10
+WORK_LIMITS: dict[str, tuple[int, str, str]] = {
+    # setting: (the papers' largest value, where it comes from, what it counts)
+    "student_steps": (400, "CMI's, DeepInversion's and FastDFKD's 400 KD steps per batch",
+                      "student steps per iteration, n_S"),
+    "generator_steps": (1000, "DeepInversion's 1,000 synthesis steps per iteration in its DataFree protocol",
+                        "generator steps per iteration, n_G"),
+    "synthesis_steps": (2000, "DeepInversion's 2,000 Adam steps per batch", "synthesis steps per batch"),
+    "pretrain_steps": (200, "the MAD paper's 200 on ImageNet", "generator pre-training steps, pgs"),
+    "batch_size": (1024, "DAFL's batch of 1,024 on CIFAR", "images per step, bs"),
+    "student_images_per_step": (2048, "the equal-images control's 2 x bs at DAFL's batch", "student images per step"),
+    "drift_samples": (1024, "the drift measurement's default (MAD, Sec. 5.2.3)", "images per drift measurement"),
+    "sample_count": (64, "the sample grids' default", "images per sample grid"),
+}
+
+
+def check_work_bounds(configs: list["RunConfig"], args: argparse.Namespace | None) -> None:
+    """Refuse a run whose per-iteration work exceeds :data:`WORK_LIMITS` without ``--yes``, in one line,
+    before any run folder exists."""
+    if getattr(args, "yes", False):
+        return
+    for config in configs:
+        values = {**config.params, **{name: getattr(config.train, name) for name in WORK_LIMITS
+                                      if hasattr(config.train, name)}}
+        for name, (paper, source, what) in WORK_LIMITS.items():
+            value = values.get(name)
+            limit = WORK_LIMIT_FACTOR * paper
+            if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+                raise ConfigError(f"{name}={value:,} ({what}, {config.method}) is far beyond what any paper uses "
+                                  f"(at most {paper:,}: {source}); runs with more than {limit:,} are refused: "
+                                  f"check it (lower {name}), or pass --yes if you mean it")
 
 
 LAUNCH_DEFAULTS = {
