@@ -195,13 +195,21 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+MAX_RECORD_BYTES = 2**20
+"""A record line is under 1 KB (every committed run's); a longer one than this was not written by a run."""
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """All complete records; a torn last line from a kill is ignored.
 
     Strict JSON and the older bare ``NaN``/``Infinity`` tokens are both read.
     A line in the middle that is not valid UTF-8 or not valid JSON raises
     :class:`RecordsError` naming the file and the line (a kill can only tear
-    the last line, so anything else is damage the user must know of).
+    the last line, so anything else is damage the user must know of), and so
+    does a line no run writes: longer than :data:`MAX_RECORD_BYTES`, not a JSON
+    object, a step that is not an iteration (an integer >= 0), a step before the
+    previous record's (a run writes its records in order), or a second
+    evaluation of one step (a line injected, or copied from another run).
     """
     try:
         data = Path(path).read_bytes()
@@ -211,10 +219,14 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     lines = data.split(b"\n")
     while lines and not lines[-1].strip():
         lines.pop()
+    previous, evaluated = 0, set()
     for number, raw in enumerate(lines):
         if not raw.strip():
             continue
         last = number == len(lines) - 1
+        if len(raw) > MAX_RECORD_BYTES:
+            raise RecordsError(path, number + 1, f"is {len(raw) / 2**20:.1f} MB long (a run's records are under "
+                                                 "1 KB each: not written by a run)")
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as error:
@@ -224,11 +236,26 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             # would change a curve or a final accuracy without anyone knowing.
             raise RecordsError(path, number + 1, f"is not valid UTF-8 (byte {error.start + 1})") from None
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError, ValueError):
             if last:
                 break
             raise RecordsError(path, number + 1, "is not valid JSON") from None
+        if not isinstance(record, dict):
+            raise RecordsError(path, number + 1, f"is a JSON {type(record).__name__}, not a record (an object)")
+        step = record.get("step", previous)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise RecordsError(path, number + 1, f"has step {str(step)[:40]!r}, which is not an iteration "
+                                                 "(an integer >= 0)")
+        if step < previous:
+            raise RecordsError(path, number + 1, f"goes back from step {previous} to step {step} (a run writes its "
+                                                 "records in order)")
+        if record.get("kind") == "eval":
+            if step in evaluated:
+                raise RecordsError(path, number + 1, f"is a second evaluation at step {step}")
+            evaluated.add(step)
+        previous = step
+        records.append(record)
     return records
 
 

@@ -882,12 +882,14 @@ class Trainer:
         try:
             self._restore(state)
         except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as error:
-            written = state.get("code") or {}
+            written = state.get("code")
+            by = (f"dfkd-bench {written.get('version')}, commit {written.get('commit')}" if isinstance(written, dict)
+                  else "a dfkd-bench that did not record its version")
+            detail = f"it has no {error}" if isinstance(error, KeyError) else user_message(error)[:200]
             raise CheckpointError(
-                f"checkpoint of {self.store.path} (written by dfkd-bench {written.get('version', 'before 0.x')}, "
-                f"commit {written.get('commit', 'unknown')}) cannot be restored by this version "
-                f"({__version__}, commit {code_version()['commit']}): {user_message(error)[:200]}; run it with the "
-                f"version that wrote it, or delete {self.store.pointer_path} to restart it from scratch") from None
+                f"checkpoint of {self.store.path} (written by {by}) cannot be restored by this version "
+                f"({__version__}, commit {code_version()['commit']}): {detail}; run it with the version that wrote "
+                f"it, or delete {self.store.pointer_path} to restart it from scratch") from None
 
     def check_code_version(self, state: dict[str, Any]) -> None:
         """A checkpoint written by other code: the run continues (CHOSEN: a requeued SLURM job may pick up an
