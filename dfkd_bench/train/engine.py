@@ -263,7 +263,8 @@ def stop_on_signals(stop: StopRequest, signals=STOP_SIGNALS):
         stop.request(signal.Signals(signum).name)
         if not stop.training:
             raise RunInterrupted(f"stopped by {stop.reason} while setting up, before its first step (nothing "
-                                 "trained since the last checkpoint, nothing lost); run the same command again to resume")
+                                 "trained since the last checkpoint, nothing lost); run the same command again to "
+                                 "resume")
 
     for sig in signals:
         previous[sig] = signal.signal(sig, handler)
@@ -356,7 +357,10 @@ class Trainer:
         self._stage_marks: list[tuple[str, Any, Any]] = []  # CUDA events of stages not yet added up
         # Inside an iteration: (stage, optimiser steps of it done) at the last preemption point; None between.
         self.position: tuple[str, int] | None = None
-        self._stop_group: Any = None  # data parallel: the CPU (gloo) group on which ranks agree to stop
+        # Data parallel: whether the ranks agree on a stop after every step, and on which CPU (gloo) group
+        # (None: the default group).
+        self._stop_every_step = False
+        self._stop_group: Any = None
         self._iteration_start: dict[str, Any] | None = None  # fallback copy (see _without_stage_state)
 
     # ------------------------------------------------------------- setup ---
@@ -428,7 +432,7 @@ class Trainer:
         )
         self.method = get_method(cfg.method)(cfg.method_params(), ctx)
         if world > 1:
-            self._stop_group = self._cpu_group()
+            self._stop_every_step, self._stop_group = self._cpu_group()
         self._count_rows(self.teacher, "teacher_images", ("synthesis", "student"))
         self._count_rows(self.student_module, "student_images", ("student",))
         self.static_step = self._static_student_step(perf)
@@ -523,7 +527,7 @@ class Trainer:
     def _stop_agreed(self) -> bool:
         if self.distributed.world_size == 1:
             return self.stop.requested
-        if self._stop_group is None:  # no CPU group: the ranks agree at iteration ends only
+        if not self._stop_every_step:  # no CPU group: the ranks agree at iteration ends only
             return False
         import torch.distributed as dist
 
@@ -531,18 +535,22 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._stop_group)
         return bool(flag[0] > 0)
 
-    def _cpu_group(self) -> Any:
-        """A process group on which the ranks agree, after every step, whether to stop: gloo, on CPU
-        tensors, so that it never waits for the device (the run's own group when it is gloo)."""
+    def stop_reason(self) -> str:
+        """What stopped the run: the signal's name, or (data parallel) another rank's stop request."""
+        return self.stop.reason or "a stop request of another rank"
+
+    def _cpu_group(self) -> tuple[bool, Any]:
+        """``(True, group)``: the process group on which the ranks agree, after every step, whether to stop:
+        gloo, on CPU tensors, so that it never waits for the device (the run's own group when it is gloo)."""
         import torch.distributed as dist
 
         try:
             if dist.get_backend(self.distributed.process_group) == "gloo":
-                return self.distributed.process_group
-            return dist.new_group(backend="gloo")  # collective: every rank builds it here
+                return True, self.distributed.process_group
+            return True, dist.new_group(backend="gloo")  # collective: every rank builds it here
         except Exception as error:  # noqa: BLE001 - no gloo here: stop at iteration ends, as before
             self.note(f"stop requests are honoured at iteration ends only (no gloo group: {user_message(error)})")
-            return None
+            return False, None
 
     def stage_state_support(self) -> str:
         """"" when the method's state inside a stage can be checkpointed exactly; else why not."""
@@ -571,15 +579,15 @@ class Trainer:
         reason = self.stage_state_support()
         if not reason:
             self.save_checkpoint(position=self.position)
-            raise RunInterrupted(f"stopped by {self.stop.reason} after {where}; checkpoint saved there; run the "
+            raise RunInterrupted(f"stopped by {self.stop_reason()} after {where}; checkpoint saved there; run the "
                                  "same command again to resume")
         if self._iteration_start is not None:
             self.save_checkpoint(state=self._iteration_start)
             saved = f"checkpoint saved at the start of iteration {self.iteration + 1:,}"
         else:
             saved = "nothing saved (the last checkpoint stands)"
-        raise RunInterrupted(f"stopped by {self.stop.reason} after {where}, but {reason}: {saved}, so the steps of "
-                             f"that iteration done so far (up to {where}) are lost and run again; run the same "
+        raise RunInterrupted(f"stopped by {self.stop_reason()} after {where}, but {reason}: {saved}, so the steps "
+                             f"of that iteration done so far (up to {where}) are lost and run again; run the same "
                              "command again to resume")
 
     # ------------------------------------------------------ budget counters ---
@@ -842,10 +850,12 @@ class Trainer:
         if position is not None:
             state["position"] = [position[0], int(position[1])]
             state["stage"] = self.method.stage_state_dict()
+        # Every rank's running loss sums: the ranks average them at the next evaluation, which a rank
+        # that lost its own (resumed without them) would leave with other terms or other counts.
+        state.update({"sums": {k: v.cpu() for k, v in self.sums.items()}, "counts": dict(self.counts)})
         if self.distributed.is_main:
             state.update({
                 "records": self.records,
-                "sums": {k: v.cpu() for k, v in self.sums.items()}, "counts": self.counts,
                 "drift_snapshots": {k: {n: t.cpu() for n, t in v.items()} for k, v in self.drift_snapshots.items()},
                 "best_accuracy": self.best_accuracy,
             })
@@ -919,10 +929,11 @@ class Trainer:
         if (last.get("version"), last.get("commit")) != (now["version"], now["commit"]):
             self.code_history.append({"from_iteration": self.iteration, **now})
         self.elapsed_before = state["elapsed"]
+        # (a checkpoint written before every rank kept its sums has them on rank 0 only)
+        self.sums = {k: v.to(self.device) for k, v in state.get("sums", {}).items()}
+        self.counts = dict(state.get("counts", {}))
         if self.distributed.is_main:
             self.records = state["records"]
-            self.sums = {k: v.to(self.device) for k, v in state["sums"].items()}
-            self.counts = dict(state["counts"])
             self.drift_snapshots = {int(k): {n: t.to(self.device) for n, t in v.items()}
                                     for k, v in state["drift_snapshots"].items()}
             self.best_accuracy = state["best_accuracy"]
@@ -968,7 +979,8 @@ class Trainer:
             # A stop whose signal came during the set-up and was not acted on at once (a signal handler's
             # exception is lost when it fires inside a finaliser): nothing trained yet, nothing lost.
             raise RunInterrupted(f"stopped by {self.stop.reason} while setting up, before its first step (nothing "
-                                 "trained since the last checkpoint, nothing lost); run the same command again to resume")
+                                 "trained since the last checkpoint, nothing lost); run the same command again to "
+                                 "resume")
         if not resumed or (start is not None and start[0] == "pretrain"):
             try:
                 with self._stage("synthesis"):
@@ -1032,7 +1044,7 @@ class Trainer:
                     # sync per iteration); on a stop after every iteration, through the CPU group.
                     counted = (self.iteration % train.checkpoint_every == 0
                                or self.iteration % max(train.log_every, 1) == 0)
-                    if self._stop_group is not None:
+                    if self._stop_every_step:
                         due = self._agree(due)[0] if counted else False
                         stop = self._stop_agreed()
                     elif counted:
@@ -1045,7 +1057,7 @@ class Trainer:
                     self.save_checkpoint()
                 if stop:
                     bar.close()
-                    raise RunInterrupted(f"stopped by {self.stop.reason} at iteration {self.iteration}; checkpoint "
+                    raise RunInterrupted(f"stopped by {self.stop_reason()} at iteration {self.iteration}; checkpoint "
                                          "saved; run the same command again to resume")
         bar.close()
         return self.finish()
