@@ -13,7 +13,9 @@ names a method. A method owns what differs:
 * the loss the student minimises at one student step (``student_loss``);
 * which synthetic sources to measure drift on and draw sample grids from
   (``measurement_sources``);
-* its state for exact resume (``state_dict`` / ``load_state_dict``).
+* its state for exact resume (``state_dict`` / ``load_state_dict``), and the attributes
+  that hold state only inside a stage (``stage_state_attributes``: a stop request
+  checkpoints the run after any optimiser step, in the middle of a stage).
 
 Adding a method is one new file in ``methods/`` that subclasses
 :class:`Method` (or ``methods.common.AdversarialMethod``) and decorates it

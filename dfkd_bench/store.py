@@ -6,7 +6,8 @@ One folder per run, named by the run's configuration hash::
         config.json        resolved configuration, versions, git commit, device
         records.jsonl      append-only: one JSON object per evaluation / drift / sample event
         checkpoint.json    pointer to the newest complete checkpoint
-        checkpoints/       it<N>.rank<r>.pt, everything needed to resume exactly
+        checkpoints/       it<N>.rank<r>.pt, everything needed to resume exactly (after a stop
+                           in the middle of a stage: it<N>.<stage><steps>.rank<r>.pt)
         samples/           PNG sample grids
         student.pt         final student weights (state_dict)
         error.txt          the last error of a failed attempt

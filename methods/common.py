@@ -452,6 +452,22 @@ class AdversarialMethod(Method):
     # its start and the step it has reached; how far generator pre-training got.
     stage_state_attributes = ("_stage_noise", "_stage_images", "_step_in_stage", "_pretrain_done")
 
+    def stage_state_dict(self) -> dict[str, Any]:
+        # Only the stage's batches not trained on yet: the others are never read again (copies, so that a
+        # stage buffer's views do not drag the whole buffer into the checkpoint).
+        state = super().stage_state_dict()
+        done = self._step_in_stage
+        state["_stage_noise"] = {name: noise[done:] for name, noise in self._stage_noise.items()}
+        state["_stage_images"] = {name: [batch.clone() for batch in images[done:]]
+                                  for name, images in self._stage_images.items()}
+        return state
+
+    def load_stage_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_stage_state_dict(state)
+        done = [None] * self._step_in_stage  # the batches trained on before the stop (never read again)
+        self._stage_noise = {name: done + list(noise) for name, noise in self._stage_noise.items()}
+        self._stage_images = {name: done + list(images) for name, images in self._stage_images.items()}
+
     def state_dict(self) -> dict[str, Any]:
         # Between iterations no stage is half-way: the next stage draws its noise afresh from the
         # (checkpointed) RNG. A checkpoint in the middle of a stage adds ``stage_state_attributes``.

@@ -83,6 +83,8 @@ def stop_then_resume(config, folder: Path, signals: list[str], monkeypatch) -> l
 CASES = {
     # a long student stage; then one stopped after the first of its steps
     "student": ("mad", dict(student_steps=12), ["student:0:5", "student:1:1"]),
+    # the same with the stage sampled into one buffer and the static (CUDA-graph) student step
+    "student-buffer": ("mad", dict(student_steps=12, stage_buffer=True, cuda_graphs=True), ["student:1:7"]),
     # a long generator stage: in its middle, and after its last step (before the stage ends)
     "generator": ("zskt", dict(generator_steps=10), ["generator:0:4", "generator:1:10"]),
     # a long pool synthesis: the batch in progress at 6 of its 10 steps

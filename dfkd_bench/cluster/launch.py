@@ -7,11 +7,11 @@ can be repeated after failures. On SLURM, many runs go out as ONE job array
 
 Preemption. submitit asks SLURM for ``SIGUSR2`` shortly before a time limit
 and on preemption, and its handler calls our job's ``checkpoint()`` and
-requeues the job. Saving a consistent state is only possible between two
-iterations, so :class:`RunJob` puts its own handler in front: the signal only
-*requests* a stop; the engine finishes the current iteration, writes a
-checkpoint and raises :class:`RunInterrupted`; then we hand over to
-submitit's handler, which requeues the job. The requeued job runs the same
+requeues the job. A consistent state can only be saved between two optimiser
+steps, so :class:`RunJob` puts its own handler in front: the signal only
+*requests* a stop; the engine finishes the current step, writes a checkpoint
+there (in the middle of its stage if need be) and raises :class:`RunInterrupted`;
+then we hand over to submitit's handler, which requeues the job. The requeued job runs the same
 configuration and resumes from that checkpoint. A job killed without warning
 (``scontrol requeue``, node failure, SIGKILL) resumes from its last periodic
 checkpoint instead -- exactly, because checkpoints hold every random state.
@@ -22,7 +22,7 @@ K runs can train at once on one device, each in its own worker process
 one run does not touch the others. Each worker is an ordinary run -- its own
 folder, lock, records and checkpoints -- so resuming, locking and preemption
 work as for a run alone: the launcher forwards a stop (Ctrl-C, SIGTERM,
-SLURM's SIGUSR2) to every worker, each finishes its iteration and writes a
+SLURM's SIGUSR2) to every worker, each finishes its optimiser step and writes a
 checkpoint, and a requeued SLURM job trains the same pack again. With the
 inline launcher the K workers are children of ``dfkd-bench`` itself; with the
 local and SLURM launchers each job trains a pack of K runs. A worker has
@@ -312,7 +312,7 @@ def _distributed_from_submitit() -> "DistributedInfo":
 
 class _PreemptionSignal:
     """SLURM's preemption / time-limit signal (SIGUSR2, which submitit handles) turned into a stop
-    request, so that the runs finish their iteration and checkpoint first; submitit's own handler
+    request, so that the runs finish their optimiser step and checkpoint first; submitit's own handler
     then requeues the job (it calls the job's ``checkpoint()`` and exits)."""
 
     def __init__(self) -> None:
@@ -425,7 +425,7 @@ def _worker_preexec():
     It blocks the stop signals until the worker has its handlers (the mask survives exec), so that a
     stop sent while Python starts is kept, not fatal; and (Linux) it asks for a SIGTERM when the
     launching process dies (e.g. killed by ``timeout --kill-after``): the worker then stops as on
-    any stop -- at once while it still sets up, else after its iteration with a checkpoint --
+    any stop -- at once while it still sets up, else after its optimiser step with a checkpoint --
     instead of dying with whatever it trained since its last checkpoint.
     """
     try:
@@ -450,8 +450,8 @@ class PackRunner:
     # between the runs), a crash or an out-of-memory of one run leaves the others running, and a
     # worker is exactly an inline run (same code path, same records).
     The workers run in their own session, so a terminal's Ctrl-C reaches only the launcher, which
-    forwards one SIGTERM to each (a second Ctrl-C would otherwise kill a worker mid-iteration);
-    each then finishes its iteration, writes a checkpoint and exits.
+    forwards one SIGTERM to each (a second Ctrl-C would otherwise kill a worker mid-step);
+    each then finishes its optimiser step, writes a checkpoint and exits.
     """
 
     def __init__(self, results_dir: str | os.PathLike, runs_per_gpu: int, *, device: str = "auto", workers: int = 0,
@@ -559,7 +559,7 @@ class PackRunner:
 def pack_worker_main() -> int:
     """A worker process of a pack: train the run described on stdin, report on the pipe ``argv[1]``."""
     # A stop that arrives while torch is still being imported is kept, not fatal: the run then
-    # stops after its first iteration with a checkpoint, like any stopped run.
+    # ends at once when its handlers are in place (nothing trained yet), like any stop during set-up.
     early: list[int] = []
     for signum in _STOP_SIGNALS:
         signal.signal(signum, lambda number, frame: early.append(number))
@@ -573,12 +573,12 @@ def pack_worker_main() -> int:
 
 
 class _SetupAwareStop:
-    """The worker's stop request. Until the engine first asks whether to stop (at the end of the
-    first iteration of this start), nothing has been trained since the last checkpoint, so a stop
+    """The worker's stop request. Until the engine first asks whether to stop (just before the
+    first step of this start), nothing has been trained since the last checkpoint, so a stop
     ends the worker at once -- e.g. one still decoding the test split when a deadline's SIGTERM
-    comes, which would otherwise only stop after setting up and training an iteration, and be
-    killed by then (``timeout --kill-after``). After that, a stop is honoured after the iteration,
-    with a checkpoint, as in every run."""
+    comes, which would otherwise only stop after setting up and training a step, and be
+    killed by then (``timeout --kill-after``). After that, a stop is honoured after the optimiser
+    step, with a checkpoint, as in every run (``engine.StopRequest`` does the same for inline runs)."""
 
     def __init__(self) -> None:
         self._requested = False
