@@ -14,7 +14,7 @@ import os
 import statistics
 import sys
 
-from dfkd_bench.errors import ConfigError, DfkdError, user_message
+from dfkd_bench.errors import ConfigError, DfkdError, bounded, quote, user_message
 
 from dfkd_bench.store import DEFAULT_RESULTS_DIR
 
@@ -29,8 +29,8 @@ def _csv(text: str) -> list[str]:
 def _int_csv(text: str) -> list[int]:
     items = [item.strip() for item in text.split(",")]  # an empty item ("1," or "0,,2") is an error, not skipped
     # ASCII digits only, as in --set values: int() would also read '٣' or '３' as 3.
-    if not all(item.lstrip("+-").isascii() and item.lstrip("+-").isdigit() for item in items):
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {text!r}")
+    if not all(item.lstrip("+-").isascii() and item.lstrip("+-").isdigit() and len(item) <= 40 for item in items):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {quote(text)}")
     return [int(item) for item in items]
 
 
@@ -39,7 +39,7 @@ class ArgumentParser(argparse.ArgumentParser):
     with exit status 2, like every other user error (no usage dump)."""
 
     def error(self, message: str):  # type: ignore[override]
-        message = " ".join(message.split())
+        message = bounded(" ".join(message.split()))
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
@@ -242,10 +242,11 @@ def cmd_run(args) -> int:
     from dfkd_bench.cluster.experiment import build_run_configs
     from dfkd_bench.cluster.launch import launch, results_hint
 
-    from dfkd_bench.cluster.launch import check_work_size
+    from dfkd_bench.cluster.launch import check_work_bounds, check_work_size
 
     check_work_size(len(_csv(args.methods)) * len(args.seeds), args, "methods x seeds")
     configs = build_run_configs(_request_from_args(args))
+    check_work_bounds(configs, args)
     summaries = launch(configs, args.results_dir, args)
     print_summary(summaries)
     if summaries:

@@ -17,7 +17,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from dfkd_bench.errors import ConfigError
+from dfkd_bench.errors import ConfigError, quote
 from dfkd_bench.method_api import PerfOptions, get_method, param_fields
 
 if TYPE_CHECKING:
@@ -334,15 +334,33 @@ def _paper_aliases() -> dict[str, str]:
     return aliases
 
 
-def parse_value(text: str) -> Any:
-    """``--set`` values: JSON when it parses (numbers, true/false, lists), else the string."""
+MAX_INTEGER = 2**63 - 1
+"""The largest integer a setting takes (int64): beyond it a value is a typo, whatever the setting."""
+
+
+def parse_value(text: str, key: str = "") -> Any:
+    """``--set`` values: JSON when it parses (numbers, true/false, lists), else the string. A number of
+    thousands of digits or a list nested thousands deep is one error line naming ``key``."""
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError:
         lowered = text.lower()
         if lowered in ("true", "false"):
             return lowered == "true"
         return text
+    except (ValueError, RecursionError):  # an integer beyond Python's digit limit; absurd nesting
+        raise ConfigError(f"{key or 'a --set value'}: {quote(text)} is not a value any setting takes (a number of "
+                          "thousands of digits, or lists nested too deep); pass a number, a word or a list") from None
+    _check_integers(value, key)
+    return value
+
+
+def _check_integers(value: Any, key: str) -> None:
+    """Every integer in ``value`` (a number or a list) within int64."""
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, int) and not isinstance(item, bool) and abs(item) > MAX_INTEGER:
+            raise ConfigError(f"{key or 'a --set value'}: {quote(item)} is out of range (integers go up to "
+                              f"2^63 - 1); pass a smaller number")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -356,18 +374,24 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     given_as: dict[str, str] = {}
     for item in items:
         if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
+            raise ConfigError(f"--set expects key=value, got {quote(item)}")
         key, value = item.split("=", 1)
         key = key.strip()
         if not key:
-            raise ConfigError(f"--set expects key=value with a setting name before '=', got {item!r}")
+            raise ConfigError(f"--set expects key=value with a setting name before '=', got {quote(item)}")
+        if len(key) > MAX_KEY_CHARS:
+            raise ConfigError(f"unknown setting {quote(key)} (setting names are short words; "
+                              "`dfkd-bench list --settings` prints them)")
         name = aliases.get(key, key)
         if name in overrides:
             also = "" if given_as[name] == key else f" (as {given_as[name]!r})"
             raise ConfigError(f"--set {key} is given twice{also}; keep one --set {name}=VALUE")
-        overrides[name] = parse_value(value.strip())
+        overrides[name] = parse_value(value.strip(), key)
         given_as[name] = key
     return overrides
+
+
+MAX_KEY_CHARS = 64  # no setting name or paper symbol is longer; a longer one is not looked up (difflib)
 
 
 def _finite(value: Any, key: str) -> Any:

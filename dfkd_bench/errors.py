@@ -20,7 +20,47 @@ def _one_line(message: str) -> str:
         lines = [line for line in message.splitlines() if line.strip()]
         message = _CLASS_PREFIX.sub("", lines[-1].strip()) if lines else message
     lines = [line.strip() for line in message.splitlines() if line.strip()]
-    return " ".join(lines)
+    return bounded(" ".join(lines))
+
+
+QUOTE_LIMIT = 80
+"""Characters of a value an error line quotes at most (a 100,000-character --set value is not printed back)."""
+
+
+def shorten(text: str, limit: int = QUOTE_LIMIT, unit: str = "characters") -> str:
+    """``text`` itself, or its first and last characters around "..." with its length when longer than ``limit``."""
+    if len(text) <= limit:
+        return text
+    head = max(1, limit - 20)
+    return f"{text[:head]}...{text[-10:]} ({len(text):,} {unit})"
+
+
+def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)`` for an error line, at most about ``limit`` characters of it."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer beyond Python's digit limit for str()
+        text = f"<an integer of about {value.bit_length() * 0.30103:,.0f} digits>" if isinstance(value, int) else "<?>"
+    return shorten(text, limit)
+
+
+# In an error line: a quoted value, a run of digits, or any run without spaces longer than the limit
+# (a path stays whole below 1,000 characters).
+# (a quote after a letter is an apostrophe, "the teacher's", not the start of a value)
+_LONG_QUOTED = re.compile(r"(?<!\w)'[^'\n]{%d,}'(?!\w)|(?<!\w)\"[^\"\n]{%d,}\"(?!\w)"
+                          % (QUOTE_LIMIT, QUOTE_LIMIT))
+_LONG_DIGITS = re.compile(r"\d{%d,}" % QUOTE_LIMIT)
+_LONG_TOKEN = re.compile(r"\S{1000,}")
+
+
+def bounded(message: str) -> str:
+    """An error line with every quoted value, number or word longer than about :data:`QUOTE_LIMIT`
+    characters cut to its ends (the whole value was the user's own input: they know the rest)."""
+    if len(message) <= QUOTE_LIMIT:
+        return message
+    message = _LONG_DIGITS.sub(lambda m: shorten(m.group(0), QUOTE_LIMIT, "digits"), message)
+    message = _LONG_QUOTED.sub(lambda m: shorten(m.group(0)), message)
+    return _LONG_TOKEN.sub(lambda m: shorten(m.group(0)), message)
 
 
 class DfkdError(Exception):
@@ -58,5 +98,8 @@ def user_message(error: BaseException) -> str:
     if isinstance(error, OSError) and error.strerror:
         where = f": {error.filename}" if error.filename else ""
         return f"{error.strerror}{where}"
-    text = _one_line(str(error))
+    try:
+        text = _one_line(str(error))
+    except ValueError:  # str() of an error about a huge integer can itself fail
+        text = type(error).__name__
     return _CLASS_PREFIX.sub("", text) or "unexpected error without a message; rerun with --debug for the traceback"

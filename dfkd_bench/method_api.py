@@ -13,7 +13,9 @@ names a method. A method owns what differs:
 * the loss the student minimises at one student step (``student_loss``);
 * which synthetic sources to measure drift on and draw sample grids from
   (``measurement_sources``);
-* its state for exact resume (``state_dict`` / ``load_state_dict``).
+* its state for exact resume (``state_dict`` / ``load_state_dict``), and the attributes
+  that hold state only inside a stage (``stage_state_attributes``: a stop request
+  checkpoints the run after any optimiser step, in the middle of a stage).
 
 Adding a method is one new file in ``methods/`` that subclasses
 :class:`Method` (or ``methods.common.AdversarialMethod``) and decorates it
@@ -201,6 +203,12 @@ class MethodContext:
             normal = self.draws("randn", tuple(tensor.shape), None).to(tensor)
             return tensor.copy_(normal * std + mean)
         return tensor.normal_(mean, std, generator=self.rng)
+    preemption_point: Callable[[str, int], None] = lambda phase, steps: None
+    """``preemption_point(phase, steps)``: a method that runs optimiser steps in a loop of its own (e.g.
+    generator pre-training, ``phase = "pretrain"``) calls it after each step with the steps done so far.
+    When a stop was requested it raises (an engine exception that must not be caught), the engine
+    checkpoints the run there and the method's ``stage_state_attributes`` must say where its loop stands;
+    on resume the engine calls the same method (``pretrain()``) again, which continues from there."""
 
     # ---- randomness that is identical for 1 process and N data-parallel ranks ----
     def randn(self, rows: int, cols: int, rng: torch.Generator | None = None) -> Tensor:
@@ -337,6 +345,48 @@ class Method(ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+    # ---- state inside a stage (a stop request in the middle of a stage) ----
+    stage_state_attributes: ClassVar[tuple[str, ...] | None] = None
+    """The attributes in which the method keeps state that lives only INSIDE a stage, between two of its
+    optimiser steps, beyond :meth:`state_dict` (which a checkpoint between iterations needs alone): the
+    noise a student stage drew at its start, the step it has reached, how far a pre-training loop got ...
+    Each class of a method's hierarchy lists its own; their union (:meth:`stage_state_names`) is saved
+    when a stop request checkpoints a run in the middle of a stage, so that the same command continues
+    exactly from that step. Their values must be tensors, numbers, strings, None, or lists, tuples and
+    dicts of them. ``None`` in every class of the hierarchy (a method that subclasses :class:`Method`
+    directly and does not say): a stop in the middle of a stage falls back to the start of the
+    iteration, and the engine says which steps are lost. The shared bases (``AdversarialMethod``,
+    ``PoolMethod``) declare theirs, so a method built on them needs to list only what it adds."""
+
+    @classmethod
+    def stage_state_names(cls) -> tuple[str, ...] | None:
+        """The union of ``stage_state_attributes`` over the class hierarchy; None if no class declares it."""
+        declared = [vars(klass)["stage_state_attributes"] for klass in reversed(cls.__mro__)
+                    if vars(klass).get("stage_state_attributes") is not None]
+        if not declared:
+            return None
+        return tuple(dict.fromkeys(name for names in declared for name in names))
+
+    def stage_state_dict(self) -> dict[str, Any]:
+        """The values of :meth:`stage_state_names` (call only when it is not None)."""
+        return {name: getattr(self, name) for name in self.stage_state_names() or ()}
+
+    def load_stage_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`stage_state_dict` saved (after :meth:`load_state_dict`), tensors on the device."""
+        for name, value in state.items():
+            setattr(self, name, _on_device(value, self.ctx.device))
+
+
+def _on_device(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor in it (in lists, tuples, dicts) moved to ``device``."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: _on_device(item, device) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_device(item, device) for item in value)
+    return value
 
 
 # ---------------------------------------------------------------- registry ---

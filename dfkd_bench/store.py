@@ -6,7 +6,8 @@ One folder per run, named by the run's configuration hash::
         config.json        resolved configuration, versions, git commit, device
         records.jsonl      append-only: one JSON object per evaluation / drift / sample event
         checkpoint.json    pointer to the newest complete checkpoint
-        checkpoints/       it<N>.rank<r>.pt, everything needed to resume exactly
+        checkpoints/       it<N>.rank<r>.pt, everything needed to resume exactly (after a stop
+                           in the middle of a stage: it<N>.<stage><steps>.rank<r>.pt)
         samples/           PNG sample grids
         student.pt         final student weights (state_dict)
         error.txt          the last error of a failed attempt
@@ -45,6 +46,7 @@ import math
 import numbers
 import os
 import pickle
+import re
 import shutil
 import signal
 import socket
@@ -194,13 +196,21 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+MAX_RECORD_BYTES = 2**20
+"""A record line is under 1 KB (every committed run's); a longer one than this was not written by a run."""
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """All complete records; a torn last line from a kill is ignored.
 
     Strict JSON and the older bare ``NaN``/``Infinity`` tokens are both read.
     A line in the middle that is not valid UTF-8 or not valid JSON raises
     :class:`RecordsError` naming the file and the line (a kill can only tear
-    the last line, so anything else is damage the user must know of).
+    the last line, so anything else is damage the user must know of), and so
+    does a line no run writes: longer than :data:`MAX_RECORD_BYTES`, not a JSON
+    object, a step that is not an iteration (an integer >= 0), a step before the
+    previous record's (a run writes its records in order), or a second
+    evaluation of one step (a line injected, or copied from another run).
     """
     try:
         data = Path(path).read_bytes()
@@ -210,10 +220,14 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     lines = data.split(b"\n")
     while lines and not lines[-1].strip():
         lines.pop()
+    previous, evaluated = 0, set()
     for number, raw in enumerate(lines):
         if not raw.strip():
             continue
         last = number == len(lines) - 1
+        if len(raw) > MAX_RECORD_BYTES:
+            raise RecordsError(path, number + 1, f"is {len(raw) / 2**20:.1f} MB long (a run's records are under "
+                                                 "1 KB each: not written by a run)")
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as error:
@@ -223,11 +237,26 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             # would change a curve or a final accuracy without anyone knowing.
             raise RecordsError(path, number + 1, f"is not valid UTF-8 (byte {error.start + 1})") from None
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError, ValueError):
             if last:
                 break
             raise RecordsError(path, number + 1, "is not valid JSON") from None
+        if not isinstance(record, dict):
+            raise RecordsError(path, number + 1, f"is a JSON {type(record).__name__}, not a record (an object)")
+        step = record.get("step", previous)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise RecordsError(path, number + 1, f"has step {str(step)[:40]!r}, which is not an iteration "
+                                                 "(an integer >= 0)")
+        if step < previous:
+            raise RecordsError(path, number + 1, f"goes back from step {previous} to step {step} (a run writes its "
+                                                 "records in order)")
+        if record.get("kind") == "eval":
+            if step in evaluated:
+                raise RecordsError(path, number + 1, f"is a second evaluation at step {step}")
+            evaluated.add(step)
+        previous = step
+        records.append(record)
     return records
 
 
@@ -522,8 +551,11 @@ class RunStore:
         return read_jsonl(self.records_path)
 
     # -------------------------------------------------------- checkpoints ----
-    def _checkpoint_file(self, iteration: int, rank: int) -> Path:
-        return self.checkpoint_dir / f"it{iteration:08d}.rank{rank}.pt"
+    def _checkpoint_file(self, iteration: int, rank: int, position: tuple[str, int] | None = None) -> Path:
+        """``it<N>.rank<r>.pt`` after iteration N; ``it<N>.<phase><steps>.rank<r>.pt`` in the middle of
+        iteration N + 1 (a stop request), after ``steps`` optimiser steps of its ``phase``."""
+        tag = "" if position is None else f".{position[0]}{int(position[1]):09d}"
+        return self.checkpoint_dir / f"it{iteration:08d}{tag}.rank{rank}.pt"
 
     def _own_folder(self, folder: Path) -> Path:
         """``folder`` of this run, refused if it is a symbolic link (see :meth:`check_no_links`)."""
@@ -537,19 +569,24 @@ class RunStore:
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
-    def save_checkpoint_shard(self, state: dict[str, Any], iteration: int, rank: int) -> None:
+    def save_checkpoint_shard(self, state: dict[str, Any], iteration: int, rank: int,
+                              position: tuple[str, int] | None = None) -> None:
         import torch
 
         self._own_folder(self.checkpoint_dir)
         buffer = io.BytesIO()
         torch.save(state, buffer)
-        atomic_write_bytes(self._checkpoint_file(iteration, rank), buffer.getvalue(),
+        atomic_write_bytes(self._checkpoint_file(iteration, rank, position), buffer.getvalue(),
                            fault=f"checkpoint_write@{iteration}")
 
-    def commit_checkpoint(self, iteration: int, world_size: int) -> None:
-        """Point at the checkpoint of ``iteration`` (all shards written), then drop older ones."""
-        atomic_write_json(self.pointer_path, {"iteration": iteration, "world_size": world_size})
-        keep = {self._checkpoint_file(iteration, r).name for r in range(world_size)}
+    def commit_checkpoint(self, iteration: int, world_size: int, position: tuple[str, int] | None = None) -> None:
+        """Point at the checkpoint of ``iteration`` (all shards written), then drop older ones.
+        ``position``: a checkpoint taken in the middle of the next iteration (see :meth:`_checkpoint_file`)."""
+        pointer: dict[str, Any] = {"iteration": iteration, "world_size": world_size}
+        if position is not None:
+            pointer["position"] = [position[0], int(position[1])]
+        atomic_write_json(self.pointer_path, pointer)
+        keep = {self._checkpoint_file(iteration, r, position).name for r in range(world_size)}
         for old in self._own_folder(self.checkpoint_dir).glob("it*.pt"):
             if old.name not in keep:
                 old.unlink(missing_ok=True)
@@ -563,6 +600,13 @@ class RunStore:
                 raise ValueError(f"holds {type(pointer).__name__ if pointer is not None else 'null'}, "
                                  "not an object with an iteration")
             iteration = int(pointer["iteration"])
+            position = pointer.get("position")
+            if position is not None:
+                if not (isinstance(position, list) and len(position) == 2 and isinstance(position[0], str)
+                        and re.fullmatch(r"[a-z]{1,32}", position[0]) and isinstance(position[1], int)
+                        and not isinstance(position[1], bool) and 0 <= position[1] < 10**9):
+                    raise ValueError(f"its position {str(position)[:80]} is not [stage, steps]")
+                position = (position[0], position[1])
         except IsADirectoryError:
             raise CheckpointError(f"{self.pointer_path} is a folder, not the run's checkpoint pointer; remove it to "
                                   f"restart run {self.name} from scratch") from None
@@ -578,7 +622,7 @@ class RunStore:
             )
         import torch
 
-        path = self._checkpoint_file(iteration, rank)
+        path = self._checkpoint_file(iteration, rank, position)
         try:
             # Tensors and plain data only: a run folder may be shared, and a planted pickle must not run code.
             return torch.load(path, map_location="cpu", weights_only=True)

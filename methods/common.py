@@ -217,6 +217,7 @@ class AdversarialMethod(Method):
         self._stage_noise: dict[str, list[tuple[Tensor, Tensor | None]]] = {}
         self._stage_images: dict[str, list[Tensor]] = {}
         self._step_in_stage = 0
+        self._pretrain_done = 0  # generator pre-training steps done (a stop may come in the middle)
         self._batch: dict[str, Tensor] | None = None  # the inputs of the student step being computed
         self.counters = {"synthetic_images": 0}  # images G and its copies produced for training
 
@@ -302,8 +303,11 @@ class AdversarialMethod(Method):
 
     # ------------------------------------------------------- generator side ---
     def pretrain(self) -> None:
-        for _ in range(self.params.pretrain_steps):
+        # Continues where a stop left it (``_pretrain_done`` is stage state): the engine calls it again.
+        while self._pretrain_done < self.params.pretrain_steps:
             self.generator_step(kd_weight=0.0)
+            self._pretrain_done += 1
+            self.ctx.preemption_point("pretrain", self._pretrain_done)
 
     def generator_step(self, kd_weight: float | None = None) -> dict[str, Tensor]:
         """One Adam step on G and E minimising Eq. 11 (``kd_weight`` 0: pre-training)."""
@@ -452,9 +456,29 @@ class AdversarialMethod(Method):
         return loss, terms
 
     # ---------------------------------------------------------------- state ---
+    # Inside a stage (a stop request in its middle): the noise (or the images) the student stage drew at
+    # its start and the step it has reached; how far generator pre-training got.
+    stage_state_attributes = ("_stage_noise", "_stage_images", "_step_in_stage", "_pretrain_done")
+
+    def stage_state_dict(self) -> dict[str, Any]:
+        # Only the stage's batches not trained on yet: the others are never read again (copies, so that a
+        # stage buffer's views do not drag the whole buffer into the checkpoint).
+        state = super().stage_state_dict()
+        done = self._step_in_stage
+        state["_stage_noise"] = {name: noise[done:] for name, noise in self._stage_noise.items()}
+        state["_stage_images"] = {name: [batch.clone() for batch in images[done:]]
+                                  for name, images in self._stage_images.items()}
+        return state
+
+    def load_stage_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_stage_state_dict(state)
+        done = [None] * self._step_in_stage  # the batches trained on before the stop (never read again)
+        self._stage_noise = {name: done + list(noise) for name, noise in self._stage_noise.items()}
+        self._stage_images = {name: done + list(images) for name, images in self._stage_images.items()}
+
     def state_dict(self) -> dict[str, Any]:
-        # Checkpoints are taken between iterations, so no stage is ever half-way:
-        # the next stage draws its noise afresh from the (checkpointed) RNG.
+        # Between iterations no stage is half-way: the next stage draws its noise afresh from the
+        # (checkpointed) RNG. A checkpoint in the middle of a stage adds ``stage_state_attributes``.
         return {"generator": self.net.state_dict(), "generator_optimizer": self.optimizer.state_dict(),
                 "counters": dict(self.counters)}
 

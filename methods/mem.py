@@ -144,6 +144,7 @@ class DFKDMem(AdversarialMethod):
         "the MAD paper that cites it links none, and a search of GitHub code and issue threads for its title "
         "found none; so nothing to run step for step: its memory bank and loss are proven by hand-computed tests "
         "(tests/test_methods.py)")
+    stage_state_attributes = ("_pushed_this_stage",)  # how much of this stage's fresh batch is in the bank
 
     def __init__(self, params: MemParams, ctx: MethodContext):
         super().__init__(params, ctx)

@@ -262,6 +262,8 @@ class ZooGeneratorMethod(AdversarialMethod):
 
     uses_student_in_generator = True
     accepts_normalized_generator = True
+    # The last generator step's noise and images, which the student stage trains on (student_batch modes).
+    stage_state_attributes = ("_last_noise", "_last_images")
 
     def __init__(self, params: Any, ctx: MethodContext):
         super().__init__(params, ctx)
@@ -538,6 +540,9 @@ class PoolMethod(Method):
     pool_based = True
 
     Params = PoolParams
+    # Everything a pool method holds between two steps is in state_dict (the pool, the batch in progress
+    # with its optimiser, the best iterate): nothing lives only inside a stage.
+    stage_state_attributes = ()
 
     def __init__(self, params: PoolParams, ctx: MethodContext):
         super().__init__(params, ctx)

@@ -1,6 +1,7 @@
 """The method contract, checked for EVERY registered method (a file dropped into methods/ included):
 listed with its paper and a label, finite steps and a bit-exact state round trip, exact resume after
-a SIGKILL in the middle of a student stage, no host synchronisation in an iteration, and (pool
+a SIGKILL in the middle of a student stage and after a stop request in the middle of a student and a
+generator stage, no host synchronisation in an iteration, and (pool
 methods, told apart by ``Method.pool_based``) measurements that leave the method's state alone.
 
 ``DFKD_BENCH_CONTRACT_ONLY=a,b`` restricts the run to those methods (tests/test_registry.py uses it
@@ -161,6 +162,27 @@ def test_sigkill_mid_stage_then_resume_is_exact(method, killed_and_resumed):
     assert (resumed.stdout + resumed.stderr).count("resumed from iteration 2") == len(METHODS)
     (run,) = [p.name for p in reference.iterdir() if p.name.startswith(f"{method}-")]
     assert_same(outcome_of(killed, run), outcome_of(reference, run))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_stop_inside_a_stage_checkpoints_there_and_resumes_exactly(method, killed_and_resumed, digits_request,
+                                                                     tmp_path, monkeypatch):
+    """A SIGTERM during the first student step of the first iteration (of 4) and during the last generator step
+    of the second (before the stage ends; a pool method's batch is then half-synthesised) checkpoints right
+    after that step, in the middle of the stage; the resumed run is bit-identical to an uninterrupted one.
+    A method that keeps state inside a stage must declare it (Method.stage_state_attributes)."""
+    from test_stop import assert_same, outcome, stop_then_resume
+
+    reference = killed_and_resumed[0]  # the uninterrupted runs of the SIGKILL test (one CPU thread)
+    config = build_run_configs(digits_request([method], overrides=overrides_for(method)))[0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        messages = stop_then_resume(config, tmp_path, ["student:0:1", "generator:1:1"], monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+    assert all("checkpoint saved there" in message for message in messages), messages
+    assert_same(outcome(tmp_path, config), outcome(reference, config))
 
 
 # ------------------------------------------------------------------ host syncs ---

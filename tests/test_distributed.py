@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from dfkd_bench.config import RunConfig
-from dfkd_bench.train.engine import train_run
+from dfkd_bench.train.engine import NONDETERMINISTIC_RECORD_KEYS, train_run
 from dfkd_bench.cluster.experiment import RunRequest, TeacherOptions, build_run_configs
 from dfkd_bench.method_api import DistributedInfo
 from dfkd_bench.store import RunStore
@@ -76,3 +76,59 @@ def test_two_gloo_processes_match_one_process(method, student, generator_lr, tea
     assert (flat(weights_ddp) - flat(weights_single)).norm() <= 5e-2 * flat(weights_single).norm()
     # rank 0 alone wrote the records: no duplicates
     assert len(ddp.read_records()) == len(single.read_records())
+
+
+def _stopped_worker(rank: int, world: int, init_file: str, config: dict, results: str, signal_at: str,
+                    outcomes: dict) -> None:
+    """A rank of a run whose rank 0 alone gets SIGTERM during the step ``signal_at`` (as when a signal
+    reaches one process of a job first): the ranks agree after every step, so both stop after that one."""
+    import os
+
+    import torch.distributed as dist
+
+    from dfkd_bench.train.engine import RunInterrupted, StopRequest, stop_on_signals
+
+    torch.set_num_threads(1)
+    if signal_at and rank == 0:
+        os.environ["DFKD_BENCH_SIGNAL"] = signal_at
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    stop = StopRequest()
+    try:
+        with stop_on_signals(stop):
+            train_run(RunConfig.from_dict(config), results, device="cpu", progress=False, stop=stop,
+                      distributed=DistributedInfo(rank=rank, world_size=world))
+        outcomes[rank] = "done"
+        dist.barrier()
+    except RunInterrupted as stopped:
+        outcomes[rank] = str(stopped)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # four 2-process starts (~45 s of CPU)
+def test_a_stop_reaching_one_rank_stops_every_rank_after_the_same_step_and_resumes_exactly(teacher_cache, tmp_path):
+    request = RunRequest(
+        methods=["abm"], dataset="digits", seeds=[0], budget="smoke",
+        overrides={"epochs": 1, "steps_per_epoch": 2, "eval_every": 1, "batch_size": 16, "student_steps": 6,
+                   "generator_steps": 1, "drift_every": 0},
+        teacher=TeacherOptions(cache_dir=str(teacher_cache)),
+    )
+    config = build_run_configs(request)[0].to_dict()
+    manager = mp.Manager()
+    runs = {}
+    for name, signals in (("whole", [""]), ("stopped", ["student:0:3", ""])):
+        for attempt, signal_at in enumerate(signals):
+            outcomes = manager.dict()
+            init = tmp_path / f"init-{name}-{attempt}"
+            mp.spawn(_stopped_worker, args=(2, str(init), config, str(tmp_path / name), signal_at, outcomes),
+                     nprocs=2, join=True)
+            runs[(name, attempt)] = dict(outcomes)
+    stopped = runs[("stopped", 0)]
+    after = "after student step 3 of 6 in iteration 1; checkpoint saved there; run the same command again to resume"
+    assert stopped == {0: f"stopped by SIGTERM {after}", 1: f"stopped by a stop request of another rank {after}"}
+    assert runs[("stopped", 1)] == runs[("whole", 0)] == {0: "done", 1: "done"}
+    name = RunConfig.from_dict(config).run_name
+    strip = lambda records: [{k: v for k, v in r.items() if k not in NONDETERMINISTIC_RECORD_KEYS}  # noqa: E731
+                             for r in records]
+    assert strip(RunStore(tmp_path / "stopped", name).read_records()) == \
+        strip(RunStore(tmp_path / "whole", name).read_records())

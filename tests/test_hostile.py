@@ -547,3 +547,422 @@ def test_a_damaged_checkpoint_pointer_is_one_line(content, tmp_path):
     with pytest.raises(CheckpointError, match="is damaged") as excinfo:
         store.load_checkpoint()
     assert "\n" not in str(excinfo.value) and "TypeError" not in str(excinfo.value)
+
+
+# ---------------------------------------- 10. absurd values, files from someone else (issue 31) ---
+
+def _longest_run(text: str) -> int:
+    """The longest run of one repeated character in ``text`` (a quoted bad value shows as one)."""
+    best = run = 0
+    for previous, current in zip(" " + text, text):
+        run = run + 1 if current == previous else 1
+        best = max(best, run)
+    return best
+
+
+def _short_error_line(capsys, call) -> str:
+    """The one ``error:`` line of ``call()`` (a command returning 2, or an argparse exit), at most a few
+    hundred characters, quoting at most ~80 characters of any bad value."""
+    try:
+        code = call()
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code == 2
+    line = _one_error_line(capsys)
+    assert len(line) < 500 and _longest_run(line) <= 80, (len(line), line[:300])
+    return line
+
+
+@pytest.mark.parametrize("values,expected", [
+    (["--set", "n_S=1000000000"], "student_steps=1,000,000,000 (student steps per iteration, n_S"),
+    (["--set", "alpha=" + "9" * 5000], "alpha: '999"),
+    (["--set", "n_S=" + "9" * 30], "n_S: 999999999999999999999999999999 is out of range"),
+    (["--set", "generator=" + "x" * 100_000], "generator='xxx"),
+    (["--set", "x" * 100_000 + "=1"], "unknown setting 'xxx"),
+    (["--set", "lr_milestones=" + "1," * 50_000 + "x"], "lr_milestones expects comma-separated integers"),
+    (["--set", "alpha=" + "[" * 100_000], "alpha: '[[["),
+    (["--seeds", "9" * 5000], "--seeds: expected comma-separated integers"),
+], ids=["n_S", "alpha-5000-digits", "n_S-30-digits", "generator-100k", "key-100k", "milestones-50k", "nested",
+        "seeds-5000-digits"])
+def test_absurd_values_are_one_short_line_before_any_folder(values, expected, teacher_cache, tmp_path, capsys):
+    from dfkd_bench.cli import main
+
+    results = tmp_path / "runs"
+    line = _short_error_line(capsys, lambda: main(["run", "--methods", "mad", "--dataset", "digits", "--budget",
+                                                   "smoke", "--no-progress", "--teacher-cache", str(teacher_cache),
+                                                   "--results-dir", str(results), *values]))
+    assert expected in line, line
+    assert not results.exists()
+
+
+def test_work_beyond_the_papers_needs_yes_and_passes_with_it(teacher_cache, tmp_path, capsys):
+    from dfkd_bench.cli import main
+
+    path = tmp_path / "long.toml"
+    path.write_text('methods = ["deepinv"]\nseeds = [0]\ndataset = "digits"\n[set]\nsynthesis_steps = 30000\n'
+                    'n_G = 4000\n')
+    sweep = ["sweep", str(path), "--dry-run", "--teacher-cache", str(teacher_cache), "--results-dir",
+             str(tmp_path / "runs")]
+    line = _short_error_line(capsys, lambda: main(sweep))
+    assert line.startswith("error: synthesis_steps=30,000 (synthesis steps per batch, deepinv) is far beyond what "
+                           "any paper uses (at most 2,000: DeepInversion's 2,000 Adam steps per batch); runs with "
+                           "more than 20,000 are refused"), line
+    assert "pass --yes if you mean it" in line
+    assert main([*sweep, "--yes"]) == 0
+    assert "1 runs" in capsys.readouterr().out
+
+
+def test_the_work_limits_are_ten_times_the_largest_values_the_papers_use():
+    """WORK_LIMITS name the largest value among the presets, the methods' defaults and their paper protocols;
+    a protocol with a larger one fails here, so that its limit is raised with it."""
+    import dataclasses
+
+    from dfkd_bench.cluster.launch import WORK_LIMIT_FACTOR, WORK_LIMITS
+    from dfkd_bench.config import TrainConfig
+    from dfkd_bench.method_api import list_methods
+    from dfkd_bench.presets import PRESETS
+
+    seen: dict[str, list[int]] = {name: [] for name in WORK_LIMITS}
+
+    def add(values: dict) -> None:
+        for name in WORK_LIMITS:
+            if isinstance(values.get(name), int) and not isinstance(values.get(name), bool):
+                seen[name].append(values[name])
+
+    add(dataclasses.asdict(TrainConfig()))
+    for preset in PRESETS.values():
+        add(dataclasses.asdict(preset.train_config(preset.teacher_arch, preset.student_arch)))
+        for pair in preset.pair_overrides:
+            add(dataclasses.asdict(preset.train_config(*pair)))
+        add(preset.params)
+    for method in list_methods().values():
+        add(dataclasses.asdict(method.Params()))
+        for values in method.preset_params.values():
+            add(values)
+        for protocol in method.paper_protocols.values():
+            add(protocol.train)
+            add(protocol.params)
+            # the equal-images control's 2 x bs at the protocol's batch
+            seen["student_images_per_step"].append(2 * protocol.train.get("batch_size", 0))
+    assert {name: max(values) for name, values in seen.items()} == {name: paper for name, (paper, _, _) in
+                                                                   WORK_LIMITS.items()}
+    assert WORK_LIMIT_FACTOR == 10
+
+
+@pytest.mark.parametrize("body,expected", [
+    ("[set]\nalpha = " + "9" * 5000 + "\n", "a number of thousands of digits"),
+    ("[set]\nalpha = " + "9" * 30 + "\n", "out of range"),
+    ('[set]\ngenerator = "' + "x" * 100_000 + '"\n', "generator='xxx"),
+    ("[set]\nlr_milestones = " + "[" * 5000 + "]" * 5000 + "\n", "nested"),
+], ids=["5000-digits", "30-digits", "100k-characters", "nested"])
+def test_absurd_experiment_file_values_are_one_short_line(body, expected, teacher_cache, tmp_path, capsys):
+    from dfkd_bench.cli import main
+
+    path = tmp_path / "absurd.toml"
+    path.write_text('methods = ["mad"]\nseeds = [0]\ndataset = "digits"\nbudget = "smoke"\n' + body)
+    results = tmp_path / "runs"
+    line = _short_error_line(capsys, lambda: main(["sweep", str(path), "--dry-run", "--teacher-cache",
+                                                   str(teacher_cache), "--results-dir", str(results)]))
+    assert expected in line, line
+    assert not results.exists()
+
+
+@pytest.mark.parametrize("results_dir,why", [
+    ("/etc/dfkd-x", "an absolute path"),
+    ("../../../../elsewhere", "'..' leads out of it"),
+    ("inside/../../out", "'..' leads out of it"),
+    ("~/dfkd-x", "a path in a home folder"),
+    ("link/runs", "a symbolic link on the way leads to"),
+])
+def test_an_experiment_file_may_only_name_a_results_folder_inside_the_current_folder(results_dir, why, tmp_path,
+                                                                                      capsys, monkeypatch):
+    from dfkd_bench.cli import main
+
+    here = tmp_path / "here"
+    here.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (here / "link").symlink_to(outside, target_is_directory=True)
+    monkeypatch.chdir(here)
+    (here / "exp.toml").write_text(f'methods = ["abm"]\nseeds = [0]\ndataset = "digits"\nbudget = "smoke"\n'
+                                   f'results_dir = "{results_dir}"\n')
+    line = _short_error_line(capsys, lambda: main(["sweep", "exp.toml", "--dry-run"]))
+    assert line.startswith(f"error: exp.toml: results_dir = '{results_dir}' is not a folder inside the current "
+                           f"folder ({why}") and "--results-dir" in line, line
+    assert main(["sweep", "exp.toml", "--launcher", "inline", "--no-progress"]) == 2  # not only in a dry run
+    capsys.readouterr()
+    assert sorted(p.name for p in here.iterdir()) == ["exp.toml", "link"] and list(outside.iterdir()) == []
+    # the command line's --results-dir is the user's own choice: the file's value is then not used
+    assert main(["sweep", "exp.toml", "--dry-run", "--results-dir", str(outside / "mine")]) == 0
+    assert f"results: {outside / 'mine'}" in capsys.readouterr().out
+
+
+# --------------------------------------------- 11. more of the fault harness (issue 31) ---
+
+def _teacher_variants(teacher_cache: Path, folder: Path) -> dict[str, Path]:
+    """Hostile teacher files made from the session's digits teacher."""
+    import struct
+
+    state = torch.load(teacher_cache / "digits-lenet5.pt", weights_only=True)["state_dict"]
+    files = {}
+
+    def save(name, weights):
+        files[name] = folder / f"{name}.pt"
+        torch.save(weights, files[name])
+
+    save("float64", {k: v.double() for k, v in state.items()})
+    save("float16", {k: v.half() for k, v in state.items()})
+    save("bool", {k: v.bool() for k, v in state.items()})
+    save("complex", {k: v.to(torch.complex64) for k, v in state.items()})
+    nan = {k: v.clone() for k, v in state.items()}
+    next(iter(nan.values())).view(-1)[0] = float("nan")
+    save("nan", nan)
+    save("scalars", {k: torch.tensor(1.0) for k in state})
+    raw = (teacher_cache / "digits-lenet5.pt").read_bytes()
+    files["truncated"] = folder / "truncated.pt"
+    files["truncated"].write_bytes(raw[:len(raw) // 2])
+    # a tensor header claiming 2^40 elements over a 16-byte record (torch would try to read 4 TB)
+    files["absurd_header"] = folder / "absurd_header.pt"
+    _absurd_pt(files["absurd_header"])
+    header = json.dumps({"conv1.weight": {"dtype": "F32", "shape": [2**40, 1], "data_offsets": [0, 16]}}).encode()
+    files["absurd_safetensors"] = folder / "absurd.safetensors"
+    files["absurd_safetensors"].write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+    files["absurd_safetensors_length"] = folder / "absurd_length.safetensors"
+    files["absurd_safetensors_length"].write_bytes(struct.pack("<Q", 2**62) + b"{}")
+    return files
+
+
+def _absurd_pt(path: Path) -> None:
+    """A torch zip file whose one tensor claims 2^40 float32 elements stored in a 16-byte record."""
+    import collections
+    import io
+    import pickle
+
+    storage = object()
+
+    class Tensor_:
+        def __reduce__(self):
+            return (torch._utils._rebuild_tensor_v2, (storage, 0, (2**40,), (1,), False, collections.OrderedDict()))
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "0", "cpu", 2**40) if obj is storage else None
+
+    buffer = io.BytesIO()
+    Pickler(buffer, protocol=2).dump({"conv1.weight": Tensor_()})
+    writer = torch._C.PyTorchFileWriter(str(path))
+    for name, data in (("data.pkl", buffer.getvalue()), ("byteorder", b"little"), ("data/0", b"\0" * 16),
+                       ("version", b"3\n")):
+        writer.write_record(name, data, len(data))
+    writer.write_end_of_file()
+
+
+@pytest.mark.parametrize("variant,expected", [
+    ("bool", "holds bool values"),
+    ("complex", "holds complex64 values"),
+    ("nan", "non-finite weights"),
+    ("scalars", "has shape ()"),
+    ("truncated", "not a readable PyTorch checkpoint"),
+    ("absurd_header", "not a readable PyTorch checkpoint"),
+    ("absurd_safetensors", "not a readable safetensors file"),
+    ("absurd_safetensors_length", "not a readable safetensors file"),
+])
+def test_a_hostile_teacher_file_is_one_line_before_any_folder(variant, expected, teacher_cache, tmp_path, capsys):
+    from dfkd_bench.cli import main
+
+    path = _teacher_variants(teacher_cache, tmp_path)[variant]
+    results = tmp_path / "runs"
+    line = _short_error_line(capsys, lambda: main(["run", "--methods", "abm", "--budget", "smoke", "--no-progress",
+                                                   "--teacher-checkpoint", str(path), "--teacher-arch", "lenet5",
+                                                   "--results-dir", str(results)]))
+    assert expected in line and str(path) in line, line
+    assert not results.exists()
+
+
+@pytest.mark.parametrize("variant", ["float64", "float16"])
+def test_a_teacher_in_another_floating_point_type_is_read_as_float32(variant, teacher_cache, tmp_path):
+    """Other floating-point types are weights all the same: converted to float32 on loading (float16 rounds
+    them), the file's own hash naming the teacher."""
+    from dfkd_bench.cluster.experiment import RunRequest, TeacherOptions, build_run_configs
+    from dfkd_bench.teachers.loading import build_teacher
+
+    path = _teacher_variants(teacher_cache, tmp_path)[variant]
+    (config,) = build_run_configs(RunRequest(methods=["abm"], dataset="digits", seeds=[0], budget="smoke",
+                                             teacher_arch="lenet5", teacher=TeacherOptions(checkpoint=str(path))))
+    teacher = build_teacher(config.teacher, 10, 1, 16, torch.device("cpu"))
+    stored = torch.load(path, weights_only=True)
+    for name, value in teacher.model.state_dict().items():
+        assert value.dtype == torch.float32 and torch.equal(value, stored[name].float()), name
+
+
+_INJECTED = {
+    "huge": (b'{"kind": "eval", "step": 2, "pad": "' + b"a" * 3_000_000 + b'"}', "MB long"),
+    "not-utf8": (b'{"kind": "eval", "step": 2, "note": "\xff\xfe"}', "not valid UTF-8"),
+    "duplicate": (b'{"kind": "eval", "step": 2, "test_accuracy": 99.9, "run": "x"}', "second evaluation at step 2"),
+    "negative": (b'{"kind": "eval", "step": -5, "test_accuracy": 99.9}', "not an iteration"),
+    "backwards": (b'{"kind": "eval", "step": 1, "test_accuracy": 99.9}', "goes back from step 2 to step 1"),
+    "not-a-record": (b"[1, 2, 3]", "not a record"),
+}
+
+
+def _inject(records: Path, line: bytes) -> int:
+    """Insert ``line`` after the evaluation at step 2; returns its line number."""
+    lines = records.read_bytes().splitlines(keepends=True)
+    at = next(i for i, raw in enumerate(lines) if b'"kind": "eval"' in raw and b'"step": 2,' in raw) + 1
+    records.write_bytes(b"".join(lines[:at]) + line + b"\n" + b"".join(lines[at:]))
+    return at + 1
+
+
+@pytest.mark.parametrize("kind", list(_INJECTED))
+def test_an_injected_record_line_marks_a_run_damaged_in_status_and_report(kind, reference_folder, tmp_path, capsys):
+    from dfkd_bench.cli import main
+    from dfkd_bench.report.load import load_runs
+
+    results = copy_of(reference_folder, tmp_path)
+    run = run_folder(results)
+    line, reason = _INJECTED[kind]
+    number = _inject(run / "records.jsonl", line)
+    progress = run_progress(run)
+    assert progress.status == "damaged" and f"line {number}" in progress.damage and reason in progress.damage, \
+        progress.damage
+    assert main(["status", "--results-dir", str(results)]) == 0
+    shown = capsys.readouterr().out
+    assert "damaged" in shown and reason in shown
+    frame = load_runs(results)
+    assert frame.loc[0, "status"] == "damaged" and reason in frame.loc[0, "state"]
+    assert main(["report", "--results-dir", str(results), "--out", str(tmp_path / "report"), "--formats",
+                 "png"]) == 0, capsys.readouterr().err
+
+
+def test_injected_record_lines_are_gone_after_the_resume_which_is_exact(reference, digits_request, tmp_path,
+                                                                        monkeypatch):
+    """An unfinished run with every kind of injected line in its records: status calls it damaged; the same
+    command resumes from the checkpoint, whose records it writes back, and ends exactly as the reference."""
+    from test_stop import train
+
+    (config,) = build_configs(digits_request)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the reference ran with --threads 1
+    try:
+        monkeypatch.setenv("DFKD_BENCH_SIGNAL", "student:5:1")
+        with pytest.raises(Exception, match="checkpoint saved there"):
+            train(config, tmp_path)
+        run = tmp_path / config.run_name
+        for line, _ in _INJECTED.values():
+            _inject(run / "records.jsonl", line)
+        assert run_progress(run).status == "damaged"
+        monkeypatch.delenv("DFKD_BENCH_SIGNAL")
+        train(config, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    assert_same(outcome(tmp_path), reference)
+
+
+def build_configs(digits_request) -> list:
+    """The configuration of :func:`run_args`'s runs, built in this process."""
+    from dfkd_bench.cluster.experiment import build_run_configs
+    from dfkd_bench.config import parse_overrides
+
+    return build_run_configs(digits_request(["mad"], overrides=parse_overrides(SETTINGS), budget="default"))
+
+
+def test_two_processes_launching_the_same_run_at_once_train_it_once(reference, teacher_cache, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "DFKD_BENCH_FAULT"}
+    env.update({"DFKD_BENCH_TEACHERS": str(teacher_cache), "OMP_NUM_THREADS": "1"})
+    command = [sys.executable, "-m", "dfkd_bench.cli", *run_args(tmp_path)]
+    processes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    outputs = [process.communicate(timeout=600) for process in processes]
+    codes = sorted(process.returncode for process in processes)
+    assert codes in ([0, 0], [0, 2]), outputs
+    if codes == [0, 2]:  # the loser says who trains it and how to follow; it trained nothing itself
+        (err,) = [err for process, (_, err) in zip(processes, outputs) if process.returncode == 2]
+        (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+        # seen when planning ("still being trained by another process"), or when taking the run's lock
+        assert "being trained by" in line, err
+    assert_same(outcome(tmp_path), reference)  # one training, records neither duplicated nor interleaved
+
+
+def test_a_report_sigkilled_at_any_moment_leaves_the_runs_alone_and_the_next_one_is_whole(reference_folder,
+                                                                                          tmp_path, monkeypatch):
+    from dfkd_bench.cli import main
+
+    results = copy_of(reference_folder, tmp_path)
+    before = {p: p.read_bytes() for p in results.rglob("*") if p.is_file()}
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
+    report = ["report", "--results-dir", str(results), "--formats", "png", "--out"]
+    assert main([*report, str(tmp_path / "whole")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for delay in (2.0, 4.0):  # while importing, reading or writing figures and tables: whatever it is doing
+        process = subprocess.Popen([sys.executable, "-m", "dfkd_bench.cli", *report, str(tmp_path / "killed")],
+                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        process.kill()
+        process.wait()
+    assert {p: p.read_bytes() for p in results.rglob("*") if p.is_file()} == before  # a report only reads
+    assert main([*report, str(tmp_path / "killed")]) == 0
+    tables = sorted(p.name for p in (tmp_path / "whole").glob("*.md"))
+    assert tables and tables == sorted(p.name for p in (tmp_path / "killed").glob("*.md"))
+    for name in tables:
+        if name != "report.md":  # it names its output folder
+            assert (tmp_path / "killed" / name).read_text() == (tmp_path / "whole" / name).read_text(), name
+
+
+def _stopped_run(digits_request, folder: Path, monkeypatch):
+    """The configuration of :func:`run_args`, stopped (SIGTERM) in the middle of iteration 6 with a checkpoint."""
+    from test_stop import train
+
+    (config,) = build_configs(digits_request)
+    monkeypatch.setenv("DFKD_BENCH_SIGNAL", "student:5:1")
+    with pytest.raises(Exception, match="checkpoint saved there"):
+        train(config, folder)
+    monkeypatch.delenv("DFKD_BENCH_SIGNAL")
+    store = RunStore(folder, config.run_name)
+    (shard,) = store.checkpoint_dir.glob("it*.pt")
+    return config, store, shard
+
+
+OLD_CODE = {"version": "0.0.1", "commit": "0123456789abcdef0123456789abcdef01234567"}
+
+
+def test_a_resume_under_other_code_continues_and_says_so(digits_request, tmp_path, monkeypatch, capsys):
+    """CHOSEN (engine.Trainer.check_code_version): a checkpoint written by other code is continued, with a note
+    and config.json's code_history saying from which iteration on which code ran (a requeued SLURM job may
+    find an updated checkout; refusing would strand a whole sweep)."""
+    from dfkd_bench.train.engine import code_version
+    from test_stop import train
+
+    config, store, shard = _stopped_run(digits_request, tmp_path, monkeypatch)
+    state = torch.load(shard, weights_only=True)
+    assert state["code"] == code_version() and state["code_history"] == [{"from_iteration": 0, **code_version()}]
+    state["code"], state["code_history"] = OLD_CODE, [{"from_iteration": 0, **OLD_CODE}]
+    torch.save(state, shard)
+    capsys.readouterr()
+    train(config, tmp_path)
+    shown = capsys.readouterr().out
+    note = (f"resumed at iteration 5 under other code than the checkpoint's: it was written by dfkd-bench 0.0.1 "
+            f"(commit {OLD_CODE['commit']}), this is {code_version()['version']} (commit {code_version()['commit']})")
+    assert note in shown
+    written = json.loads(store.config_path.read_text())
+    assert written["code_history"] == [{"from_iteration": 0, **OLD_CODE}, {"from_iteration": 5, **code_version()}]
+    assert any(n.startswith(note) for n in written["notes"]) and store.is_done()
+
+
+def test_a_checkpoint_this_code_cannot_restore_is_one_line_naming_both_versions(digits_request, teacher_cache,
+                                                                               tmp_path, monkeypatch, capsys):
+    from dfkd_bench.cli import main
+    from dfkd_bench.train.engine import code_version
+
+    config, store, shard = _stopped_run(digits_request, tmp_path, monkeypatch)
+    state = torch.load(shard, weights_only=True)
+    state["code"] = OLD_CODE
+    del state["method"]["generator_optimizer"]  # a state layout this code does not know
+    torch.save(state, shard)
+    monkeypatch.setenv("DFKD_BENCH_TEACHERS", str(teacher_cache))
+    capsys.readouterr()
+    assert main(run_args(tmp_path)) == 2
+    line = _one_error_line(capsys)  # (three paths long)
+    assert (f"(written by dfkd-bench 0.0.1, commit {OLD_CODE['commit']}) cannot be restored by this version "
+            f"({code_version()['version']}, commit {code_version()['commit']})") in line, line
+    assert str(store.pointer_path) in line and "restart it from scratch" in line
+    assert not store.is_done()

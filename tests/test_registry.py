@@ -93,7 +93,8 @@ def test_an_undecorated_params_in_a_dropped_file_is_one_warning_line(tmp_path):
 def test_a_method_dropped_in_as_a_file_gets_the_whole_contract(tmp_path, name):
     """The documentation's example methods (a generator method and a pool method), each as a file in a folder
     of $DFKD_BENCH_METHOD_PATH, run every test of tests/test_contract.py (listing, state round trip,
-    SIGKILL + exact resume, no host sync; for the pool method, measurements that leave it alone)."""
+    SIGKILL + exact resume, a stop mid-stage + exact resume, no host sync; for the pool method, measurements
+    that leave it alone)."""
     from test_readme import method_examples
 
     (tmp_path / f"{name}.py").write_text(method_examples()[name])
@@ -104,7 +105,7 @@ def test_a_method_dropped_in_as_a_file_gets_the_whole_contract(tmp_path, name):
                             capture_output=True, text=True, timeout=600, env=env, cwd=tests.parent)
     assert result.returncode == 0, result.stdout[-3000:]
     summary = result.stdout.strip().splitlines()[-1]
-    expected = 5 if name == "pixel_ce" else 4  # listing + 3 per-method tests (+ pool measurements)
+    expected = 6 if name == "pixel_ce" else 5  # listing + 4 per-method tests (+ pool measurements)
     assert f"{expected} passed" in summary and "failed" not in summary, summary
 
 

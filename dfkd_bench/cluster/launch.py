@@ -7,11 +7,11 @@ can be repeated after failures. On SLURM, many runs go out as ONE job array
 
 Preemption. submitit asks SLURM for ``SIGUSR2`` shortly before a time limit
 and on preemption, and its handler calls our job's ``checkpoint()`` and
-requeues the job. Saving a consistent state is only possible between two
-iterations, so :class:`RunJob` puts its own handler in front: the signal only
-*requests* a stop; the engine finishes the current iteration, writes a
-checkpoint and raises :class:`RunInterrupted`; then we hand over to
-submitit's handler, which requeues the job. The requeued job runs the same
+requeues the job. A consistent state can only be saved between two optimiser
+steps, so :class:`RunJob` puts its own handler in front: the signal only
+*requests* a stop; the engine finishes the current step, writes a checkpoint
+there (in the middle of its stage if need be) and raises :class:`RunInterrupted`;
+then we hand over to submitit's handler, which requeues the job. The requeued job runs the same
 configuration and resumes from that checkpoint. A job killed without warning
 (``scontrol requeue``, node failure, SIGKILL) resumes from its last periodic
 checkpoint instead -- exactly, because checkpoints hold every random state.
@@ -22,7 +22,7 @@ K runs can train at once on one device, each in its own worker process
 one run does not touch the others. Each worker is an ordinary run -- its own
 folder, lock, records and checkpoints -- so resuming, locking and preemption
 work as for a run alone: the launcher forwards a stop (Ctrl-C, SIGTERM,
-SLURM's SIGUSR2) to every worker, each finishes its iteration and writes a
+SLURM's SIGUSR2) to every worker, each finishes its optimiser step and writes a
 checkpoint, and a requeued SLURM job trains the same pack again. With the
 inline launcher the K workers are children of ``dfkd-bench`` itself; with the
 local and SLURM launchers each job trains a pack of K runs. A worker has
@@ -77,7 +77,9 @@ def add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
                        help="train K runs at once on one device, each in its own process (inline: here; local and "
                             "slurm: each job trains K runs of the list). Default: 1")
     group.add_argument("--yes", action="store_true",
-                       help=f"go ahead with more than {MAX_RUNS_WITHOUT_YES:,} runs at once (refused without it)")
+                       help=f"go ahead with more than {MAX_RUNS_WITHOUT_YES:,} runs at once, or with more work per "
+                            "iteration than 10x any paper's (n_S, n_G, batch ...; README \"Reliability\"); both "
+                            "are refused without it")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
     group.add_argument("--no-wait", action="store_true",
                        help="local/slurm: submit and return; check with `dfkd-bench status`")
@@ -110,6 +112,43 @@ def check_work_size(count: int, args: argparse.Namespace | None, what: str) -> N
     if count > MAX_RUNS_WITHOUT_YES and not getattr(args, "yes", False):
         raise ConfigError(f"{count:,} runs ({what}), more than {MAX_RUNS_WITHOUT_YES:,} at once; check the list, "
                           "and pass --yes if you mean it")
+
+
+# Work per iteration beyond what any paper uses is refused without --yes, as many runs are: a typo like
+# n_S=1000000000 would otherwise start a run whose one stage outlasts any job. Each limit is ten times the
+# largest value among the presets and the paper protocols of this suite (tests/test_stop.py recomputes those
+# maxima, so a protocol with a larger value must raise its limit), which leaves room for sensitivity sweeps.
+WORK_LIMIT_FACTOR = 10
+WORK_LIMITS: dict[str, tuple[int, str, str]] = {
+    # setting: (the papers' largest value, where it comes from, what it counts)
+    "student_steps": (400, "CMI's, DeepInversion's and FastDFKD's 400 KD steps per batch",
+                      "student steps per iteration, n_S"),
+    "generator_steps": (1000, "DeepInversion's 1,000 synthesis steps per iteration in its DataFree protocol",
+                        "generator steps per iteration, n_G"),
+    "synthesis_steps": (2000, "DeepInversion's 2,000 Adam steps per batch", "synthesis steps per batch"),
+    "pretrain_steps": (200, "the MAD paper's 200 on ImageNet", "generator pre-training steps, pgs"),
+    "batch_size": (1024, "DAFL's batch of 1,024 on CIFAR", "images per step, bs"),
+    "student_images_per_step": (2048, "the equal-images control's 2 x bs at DAFL's batch", "student images per step"),
+    "drift_samples": (1024, "the drift measurement's default (MAD, Sec. 5.2.3)", "images per drift measurement"),
+    "sample_count": (64, "the sample grids' default", "images per sample grid"),
+}
+
+
+def check_work_bounds(configs: list["RunConfig"], args: argparse.Namespace | None) -> None:
+    """Refuse a run whose per-iteration work exceeds :data:`WORK_LIMITS` without ``--yes``, in one line,
+    before any run folder exists."""
+    if getattr(args, "yes", False):
+        return
+    for config in configs:
+        values = {**config.params, **{name: getattr(config.train, name) for name in WORK_LIMITS
+                                      if hasattr(config.train, name)}}
+        for name, (paper, source, what) in WORK_LIMITS.items():
+            value = values.get(name)
+            limit = WORK_LIMIT_FACTOR * paper
+            if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+                raise ConfigError(f"{name}={value:,} ({what}, {config.method}) is far beyond what any paper uses "
+                                  f"(at most {paper:,}: {source}); runs with more than {limit:,} are refused: "
+                                  f"check it (lower {name}), or pass --yes if you mean it")
 
 
 LAUNCH_DEFAULTS = {
@@ -273,7 +312,7 @@ def _distributed_from_submitit() -> "DistributedInfo":
 
 class _PreemptionSignal:
     """SLURM's preemption / time-limit signal (SIGUSR2, which submitit handles) turned into a stop
-    request, so that the runs finish their iteration and checkpoint first; submitit's own handler
+    request, so that the runs finish their optimiser step and checkpoint first; submitit's own handler
     then requeues the job (it calls the job's ``checkpoint()`` and exits)."""
 
     def __init__(self) -> None:
@@ -386,7 +425,7 @@ def _worker_preexec():
     It blocks the stop signals until the worker has its handlers (the mask survives exec), so that a
     stop sent while Python starts is kept, not fatal; and (Linux) it asks for a SIGTERM when the
     launching process dies (e.g. killed by ``timeout --kill-after``): the worker then stops as on
-    any stop -- at once while it still sets up, else after its iteration with a checkpoint --
+    any stop -- at once while it still sets up, else after its optimiser step with a checkpoint --
     instead of dying with whatever it trained since its last checkpoint.
     """
     try:
@@ -411,8 +450,8 @@ class PackRunner:
     # between the runs), a crash or an out-of-memory of one run leaves the others running, and a
     # worker is exactly an inline run (same code path, same records).
     The workers run in their own session, so a terminal's Ctrl-C reaches only the launcher, which
-    forwards one SIGTERM to each (a second Ctrl-C would otherwise kill a worker mid-iteration);
-    each then finishes its iteration, writes a checkpoint and exits.
+    forwards one SIGTERM to each (a second Ctrl-C would otherwise kill a worker mid-step);
+    each then finishes its optimiser step, writes a checkpoint and exits.
     """
 
     def __init__(self, results_dir: str | os.PathLike, runs_per_gpu: int, *, device: str = "auto", workers: int = 0,
@@ -520,7 +559,7 @@ class PackRunner:
 def pack_worker_main() -> int:
     """A worker process of a pack: train the run described on stdin, report on the pipe ``argv[1]``."""
     # A stop that arrives while torch is still being imported is kept, not fatal: the run then
-    # stops after its first iteration with a checkpoint, like any stopped run.
+    # ends at once when its handlers are in place (nothing trained yet), like any stop during set-up.
     early: list[int] = []
     for signum in _STOP_SIGNALS:
         signal.signal(signum, lambda number, frame: early.append(number))
@@ -534,12 +573,12 @@ def pack_worker_main() -> int:
 
 
 class _SetupAwareStop:
-    """The worker's stop request. Until the engine first asks whether to stop (at the end of the
-    first iteration of this start), nothing has been trained since the last checkpoint, so a stop
+    """The worker's stop request. Until the engine first asks whether to stop (just before the
+    first step of this start), nothing has been trained since the last checkpoint, so a stop
     ends the worker at once -- e.g. one still decoding the test split when a deadline's SIGTERM
-    comes, which would otherwise only stop after setting up and training an iteration, and be
-    killed by then (``timeout --kill-after``). After that, a stop is honoured after the iteration,
-    with a checkpoint, as in every run."""
+    comes, which would otherwise only stop after setting up and training a step, and be
+    killed by then (``timeout --kill-after``). After that, a stop is honoured after the optimiser
+    step, with a checkpoint, as in every run (``engine.StopRequest`` does the same for inline runs)."""
 
     def __init__(self) -> None:
         self._requested = False
@@ -1001,6 +1040,7 @@ def _launch_packed_inline(todo: list["RunConfig"], results_dir: Path, options: d
     from dfkd_bench.train.engine import StopRequest, stop_on_signals
 
     stop = StopRequest()
+    stop.training = True  # the launcher trains nothing itself: a stop is forwarded to the workers
     runner = PackRunner(results_dir, int(options["runs_per_gpu"]), device=options["device"],
                         workers=int(options["workers"] or 0), threads=options["threads"])
     with stop_on_signals(stop):

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dfkd_bench.errors import ConfigError, DfkdError
+from dfkd_bench.errors import ConfigError, DfkdError, quote, shorten
 
 BUDGETS = ("smoke", "default", "paper")
 
@@ -227,6 +227,12 @@ class _Reader:
             raise self.error(f"setting {key!r} {where} has a nested list/table value {value!r}")
         if not isinstance(value, (int, float, str, bool, list)):
             raise self.error(f"setting {key!r} {where} has a value of unsupported type: {value!r}")
+        from dfkd_bench.config import _check_integers
+
+        try:
+            _check_integers(value, key)
+        except ConfigError as error:
+            raise self.error(f"{error} ({where})") from None
         return value
 
     def setting_name(self, key: str, where: str) -> str:
@@ -309,6 +315,8 @@ class _Reader:
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                     raise self.error("[resources] slurm_extra must be a table {exclude = \"node3\"} "
                                      "or a list of \"KEY=VALUE\" strings")
+            if name == "submitit_dir":
+                value = self.string(value, "submitit_dir", "in [resources]")
             if name == "slurm_setup":
                 value = [value] if isinstance(value, str) else value
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -433,6 +441,9 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text (UTF-8) file") from None
+    except (ValueError, RecursionError):  # tomllib: an integer of thousands of digits, absurd nesting
+        raise ConfigError(f"{path}: not a value any setting takes (a number of thousands of digits, or arrays "
+                          "nested too deep); settings are numbers, words and lists") from None
     reader = _Reader(path)
     allowed_top = {**CELL_KEYS, **EXPERIMENT_KEYS}
     reader.check_keys(data, allowed_top, "at the top level")
@@ -460,6 +471,40 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
         cells.append(reader.build_cell(index, defaults, own, label))
     return Experiment(path=path, name=name, description=description, results_dir=results_dir, cells=cells,
                       resources=resources, data_root=data_root)
+
+
+def check_file_folders(experiment: Experiment, args: argparse.Namespace) -> None:
+    """The folders the experiment file makes the sweep write to (``results_dir``, ``[resources]
+    submitit_dir``) must be inside the current folder: a file received from someone else must not write
+    anywhere the user can (no absolute path, no ``~``, no ``..`` and no symbolic link that leads out). The
+    command line's ``--results-dir`` / ``--submitit-dir`` stay the user's choice: with them the file's
+    value is not used, nor checked."""
+    if getattr(args, "results_dir", None) is None:
+        _inside_current_folder(experiment, experiment.results_dir, "results_dir", "--results-dir")
+    submitit = experiment.resources.get("submitit_dir")
+    if submitit is not None and getattr(args, "submitit_dir", None) is None:
+        _inside_current_folder(experiment, submitit, "[resources] submitit_dir", "--submitit-dir")
+
+
+def _inside_current_folder(experiment: Experiment, value: str, key: str, flag: str) -> None:
+    why = ""
+    if not value.strip():
+        why = "it is empty"
+    elif value.startswith("~"):
+        why = "a path in a home folder"
+    elif Path(value).is_absolute():
+        why = "an absolute path"
+    else:
+        here = Path.cwd().resolve()
+        target = (here / value).resolve()  # follows the symbolic links that exist
+        if target != here and here not in target.parents:
+            lexical = os.path.normpath(value)
+            why = ("'..' leads out of it" if lexical == ".." or lexical.startswith(".." + os.sep)
+                   else f"a symbolic link on the way leads to {shorten(str(target))}")
+    if why:
+        raise ConfigError(f"{experiment.path}: {key} = {quote(value)} is not a folder inside the current folder "
+                          f"({why}); an experiment file may only name one inside it, e.g. \"results/"
+                          f"{experiment.name}\": pass {flag} on the command line to choose any other folder yourself")
 
 
 def override_experiment(experiment: Experiment, budget: str | None = None,
@@ -756,9 +801,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from dfkd_bench.config import parse_overrides
     from dfkd_bench.cluster.launch import launch, results_hint
 
-    from dfkd_bench.cluster.launch import MAX_RUNS_WITHOUT_YES, check_work_size
+    from dfkd_bench.cluster.launch import MAX_RUNS_WITHOUT_YES, check_work_bounds, check_work_size
 
     experiment = load_experiment(args.file)
+    check_file_folders(experiment, args)
     experiment = override_experiment(experiment, budget=args.budget, overrides=parse_overrides(args.set or []))
     # Counted before the expansion, which builds and checks every run (minutes for a huge grid).
     check_work_size(experiment.combinations, args, f"the combinations of {experiment.path}")
@@ -768,6 +814,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     data_root = args.data_root or experiment.data_root or os.environ.get("DFKD_BENCH_DATA")
     plan = plan_experiment(experiment, teacher_cache=args.teacher_cache, data_root=data_root,
                            allow_missing_teacher=True)
+    check_work_bounds(plan.configs, args)
     if args.dry_run:
         print_plan(plan, results_dir)
         return 0

@@ -135,7 +135,8 @@ def train_in_memory(model: nn.Module, train: tuple[Tensor, Tensor], test: tuple[
                     seed: int, progress: Callable[[int, int, dict[str, Any]], None] | None = None,
                     eval_epochs: set[int] | None = None, start_state: dict[str, Any] | None = None,
                     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
-                    info: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                    info: dict[str, Any] | None = None, should_stop: Callable[[], bool] | None = None,
+                    on_stop: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Train ``model`` (already on ``device``) for ``recipe.epochs``; return the evaluation history.
 
     ``lr_at(recipe, epoch_float)`` is the learning rate; evaluations happen after the epochs in
@@ -145,7 +146,10 @@ def train_in_memory(model: nn.Module, train: tuple[Tensor, Tensor], test: tuple[
     ``on_epoch_end(state)`` gets, after each epoch, everything needed to continue exactly
     (``epoch`` done, ``model``, ``optimizer`` and ``generator`` states, ``history``); the
     same dict as ``start_state`` continues from there: on a CPU the weights are then
-    bit-identical to an uninterrupted training. ``info`` receives what was resolved
+    bit-identical to an uninterrupted training. ``should_stop()`` is asked after every optimiser step;
+    when it says so in the middle of an epoch, ``on_stop(state)`` gets the state there (``step`` of the
+    epoch done, the epoch's ``order`` and running loss besides the above; it is expected to save it and
+    raise), and that state as ``start_state`` continues from that step. ``info`` receives what was resolved
     (``fused_optimizer``, and ``fused_optimizer_fallback`` with the reason where it fell back).
     """
     from dfkd_bench.errors import ConfigError
@@ -183,18 +187,22 @@ def train_in_memory(model: nn.Module, train: tuple[Tensor, Tensor], test: tuple[
     eval_epochs = set(eval_epochs or ()) | {recipe.epochs}
     history: list[dict[str, Any]] = []
     smoothing = float(getattr(recipe, "label_smoothing", 0.0) or 0.0)
-    first_epoch = 0
+    first_epoch = first_step = 0
     if start_state is not None:
         model.load_state_dict(start_state["model"])
         optimizer.load_state_dict(start_state["optimizer"])
         generator.set_state(start_state["generator"])
         history = [dict(entry) for entry in start_state["history"]]
         first_epoch = int(start_state["epoch"])
+        first_step = int(start_state.get("step", 0))  # a stop in the middle of the next epoch
     for epoch in range(first_epoch, recipe.epochs):
         model.train()
-        order = torch.randperm(n, generator=generator, device=device)
-        epoch_loss = torch.zeros((), device=device)
-        for step in range(steps_per_epoch):
+        if first_step:  # that epoch's order and running loss, as the stop left them
+            order, epoch_loss = start_state["order"].to(device), start_state["epoch_loss"].to(device)
+        else:
+            order = torch.randperm(n, generator=generator, device=device)
+            epoch_loss = torch.zeros((), device=device)
+        for step in range(first_step, steps_per_epoch):
             lr = lr_at(recipe, epoch + step / steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -208,6 +216,11 @@ def train_in_memory(model: nn.Module, train: tuple[Tensor, Tensor], test: tuple[
             loss.backward()
             optimizer.step()
             epoch_loss += loss.detach()
+            if should_stop is not None and step + 1 < steps_per_epoch and should_stop() and on_stop is not None:
+                on_stop({"epoch": epoch, "step": step + 1, "order": order, "epoch_loss": epoch_loss,
+                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "generator": generator.get_state(), "history": [dict(entry) for entry in history]})
+        first_step = 0
         mean_loss = epoch_loss.item() / steps_per_epoch  # one host sync per epoch
         if not math.isfinite(mean_loss):
             raise ConfigError(f"teacher training diverged at epoch {epoch + 1} (loss {mean_loss}); lower --lr")

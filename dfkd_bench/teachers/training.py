@@ -182,7 +182,9 @@ def train_teacher(dataset: str, arch: str, *, data_root: str | None = None, cach
     resume = _load_training_checkpoint(checkpoint_path, key, progress)
     elapsed_before = float(resume.get("elapsed", 0.0)) if resume else 0.0
     if resume is not None:
-        print(f"teacher training: resuming from epoch {int(resume['epoch'])} of {recipe_used.epochs} ({checkpoint_path})")
+        within = f", step {int(resume['step'])} of the next" if resume.get("step") else ""
+        print(f"teacher training: resuming from epoch {int(resume['epoch'])}{within} of {recipe_used.epochs} "
+              f"({checkpoint_path})")
 
     def on_epoch_end(state: dict[str, Any]) -> None:
         state = {**state, "key": key, "elapsed": elapsed_before + time.time() - start}
@@ -192,6 +194,19 @@ def train_teacher(dataset: str, arch: str, *, data_root: str | None = None, cach
             raise TeacherInterrupted(
                 f"teacher training stopped by {stop.reason or 'a stop request'} after epoch {state['epoch']} of "
                 f"{recipe_used.epochs}; checkpoint {checkpoint_path}; run the same command again to resume")
+
+    def should_stop() -> bool:
+        return stop is not None and stop.requested
+
+    def on_stop(state: dict[str, Any]) -> None:
+        """A stop in the middle of an epoch: its state (the step it reached, the epoch's order ...) is the
+        checkpoint, and the same command continues from that step."""
+        _save_training_checkpoint(checkpoint_path, {**state, "key": key,
+                                                    "elapsed": elapsed_before + time.time() - start})
+        raise TeacherInterrupted(
+            f"teacher training stopped by {stop.reason or 'a stop request'} after step {state['step']} of epoch "
+            f"{state['epoch'] + 1} of {recipe_used.epochs}; checkpoint {checkpoint_path}; run the same command "
+            "again to resume")
 
     def check_stop_before_training() -> None:
         if stop is not None:
@@ -227,14 +242,16 @@ def train_teacher(dataset: str, arch: str, *, data_root: str | None = None, cach
                                       (splits["test"].images, splits["test"].labels), recipe=recipe_used,
                                       lr_at=learning_rate, augmentation=augmentation_for(dataset), device=dev,
                                       seed=seed, progress=report, eval_epochs=_eval_epochs(recipe_used.epochs),
-                                      start_state=resume, on_epoch_end=on_epoch_end, info=resolved)
+                                      start_state=resume, on_epoch_end=on_epoch_end, info=resolved,
+                                      should_stop=should_stop, on_stop=on_stop)
         finally:
             bar.close()
         extra["resolved_perf"] = resolved
     else:
         history = _train_with_loader(model, dataset, data_root, size, download, recipe_used, dev, workers, seed,
                                      progress, arch, start_state=resume, on_epoch_end=on_epoch_end,
-                                     before_training=check_stop_before_training)
+                                     before_training=check_stop_before_training, should_stop=should_stop,
+                                     on_stop=on_stop)
     final = history[-1]
     meta = {
         "dataset": dataset, "arch": arch, "num_classes": info.num_classes, "channels": info.channels,
@@ -255,14 +272,41 @@ def train_teacher(dataset: str, arch: str, *, data_root: str | None = None, cach
     return {"path": str(path), **meta}
 
 
+class _EpochOrder(torch.utils.data.Sampler):
+    """The order ``RandomSampler`` draws from ``generator`` (the same draws, so the same batches as
+    ``shuffle=True``), kept for the epoch, so that a training stopped in the middle of an epoch continues
+    with that epoch's remaining batches (:meth:`resume_at`)."""
+
+    def __init__(self, data_source, generator: torch.Generator):
+        self.inner = torch.utils.data.RandomSampler(data_source, generator=generator)
+        self.order: torch.Tensor | None = None
+        self._resume_from: int | None = None
+
+    def resume_at(self, order: torch.Tensor, first: int) -> None:
+        """The next epoch is the rest of ``order``, from index ``first`` on (no new draw)."""
+        self.order, self._resume_from = order, first
+
+    def __iter__(self):
+        if self._resume_from is None:
+            self.order = torch.tensor(list(self.inner), dtype=torch.int64)
+            first = 0
+        else:
+            first, self._resume_from = self._resume_from, None
+        return iter(self.order[first:].tolist())
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
 def _train_with_loader(model: nn.Module, dataset: str, data_root: str | None, size: int, download: bool,
                        recipe: TeacherRecipe, dev: torch.device, workers: int, seed: int, progress: bool,
                        arch: str, start_state: dict[str, Any] | None = None, on_epoch_end=None,
-                       before_training=None) -> list[dict[str, Any]]:
+                       before_training=None, should_stop=None, on_stop=None) -> list[dict[str, Any]]:
     """The classic path: a DataLoader decodes and augments on the CPU (datasets too big for memory).
 
     Checkpointed per epoch like the in-memory path (plus the global random state, which the
-    augmentation uses with ``workers=0``). # CHOSEN: with ``workers > 0`` the persistent worker
+    augmentation uses with ``workers=0``), and where a stop comes in the middle of an epoch (the
+    epoch's order and the batch reached). # CHOSEN: with ``workers > 0`` the persistent worker
     processes keep their own random streams across epochs, which a resume starts afresh (seeded
     from the saved generator): the weights are then not bit-identical to an uninterrupted
     training, only trained by the same recipe on the same data order; with ``workers=0`` they are.
@@ -270,7 +314,8 @@ def _train_with_loader(model: nn.Module, dataset: str, data_root: str | None, si
     train_set = build_dataset(dataset, data_root, "train", train_augment=True, image_size=size, download=download)
     test_set = build_dataset(dataset, data_root, "test", image_size=size, download=download)
     generator = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True, num_workers=workers,
+    sampler = _EpochOrder(train_set, generator)
+    train_loader = DataLoader(train_set, batch_size=recipe.batch_size, sampler=sampler, num_workers=workers,
                               drop_last=len(train_set) > recipe.batch_size, generator=generator,
                               persistent_workers=workers > 0, pin_memory=dev.type == "cuda")
     test_loader = DataLoader(test_set, batch_size=max(256, recipe.batch_size), num_workers=workers)
@@ -280,7 +325,7 @@ def _train_with_loader(model: nn.Module, dataset: str, data_root: str | None, si
     bar = tqdm(total=recipe.epochs * steps_per_epoch, desc=f"teacher {dataset}/{arch}", disable=not progress)
     history = []
     eval_epochs = _eval_epochs(recipe.epochs)
-    first_epoch = 0
+    first_epoch = first_step = 0
     if start_state is not None:
         model.load_state_dict(start_state["model"])
         optimizer.load_state_dict(start_state["optimizer"])
@@ -288,12 +333,18 @@ def _train_with_loader(model: nn.Module, dataset: str, data_root: str | None, si
         torch.set_rng_state(start_state["torch_rng"])
         history = [dict(entry) for entry in start_state["history"]]
         first_epoch = int(start_state["epoch"])
-        bar.n = first_epoch * steps_per_epoch
+        first_step = int(start_state.get("step", 0))  # a stop in the middle of the next epoch
+        if first_step:
+            sampler.resume_at(start_state["order"], first_step * recipe.batch_size)
+        bar.n = first_epoch * steps_per_epoch + first_step
     if before_training is not None:
         before_training()
     for epoch in range(first_epoch, recipe.epochs):
         model.train()
-        for step, (images, labels) in enumerate(train_loader):
+        batches = iter(train_loader)  # draws the workers' base seed from the generator
+        if first_step:  # ... which the stopped run drew at the start of this epoch: its state as saved
+            generator.set_state(start_state["generator"])
+        for step, (images, labels) in enumerate(batches, start=first_step):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(recipe, epoch + step / steps_per_epoch)
             images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
@@ -304,6 +355,11 @@ def _train_with_loader(model: nn.Module, dataset: str, data_root: str | None, si
             bar.update(1)
             if step % 20 == 0:
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+            if should_stop is not None and step + 1 < steps_per_epoch and should_stop() and on_stop is not None:
+                on_stop({"epoch": epoch, "step": step + 1, "order": sampler.order, "model": model.state_dict(),
+                         "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                         "torch_rng": torch.get_rng_state(), "history": [dict(entry) for entry in history]})
+        first_step = 0
         if not math.isfinite(loss.item()):
             raise ConfigError(f"teacher training diverged at epoch {epoch + 1} (loss {loss.item()}); lower --lr")
         if epoch + 1 in eval_epochs:

@@ -11,12 +11,26 @@ the student, its optimiser and learning-rate schedule, evaluation on the real
 test split, the drift measurement of Sec. 5.2.3, sample grids, records,
 checkpoints and exact resume, and data parallelism. Measurements use their
 own random streams and never change what is trained.
+
+Stopping. A stop request (Ctrl-C, SIGTERM, SLURM's SIGUSR2) is honoured after the
+optimiser step during which it came, in any stage: after every generator, student
+and pre-training step the engine passes a *preemption point*; there it writes a
+checkpoint of the run in the middle of its stage -- the position (stage and steps
+done), the running loss sums, every random state, and what the method keeps only
+inside a stage (``Method.stage_state_attributes``: the stage's noise, the step it
+reached ...) -- and stops; the same command continues from that step, with the
+records an uninterrupted run writes (bit-identical on a CPU). A method that does
+not declare its state inside a stage falls back to the start of the iteration
+(the engine keeps a copy of that state while such a method runs) and says which
+steps are lost. Before the first step of a start nothing has been trained since
+the last checkpoint, so a stop then ends the run at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import os
 import platform
@@ -40,7 +54,7 @@ from dfkd_bench import __version__
 from dfkd_bench.train.batchnorm import no_batchnorm_sync, synchronise_batchnorm
 from dfkd_bench.config import RunConfig
 from dfkd_bench.data.loaders import build_dataset, load_as_tensors
-from dfkd_bench.errors import DfkdError
+from dfkd_bench.errors import CheckpointError, DfkdError, user_message
 from dfkd_bench.train.graphs import StaticStep
 from dfkd_bench.train.losses import js_divergence_per_sample
 from dfkd_bench.method_api import DistributedInfo, MethodContext, float32_logits, get_method, make_optimizer
@@ -98,6 +112,36 @@ def git_commit() -> str:
         return "unknown"
 
 
+@functools.lru_cache(maxsize=1)
+def code_version() -> dict[str, str]:
+    """The code this process runs: the package version and the git commit (``-dirty`` with local edits)."""
+    return {"version": __version__, "commit": git_commit()}
+
+
+def _unsaveable(value: Any) -> str:
+    """"" when a checkpoint loaded weights-only can hold ``value`` (tensors, numbers, strings, None, in
+    lists, tuples and dicts); else the type of what it cannot hold."""
+    if value is None or isinstance(value, (Tensor, bool, int, float, str)):
+        return ""
+    if type(value) in (list, tuple):
+        return next((kind for kind in map(_unsaveable, value) if kind), "")
+    if type(value) is dict:
+        return next((kind for item in value.items() for kind in map(_unsaveable, item) if kind), "")
+    return type(value).__name__
+
+
+def _copy_tensors(value: Any) -> Any:
+    """A copy of a checkpoint state whose tensors do not change with the live ones (records, which are
+    never changed once written, are shared)."""
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {key: (list(item) if key == "records" else _copy_tensors(item)) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_copy_tensors(item) for item in value)
+    return value
+
+
 def environment_info(device: torch.device, distributed: DistributedInfo) -> dict[str, Any]:
     import importlib.metadata as md
 
@@ -129,6 +173,18 @@ def fault_point(name: str, iteration: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def signal_point(phase: str, iteration: int, step: int) -> None:
+    """Signal injection for the stop tests: ``DFKD_BENCH_SIGNAL=phase:iteration:step`` (optionally
+    ``...:SIGNAME``, default SIGTERM) sends this process the signal while it runs optimiser step
+    ``step`` (1-based) of ``phase`` in iteration ``iteration`` (0-based), so a test can check that the
+    stop comes right after that step, whatever the stage."""
+    wanted = os.environ.get("DFKD_BENCH_SIGNAL")
+    if wanted:
+        parts = wanted.split(":")
+        if parts[:3] == [phase, str(iteration), str(step)]:
+            os.kill(os.getpid(), getattr(signal, parts[3] if len(parts) > 3 else "SIGTERM"))
+
+
 # Record fields that differ between two runs of the same configuration (timing and memory).
 # Everything else in a record is reproduced exactly by a resumed run (tests/test_resume.py).
 NONDETERMINISTIC_RECORD_KEYS = frozenset({"wall_time", "time/synthesis", "time/student", "peak_memory_mb"})
@@ -148,19 +204,38 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class StopRequest:
-    """Set by a signal (Ctrl-C, SIGTERM, SLURM's preemption signal); honoured between iterations."""
+    """Set by a signal (Ctrl-C, SIGTERM, SLURM's preemption signal); honoured after the optimiser step
+    during which it came (see the module docstring). ``training`` turns True when the engine first asks
+    (after its first step of this start): before that a stop loses nothing, and :func:`stop_on_signals`
+    ends the run at once (e.g. while the test split is read)."""
 
     def __init__(self) -> None:
-        self.requested = False
+        self._requested = False
         self.reason = ""
+        self.training = False
+
+    @property
+    def requested(self) -> bool:
+        self.training = True
+        return self._requested
+
+    @requested.setter
+    def requested(self, value: bool) -> None:
+        self._requested = bool(value)
 
     def request(self, reason: str) -> None:
-        self.requested = True
+        self._requested = True
         self.reason = reason
 
 
 class RunInterrupted(Exception):
-    """The run stopped at an iteration boundary after a stop request; its checkpoint is saved."""
+    """The run stopped after a stop request; its checkpoint is saved (or nothing was trained since the last)."""
+
+
+class _StopHere(BaseException):
+    """Raised at a preemption point when the ranks agreed to stop; caught by :meth:`Trainer.train`, which
+    checkpoints and raises :class:`RunInterrupted`. A BaseException, so that no method's ``except
+    Exception`` swallows it on its way out of a pre-training loop."""
 
 
 class RunDiverged(DfkdError):
@@ -168,18 +243,28 @@ class RunDiverged(DfkdError):
     without writing a checkpoint, so its last checkpoint is the last good state."""
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+"""Ctrl-C, the scheduler's SIGTERM, and SIGUSR2: what submitit asks SLURM to send before a time limit or
+preemption (``#SBATCH --signal=USR2@120`` does the same for a ``dfkd-bench run`` in a batch script)."""
+
+
 @contextlib.contextmanager
-def stop_on_signals(stop: StopRequest, signals=(signal.SIGINT, signal.SIGTERM)):
-    """First signal: finish the iteration, checkpoint, stop. Second SIGINT: stop at once."""
+def stop_on_signals(stop: StopRequest, signals=STOP_SIGNALS):
+    """First signal: checkpoint after the current optimiser step and stop (at once, nothing lost, before
+    the first step). Second SIGINT: stop at once, without a checkpoint."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {}
 
     def handler(signum, frame):
-        if stop.requested and signum == signal.SIGINT:
+        if stop._requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         stop.request(signal.Signals(signum).name)
+        if not stop.training:
+            raise RunInterrupted(f"stopped by {stop.reason} while setting up, before its first step (nothing "
+                                 "trained since the last checkpoint, nothing lost); run the same command again to "
+                                 "resume")
 
     for sig in signals:
         previous[sig] = signal.signal(sig, handler)
@@ -253,6 +338,8 @@ class Trainer:
         self.stop = stop or StopRequest()
         self.workers = workers
         self.notes: list[str] = []
+        # The code each part of the run ran with: [{"from_iteration", "version", "commit"}, ...] (config.json).
+        self.code_history: list[dict[str, Any]] = []
         # Running state (all of it goes into checkpoints).
         self.iteration = 0
         self.records: list[dict[str, Any]] = []
@@ -268,6 +355,13 @@ class Trainer:
                                            "time/student": 0.0}
         self._phase: str | None = None  # "synthesis" or "student" while a stage runs
         self._stage_marks: list[tuple[str, Any, Any]] = []  # CUDA events of stages not yet added up
+        # Inside an iteration: (stage, optimiser steps of it done) at the last preemption point; None between.
+        self.position: tuple[str, int] | None = None
+        # Data parallel: whether the ranks agree on a stop after every step, and on which CPU (gloo) group
+        # (None: the default group).
+        self._stop_every_step = False
+        self._stop_group: Any = None
+        self._iteration_start: dict[str, Any] | None = None  # fallback copy (see _without_stage_state)
 
     # ------------------------------------------------------------- setup ---
     def note(self, message: str, show: bool = True) -> None:
@@ -334,8 +428,11 @@ class Trainer:
             rng=self.method_rng, perf=perf, distributed=self.distributed, note=self.note,
             wrap_distributed=self._wrap_distributed,
             student_images_per_step=train.student_images_per_step // world, dataset=cfg.dataset,
+            preemption_point=self.preemption_point,
         )
         self.method = get_method(cfg.method)(cfg.method_params(), ctx)
+        if world > 1:
+            self._stop_every_step, self._stop_group = self._cpu_group()
         self._count_rows(self.teacher, "teacher_images", ("synthesis", "student"))
         self._count_rows(self.student_module, "student_images", ("student",))
         self.static_step = self._static_student_step(perf)
@@ -387,30 +484,119 @@ class Trainer:
         if self.train_cfg.student_grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.student_module.parameters(), self.train_cfg.student_grad_clip)
 
-    def run_iteration(self) -> None:
+    def run_iteration(self, start: tuple[str, int] | None = None) -> None:
         """One iteration: the generator stage, then the student stage. The benchmark times exactly this.
+        ``start``: resume it after that many steps of that stage (a checkpoint taken in its middle).
 
         Nothing in here synchronises the host with the device (no ``.item()``, no host
         tensors copied over): tests/test_host_sync.py fails if something does.
         """
-        self.generator_stage()
+        phase, done = start or ("generator", 0)
+        if phase == "generator":
+            self.generator_stage(done)
+            done = 0
         # student_warmup_epochs: the first epochs only synthesise (FastDFKD's --warmup); a host-side integer test
         if self.iteration >= self.train_cfg.student_warmup_epochs * self.train_cfg.steps_per_epoch:
-            self.student_stage()
+            self.student_stage(done)
 
-    def generator_stage(self, end_stage: bool = True) -> None:
-        """The n_G generator steps, then ``method.end_generator_stage()`` (which prepares the student
-        stage); ``end_stage=False`` leaves the latter out (the step-equivalence replay's last stage)."""
+    def generator_stage(self, first: int = 0, end_stage: bool = True) -> None:
+        """The n_G generator steps (from step ``first`` on, when resuming in the middle of the stage), then
+        ``method.end_generator_stage()`` (which prepares the student stage); ``end_stage=False`` leaves the
+        latter out (the step-equivalence replay's last stage)."""
+        steps = self.train_cfg.generator_steps
         with self._stage("synthesis"):
-            for _ in range(self.train_cfg.generator_steps):
+            for step in range(first, steps):
+                signal_point("generator", self.iteration, step + 1)
                 self.accumulate(self.method.generator_step())
+                self.preemption_point("generator", step + 1)
             if end_stage:
                 self.method.end_generator_stage()
 
-    def student_stage(self) -> None:
+    def student_stage(self, first: int = 0) -> None:
+        """The n_S student steps (from step ``first`` on, when resuming in the middle of the stage)."""
+        steps = self.train_cfg.student_steps
         with self._stage("student"):
-            for _ in range(self.train_cfg.student_steps):
+            for step in range(first, steps):
+                signal_point("student", self.iteration, step + 1)
                 self.student_step()
+                if step + 1 < steps:  # after the last one the iteration ends: the loop checks there
+                    self.preemption_point("student", step + 1)
+
+    # ------------------------------------------------------------ stopping ---
+    def preemption_point(self, phase: str, steps: int) -> None:
+        """After each optimiser step of a stage (``steps`` of ``phase`` done in this iteration): stop here
+        when a stop was requested. One attribute read alone (data parallel: one CPU all-reduce)."""
+        self.position = (phase, steps)
+        if self._stop_agreed():
+            raise _StopHere
+        if phase not in ("generator", "student"):  # a method's own loop (the engine's signal before each step)
+            signal_point(phase, self.iteration, steps + 1)
+
+    def _stop_agreed(self) -> bool:
+        if self.distributed.world_size == 1:
+            return self.stop.requested
+        if not self._stop_every_step:  # no CPU group: the ranks agree at iteration ends only
+            return False
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if self.stop.requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._stop_group)
+        return bool(flag[0] > 0)
+
+    def stop_reason(self) -> str:
+        """What stopped the run: the signal's name, or (data parallel) another rank's stop request."""
+        return self.stop.reason or "a stop request of another rank"
+
+    def _cpu_group(self) -> tuple[bool, Any]:
+        """``(True, group)``: the process group on which the ranks agree, after every step, whether to stop:
+        gloo, on CPU tensors, so that it never waits for the device (the run's own group when it is gloo)."""
+        import torch.distributed as dist
+
+        try:
+            if dist.get_backend(self.distributed.process_group) == "gloo":
+                return True, self.distributed.process_group
+            return True, dist.new_group(backend="gloo")  # collective: every rank builds it here
+        except Exception as error:  # noqa: BLE001 - no gloo here: stop at iteration ends, as before
+            self.note(f"stop requests are honoured at iteration ends only (no gloo group: {user_message(error)})")
+            return False, None
+
+    def stage_state_support(self) -> str:
+        """"" when the method's state inside a stage can be checkpointed exactly; else why not."""
+        names = self.method.stage_state_names()
+        if names is None:
+            return (f"method {self.config.method} does not declare the state it keeps inside a stage "
+                    "(Method.stage_state_attributes)")
+        for name in names:
+            kind = _unsaveable(getattr(self.method, name, None))
+            if kind:
+                return f"its stage state {name} holds a {kind}, which a checkpoint cannot hold"
+        return ""
+
+    def _stage_description(self, phase: str, steps: int) -> str:
+        if phase == "pretrain":
+            return f"step {steps:,} of generator pre-training"
+        total = {"generator": self.train_cfg.generator_steps, "student": self.train_cfg.student_steps}.get(phase)
+        of = f" of {total:,}" if total else ""
+        return f"{phase} step {steps:,}{of} in iteration {self.iteration + 1:,}"
+
+    def _stop_in_stage(self) -> None:
+        """A stop at a preemption point: checkpoint there (or, for a method whose state inside a stage
+        cannot be saved, at the start of the iteration), then :class:`RunInterrupted`."""
+        phase, steps = self.position
+        where = self._stage_description(phase, steps)
+        reason = self.stage_state_support()
+        if not reason:
+            self.save_checkpoint(position=self.position)
+            raise RunInterrupted(f"stopped by {self.stop_reason()} after {where}; checkpoint saved there; run the "
+                                 "same command again to resume")
+        if self._iteration_start is not None:
+            self.save_checkpoint(state=self._iteration_start)
+            saved = f"checkpoint saved at the start of iteration {self.iteration + 1:,}"
+        else:
+            saved = "nothing saved (the last checkpoint stands)"
+        raise RunInterrupted(f"stopped by {self.stop_reason()} after {where}, but {reason}: {saved}, so the steps "
+                             f"of that iteration done so far (up to {where}) are lost and run again; run the same "
+                             "command again to resume")
 
     # ------------------------------------------------------ budget counters ---
     def _count_rows(self, module: nn.Module, counter: str, phases: tuple[str, ...]) -> None:
@@ -654,50 +840,108 @@ class Trainer:
                 self.save_samples()
 
     # -------------------------------------------------------- checkpoint ---
-    def checkpoint_state(self) -> dict[str, Any]:
+    def checkpoint_state(self, position: tuple[str, int] | None = None, sync: bool = True) -> dict[str, Any]:
+        """Everything a resume needs; ``position``: taken there in the middle of iteration ``iteration + 1``
+        (adds the method's state inside the stage). ``sync`` False: without adding up pending stage times
+        (no host synchronisation)."""
         state = {
             "iteration": self.iteration,
             "run_id": self.config.run_id,
+            "code": code_version(),
+            "code_history": self.code_history,
             "student": self.student_module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "method": self.method.state_dict(),
             "rng": rng_state(self.method_rng),
             "elapsed": self.wall_time(),
         }
+        if position is not None:
+            state["position"] = [position[0], int(position[1])]
+            state["stage"] = self.method.stage_state_dict()
+        # Every rank's running loss sums: the ranks average them at the next evaluation, which a rank
+        # that lost its own (resumed without them) would leave with other terms or other counts.
+        state.update({"sums": {k: v.cpu() for k, v in self.sums.items()}, "counts": dict(self.counts)})
         if self.distributed.is_main:
             state.update({
                 "records": self.records,
-                "sums": {k: v.cpu() for k, v in self.sums.items()}, "counts": self.counts,
                 "drift_snapshots": {k: {n: t.cpu() for n, t in v.items()} for k, v in self.drift_snapshots.items()},
                 "best_accuracy": self.best_accuracy,
             })
-        self.budget_counters()  # adds up pending stage times
+        if sync:
+            self.budget_counters()  # adds up pending stage times
         state["counters"] = dict(self.counters)
         return state
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, position: tuple[str, int] | None = None, state: dict[str, Any] | None = None) -> None:
+        """Write and commit a checkpoint: of now (at ``position`` in the middle of a stage, or between
+        iterations), or ``state`` (the copy of an iteration's start, see :meth:`_stop_in_stage`)."""
         self.check_finite()  # never checkpoint a diverged state
-        self.store.save_checkpoint_shard(self.checkpoint_state(), self.iteration, self.distributed.rank)
-        fault_point("before_commit", self.iteration)
+        iteration = self.iteration if state is None else state["iteration"]
+        if state is None:
+            state = self.checkpoint_state(position)
+        self.store.save_checkpoint_shard(state, iteration, self.distributed.rank, position)
+        fault_point("before_commit", iteration)
         self._barrier()
         if self.distributed.is_main:
-            self.store.commit_checkpoint(self.iteration, self.distributed.world_size)
+            self.store.commit_checkpoint(iteration, self.distributed.world_size, position)
         self._barrier()
         self.last_checkpoint_time = time.time()
+
+    def _keep_iteration_start(self) -> None:
+        """For a method whose state inside a stage cannot be saved: a copy of the state at the start of
+        the iteration, so that a stop in its middle can checkpoint that (no host synchronisation)."""
+        if self.method.stage_state_names() is None:
+            self._iteration_start = _copy_tensors(self.checkpoint_state(sync=False))
 
     def restore(self, state: dict[str, Any]) -> None:
         if state.get("run_id") != self.config.run_id:
             raise DfkdError(f"checkpoint of {self.store.path} belongs to another configuration; delete the folder")
+        self.check_code_version(state)
+        try:
+            self._restore(state)
+        except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as error:
+            written = state.get("code")
+            by = (f"dfkd-bench {written.get('version')}, commit {written.get('commit')}" if isinstance(written, dict)
+                  else "a dfkd-bench that did not record its version")
+            detail = f"it has no {error}" if isinstance(error, KeyError) else user_message(error)[:200]
+            raise CheckpointError(
+                f"checkpoint of {self.store.path} (written by {by}) cannot be restored by this version "
+                f"({__version__}, commit {code_version()['commit']}): {detail}; run it with the version that wrote "
+                f"it, or delete {self.store.pointer_path} to restart it from scratch") from None
+
+    def check_code_version(self, state: dict[str, Any]) -> None:
+        """A checkpoint written by other code: the run continues (CHOSEN: a requeued SLURM job may pick up an
+        updated checkout; refusing would strand every run of a sweep) and says so, in a note and in
+        config.json's ``code_history``; from there on its records are not those the old code would give."""
+        written, now = state.get("code"), code_version()
+        if isinstance(written, dict) and (written.get("version"), written.get("commit")) != (now["version"],
+                                                                                          now["commit"]):
+            self.note(f"resumed at iteration {state.get('iteration')} under other code than the checkpoint's: it was "
+                      f"written by dfkd-bench {written.get('version')} (commit {written.get('commit')}), this is "
+                      f"{now['version']} (commit {now['commit']}); the records from there on come from this code "
+                      "(config.json: code_history)")
+
+    def _restore(self, state: dict[str, Any]) -> None:
         self.iteration = state["iteration"]
         self.student_module.load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.method.load_state_dict(state["method"])
+        position = state.get("position")
+        self.position = (str(position[0]), int(position[1])) if position else None
+        if self.position is not None:
+            self.method.load_stage_state_dict(state["stage"])
         restore_rng_state(state["rng"], self.method_rng)
+        self.code_history = [dict(entry) for entry in state.get("code_history") or []]
+        now = code_version()
+        last = self.code_history[-1] if self.code_history else {}
+        if (last.get("version"), last.get("commit")) != (now["version"], now["commit"]):
+            self.code_history.append({"from_iteration": self.iteration, **now})
         self.elapsed_before = state["elapsed"]
+        # (a checkpoint written before every rank kept its sums has them on rank 0 only)
+        self.sums = {k: v.to(self.device) for k, v in state.get("sums", {}).items()}
+        self.counts = dict(state.get("counts", {}))
         if self.distributed.is_main:
             self.records = state["records"]
-            self.sums = {k: v.to(self.device) for k, v in state["sums"].items()}
-            self.counts = dict(state["counts"])
             self.drift_snapshots = {int(k): {n: t.to(self.device) for n, t in v.items()}
                                     for k, v in state["drift_snapshots"].items()}
             self.best_accuracy = state["best_accuracy"]
@@ -731,12 +975,27 @@ class Trainer:
         self.last_checkpoint_time = time.time()
         state = self.store.load_checkpoint(self.distributed.rank, self.distributed.world_size)
         resumed = state is not None
+        start = None  # where the first iteration of this start begins (a checkpoint in the middle of a stage)
         if resumed:
             self.restore(state)
-            self.note(f"resumed from iteration {self.iteration}")
+            start = self.position
+            where = f" (after {self._stage_description(*start)})" if start else ""
+            self.note(f"resumed from iteration {self.iteration}{where}")
         else:
-            with self._stage("synthesis"):
-                self.method.pretrain()
+            self.code_history = [{"from_iteration": 0, **code_version()}]
+        if self.stop.requested:  # from now on a stop waits for the next step (this read marks it so)
+            # A stop whose signal came during the set-up and was not acted on at once (a signal handler's
+            # exception is lost when it fires inside a finaliser): nothing trained yet, nothing lost.
+            raise RunInterrupted(f"stopped by {self.stop.reason} while setting up, before its first step (nothing "
+                                 "trained since the last checkpoint, nothing lost); run the same command again to "
+                                 "resume")
+        if not resumed or (start is not None and start[0] == "pretrain"):
+            try:
+                with self._stage("synthesis"):
+                    self.method.pretrain()  # continues where a stop in its middle left it
+            except _StopHere:
+                self._stop_in_stage()
+            start = self.position = None
             if self.distributed.is_main:
                 # A start killed before its first checkpoint may have left records behind;
                 # this start produces them all again.
@@ -746,6 +1005,7 @@ class Trainer:
             resolved = {**cfg.to_dict(), "run_id": cfg.run_id, "run_name": cfg.run_name,
                         "resolved_perf": self.resolved_perf(),
                         "environment": environment_info(self.device, self.distributed),
+                        "code_history": self.code_history,
                         "teacher_test_accuracy_here": self.teacher_test_accuracy, "notes": self.notes}
             self.store.write_config(resolved)
         total = train.total_iterations
@@ -756,7 +1016,14 @@ class Trainer:
         last_accuracy = evals[-1]["test_accuracy"] if evals else float("nan")
         while self.iteration < total:
             self.set_learning_rate()
-            self.run_iteration()
+            if start is None:
+                self._keep_iteration_start()
+            try:
+                self.run_iteration(start)
+            except _StopHere:
+                bar.close()
+                self._stop_in_stage()
+            start = self.position = None
             self.iteration += 1
             bar.update(1)
             self.track_finiteness()
@@ -779,19 +1046,26 @@ class Trainer:
             if self.iteration < total:
                 due = (self.iteration % train.checkpoint_every == 0
                        or time.time() - self.last_checkpoint_time > 60 * train.checkpoint_minutes)
-                stop = self.stop.requested
                 if self.distributed.world_size > 1:
-                    # Ranks agree only at logging steps and counted checkpoints: no per-iteration sync.
-                    if self.iteration % train.checkpoint_every == 0 or self.iteration % max(train.log_every, 1) == 0:
-                        due, stop = self._agree(due, stop)
+                    # Ranks agree on a checkpoint only at logging steps and counted checkpoints (no device
+                    # sync per iteration); on a stop after every iteration, through the CPU group.
+                    counted = (self.iteration % train.checkpoint_every == 0
+                               or self.iteration % max(train.log_every, 1) == 0)
+                    if self._stop_every_step:
+                        due = self._agree(due)[0] if counted else False
+                        stop = self._stop_agreed()
+                    elif counted:
+                        due, stop = self._agree(due, self.stop.requested)
                     else:
                         due = stop = False
+                else:
+                    stop = self.stop.requested
                 if due or stop:
                     self.save_checkpoint()
                 if stop:
                     bar.close()
-                    raise RunInterrupted(f"stopped by {self.stop.reason} at iteration {self.iteration}; "
-                                         "run the same command again to resume")
+                    raise RunInterrupted(f"stopped by {self.stop_reason()} at iteration {self.iteration}; checkpoint "
+                                         "saved; run the same command again to resume")
         bar.close()
         return self.finish()
 
