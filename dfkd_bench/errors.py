@@ -53,13 +53,19 @@ _LONG_DIGITS = re.compile(r"\d{%d,}" % QUOTE_LIMIT)
 _LONG_TOKEN = re.compile(r"\S{1000,}")
 
 
+def _a_path(quoted: str) -> bool:
+    """A quoted file path (a "/" and no white space, under 1,000 characters): kept whole, since the file's
+    name is at its end and a path is where to look, not a bad value typed back."""
+    return "/" in quoted and len(quoted) < 1000 and not any(c.isspace() for c in quoted[1:-1])
+
+
 def bounded(message: str) -> str:
     """An error line with every quoted value, number or word longer than about :data:`QUOTE_LIMIT`
     characters cut to its ends (the whole value was the user's own input: they know the rest)."""
     if len(message) <= QUOTE_LIMIT:
         return message
     message = _LONG_DIGITS.sub(lambda m: shorten(m.group(0), QUOTE_LIMIT, "digits"), message)
-    message = _LONG_QUOTED.sub(lambda m: shorten(m.group(0)), message)
+    message = _LONG_QUOTED.sub(lambda m: m.group(0) if _a_path(m.group(0)) else shorten(m.group(0)), message)
     return _LONG_TOKEN.sub(lambda m: shorten(m.group(0)), message)
 
 

@@ -262,8 +262,9 @@ class ZooGeneratorMethod(AdversarialMethod):
 
     uses_student_in_generator = True
     accepts_normalized_generator = True
-    # The last generator step's noise and images, which the student stage trains on (student_batch modes).
-    stage_state_attributes = ("_last_noise", "_last_images")
+    # The last generator step's noise, images and (generator_batch: DAFL) teacher logits, which the student
+    # stage trains on (student_batch modes); a stop between the generator and the student step keeps them.
+    stage_state_attributes = ("_last_noise", "_last_images", "_last_teacher_logits")
 
     def __init__(self, params: Any, ctx: MethodContext):
         super().__init__(params, ctx)
