@@ -351,8 +351,10 @@ class SpaceshipNet(GeneratorPoolMethod):
         self.levels = GeneratorLevels(self.generator)
         with torch.no_grad(), frozen_batchnorm_buffers(self.generator):
             _, shapes = self.levels.forward(torch.zeros((2, params.noise_dim), device=ctx.device))
-        self.banks = [MemoryBank(params.memory_size, tuple(f.shape[1:]), params.feature_dtype, ctx.device)
-                      for f in shapes]
+        # feature_dtype float32 is full precision: the run's own dtype, as the official pools store the features as
+        # computed (float32 in a run; float64 in a step-equivalence replay, where float32 storage would round them)
+        storage = torch.get_default_dtype() if params.feature_dtype == "float32" else params.feature_dtype
+        self.banks = [MemoryBank(params.memory_size, tuple(f.shape[1:]), storage, ctx.device) for f in shapes]
         self.step_features: list[Tensor] = []  # the levels of the last synthesis step's iterate
         self.best_features: list[Tensor] | None = None  # ... of the lowest-loss iterate of the batch in progress
         # The level and the CFE coin are host draws (the official np.random), from a host generator of their own
