@@ -46,10 +46,10 @@ Patched at run time (never the arithmetic):
   protocol 5), ``pyarrow``, ``cv2`` and ``h5py`` (imported, not used on this path) are stubbed; ``networks.wresnet``
   is the DataFree collection's wresnet.py (see above);
 * CPU: the config's ``gpu_ids`` is empty (``opt.device`` the CPU) and ``Tensor.cuda()`` returns the tensor;
-* data and checkpoints: the CIFAR-10 test set is a blank image of each class (the per-epoch evaluation reads it; nothing of
-  training depends on it), the teacher's ``pretrained_loc`` is the trace's teacher saved in a temporary folder,
-  ``num_workers`` 0, every path in a temporary folder; ``record_batchimg`` and ``record_feature_fuse`` (image grids
-  for inspection, written with ``make_grid(range=...)``, which torchvision no longer has) do nothing;
+* data and checkpoints: the CIFAR-10 test set is a blank image of each class (the per-epoch evaluation reads it;
+  nothing of training depends on it), the teacher's ``pretrained_loc`` is the trace's teacher saved in a temporary
+  folder, ``num_workers`` 0, every path in a temporary folder; ``record_batchimg`` and ``record_feature_fuse``
+  (image grids for inspection, written with ``make_grid(range=...)``, which torchvision no longer has) do nothing;
 * sizes: ``scale_widths`` on the DataFree WideResNet's widths and on the depth of ``wrn_16_*_1028_R2``; the config's
   sizes (batch, g_steps, kd_steps, the generator's ngf and input_dim); the suite's initial student and generator are
   copied into the official ones after ``create_model``.
@@ -132,7 +132,8 @@ def meta() -> dict:
     why = {"networks": WHY_SMALL, "batch_size": f"{WHY_SMALL} (official 256)",
            "generator": f"{WHY_SMALL} (CMIGeneratorV3 with ngf {NGF}, official 64)",
            "noise_dim": f"{WHY_SMALL} (input_dim, official 256)",
-           "generator_steps": f"g_steps {G_STEPS} (official 200)", "synthesis_steps": f"g_steps {G_STEPS} (official 200)",
+           "generator_steps": f"g_steps {G_STEPS} (official 200)",
+           "synthesis_steps": f"g_steps {G_STEPS} (official 200)",
            "student_steps": f"kd_steps {KD_STEPS} (official 2000)",
            "memory_size": f"the {BATCH * EPOCHS} images the trace writes (the official pools are unbounded)",
            "drift_every": "no measurement during a trace"}
@@ -202,9 +203,9 @@ def meta() -> dict:
                        "store: the pools stay in memory), pickle5 (the standard pickle), pyarrow, cv2 and h5py "
                        "(imported, unused on this path) stubbed; networks.wresnet supplied (see alignments)",
             "cpu": "the config's gpu_ids is empty (opt.device the CPU); Tensor.cuda() returns the tensor",
-            "data": "the CIFAR-10 test set is a blank image of each class (the per-epoch evaluation; nothing of training reads "
-                    "it); the teacher's pretrained_loc is the trace's teacher in a temporary folder; num_workers 0; "
-                    "record_batchimg and record_feature_fuse (image grids for inspection, written with "
+            "data": "the CIFAR-10 test set is a blank image of each class (the per-epoch evaluation; nothing of "
+                    "training reads it); the teacher's pretrained_loc is the trace's teacher in a temporary folder; "
+                    "num_workers 0; record_batchimg and record_feature_fuse (image grids for inspection, written with "
                     "make_grid(range=...), gone from torchvision) do nothing; paths in a temporary folder",
             "sizes": "scale_widths on the DataFree WideResNet's widths and the depth of wrn_16_*_1028_R2; the "
                      "config's batch_size, g_steps, kd_steps, generator ngf and input_dim; the suite's initial "
