@@ -49,13 +49,13 @@ Taps here: Grad-CAM at ZSKT's attention blocks (:func:`methods.zskt.attention_bl
 a ResNet and ``block1..3`` of a WRN -- the official ``wresnet_1028_R2`` taps the last block of each WRN group;
 for a ResNet the published configs' ``networks/resnet_cifar_1028.py`` is not in the repository, and of the
 variants it ships ``resnet_cifar_1028_R2`` taps ``layer1..3``, ``resnet_cifar_1028_aap`` ``layer1..4``),
-matched at the resolutions both networks have; the CAM feature map is the input of the network's global average pooling (ResNet ``layer4``'s
-output, WRN's final BN-ReLU: :class:`ClassMapTap`). CHOSEN: the CAM term applies only where the logits
-ARE the classifier applied to the global mean of that map (checked numerically once, at start);
-elsewhere (LeNet-5, whose classifier is three dense layers over the flattened map) the CAM of the
-code does not exist and the term is skipped, with a note. Student images are decoded per step (not
-buffered); a generator is split into levels by :class:`GeneratorLevels` (the official three for
-``datafree_gen``).
+matched at the resolutions both networks have; the CAM feature map is the input of the network's global
+average pooling (ResNet ``layer4``'s output, WRN's final BN-ReLU: :class:`ClassMapTap`). CHOSEN: the CAM
+term applies only where the logits ARE the classifier applied to the global mean of that map (checked
+numerically once, at start); elsewhere (LeNet-5, whose classifier is three dense layers over the
+flattened map) the CAM of the code does not exist and the term is skipped, with a note. Student images
+are decoded per step (not buffered); a generator is split into levels by :class:`GeneratorLevels` (the
+official three for ``datafree_gen``).
 
 Step-equivalent to the official loop (``train/train_cvpr2023.py`` with the V37 functions, a WRN pair) in
 float64: ``results/traces/spaceship_cifar10.pt``, made by ``scripts/trace/spaceship.py``.
