@@ -38,16 +38,18 @@ collection's PNG pool: ``(x.clamp(0, 1) * 255).astype('uint8')``)."""
 class MemoryBank:
     """A fixed-capacity FIFO of images in [0, 1]: pushing past capacity overwrites the oldest."""
 
-    def __init__(self, capacity: int, image_shape: tuple[int, ...], dtype: str, device: torch.device,
+    def __init__(self, capacity: int, image_shape: tuple[int, ...], dtype: str | torch.dtype, device: torch.device,
                  rounding: str = "nearest"):
+        """``dtype``: one of :data:`_DTYPES` by name, or a floating ``torch.dtype`` (SpaceshipNet's feature pools in
+        the run's own dtype)."""
         if capacity <= 0:
             raise ConfigError(f"memory_size must be positive, got {capacity}")
-        if dtype not in _DTYPES:
+        if not isinstance(dtype, torch.dtype) and dtype not in _DTYPES:
             raise ConfigError(f"memory_dtype={dtype!r} is not one of {', '.join(_DTYPES)}")
         if rounding not in ROUNDINGS:
             raise ConfigError(f"the pool's rounding {rounding!r} is not one of {', '.join(ROUNDINGS)}")
         self.capacity = capacity
-        self.dtype = _DTYPES[dtype]
+        self.dtype = dtype if isinstance(dtype, torch.dtype) else _DTYPES[dtype]
         if rounding not in ROUNDINGS:
             raise ConfigError(f"rounding={rounding!r} is not one of {', '.join(ROUNDINGS)}")
         self.rounding = rounding

@@ -45,15 +45,20 @@ Student loss (V37 ``train_S``), the multi-scale spatial activation region constr
   networks; the gradient is taken without a graph (``torch.autograd.grad``), so the weights a_k are
   constants; lambda_cam = lambda_gcam = 1.
 
-Taps here: Grad-CAM at ZSKT's attention blocks (:func:`methods.zskt.attention_blocks`: the official
-``layer1..4`` of a ResNet and ``block1..3`` of a WRN), matched at the resolutions both networks
-have; the CAM feature map is the input of the network's global average pooling (ResNet ``layer4``'s
-output, WRN's final BN-ReLU: :class:`ClassMapTap`). CHOSEN: the CAM term applies only where the logits
-ARE the classifier applied to the global mean of that map (checked numerically once, at start);
-elsewhere (LeNet-5, whose classifier is three dense layers over the flattened map) the CAM of the
-code does not exist and the term is skipped, with a note. Student images are decoded per step (not
-buffered); a generator is split into levels by :class:`GeneratorLevels` (the official three for
-``datafree_gen``).
+Taps here: Grad-CAM at ZSKT's attention blocks (:func:`methods.zskt.attention_blocks`: ``layer1..4`` of
+a ResNet and ``block1..3`` of a WRN -- the official ``wresnet_1028_R2`` taps the last block of each WRN group;
+for a ResNet the published configs' ``networks/resnet_cifar_1028.py`` is not in the repository, and of the
+variants it ships ``resnet_cifar_1028_R2`` taps ``layer1..3``, ``resnet_cifar_1028_aap`` ``layer1..4``),
+matched at the resolutions both networks have; the CAM feature map is the input of the network's global
+average pooling (ResNet ``layer4``'s output, WRN's final BN-ReLU: :class:`ClassMapTap`). CHOSEN: the CAM
+term applies only where the logits ARE the classifier applied to the global mean of that map (checked
+numerically once, at start); elsewhere (LeNet-5, whose classifier is three dense layers over the
+flattened map) the CAM of the code does not exist and the term is skipped, with a note. Student images
+are decoded per step (not buffered); a generator is split into levels by :class:`GeneratorLevels` (the
+official three for ``datafree_gen``).
+
+Step-equivalent to the official loop (``train/train_cvpr2023.py`` with the V37 functions, a WRN pair) in
+float64: ``results/traces/spaceship_cifar10.pt``, made by ``scripts/trace/spaceship.py``.
 """
 
 from __future__ import annotations
@@ -167,6 +172,13 @@ class GeneratorLevels:
         for module in self.body[self.ends[level] + 1:]:
             out = module(out)
         return out
+
+
+def feature_storage(feature_dtype: str) -> str | torch.dtype:
+    """The feature pools' storage: ``float32`` is full precision, the run's own dtype, as the official pools keep the
+    features as computed (float32 in a run; float64 in a step-equivalence replay, where float32 storage rounded
+    them beyond its tolerance); ``float16`` halves the memory."""
+    return torch.get_default_dtype() if feature_dtype == "float32" else feature_dtype
 
 
 def kaiming_init(generator: nn.Module, rng: torch.Generator) -> None:
@@ -351,8 +363,8 @@ class SpaceshipNet(GeneratorPoolMethod):
         self.levels = GeneratorLevels(self.generator)
         with torch.no_grad(), frozen_batchnorm_buffers(self.generator):
             _, shapes = self.levels.forward(torch.zeros((2, params.noise_dim), device=ctx.device))
-        self.banks = [MemoryBank(params.memory_size, tuple(f.shape[1:]), params.feature_dtype, ctx.device)
-                      for f in shapes]
+        self.banks = [MemoryBank(params.memory_size, tuple(f.shape[1:]), feature_storage(params.feature_dtype),
+                                 ctx.device) for f in shapes]
         self.step_features: list[Tensor] = []  # the levels of the last synthesis step's iterate
         self.best_features: list[Tensor] | None = None  # ... of the lowest-loss iterate of the batch in progress
         # The level and the CFE coin are host draws (the official np.random), from a host generator of their own

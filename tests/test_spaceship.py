@@ -190,6 +190,23 @@ def test_pools_get_the_best_iterates_features_at_every_level(bn_lenet_teacher, t
         torch.testing.assert_close(bank.images[:bank.size], features)
 
 
+def test_feature_pools_store_float32_as_the_runs_own_precision(bn_lenet_teacher, tmp_path):
+    """feature_dtype float32 is full precision: the official pools keep the features as computed, so in a float64
+    step-equivalence replay they are float64 (float32 storage rounded them: 1.1e-7, beyond RTOL, in the trace)."""
+    from dfkd_bench.methods.mem import MemoryBank
+
+    _, method = make_method(bn_lenet_teacher, tmp_path, "spaceship")
+    assert {bank.images.dtype for bank in method.banks} == {torch.float32}
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert spaceship.feature_storage("float32") == torch.float64
+        for name, stored in (("float32", torch.float64), ("float16", torch.float16)):
+            assert MemoryBank(2, (3,), spaceship.feature_storage(name), torch.device("cpu")).images.dtype == stored
+    finally:
+        torch.set_default_dtype(previous)
+
+
 class _Draws:
     """A host generator that draws the level and the CFE coin the test asks for."""
 

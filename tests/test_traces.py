@@ -278,10 +278,11 @@ def test_a_summary_becomes_the_card_line(tmp_path):
 # --------------------------------------------------- the committed traces ---
 
 OFFICIAL_CODE = {"dfad": "VainF/Data-Free-Adversarial-Distillation", "dafl": "huawei-noah/Efficient-Computing",
-                 "fast": "zju-vipa/Fast-Datafree", "nayer": "tmtuan1307/NAYER"}
+                 "fast": "zju-vipa/Fast-Datafree", "nayer": "tmtuan1307/NAYER", "spaceship": "skgyu/SpaceshipNet"}
 """Every method whose authors published code, with the repository its committed trace runs (issue 28)."""
 
-TRACE_FILES = {"zskt_polo5": "zskt_polo5_cifar10", "fast": "fast_cifar10", "nayer": "nayer_cifar10"}
+TRACE_FILES = {"zskt_polo5": "zskt_polo5_cifar10", "fast": "fast_cifar10", "nayer": "nayer_cifar10",
+               "spaceship": "spaceship_cifar10"}
 """Committed traces not named ``<method>_mnist`` (a method may have several: its authors' code and a
 re-implementation a paper protocol cites)."""
 
@@ -608,3 +609,75 @@ def test_nayer_is_traced_against_its_authors_code_with_its_draws_fed_by_the_repl
     assert all(any(key.endswith("running_mean") and key.startswith("student/") for key in step["state"])
                for step in later_batch)
     assert cards.equivalence_lines("nayer")[0].startswith("step-equivalent to tmtuan1307/NAYER@c6bedcd")
+
+
+# ------------------------------------------------ SpaceshipNet (skgyu/SpaceshipNet) ---
+
+def _generator_in_train_mode_when_decoding(trainer) -> None:
+    """A train/eval mode: G decodes the student's features in train mode (the official train_S: eval)."""
+    method = trainer.method
+
+    @torch.no_grad()
+    def decode(features, level):
+        return torch.sigmoid(method.levels.decode(features, level).float())
+
+    method.decode = decode
+
+
+def _exchange_with_the_previous_row(features, rng):
+    """CFE mixing row i with row i-1 (the official channel_mix_batch: row N-1-i)."""
+    rows, channels = features.shape[:2]
+    ranks = torch.rand((rows, channels), generator=rng, device=features.device).argsort(dim=1).argsort(dim=1)
+    keep = (ranks < channels // 2).view(rows, channels, *([1] * (features.dim() - 2)))
+    return torch.where(keep, features, features.roll(1, 0))
+
+
+def _grad_cams_through_their_weights(features, selected, retain_graph):
+    """Grad-CAM weights a_k with a graph (the official torch.autograd.grad without create_graph: constants)."""
+    gradients = torch.autograd.grad(selected, features, create_graph=True)
+    return [(gradient.mean(dim=(2, 3), keepdim=True) * feature).sum(dim=1)
+            for gradient, feature in zip(gradients, features, strict=True)]
+
+
+@pytest.mark.parametrize("change", [
+    dict(params={"oh_weight": 1.0}),                         # a loss weight: lambda_cls
+    dict(params={"bn_weight": 2.0}),                         # a loss weight: lambda_bn_meanvar
+    dict(params={"kd_weight": 0.5}),                         # a loss weight: alpha
+    dict(params={"kd_temperature": 4.0}),                    # the KL's temperature
+    dict(params={"kl_reduction": "batchmean"}),              # the KL's 1 / classes (nn.KLDivLoss()'s mean)
+    dict(params={"cam_weight": 2.0}),                        # the activation-region constraint: CAM
+    dict(params={"gradcam_weight": 2.0}),                    # the activation-region constraint: Grad-CAM
+    dict(params={"exchange_p": 0.0}),                        # the feature exchange: off
+    dict(params={"exchange_p": 1.0}),                        # the feature exchange: every batch
+    dict(module={"channel_exchange": _exchange_with_the_previous_row}),  # the feature exchange: its partner row
+    dict(before=_generator_in_train_mode_when_decoding),     # a train/eval mode: G decoding for S
+    dict(module={"grad_cams": _grad_cams_through_their_weights}),  # a detach point: the Grad-CAM weights
+    dict(params={"synthesis_lr": 1e-2}),                     # an optimiser setting: G's Adam
+    dict(train={"student_momentum": 0.0}),                   # an optimiser setting: the student's SGD
+    dict(train={"student_weight_decay": 5e-4}),              # an optimiser setting: the student's SGD
+    dict(params={"pool_augment": "none"}),                   # the student's images without crop and flip
+    dict(params={"synthesis_steps": 6}),                     # the order of updates: a batch joins the pools late
+    dict(train={"student_warmup_epochs": 1}),                # the order of updates: KD from the second epoch
+], ids=["oh_weight", "bn_weight", "kd_weight", "kd_temperature", "kl_reduction", "cam_weight", "gradcam_weight",
+        "no_exchange", "always_exchange", "exchange_partner", "generator_mode", "detach", "synthesis_lr",
+        "student_momentum", "student_weight_decay", "pool_augment", "synthesis_steps", "student_warmup"])
+def test_spaceship_mutations_are_rejected(change, monkeypatch):
+    import dfkd_bench.methods.spaceship as spaceship
+
+    for name, value in change.get("module", {}).items():
+        monkeypatch.setattr(spaceship, name, value)
+    result = replay(committed("spaceship"), stop_beyond=RTOL, **{k: v for k, v in change.items() if k != "module"})
+    assert not result.within(RTOL), result.describe()
+
+
+def test_spaceship_is_traced_against_its_authors_code_over_every_level_with_and_without_the_exchange():
+    """The trace's student steps decode features of every level, exchanged (a torch.rand of the batch's rows and
+    the level's channels: 1 at level 2, 2 at level 0) and not, and every term of the student's loss acts."""
+    trace = committed("spaceship")
+    exchanged = [tuple(draw["value"].shape) for draw in trace.draws if draw["kind"] == "rand"
+                 and draw["value"].dim() == 2]
+    assert exchanged == [(4, 1), (4, 1), (4, 2)]
+    students = [step["losses"] for step in trace.steps if step["kind"] == "student"]
+    assert len(students) == 8 and all(min(losses.values()) > 0 for losses in students)
+    assert {"kd_pool", "msarc_cam", "msarc_gradcam", "student_loss"} == set(students[0])
+    assert cards.equivalence_lines("spaceship")[0].startswith("step-equivalent to skgyu/SpaceshipNet@30a76b0")
