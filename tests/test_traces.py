@@ -681,3 +681,47 @@ def test_spaceship_is_traced_against_its_authors_code_over_every_level_with_and_
     assert len(students) == 8 and all(min(losses.values()) > 0 for losses in students)
     assert {"kd_pool", "msarc_cam", "msarc_gradcam", "student_loss"} == set(students[0])
     assert cards.equivalence_lines("spaceship")[0].startswith("step-equivalent to skgyu/SpaceshipNet@30a76b0")
+
+
+# ---------------------------------------------------------------- timing against the official loops ---
+
+def _step_clock():
+    sys.path.insert(0, str(REPO_ROOT / "scripts" / "trace"))
+    try:
+        import time_steps
+    finally:
+        sys.path.remove(str(REPO_ROOT / "scripts" / "trace"))
+    return time_steps
+
+
+def test_a_timed_step_is_one_step_of_its_kind_and_no_stage_boundary():
+    """time_steps.StepClock's rule, on hand-made stamps (kind, optimiser, wall, CPU): CMI's head Adam between two
+    generator Adam steps belongs to the same synthesis step; a KD step after a synthesis stage is not timed from
+    the stage's end; DFQ's lone generator step is timed from the KD step before it; the first of each is dropped."""
+    time_steps = _step_clock()
+    clock = time_steps.StepClock(lambda o: False, wanted=2, any_previous=set())
+    clock.events = [("synthesis", 1, 0.0, 0.0), ("synthesis", 2, 1.0, 1.0),  # generator Adam, head Adam: step 1
+                    ("synthesis", 1, 10.0, 5.0), ("synthesis", 2, 11.0, 6.0),  # step 2
+                    ("synthesis", 1, 20.0, 9.0), ("synthesis", 2, 21.0, 10.0),  # step 3
+                    ("student", 3, 50.0, 30.0), ("student", 3, 53.0, 32.0), ("student", 3, 56.0, 34.0),
+                    ("synthesis", 1, 70.0, 40.0)]  # the next batch's first step: after KD steps, not timed
+    assert clock.times() == {"synthesis": [(10.0, 5.0), (10.0, 5.0), (10.0, 4.0), (10.0, 4.0)],
+                             "student": [(3.0, 2.0), (3.0, 2.0)]}
+    assert clock.timed() == {"synthesis": [(10.0, 5.0), (10.0, 4.0)], "student": [(3.0, 2.0)]}
+    dfq = time_steps.StepClock(lambda o: False, wanted=1, any_previous={"synthesis"})
+    dfq.events = [("synthesis", 1, 0.0, 0.0), ("student", 2, 4.0, 3.0), ("student", 2, 6.0, 5.0),
+                  ("synthesis", 1, 11.0, 9.0)]
+    assert dfq.times() == {"synthesis": [(5.0, 4.0)], "student": [(2.0, 2.0)]}
+
+
+def test_the_committed_timings_name_their_command_and_every_traced_cifar_method():
+    timing = json.loads((TRACES / "timing_cpu.json").read_text())
+    assert {"dfad", "dafl"} <= set(timing["results"])
+    steps = timing["per_step"]["results"]
+    assert set(steps) == set(_step_clock().SETTINGS)
+    for method, result in steps.items():
+        assert result["command"].startswith("python scripts/trace/time_official.py "), method
+        for kind in ("synthesis", "student"):
+            entry = result[kind]
+            assert entry["steps"] >= 1 and entry["suite_cpu_s"] > 0 and entry["official_cpu_s"] > 0, (method, kind)
+            assert math.isclose(entry["suite_over_official_cpu"], entry["suite_cpu_s"] / entry["official_cpu_s"])

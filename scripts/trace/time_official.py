@@ -1,6 +1,11 @@
-"""Time the suite against the official DFAD and DAFL loops per iteration, on the same protocol, in one process.
+"""Time the suite against official loops on the same protocol, in one process: DFAD and DAFL per iteration, the
+CIFAR-10 pool and generator methods per optimiser step.
 
     python scripts/trace/time_official.py --dfad CHECKOUT --dafl CHECKOUT [--iterations 2] [--rounds 2]
+    python scripts/trace/time_official.py --datafree CHECKOUT --fast CHECKOUT --nayer CHECKOUT [--steps 2]
+                                          [--step-rounds 2] [--methods dfq,zskt,deepinv,cmi,fast,nayer]
+
+Per iteration (DFAD, DAFL):
 
 For each method, on this CPU with one thread, float32:
 
@@ -17,6 +22,11 @@ A warm-up block of each, then blocks of ``--iterations`` iterations alternate (o
 time and this thread's CPU time (``time.thread_time``, less sensitive to other processes); it prints the
 medians and the ratios suite / official, and writes them as JSON (``--out``). The engine's deterministic
 algorithms (on for a CPU) are process-wide: the official loop runs under them too.
+
+Per optimiser step (DFQ, ZSKT, DeepInversion, CMI of the DataFree collection zju-vipa/CMI, FastDFKD of
+zju-vipa/Fast-Datafree, NAYER of tmtuan1307/NAYER): a full iteration of a pool method is hundreds of synthesis
+steps, so each kind of step (a synthesis step, a student KD step) is timed, at the protocol's full sizes; see
+``time_steps.py`` for exactly what is timed. The file keeps the entries of the runs it does not repeat.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import dafl  # noqa: E402
 import dfad  # noqa: E402
+import time_steps  # noqa: E402
 
 from dfkd_bench.traces.replay import build_trainer  # noqa: E402
 
@@ -118,11 +129,26 @@ def main() -> None:
     parser.add_argument("--dafl", type=Path, help=f"a checkout of {dafl.REPO} at {dafl.COMMIT[:7]}")
     parser.add_argument("--iterations", type=int, default=2, help="timed iterations per block (default 2)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds (default 2)")
+    parser.add_argument("--datafree", type=Path, help=f"a checkout of {time_steps.datafree.REPO} at "
+                                                      f"{time_steps.datafree.COMMIT[:7]} (DFQ, ZSKT, DeepInversion, CMI)")
+    parser.add_argument("--fast", type=Path, help=f"a checkout of {time_steps.fast.REPO} at "
+                                                  f"{time_steps.fast.COMMIT[:7]}")
+    parser.add_argument("--nayer", type=Path, help=f"a checkout of {time_steps.nayer.REPO} at "
+                                                   f"{time_steps.nayer.COMMIT[:7]}")
+    parser.add_argument("--zskt", type=Path, help=f"a checkout of {time_steps.zskt.REPO} at "
+                                                  f"{time_steps.zskt.COMMIT[:7]} (ZSKT's own code)")
+    parser.add_argument("--methods", default=",".join(time_steps.SETTINGS),
+                        help="per-step methods to time, of those whose checkout is given (default: all)")
+    parser.add_argument("--steps", type=int, default=1, help="timed steps of each kind per block (default 1)")
+    parser.add_argument("--step-rounds", type=int, default=2, help="alternating rounds of step blocks (default 2)")
     parser.add_argument("--out", type=Path, default=common.TRACES / "timing_cpu.json")
     args = parser.parse_args()
-    if not (args.dfad or args.dafl):
-        raise SystemExit("error: pass --dfad CHECKOUT and/or --dafl CHECKOUT")
+    checkouts = {"datafree": args.datafree, "fast": args.fast, "nayer": args.nayer, "zskt": args.zskt}
+    step_methods = [m for m in args.methods.split(",") if checkouts[time_steps.SETTINGS[m]["official"]] is not None]
+    if not (args.dfad or args.dafl or step_methods):
+        raise SystemExit("error: pass at least one of --dfad, --dafl, --datafree, --fast, --nayer, --zskt (a checkout)")
     torch.set_num_threads(1)
+    summary = json.loads(args.out.read_text()) if args.out.is_file() else {}
     results = {}
     for method in ("dfad", "dafl"):
         checkout = getattr(args, method)
@@ -133,13 +159,32 @@ def main() -> None:
         print(f"{method}: suite {r['suite_wall_s']:.3f} s / official {r['official_wall_s']:.3f} s per iteration = "
               f"{r['suite_over_official_wall']:.2f} (wall); CPU {r['suite_cpu_s']:.3f} / {r['official_cpu_s']:.3f} s = "
               f"{r['suite_over_official_cpu']:.2f}  (medians of {r['iterations']} iterations each)")
-    summary = {"command": "python scripts/trace/time_official.py " + " ".join(
-                   f"--{m} CHECKOUT" for m in results) + f" --iterations {args.iterations} --rounds {args.rounds}",
-               "results": results, "threads": 1,
-               "machine": {"torch": torch.__version__, "python": platform.python_version(),
-                           "processor": platform.processor() or platform.machine()}}
-    args.out.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    if results:
+        summary.update({"command": "python scripts/trace/time_official.py " + " ".join(
+            f"--{m} CHECKOUT" for m in results) + f" --iterations {args.iterations} --rounds {args.rounds}",
+            "results": results})
+    per_step = summary.setdefault("per_step", {"results": {}})
+    for method in step_methods:
+        checkout = checkouts[time_steps.SETTINGS[method]["official"]].resolve()
+        r = per_step["results"][method] = time_steps.time_method(method, checkout, args.steps, args.step_rounds)
+        for kind in time_steps.KINDS:
+            k = r[kind]
+            print(f"{method} {kind} step: CPU suite {k['suite_cpu_s']:.2f} s / official {k['official_cpu_s']:.2f} s = "
+                  f"{k['suite_over_official_cpu']:.2f}; wall {k['suite_over_official_wall']:.2f}  (medians of "
+                  f"{k['steps']} steps each)", flush=True)
+        r["command"] = ("python scripts/trace/time_official.py " + " ".join(
+            f"--{name} CHECKOUT" for name, path in checkouts.items() if path is not None)
+            + f" --methods {','.join(step_methods)} --steps {args.steps} --step-rounds {args.step_rounds}")
+        per_step["timed"] = time_steps.__doc__.split("\n\n", 1)[1].strip()
+        write(args.out, summary)  # after each method: kept if the run is killed
+    write(args.out, summary)
     print(f"wrote {args.out}")
+
+
+def write(path: Path, summary: dict) -> None:
+    summary.update({"threads": 1, "machine": {"torch": torch.__version__, "python": platform.python_version(),
+                                              "processor": platform.processor() or platform.machine()}})
+    path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":
