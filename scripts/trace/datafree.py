@@ -63,7 +63,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import re
 import shlex
 import sys
 import tempfile
@@ -148,16 +147,7 @@ def with_settings(arguments: list[str], settings: dict[str, str]) -> list[str]:
 # -------------------------------------------------------- the official WRN ---
 # datafree/models/classifiers/wresnet.py (ZSKT's WRN): block{g}.layer.{i}, convShortcut, the final bn1.
 
-def wrn_suite_name(key: str) -> str:
-    key = re.sub(r"^(block\d)\.layer\.", r"\1.", key)
-    key = key.replace(".convShortcut.", ".conv_shortcut.")
-    return re.sub(r"^bn1\.", "bn.", key)
-
-
-def wrn_official_name(key: str) -> str:
-    key = re.sub(r"^(block\d)\.(\d+)\.", r"\1.layer.\2.", key)
-    key = key.replace(".conv_shortcut.", ".convShortcut.")
-    return re.sub(r"^bn\.", "bn1.", key)
+wrn_suite_name, wrn_official_name = common.wrn_suite_name, common.wrn_official_name
 
 
 def random_wrn_teacher(seed: int = 1) -> dict[str, torch.Tensor]:
