@@ -35,7 +35,7 @@ PROMISED = {
     "digits_bn_zoo.toml": (36, 36),          # 12 methods x 3 seeds (NAYER, SpaceshipNet: issue 29), BatchNorm LeNet-5 pair
     # (2 pool methods x 2 CHOSEN values + DFQ x 2 modes + CMI and DeepInversion at 200 steps + DeepInversion's
     # DataFree synthesiser + SpaceshipNet's 200 steps and official KL) x 3 seeds
-    "digits_bn_deviations.toml": (33, 33),
+    "digits_bn_deviations.toml": (36, 36),
     "digits_equal_images.toml": (3, 3),      # ABM at 2 x batch images per step, 3 seeds
     "mnist_equal_images.toml": (3, 3),
     "cifar10_window.toml": (9, 9),           # 3 methods x 3 seeds at 1 % of the paper's iterations
