@@ -30,8 +30,8 @@ PROMISED = {
     "digits_methods.toml": (9, 9),           # 3 methods x 3 seeds
     "digits_alpha.toml": (12, 20),           # 5 alphas x 2 seeds of mad + 2 abm; 20 before collapsing
     "mnist_methods.toml": (9, 9),
-    "digits_zoo.toml": (30, 30),             # 10 methods x 3 seeds
-    "mnist_zoo.toml": (30, 30),
+    "digits_zoo.toml": (36, 36),             # 12 methods x 3 seeds
+    "mnist_zoo.toml": (36, 36),
     "digits_bn_zoo.toml": (36, 36),          # 12 methods x 3 seeds (NAYER, SpaceshipNet: issue 29), BatchNorm LeNet-5 pair
     # (2 pool methods x 2 CHOSEN values + DFQ x 2 modes + CMI and DeepInversion at 200 steps + DeepInversion's
     # DataFree synthesiser + SpaceshipNet's 200 steps and official KL) x 3 seeds
